@@ -1,0 +1,247 @@
+"""``fastllm.Model``: load a checkpoint, evaluate, generate, stream, chat."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, Union
+
+import torch
+from torch import Tensor
+
+from fastllm.cache import DEFAULT_BLOCK_SIZE, CachedSequence, KVCache, prepare_step
+from fastllm.config import GenerationConfig, GenerationOutput, eos_ids_from_model_dir
+from fastllm.generate import Request, run
+from fastllm.model import Transformer, load_network, parse_dtype
+from fastllm.model.config import ModelConfig
+from fastllm.sampling import derive_seed
+
+Prompt = Union[str, Sequence[int], Tensor]
+Message = dict[str, Any]
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def default_dtype(device: torch.device, config_dtype: torch.dtype | None) -> torch.dtype:
+    """fp32 on CPU; on a GPU the checkpoint's 16-bit dtype, else bf16."""
+    if device.type == "cpu":
+        return torch.float32
+    return config_dtype if config_dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
+
+
+class Model:
+    """A decoder-only language model ready to generate.
+
+    >>> m = Model.from_pretrained("path/to/hf-checkpoint")
+    >>> m.generate("Hello", max_new_tokens=20).text
+    """
+
+    def __init__(self, network: Transformer, tokenizer, generation_config: GenerationConfig, eos_ids: list[int]):
+        self.network = network
+        self.tokenizer = tokenizer
+        self.generation_config = generation_config
+        self.eos_ids = frozenset(eos_ids)
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+        progress: bool | None = None,
+    ) -> "Model":
+        """Load a Hugging Face directory (config.json, *.safetensors, tokenizer
+        files, generation_config.json). device: default cuda if available else
+        cpu; dtype: float32/float16/bfloat16, default fp32 on CPU and the
+        checkpoint's 16-bit dtype (else bf16) on a GPU. progress: show a
+        loading bar (default: for checkpoints over 64 MB)."""
+        path = Path(path)
+        if not path.is_dir():
+            raise FileNotFoundError(f"model directory {path} does not exist")
+        dev = torch.device(device) if device is not None else default_device()
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {dev} requested but torch sees no CUDA GPU")
+        if dev.type not in ("cpu", "cuda"):
+            raise ValueError(f"unsupported device {dev}; use 'cpu' or 'cuda'")
+        cfg = ModelConfig.from_file(path / "config.json")
+        dt = parse_dtype(dtype) or default_dtype(dev, cfg.torch_dtype)
+        network = load_network(path, dev, dt, progress)
+        tokenizer = None
+        if (path / "tokenizer.json").is_file():
+            from fastllm.tokenizer import Tokenizer
+
+            tokenizer = Tokenizer.from_pretrained(path)
+        eos = eos_ids_from_model_dir(path)
+        if not eos and tokenizer is not None and tokenizer.eos_token_id is not None:
+            eos = [tokenizer.eos_token_id]
+        return cls(network, tokenizer, GenerationConfig.from_model_dir(path), eos)
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.network.config
+
+    @property
+    def device(self) -> torch.device:
+        return self.network.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.network.embed_tokens.weight.dtype
+
+    # --------------------------------------------------------------- evaluation
+    @torch.inference_mode()
+    def forward(self, input_ids: Tensor) -> Tensor:
+        """Logits for every position, no cache: input_ids [B, T] -> [B, T, V] fp32."""
+        if not isinstance(input_ids, Tensor) or input_ids.dim() != 2:
+            raise ValueError("input_ids must be a 2-D LongTensor [batch, tokens]")
+        if input_ids.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"input_ids must hold integers, got {input_ids.dtype}")
+        b, t = input_ids.shape
+        if b == 0 or t == 0:
+            raise ValueError(f"input_ids must be non-empty, got shape {tuple(input_ids.shape)}")
+        rows = input_ids.tolist()
+        for row in rows:
+            self._check_ids(row)
+        cache = self._new_cache([t] * b)
+        seqs = [CachedSequence() for _ in rows]
+        ids, positions, meta, _ = prepare_step(cache, seqs, rows)
+        logits = self.network(ids, positions, cache.layers(), meta)
+        return logits.view(b, t, -1)
+
+    # --------------------------------------------------------------- generation
+    def generate(
+        self, prompt: Prompt | Sequence[Prompt], config: GenerationConfig | None = None, **params: Any
+    ) -> GenerationOutput | list[GenerationOutput]:
+        """Complete a prompt (str or token ids) or a batch of them (a list of
+        strs or of id lists, or a 2-D tensor). Parameters: see GenerationConfig.
+        Returns a GenerationOutput, or a list of them for a batch."""
+        prompts, batched = self._prompts(prompt)
+        requests = self._requests(prompts, self._config(config, params))
+        for _ in run(self.network, self._cache_for(requests), requests, self.eos_ids):
+            pass
+        outputs = [r.output() for r in requests]
+        return outputs if batched else outputs[0]
+
+    def stream(self, prompt: Prompt, config: GenerationConfig | None = None, **params: Any) -> Iterator[str]:
+        """Yield the completion of one prompt as text pieces while it is generated.
+        Each piece is whole characters; together they equal ``generate(...).text``."""
+        self._require_tokenizer("stream")
+        prompts, batched = self._prompts(prompt)
+        if batched:
+            raise ValueError("stream takes one prompt; use generate for a batch")
+        requests = self._requests(prompts, self._config(config, params))
+        (req,) = requests
+        for _ in run(self.network, self._cache_for(requests), requests, self.eos_ids):
+            piece = req.pending_text()
+            if piece:
+                yield piece
+
+    def chat(
+        self,
+        messages: list[Message],
+        config: GenerationConfig | None = None,
+        stream: bool = False,
+        **params: Any,
+    ) -> GenerationOutput | Iterator[str]:
+        """Reply to a conversation ``[{"role": ..., "content": ...}, ...]`` using the
+        checkpoint's chat template (rendered in a jinja2 sandbox). With
+        ``stream=True`` returns an iterator of text pieces."""
+        ids = self.apply_chat_template(messages)
+        return self.stream(ids, config, **params) if stream else self.generate(ids, config, **params)
+
+    def apply_chat_template(self, messages: list[Message], add_generation_prompt: bool = True) -> list[int]:
+        """The token ids of a conversation rendered with the chat template."""
+        self._require_tokenizer("chat")
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    # ------------------------------------------------------------------ helpers
+    def _config(self, config: GenerationConfig | None, params: dict[str, Any]) -> GenerationConfig:
+        if config is not None and not isinstance(config, GenerationConfig):
+            raise TypeError(f"config must be a GenerationConfig, got {type(config).__name__}")
+        cfg = (config or self.generation_config).replace(**params)
+        cfg.validate(self.config.vocab_size)
+        if cfg.stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer; this checkpoint has no tokenizer.json")
+        return cfg
+
+    def _require_tokenizer(self, what: str) -> None:
+        if self.tokenizer is None:
+            raise ValueError(f"{what} needs a tokenizer, but this checkpoint has no tokenizer.json")
+
+    def _prompts(self, prompt: Any) -> tuple[list[list[int]], bool]:
+        """Normalise a prompt or batch into token id lists; validate them."""
+        if isinstance(prompt, Tensor):
+            if prompt.dim() not in (1, 2) or prompt.is_floating_point():
+                raise ValueError("a tensor prompt must be 1-D or 2-D integer token ids")
+            prompt = prompt.tolist()
+        if isinstance(prompt, str):
+            items, batched = [prompt], False
+        elif isinstance(prompt, (list, tuple)) and prompt and all(isinstance(p, int) for p in prompt):
+            items, batched = [list(prompt)], False
+        elif isinstance(prompt, (list, tuple)) and prompt:
+            items, batched = list(prompt), True
+        elif isinstance(prompt, (list, tuple)):
+            raise ValueError("prompt is empty")
+        else:
+            raise TypeError(f"prompt must be a str, token ids or a list of them, got {type(prompt).__name__}")
+        out = []
+        for item in items:
+            if isinstance(item, str):
+                self._require_tokenizer("a text prompt")
+                if not item:
+                    raise ValueError("prompt is an empty string")
+                ids = self.tokenizer.encode(item)
+            elif isinstance(item, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in item):
+                ids = list(item)
+            else:
+                raise TypeError("each prompt of a batch must be a str or a list of int token ids")
+            self._check_ids(ids)
+            out.append(ids)
+        return out, batched
+
+    def _check_ids(self, ids: list[int]) -> None:
+        cfg = self.config
+        if not ids:
+            raise ValueError("prompt has no tokens")
+        bad = [t for t in ids if not 0 <= t < cfg.vocab_size]
+        if bad:
+            raise ValueError(f"token ids {bad[:5]} are outside the vocabulary [0, {cfg.vocab_size})")
+        if len(ids) > cfg.max_position_embeddings:
+            raise ValueError(
+                f"prompt has {len(ids)} tokens; the model's context is {cfg.max_position_embeddings} tokens"
+            )
+
+    def _requests(self, prompts: list[list[int]], cfg: GenerationConfig) -> list[Request]:
+        ctx = self.config.max_position_embeddings
+        reqs = []
+        for i, ids in enumerate(prompts):
+            if len(ids) >= ctx:
+                raise ValueError(
+                    f"prompt has {len(ids)} tokens, which leaves no room to generate in the "
+                    f"model's {ctx}-token context"
+                )
+            decoder = None
+            if self.tokenizer is not None:
+                decoder = self.tokenizer.incremental_decoder(skip_special_tokens=True, prompt_ids=ids)
+            reqs.append(
+                Request(
+                    prompt_ids=ids,
+                    config=cfg,
+                    seed=derive_seed(cfg.seed, i),
+                    max_new_tokens=min(cfg.max_new_tokens, ctx - len(ids)),
+                    decoder=decoder,
+                )
+            )
+        return reqs
+
+    def _cache_for(self, requests: list[Request]) -> KVCache:
+        return self._new_cache([len(r.prompt_ids) + r.max_new_tokens for r in requests])
+
+    def _new_cache(self, lengths: list[int]) -> KVCache:
+        cfg = self.config
+        blocks = sum(-(-n // DEFAULT_BLOCK_SIZE) for n in lengths)
+        return KVCache(cfg.num_layers, blocks, cfg.num_kv_heads, cfg.head_dim, self.dtype, self.device)

@@ -1,0 +1,122 @@
+"""Paged KV cache: fixed-size blocks, a block table per sequence.
+
+Keys and values of all layers live in two tensors
+``[num_layers, num_blocks, block_size, Hk, D]``. A sequence owns a list of
+block ids (its block table); token ``p`` of the sequence is stored in slot
+``block_table[p // block_size] * block_size + p % block_size``. Paging lets
+sequences of different lengths share one pool without padding, and lets the
+engine free, share and reuse blocks (continuous batching, prefix caching).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from fastllm.ops import AttentionMetadata
+
+DEFAULT_BLOCK_SIZE = 16
+
+
+class BlockAllocator:
+    """A free list of block ids."""
+
+    def __init__(self, num_blocks: int):
+        self.num_blocks = num_blocks
+        self._free = list(range(num_blocks - 1, -1, -1))
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    def allocate(self, n: int) -> list[int]:
+        if n > len(self._free):
+            raise RuntimeError(f"KV cache is full: asked for {n} blocks, {len(self._free)} free")
+        taken, self._free = self._free[len(self._free) - n :], self._free[: len(self._free) - n]
+        return taken[::-1]
+
+    def release(self, blocks: list[int]) -> None:
+        self._free.extend(reversed(blocks))
+
+
+class KVCache:
+    def __init__(
+        self,
+        num_layers: int,
+        num_blocks: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        block_size: int = DEFAULT_BLOCK_SIZE,
+    ):
+        shape = (num_layers, num_blocks, block_size, num_kv_heads, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.block_size = block_size
+        self.device = torch.device(device)
+        self.allocator = BlockAllocator(num_blocks)
+
+    def layers(self) -> list[tuple[Tensor, Tensor]]:
+        return [(self.k[i], self.v[i]) for i in range(self.k.shape[0])]
+
+    def blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+
+@dataclass
+class CachedSequence:
+    """What the cache knows about one sequence: its blocks and cached length."""
+
+    block_table: list[int] = field(default_factory=list)
+    num_cached: int = 0
+
+
+def prepare_step(
+    cache: KVCache, seqs: list[CachedSequence], new_tokens: list[list[int]]
+) -> tuple[Tensor, Tensor, AttentionMetadata, Tensor]:
+    """Pack one step: allocate blocks for the new tokens, compute their slots.
+
+    Returns (input_ids [N], positions [N], metadata, last_token_indices [B]) and
+    advances each sequence's ``num_cached`` by its number of new tokens.
+    """
+    bs = cache.block_size
+    ids: list[int] = []
+    positions: list[int] = []
+    slots: list[int] = []
+    query_lens: list[int] = []
+    seq_lens: list[int] = []
+    for seq, toks in zip(seqs, new_tokens):
+        start, end = seq.num_cached, seq.num_cached + len(toks)
+        need = cache.blocks_for(end) - len(seq.block_table)
+        if need > 0:
+            seq.block_table.extend(cache.allocator.allocate(need))
+        ids.extend(toks)
+        positions.extend(range(start, end))
+        slots.extend(seq.block_table[p // bs] * bs + p % bs for p in range(start, end))
+        query_lens.append(len(toks))
+        seq_lens.append(end)
+        seq.num_cached = end
+    width = max(len(s.block_table) for s in seqs)
+    table = [s.block_table + [0] * (width - len(s.block_table)) for s in seqs]
+    cu = [0]
+    for q in query_lens:
+        cu.append(cu[-1] + q)
+    dev = cache.device
+    meta = AttentionMetadata(
+        cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, device=dev),
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
+        block_tables=torch.tensor(table, dtype=torch.int32, device=dev),
+        slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
+        query_lens_host=query_lens,
+        seq_lens_host=seq_lens,
+    )
+    last = torch.tensor([c - 1 for c in cu[1:]], dtype=torch.int64, device=dev)
+    return (
+        torch.tensor(ids, dtype=torch.int64, device=dev),
+        torch.tensor(positions, dtype=torch.int64, device=dev),
+        meta,
+        last,
+    )

@@ -1,0 +1,141 @@
+"""Generation parameters and results."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class GenerationConfig:
+    """How to generate. ``temperature == 0`` is greedy decoding.
+
+    max_new_tokens: at most this many tokens are generated (>= 1).
+    temperature: >= 0; logits are divided by it before sampling.
+    top_k: keep the k most probable tokens (0 = off). top_p: keep the smallest
+    set of most probable tokens whose mass reaches top_p (1 = off). min_p: keep
+    tokens with probability >= min_p * max probability (0 = off). Ties at a
+    boundary are all kept.
+    repetition_penalty: > 0; logits of tokens already in the prompt or output
+    are divided by it when positive and multiplied when negative (1 = off).
+    stop: strings that end generation; the returned text stops before them.
+    stop_token_ids: token ids that end generation (besides the model's EOS).
+    ignore_eos: keep generating past EOS tokens.
+    seed: makes sampling reproducible; None draws one from torch's global RNG.
+    """
+
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    seed: int | None = None
+
+    def replace(self, **params: Any) -> "GenerationConfig":
+        """A copy with ``params`` changed; unknown names raise TypeError."""
+        names = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(params) - names)
+        if unknown:
+            raise TypeError(f"unknown generation parameter(s) {unknown}; valid: {sorted(names)}")
+        if isinstance(params.get("stop"), str):
+            params["stop"] = [params["stop"]]
+        for key in ("stop", "stop_token_ids"):
+            if params.get(key) is None and key in params:
+                params[key] = []
+        return dataclasses.replace(self, **params)
+
+    def validate(self, vocab_size: int | None = None) -> None:
+        """Raise ValueError/TypeError naming the first parameter out of range."""
+        _check_int("max_new_tokens", self.max_new_tokens, lo=1)
+        _check_float("temperature", self.temperature, lo=0.0)
+        _check_int("top_k", self.top_k, lo=0)
+        _check_float("top_p", self.top_p, lo=0.0, hi=1.0, lo_open=True)
+        _check_float("min_p", self.min_p, lo=0.0, hi=1.0)
+        _check_float("repetition_penalty", self.repetition_penalty, lo=0.0, lo_open=True)
+        if not isinstance(self.stop, (list, tuple)) or not all(isinstance(s, str) and s for s in self.stop):
+            raise ValueError(f"stop must be a string or a list of non-empty strings, got {self.stop!r}")
+        if not isinstance(self.stop_token_ids, (list, tuple)):
+            raise TypeError(f"stop_token_ids must be a list of ints, got {type(self.stop_token_ids).__name__}")
+        for t in self.stop_token_ids:
+            _check_int("stop_token_ids entry", t, lo=0, hi=None if vocab_size is None else vocab_size - 1)
+        if not isinstance(self.ignore_eos, bool):
+            raise TypeError(f"ignore_eos must be a bool, got {self.ignore_eos!r}")
+        if self.seed is not None:
+            _check_int("seed", self.seed, lo=0)
+
+    @classmethod
+    def from_model_dir(cls, path: str | Path) -> "GenerationConfig":
+        """Defaults from ``generation_config.json`` (sampling only if do_sample)."""
+        file = Path(path) / "generation_config.json"
+        if not file.is_file():
+            return cls()
+        try:
+            raw = json.loads(file.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{file} is not valid JSON: {e}") from e
+        cfg = cls()
+        if raw.get("max_new_tokens"):
+            cfg.max_new_tokens = int(raw["max_new_tokens"])
+        if raw.get("do_sample"):
+            cfg.temperature = float(raw.get("temperature") or 1.0)
+            cfg.top_k = int(raw.get("top_k") or 0)
+            cfg.top_p = float(raw.get("top_p") or 1.0)
+            cfg.min_p = float(raw.get("min_p") or 0.0)
+        if raw.get("repetition_penalty"):
+            cfg.repetition_penalty = float(raw["repetition_penalty"])
+        return cfg
+
+
+def eos_ids_from_model_dir(path: str | Path) -> list[int]:
+    """EOS ids from generation_config.json, else config.json (int or list)."""
+    for name in ("generation_config.json", "config.json"):
+        file = Path(path) / name
+        if file.is_file():
+            try:
+                eos = json.loads(file.read_text(encoding="utf-8")).get("eos_token_id")
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise ValueError(f"{file} is not valid JSON: {e}") from e
+            if eos is not None:
+                return [eos] if isinstance(eos, int) else [int(e) for e in eos]
+    return []
+
+
+@dataclass
+class GenerationOutput:
+    """One generated completion.
+
+    text: the decoded completion (special tokens skipped, cut before a stop
+    string), or None for a model loaded without a tokenizer.
+    token_ids: the generated ids, including the one that ended generation.
+    finish_reason: "stop" (EOS, stop token or stop string) or "length"
+    (max_new_tokens or the model's context reached).
+    """
+
+    text: str | None
+    token_ids: list[int]
+    finish_reason: str
+    prompt_token_ids: list[int] = field(default_factory=list)
+
+
+def _check_int(name: str, v: Any, lo: int | None = None, hi: int | None = None) -> None:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise TypeError(f"{name} must be an int, got {v!r}")
+    if (lo is not None and v < lo) or (hi is not None and v > hi):
+        raise ValueError(f"{name} must be in [{lo}, {'inf' if hi is None else hi}], got {v}")
+
+
+def _check_float(name: str, v: Any, lo: float, hi: float | None = None, lo_open: bool = False) -> None:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise TypeError(f"{name} must be a number, got {v!r}")
+    bad = not math.isfinite(v) or v < lo or (lo_open and v == lo) or (hi is not None and v > hi)
+    if bad:
+        lo_b = "(" if lo_open else "["
+        raise ValueError(f"{name} must be in {lo_b}{lo}, {'inf)' if hi is None else str(hi) + ']'}, got {v}")

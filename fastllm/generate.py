@@ -1,0 +1,121 @@
+"""The generation loop: prefill the prompts, then one token per step.
+
+Sequences of a batch are packed without padding; each step runs the network
+on the new tokens of the sequences still running, samples one token for each,
+and drops those that finished (their KV blocks go back to the pool).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from fastllm.cache import CachedSequence, KVCache, prepare_step
+from fastllm.config import GenerationConfig, GenerationOutput
+from fastllm.model import Transformer
+from fastllm.sampling import sample_next
+
+
+@dataclass
+class Request:
+    """One sequence being generated and its decoded text."""
+
+    prompt_ids: list[int]
+    config: GenerationConfig
+    seed: int
+    max_new_tokens: int  # config's, clipped to the context left
+    decoder: object | None = None  # tokenizer's IncrementalDecoder
+    output_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    emitted: int = 0
+    finish_reason: str | None = None
+    cached: CachedSequence = field(default_factory=CachedSequence)
+
+    def pending_text(self) -> str:
+        """Text that is final and not yet handed out. While running, a tail
+        that could still grow into a stop string is held back."""
+        end = len(self.text) if self.finish_reason else len(self.text) - self._stop_prefix_len()
+        piece = self.text[self.emitted : end]
+        self.emitted = max(self.emitted, end)
+        return piece
+
+    def _stop_prefix_len(self) -> int:
+        longest = max((len(s) for s in self.config.stop), default=0)
+        for k in range(min(longest - 1, len(self.text)), 0, -1):
+            tail = self.text[-k:]
+            if any(s.startswith(tail) for s in self.config.stop):
+                return k
+        return 0
+
+    def output(self) -> GenerationOutput:
+        return GenerationOutput(
+            text=self.text if self.decoder is not None else None,
+            token_ids=list(self.output_ids),
+            finish_reason=self.finish_reason or "length",
+            prompt_token_ids=list(self.prompt_ids),
+        )
+
+    def accept(self, token: int, eos_ids: frozenset[int]) -> None:
+        """Append a sampled token; update text and finish state."""
+        self.output_ids.append(token)
+        stop_ids = set(self.config.stop_token_ids) | (set() if self.config.ignore_eos else eos_ids)
+        if token in stop_ids:
+            self._finish("stop")
+            return
+        if self.decoder is not None:
+            before = len(self.text)
+            self.text += self.decoder.feed(token)
+            if self._cut_at_stop_string(before):
+                return
+        if len(self.output_ids) >= self.max_new_tokens:
+            self._finish("length")
+
+    def _finish(self, reason: str) -> None:
+        self.finish_reason = reason
+        if self.decoder is not None:
+            before = len(self.text)
+            self.text += self.decoder.flush()
+            self._cut_at_stop_string(before)
+
+    def _cut_at_stop_string(self, before: int) -> bool:
+        hits = []
+        for s in self.config.stop:
+            pos = self.text.find(s, max(0, before - len(s) + 1))
+            if pos >= 0:
+                hits.append(pos)
+        if not hits:
+            return False
+        self.text = self.text[: min(hits)]
+        self.finish_reason = "stop"
+        return True
+
+
+@torch.inference_mode()
+def run(
+    network: Transformer, cache: KVCache, requests: list[Request], eos_ids: frozenset[int]
+) -> Iterator[list[Request]]:
+    """Generate all ``requests`` together; after each step yield the requests
+    that received a token (finished ones included, once)."""
+    active = list(requests)
+    new_tokens = [r.prompt_ids for r in active]
+    while active:
+        ids, positions, meta, last = prepare_step(cache, [r.cached for r in active], new_tokens)
+        logits = network(ids, positions, cache.layers(), meta, last)  # [B, V]
+        histories = [r.prompt_ids + r.output_ids if r.config.repetition_penalty != 1.0 else [] for r in active]
+        next_ids = sample_next(
+            logits,
+            [r.config for r in active],
+            histories,
+            [r.seed for r in active],
+            [len(r.output_ids) for r in active],
+        ).tolist()
+        for r, tok in zip(active, next_ids):
+            r.accept(tok, eos_ids)
+            if r.finish_reason:
+                cache.allocator.release(r.cached.block_table)
+                r.cached.block_table = []
+        yield active
+        active = [r for r in active if not r.finish_reason]
+        new_tokens = [[r.output_ids[-1]] for r in active]

@@ -1,0 +1,333 @@
+"""Pure-PyTorch reference of every op the model uses: the specification.
+
+Each function computes in float32 internally (inputs are upcast) and returns
+the input dtype, unless its docstring says otherwise. The CUDA kernels in
+``fastllm.ops.cuda`` are tested against these functions; on a machine without
+the extension the op table (``fastllm.ops``) calls them directly.
+
+Token-major layout throughout: a batch of sequences is packed into ``N`` tokens
+(no padding); ``AttentionMetadata`` says which tokens belong to which sequence.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+# --------------------------------------------------------------------------- #
+# Elementwise / normalisation
+# --------------------------------------------------------------------------- #
+def embedding(ids: Tensor, weight: Tensor) -> Tensor:
+    """Row gather: ``out[n] = weight[ids[n]]``. ids: [...] int64, weight: [V, D]."""
+    return F.embedding(ids, weight)
+
+
+def rmsnorm(
+    x: Tensor, weight: Tensor, eps: float, residual: Tensor | None = None
+) -> Tensor | tuple[Tensor, Tensor]:
+    """RMSNorm, optionally fused with the residual add before it.
+
+    ``y = x / sqrt(mean(x^2, -1) + eps) * weight`` in fp32, returned in x.dtype.
+    With ``residual`` (same shape and dtype as x): ``h = (x + residual)`` rounded
+    to x.dtype, ``y = rmsnorm(h)``; returns ``(y, h)``. Normalising the rounded
+    sum keeps the fused op bit-compatible with the unfused pair.
+    x: [..., D], weight: [D].
+    """
+    h = None
+    if residual is not None:
+        x = (x.float() + residual.float()).to(x.dtype)
+        h = x
+    xf = x.float()
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight.float()
+    y = y.to(x.dtype)
+    return (y, h) if h is not None else y
+
+
+def silu_and_mul(x: Tensor) -> Tensor:
+    """SwiGLU gate: ``silu(x[..., :d]) * x[..., d:]`` for x: [..., 2d] -> [..., d]."""
+    d = x.shape[-1] // 2
+    xf = x.float()
+    return (F.silu(xf[..., :d]) * xf[..., d:]).to(x.dtype)
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``y = x @ weight.T + bias``. x: [..., K], weight: [N, K], bias: [N].
+
+    The one op whose reference stays in the input dtype: torch's CPU and cuBLAS
+    matmuls already accumulate in fp32, and upcasting every weight on every call
+    would double the memory traffic of the reference path.
+    """
+    return F.linear(x, weight, bias)
+
+
+# --------------------------------------------------------------------------- #
+# Rotary embedding
+# --------------------------------------------------------------------------- #
+def rotary_embedding(q: Tensor, k: Tensor, positions: Tensor, cos_sin_cache: Tensor) -> None:
+    """Apply NeoX-style rotary embedding to q and k **in place**.
+
+    q: [N, Hq, D], k: [N, Hk, D] (may be strided views, last dim contiguous);
+    positions: [N] int64; cos_sin_cache: [max_pos, D] fp32 holding
+    ``cat(cos(pos * inv_freq), sin(pos * inv_freq))`` (D/2 frequencies each).
+    For each head vector x = [x1, x2] (halves): ``x1' = x1 cos - x2 sin``,
+    ``x2' = x2 cos + x1 sin``.
+    """
+    half = q.shape[-1] // 2
+    cs = cos_sin_cache.index_select(0, positions)  # [N, D]
+    cos = cs[:, None, :half]
+    sin = cs[:, None, half:]
+    for t in (q, k):
+        tf = t.float()
+        x1, x2 = tf[..., :half], tf[..., half:]
+        t.copy_(torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1))
+
+
+# --------------------------------------------------------------------------- #
+# Attention over a paged KV cache
+# --------------------------------------------------------------------------- #
+@dataclass
+class AttentionMetadata:
+    """Where each token of a packed batch lives in the paged KV cache.
+
+    ``B`` sequences contribute ``N = sum(query_lens)`` tokens to this step.
+    Sequence ``b`` has ``seq_lens[b]`` tokens in the cache after this step's
+    tokens are written; its queries are the last ``query_lens[b]`` of them.
+
+    cu_seqlens_q: [B+1] int32 device, offsets of each sequence's queries.
+    seq_lens: [B] int32 device; block_tables: [B, max_blocks] int32 device.
+    slot_mapping: [N] int64 device, flat cache slot (block * block_size + offset)
+    of each new token. The ``*_host`` lists hold the same lengths on the host so
+    that the reference path and launch heuristics never synchronise.
+    """
+
+    cu_seqlens_q: Tensor
+    seq_lens: Tensor
+    block_tables: Tensor
+    slot_mapping: Tensor
+    query_lens_host: list[int]
+    seq_lens_host: list[int]
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.seq_lens_host)
+
+    @property
+    def max_query_len(self) -> int:
+        return max(self.query_lens_host, default=0)
+
+    @property
+    def max_seq_len(self) -> int:
+        return max(self.seq_lens_host, default=0)
+
+
+def reshape_and_cache(
+    k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, slot_mapping: Tensor
+) -> None:
+    """Write new keys/values into their cache slots, in place.
+
+    k, v: [N, Hk, D]; k_cache, v_cache: [num_blocks, block_size, Hk, D];
+    slot_mapping: [N] int64 flat slot per token (negative = skip, for padding).
+    """
+    nb, bs, hk, d = k_cache.shape
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep]
+    k_cache.view(nb * bs, hk, d).index_copy_(0, slots, k[keep].to(k_cache.dtype))
+    v_cache.view(nb * bs, hk, d).index_copy_(0, slots, v[keep].to(v_cache.dtype))
+
+
+def gather_kv(cache: Tensor, block_table: Tensor, seq_len: int) -> Tensor:
+    """The first ``seq_len`` cached vectors of one sequence: [seq_len, Hk, D]."""
+    bs = cache.shape[1]
+    nblocks = -(-seq_len // bs)
+    return cache.index_select(0, block_table[:nblocks].long()).flatten(0, 1)[:seq_len]
+
+
+def attention(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+    sliding_window: int | None = None,
+) -> Tensor:
+    """Causal attention of each sequence's new queries over its cached keys.
+
+    q: [N, Hq, D]; caches: [num_blocks, block_size, Hk, D] with Hq % Hk == 0
+    (query head h reads KV head h // (Hq / Hk): GQA/MQA). Query i of sequence b
+    sits at position ``p = seq_lens[b] - query_lens[b] + i`` and attends to keys
+    ``j <= p`` (and ``j > p - sliding_window`` when a window is set):
+    ``out = softmax(q k^T * scale + mask) v`` in fp32. Returns [N, Hq, D].
+    """
+    n, hq, d = q.shape
+    hk = k_cache.shape[2]
+    group = hq // hk
+    out = torch.empty_like(q)
+    start = 0
+    for b, (qlen, slen) in enumerate(zip(meta.query_lens_host, meta.seq_lens_host)):
+        if qlen == 0:
+            continue
+        qb = q[start : start + qlen].float().transpose(0, 1)  # [Hq, qlen, D]
+        kb = gather_kv(k_cache, meta.block_tables[b], slen).float()  # [slen, Hk, D]
+        vb = gather_kv(v_cache, meta.block_tables[b], slen).float()
+        kb = kb.repeat_interleave(group, dim=1).transpose(0, 1)  # [Hq, slen, D]
+        vb = vb.repeat_interleave(group, dim=1).transpose(0, 1)
+        scores = torch.matmul(qb, kb.transpose(1, 2)) * scale  # [Hq, qlen, slen]
+        qpos = torch.arange(slen - qlen, slen, device=q.device)[:, None]
+        kpos = torch.arange(slen, device=q.device)[None, :]
+        allowed = kpos <= qpos
+        if sliding_window is not None:
+            allowed &= kpos > qpos - sliding_window
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
+        out[start : start + qlen] = torch.matmul(probs, vb).transpose(0, 1).to(q.dtype)
+        start += qlen
+    return out
+
+
+# --------------------------------------------------------------------------- #
+# Mixture of experts
+# --------------------------------------------------------------------------- #
+def moe_route(router_logits: Tensor, top_k: int, renormalize: bool = True) -> tuple[Tensor, Tensor]:
+    """Top-k expert routing: softmax over experts in fp32, keep the k largest.
+
+    router_logits: [N, E]. Returns (weights [N, k] fp32, expert_ids [N, k] int64);
+    with ``renormalize`` the k weights are divided by their sum (Mixtral).
+    """
+    probs = torch.softmax(router_logits.float(), dim=-1)
+    weights, ids = torch.topk(probs, top_k, dim=-1)
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights, ids
+
+
+def fused_moe(x: Tensor, w13: Tensor, w2: Tensor, weights: Tensor, expert_ids: Tensor) -> Tensor:
+    """Sum over each token's chosen experts of ``weight * down(silu(gate x) * up x)``.
+
+    x: [N, H]; w13: [E, 2I, H] (gate rows then up rows); w2: [E, H, I];
+    weights: [N, k] fp32; expert_ids: [N, k]. Returns [N, H] in x.dtype. Each
+    expert's output is rounded to x.dtype before the weighted fp32 sum.
+    """
+    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    for e in torch.unique(expert_ids).tolist():
+        token_idx, slot = torch.nonzero(expert_ids == e, as_tuple=True)
+        h = silu_and_mul(linear(x[token_idx], w13[e]))
+        y = linear(h, w2[e])
+        out.index_add_(0, token_idx, y.float() * weights[token_idx, slot, None])
+    return out.to(x.dtype)
+
+
+# --------------------------------------------------------------------------- #
+# Sampling
+# --------------------------------------------------------------------------- #
+def sampling_mask(
+    logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor, min_p: Tensor
+) -> tuple[Tensor, Tensor]:
+    """The support and probabilities that sampling draws from, per row.
+
+    logits: [B, V] (any float dtype, fp32 math); per-row parameters: [B].
+    ``probs = softmax(logits / temperature)``, then three filters applied in
+    order, each on the renormalised distribution left by the previous one:
+    top-k keeps tokens whose probability is >= the k-th largest (0 = off);
+    top-p keeps token i iff the mass of tokens strictly more probable than i is
+    < top_p (1 = off); min-p keeps tokens with p >= min_p * max(p) (0 = off).
+    Every filter keeps all tokens tied at its boundary, so the support does not
+    depend on an order among equal probabilities, and always keeps the argmax.
+    Returns (keep [B, V] bool, probs [B, V] fp32 renormalised over ``keep``).
+    Rows with temperature 0 are treated as temperature 1 here (greedy rows
+    never reach the draw).
+    """
+    t = torch.where(temperature > 0, temperature, torch.ones_like(temperature))
+    probs = torch.softmax(logits.float() / t[:, None].float(), dim=-1)
+    keep = torch.ones_like(probs, dtype=torch.bool)
+    V = probs.shape[-1]
+    k = top_k.long().clamp(min=0)
+    if bool((k > 0).any()):
+        kth = torch.topk(probs, min(int(k.max()), V), dim=-1).values
+        kidx = (k.clamp(1, V) - 1).clamp(max=kth.shape[-1] - 1)
+        thresh = kth.gather(1, kidx[:, None])
+        keep &= (probs >= thresh) | (k[:, None] == 0)
+        probs = _renormalise(probs, keep)
+    if bool((top_p < 1).any()):
+        sorted_p, _ = torch.sort(probs, dim=-1, descending=True)
+        # mass strictly above each distinct value: cumulative sum before the
+        # first occurrence of that value in descending order.
+        above_sorted = torch.cumsum(sorted_p, dim=-1) - sorted_p
+        first = torch.searchsorted(-sorted_p, -probs, side="left")  # first index of value
+        above = above_sorted.gather(1, first)
+        keep &= (above < top_p[:, None].float()) | (top_p[:, None] >= 1)
+        probs = _renormalise(probs, keep)
+    if bool((min_p > 0).any()):
+        pmax = probs.max(dim=-1, keepdim=True).values
+        keep &= probs >= min_p[:, None].float() * pmax
+        probs = _renormalise(probs, keep)
+    return keep, probs
+
+
+def _renormalise(probs: Tensor, keep: Tensor) -> Tensor:
+    p = probs * keep
+    return p / p.sum(dim=-1, keepdim=True)
+
+
+def philox_uniform(seed: int, offset: int, device: torch.device) -> float:
+    """One uniform in [0, 1) determined only by (seed, offset).
+
+    Stateless per-row randomness: a sequence's draws do not depend on which
+    other sequences share its batch, and a run is reproducible from its seed.
+    """
+    g = torch.Generator(device="cpu")
+    g.manual_seed((seed * 0x9E3779B97F4A7C15 + offset * 0xBF58476D1CE4E5B9 + 1) % (2**63))
+    return float(torch.rand((), generator=g, dtype=torch.float64))
+
+
+def sample(
+    logits: Tensor,
+    temperature: Tensor,
+    top_k: Tensor,
+    top_p: Tensor,
+    min_p: Tensor,
+    seeds: Tensor | list[int],
+    offsets: Tensor | list[int],
+) -> Tensor:
+    """Draw one token per row. Rows with temperature 0 take the argmax (ties:
+    lowest id). Other rows draw from ``sampling_mask``'s distribution by inverse
+    CDF with the uniform ``philox_uniform(seeds[b], offsets[b])``.
+
+    logits: [B, V]; parameters [B]; returns [B] int64. Rows containing NaN raise
+    ValueError, and so do rows whose logits are all -inf; +inf logits share all
+    the mass equally.
+    """
+    if logits.dim() != 2:
+        raise ValueError(f"sample: logits must be [B, V], got shape {tuple(logits.shape)}")
+    lf = logits.float()
+    if bool(torch.isnan(lf).any()):
+        rows = torch.isnan(lf).any(dim=-1).nonzero().flatten().tolist()
+        raise ValueError(f"sample: logits contain NaN in rows {rows}")
+    if bool(torch.isneginf(lf).all(dim=-1).any()):
+        rows = torch.isneginf(lf).all(dim=-1).nonzero().flatten().tolist()
+        raise ValueError(f"sample: every logit is -inf in rows {rows}")
+    out = torch.argmax(lf, dim=-1)
+    random_rows = (temperature > 0).nonzero().flatten().tolist()
+    if not random_rows:
+        return out
+    # +inf logits: restrict to the infinite entries with equal weight.
+    posinf = torch.isposinf(lf)
+    lf = torch.where(posinf.any(-1, keepdim=True), torch.where(posinf, 0.0, -math.inf), lf)
+    idx = torch.tensor(random_rows, device=logits.device)
+    _, probs = sampling_mask(lf[idx], temperature[idx], top_k[idx], top_p[idx], min_p[idx])
+    cdf = torch.cumsum(probs.double(), dim=-1)
+    seeds_l = seeds.tolist() if isinstance(seeds, Tensor) else list(seeds)
+    offs_l = offsets.tolist() if isinstance(offsets, Tensor) else list(offsets)
+    u = torch.tensor(
+        [philox_uniform(seeds_l[r], offs_l[r], logits.device) for r in random_rows],
+        dtype=torch.float64,
+        device=logits.device,
+    )
+    target = u[:, None] * cdf[:, -1:]
+    drawn = torch.searchsorted(cdf, target, right=True).squeeze(-1)
+    out[idx] = drawn.clamp(max=lf.shape[-1] - 1)
+    return out
