@@ -133,6 +133,9 @@ class Model:
         if batched:
             raise ValueError("stream takes one prompt; use generate for a batch")
         requests = self._requests(prompts, self._config(config, params))
+        return self._stream(requests)  # validated above, generated lazily below
+
+    def _stream(self, requests: list[Request]) -> Iterator[str]:
         (req,) = requests
         for _ in run(self.network, self._cache_for(requests), requests, self.eos_ids):
             piece = req.pending_text()

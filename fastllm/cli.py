@@ -1,0 +1,176 @@
+"""The ``fastllm`` command: generate, chat, info."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+ASSETS = Path(__file__).parent / "assets"
+
+
+def default_model_path() -> str | None:
+    """$FASTLLM_MODEL, else the model shipped in fastllm/assets (if any)."""
+    if os.environ.get("FASTLLM_MODEL"):
+        return os.environ["FASTLLM_MODEL"]
+    shipped = sorted(p.parent for p in ASSETS.glob("*/config.json")) if ASSETS.is_dir() else []
+    preferred = [p for p in shipped if (p / "DEFAULT").exists()]
+    chosen = preferred or shipped
+    return str(chosen[0]) if chosen else None
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", "-m", default=None, help="Hugging Face model directory (default: the shipped model)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--dtype", default=None, help="float32, float16 or bfloat16")
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=None)
+    p.add_argument("--temperature", type=float, default=None, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--min-p", type=float, default=None)
+    p.add_argument("--repetition-penalty", type=float, default=None)
+    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    p.add_argument("--stop-token-id", dest="stop_token_ids", type=int, action="append", default=None)
+    p.add_argument("--ignore-eos", action="store_true", default=None)
+    p.add_argument("--seed", type=int, default=None)
+
+
+SAMPLING_KEYS = (
+    "max_new_tokens",
+    "temperature",
+    "top_k",
+    "top_p",
+    "min_p",
+    "repetition_penalty",
+    "stop",
+    "stop_token_ids",
+    "ignore_eos",
+    "seed",
+)
+
+
+def _sampling_params(args: argparse.Namespace) -> dict[str, Any]:
+    return {k: getattr(args, k) for k in SAMPLING_KEYS if getattr(args, k) is not None}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fastllm", description="Fast LLM inference on NVIDIA GPUs.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="complete a prompt, streaming the text")
+    gen.add_argument("prompt", nargs="?", default=None, help="the prompt ('-' or omitted: read stdin)")
+    _add_model_args(gen)
+    _add_sampling_args(gen)
+    gen.add_argument("--no-stream", action="store_true", help="print the completion at the end")
+    gen.add_argument("--echo", action="store_true", help="print the prompt before the completion")
+
+    chat = sub.add_parser("chat", help="interactive chat using the model's chat template")
+    _add_model_args(chat)
+    _add_sampling_args(chat)
+    chat.add_argument("--system", default=None, help="system prompt")
+
+    info = sub.add_parser("info", help="backend, GPU and built kernels")
+    info.add_argument("--json", action="store_true", help="print JSON")
+    return parser
+
+
+def _load(args: argparse.Namespace):
+    from fastllm import Model
+
+    path = args.model or default_model_path()
+    if path is None:
+        raise ValueError("no --model given and no shipped model found; pass --model PATH or set FASTLLM_MODEL")
+    return Model.from_pretrained(path, device=args.device, dtype=args.dtype)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    prompt = args.prompt
+    if prompt is None or prompt == "-":
+        if prompt is None and sys.stdin.isatty():
+            raise ValueError("no prompt: pass it as an argument or on standard input")
+        prompt = sys.stdin.read()
+    model = _load(args)
+    params = _sampling_params(args)
+    if args.echo:
+        sys.stdout.write(prompt)
+    if args.no_stream:
+        sys.stdout.write(model.generate(prompt, **params).text)
+    else:
+        for piece in model.stream(prompt, **params):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    model = _load(args)
+    params = _sampling_params(args)
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    history: list[dict[str, str]] = list(system)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print("fastllm chat: /reset clears the conversation, /exit or Ctrl-D quits.", file=sys.stderr)
+    while True:
+        try:
+            line = input("you> " if interactive else "")
+        except EOFError:
+            break
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/exit", "/quit"):
+            break
+        if text == "/reset":
+            history = list(system)
+            continue
+        history.append({"role": "user", "content": line})
+        try:
+            reply = []
+            if interactive:
+                sys.stdout.write("assistant> ")
+            for piece in model.chat(history, stream=True, **params):
+                reply.append(piece)
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+            sys.stdout.write("\n")
+        except ValueError as e:
+            history.pop()
+            print(f"fastllm: {e} (use /reset to start over)", file=sys.stderr)
+            continue
+        history.append({"role": "assistant", "content": "".join(reply)})
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from fastllm import backend_info
+
+    info = backend_info()
+    if args.json:
+        print(json.dumps(info, indent=2, default=str))
+    else:
+        for key, value in info.items():
+            print(f"{key}: {value}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler = {"generate": cmd_generate, "chat": cmd_chat, "info": cmd_info}[args.command]
+    try:
+        return handler(args)
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        print(f"fastllm: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,141 @@
+"""Bad checkpoints and bad arguments get clear Python exceptions."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from checkpoints import make_checkpoint
+from fastllm import Model
+
+
+@pytest.fixture(scope="module")
+def good(tmp_path_factory):
+    path = tmp_path_factory.mktemp("good")
+    make_checkpoint(path, "llama", tokenizer=False)
+    return path
+
+
+@pytest.fixture
+def copy(good, tmp_path):
+    dst = tmp_path / "ckpt"
+    shutil.copytree(good, dst)
+    return dst
+
+
+def _edit_config(path, **changes):
+    cfg = json.loads((path / "config.json").read_text())
+    cfg.update(changes)
+    (path / "config.json").write_text(json.dumps(cfg))
+
+
+def test_missing_directory(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        Model.from_pretrained(tmp_path / "nope")
+
+
+def test_missing_config(copy):
+    (copy / "config.json").unlink()
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        Model.from_pretrained(copy)
+
+
+def test_corrupt_config(copy):
+    (copy / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        Model.from_pretrained(copy)
+
+
+def test_unknown_architecture(copy):
+    _edit_config(copy, architectures=["GPT2LMHeadModel"], model_type="gpt2")
+    with pytest.raises(ValueError, match="unsupported architecture.*GPT2LMHeadModel"):
+        Model.from_pretrained(copy)
+
+
+def test_unsupported_rope_and_activation(copy):
+    _edit_config(copy, rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0})
+    with pytest.raises(ValueError, match="rope type 'yarn'"):
+        Model.from_pretrained(copy)
+    _edit_config(copy, rope_parameters={"rope_type": "default", "rope_theta": 1e4}, hidden_act="gelu")
+    with pytest.raises(ValueError, match="hidden_act"):
+        Model.from_pretrained(copy)
+
+
+def test_missing_config_field(copy):
+    cfg = json.loads((copy / "config.json").read_text())
+    del cfg["hidden_size"]
+    (copy / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="hidden_size"):
+        Model.from_pretrained(copy)
+
+
+def test_no_weights(copy):
+    (copy / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="safetensors"):
+        Model.from_pretrained(copy)
+
+
+def test_pickle_checkpoint_refused(copy):
+    sd = load_file(copy / "model.safetensors")
+    (copy / "model.safetensors").unlink()
+    torch.save(sd, copy / "pytorch_model.bin")
+    with pytest.raises(ValueError, match="pickle.*save_pretrained"):
+        Model.from_pretrained(copy)
+
+
+def test_corrupt_safetensors(copy):
+    data = (copy / "model.safetensors").read_bytes()
+    (copy / "model.safetensors").write_bytes(data[: len(data) // 3])
+    with pytest.raises(ValueError, match="not a valid safetensors"):
+        Model.from_pretrained(copy)
+
+
+def test_shape_mismatch(copy):
+    _edit_config(copy, intermediate_size=80)
+    with pytest.raises(ValueError, match="shape"):
+        Model.from_pretrained(copy)
+
+
+def test_missing_and_unexpected_tensors(copy):
+    sd = load_file(copy / "model.safetensors")
+    del sd["model.layers.1.mlp.up_proj.weight"]
+    save_file(sd, copy / "model.safetensors")
+    with pytest.raises(ValueError, match="missing.*up_proj"):
+        Model.from_pretrained(copy)
+    sd = load_file(copy / "model.safetensors")
+    sd["model.layers.1.mlp.up_proj.weight"] = torch.zeros(96, 64)
+    sd["model.layers.0.self_attn.q_norm.weight"] = torch.zeros(16)
+    save_file(sd, copy / "model.safetensors")
+    with pytest.raises(ValueError, match="does not use.*q_norm"):
+        Model.from_pretrained(copy)
+
+
+def test_missing_shard(copy):
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(copy).save_pretrained(copy / "sharded", max_shard_size="40KB")
+    shards = sorted((copy / "sharded").glob("model-*.safetensors"))
+    shards[-1].unlink()
+    with pytest.raises(FileNotFoundError, match="shards"):
+        Model.from_pretrained(copy / "sharded")
+
+
+@pytest.mark.parametrize("kwargs, err", [
+    (dict(dtype="int8"), ValueError),
+    (dict(dtype="float64"), ValueError),
+    (dict(device="mps"), ValueError),
+])
+def test_bad_load_arguments(good, kwargs, err):
+    with pytest.raises(err):
+        Model.from_pretrained(good, **kwargs)
+
+
+def test_cuda_requested_without_gpu(good):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(ValueError, match="CUDA"):
+        Model.from_pretrained(good, device="cuda")

@@ -1,0 +1,157 @@
+"""The reference sampler: support, exact frequencies, ties, seeds, bad rows."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from fastllm.ops import reference as ref
+from fastllm.sampling import apply_repetition_penalty
+
+
+def _params(b: int, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0):
+    return dict(
+        temperature=torch.full((b,), float(temperature)),
+        top_k=torch.full((b,), int(top_k), dtype=torch.int32),
+        top_p=torch.full((b,), float(top_p)),
+        min_p=torch.full((b,), float(min_p)),
+    )
+
+
+def brute_force_support(logits: np.ndarray, temperature, top_k, top_p, min_p) -> tuple[np.ndarray, np.ndarray]:
+    """The documented definition, written plainly in float64 for one row."""
+    p = np.exp((logits - logits.max()) / temperature)
+    p /= p.sum()
+    keep = np.ones_like(p, dtype=bool)
+    if top_k > 0:
+        kth = np.sort(p)[::-1][min(top_k, len(p)) - 1]
+        keep &= p >= kth
+        p = np.where(keep, p, 0) / np.where(keep, p, 0).sum()
+    if top_p < 1:
+        above = np.array([p[p > x].sum() for x in p])
+        keep &= above < top_p
+        p = np.where(keep, p, 0) / np.where(keep, p, 0).sum()
+    if min_p > 0:
+        keep &= p >= min_p * p.max()
+        p = np.where(keep, p, 0) / np.where(keep, p, 0).sum()
+    return keep, p
+
+
+SETTINGS = [
+    dict(temperature=1.0),
+    dict(temperature=0.7, top_k=5),
+    dict(temperature=1.3, top_p=0.6),
+    dict(temperature=1.0, min_p=0.2),
+    dict(temperature=0.9, top_k=12, top_p=0.8, min_p=0.05),
+]
+
+
+@pytest.mark.parametrize("setting", SETTINGS, ids=lambda s: ",".join(f"{k}={v}" for k, v in s.items()))
+def test_mask_matches_definition(setting):
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 50, generator=g) * 2
+    logits[3, :10] = 1.5  # a block of ties
+    keep, probs = ref.sampling_mask(logits, **_params(6, **setting))
+    full = dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0) | setting
+    for b in range(6):
+        k_ref, p_ref = brute_force_support(logits[b].double().numpy(), **full)
+        assert np.array_equal(keep[b].numpy(), k_ref)
+        np.testing.assert_allclose(probs[b].numpy(), p_ref, atol=1e-6)
+
+
+@pytest.mark.parametrize("setting", SETTINGS, ids=lambda s: ",".join(f"{k}={v}" for k, v in s.items()))
+def test_frequencies_match_exact_distribution(setting):
+    """Chi-square of many seeded draws against the renormalised distribution."""
+    vocab, draws = 40, 6000
+    logits = torch.randn(1, vocab, generator=torch.Generator().manual_seed(3)) * 1.5
+    full = dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0) | setting
+    keep, p = brute_force_support(logits[0].double().numpy(), **full)
+    batch = logits.expand(draws, vocab).contiguous()
+    tokens = ref.sample(batch, **_params(draws, **setting), seeds=[11] * draws, offsets=list(range(draws)))
+    counts = np.bincount(tokens.numpy(), minlength=vocab)
+    assert counts[~keep].sum() == 0, "sampled outside the allowed support"
+    expected = p[keep] * draws
+    assert stats.chisquare(counts[keep], expected).pvalue > 1e-3
+
+
+def test_ties_at_boundary_are_all_kept_and_equally_likely():
+    logits = torch.tensor([[3.0, 1.0, 1.0, 1.0, 0.0, -5.0]])
+    # top_k=2: the 2nd largest value is shared by three tokens -> all kept.
+    keep, _ = ref.sampling_mask(logits, **_params(1, top_k=2))
+    assert keep[0].tolist() == [True, True, True, True, False, False]
+    draws = 6000
+    tokens = ref.sample(
+        logits.expand(draws, 6).contiguous(), **_params(draws, top_k=2), seeds=[5] * draws, offsets=range(draws)
+    )
+    counts = np.bincount(tokens.numpy(), minlength=6)
+    assert counts[4:].sum() == 0
+    assert stats.chisquare(counts[1:4]).pvalue > 1e-3  # tied tokens equally likely
+
+
+def test_top_p_boundary_tie():
+    # probs 0.4, 0.2, 0.2, 0.2: top_p=0.5 keeps the 0.4 and, since the mass above
+    # each 0.2 token is 0.4 < 0.5, all three tied tokens.
+    logits = torch.log(torch.tensor([[0.4, 0.2, 0.2, 0.2]]))
+    keep, _ = ref.sampling_mask(logits, **_params(1, top_p=0.5))
+    assert keep[0].all()
+    keep, _ = ref.sampling_mask(logits, **_params(1, top_p=0.4))
+    assert keep[0].tolist() == [True, False, False, False]
+
+
+def test_greedy_is_argmax_with_lowest_id_on_ties():
+    logits = torch.tensor([[0.0, 2.0, 2.0, 1.0], [5.0, 5.0, 5.0, 5.0]])
+    out = ref.sample(logits, **_params(2, temperature=0.0), seeds=[0, 0], offsets=[0, 0])
+    assert out.tolist() == [1, 0]
+
+
+def test_seed_and_offset_determine_the_draw():
+    logits = torch.randn(1, 1000, generator=torch.Generator().manual_seed(4)).expand(64, 1000).contiguous()
+    p = _params(64)
+    a = ref.sample(logits, **p, seeds=[7] * 64, offsets=range(64))
+    b = ref.sample(logits, **p, seeds=[7] * 64, offsets=range(64))
+    c = ref.sample(logits, **p, seeds=[8] * 64, offsets=range(64))
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+    assert len(set(a.tolist())) > 10  # offsets give different draws
+
+
+def test_bad_rows():
+    p = _params(2)
+    with pytest.raises(ValueError, match="NaN"):
+        ref.sample(torch.tensor([[0.0, float("nan")], [0.0, 1.0]]), **p, seeds=[0, 0], offsets=[0, 0])
+    with pytest.raises(ValueError, match="-inf"):
+        ref.sample(torch.full((2, 3), float("-inf")), **p, seeds=[0, 0], offsets=[0, 0])
+    inf_row = torch.tensor([[0.0, float("inf"), 3.0, float("inf")]] * 200)
+    out = ref.sample(inf_row, **_params(200), seeds=[1] * 200, offsets=range(200))
+    assert set(out.tolist()) == {1, 3}
+
+
+def test_repetition_penalty_matches_transformers():
+    from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
+
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(2, 30, generator=g)
+    hist = [[1, 4, 4, 7, 29], [0, 2]]
+    ours = logits.clone()
+    apply_repetition_penalty(ours, hist, [1.3, 1.3])
+    theirs = torch.stack(
+        [RepetitionPenaltyLogitsProcessor(1.3)(torch.tensor([h]), logits[i : i + 1].clone())[0] for i, h in enumerate(hist)]
+    )
+    torch.testing.assert_close(ours, theirs)
+
+
+def test_moe_route_and_fused_moe_against_dense_loop():
+    g = torch.Generator().manual_seed(6)
+    n, h, inter, e, k = 9, 16, 24, 5, 2
+    x = torch.randn(n, h, generator=g)
+    w13, w2 = torch.randn(e, 2 * inter, h, generator=g), torch.randn(e, h, inter, generator=g)
+    weights, ids = ref.moe_route(torch.randn(n, e, generator=g), k)
+    torch.testing.assert_close(weights.sum(-1), torch.ones(n))
+    out = ref.fused_moe(x, w13, w2, weights, ids)
+    for t in range(n):
+        expect = sum(
+            weights[t, s] * (w2[ids[t, s]] @ ref.silu_and_mul(w13[ids[t, s]] @ x[t])) for s in range(k)
+        )
+        torch.testing.assert_close(out[t], expect, rtol=1e-4, atol=1e-4)
