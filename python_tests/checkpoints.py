@@ -113,3 +113,14 @@ def make_checkpoint(out: Path, arch: str, dtype: torch.dtype = torch.float32, to
     if tokenizer:
         make_tokenizer(out)
     return model
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Save a tiny random checkpoint with a tokenizer.")
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--arch", choices=ARCHS, default="llama3")
+    ns = parser.parse_args()
+    make_checkpoint(ns.out, ns.arch)
+    print(f"saved a random {ns.arch} checkpoint to {ns.out}")

@@ -1,0 +1,83 @@
+"""The fastllm command line: generate, chat, info and its error handling."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from checkpoints import make_checkpoint
+from fastllm import Model
+from fastllm.cli import main
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cli")
+    make_checkpoint(path, "qwen2")
+    return path
+
+
+def test_generate_streams_same_text_as_api(ckpt, capsys):
+    args = ["generate", "--model", str(ckpt), "ROMEO:", "--max-new-tokens", "12", "--ignore-eos", "--device", "cpu"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    expected = Model.from_pretrained(ckpt, device="cpu").generate("ROMEO:", max_new_tokens=12, ignore_eos=True).text
+    assert out == expected + "\n"
+    assert main(args + ["--no-stream"]) == 0
+    assert capsys.readouterr().out == expected + "\n"
+
+
+def test_generate_reads_stdin_and_sampling_flags(ckpt, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "stdin", io.StringIO("JULIET: O"))
+    flags = ["--temperature", "0.8", "--top-k", "20", "--top-p", "0.9", "--min-p", "0.01", "--seed", "5"]
+    assert main(["generate", "--model", str(ckpt), "--max-new-tokens", "9", "--ignore-eos", *flags]) == 0
+    out = capsys.readouterr().out
+    expected = Model.from_pretrained(ckpt, device="cpu").generate(
+        "JULIET: O", max_new_tokens=9, ignore_eos=True, temperature=0.8, top_k=20, top_p=0.9, min_p=0.01, seed=5
+    )
+    assert out == expected.text + "\n"
+
+
+def test_chat_repl_from_stdin(ckpt, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Hello there\n/reset\nAnd again\n"))
+    assert main(["chat", "--model", str(ckpt), "--max-new-tokens", "6", "--ignore-eos", "--system", "Be kind."]) == 0
+    out = capsys.readouterr().out.splitlines()
+    model = Model.from_pretrained(ckpt, device="cpu")
+    sys_msg = {"role": "system", "content": "Be kind."}
+    first = model.chat([sys_msg, {"role": "user", "content": "Hello there"}], max_new_tokens=6, ignore_eos=True).text
+    second = model.chat([sys_msg, {"role": "user", "content": "And again"}], max_new_tokens=6, ignore_eos=True).text
+    assert "\n".join(out) == f"{first}\n{second}"
+
+
+def test_errors_exit_2(tmp_path, capsys):
+    assert main(["generate", "--model", str(tmp_path / "missing"), "hi"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["generate", "--model", str(tmp_path), "hi", "--top-p", "2"]) == 2
+
+
+def test_bad_sampling_flag_exit_2(ckpt, capsys):
+    assert main(["generate", "--model", str(ckpt), "hi", "--top-p", "2"]) == 2
+    assert "top_p" in capsys.readouterr().err
+
+
+def test_info_json(capsys):
+    assert main(["info", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert "cuda_available" in json.dumps(info) or info
+
+
+@pytest.mark.skipif(shutil.which("fastllm") is None, reason="console script not installed")
+def test_console_script(ckpt):
+    run = subprocess.run(
+        ["fastllm", "generate", "--model", str(ckpt), "ROMEO:", "--max-new-tokens", "4", "--ignore-eos"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.endswith("\n")

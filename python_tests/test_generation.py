@@ -1,0 +1,164 @@
+"""Generation behaviour: stopping, streaming, seeds, chat and bad parameters."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from checkpoints import make_checkpoint
+from fastllm import GenerationConfig, Model
+
+PROMPTS = ["ROMEO: But soft", "JULIET: O", "Café 日本"]
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    path = tmp_path_factory.mktemp("gen")
+    make_checkpoint(path, "llama3")
+    return Model.from_pretrained(path, device="cpu")
+
+
+def test_text_is_decoded_token_ids(model):
+    out = model.generate(PROMPTS[0], max_new_tokens=30, ignore_eos=True)
+    assert len(out.token_ids) == 30 and out.finish_reason == "length"
+    assert out.text == model.tokenizer.decode(out.token_ids)
+    assert out.prompt_token_ids == model.tokenizer.encode(PROMPTS[0])
+
+
+def test_stop_string_cuts_text(model):
+    full = model.generate(PROMPTS[0], max_new_tokens=40, ignore_eos=True)
+    text = full.text
+    stop = text[12:15]
+    assert stop and text.find(stop) >= 0
+    out = model.generate(PROMPTS[0], max_new_tokens=40, ignore_eos=True, stop=[stop, "\x00never"])
+    assert out.finish_reason == "stop"
+    assert out.text == text[: text.find(stop)]
+    assert out.token_ids == full.token_ids[: len(out.token_ids)]
+    assert len(out.token_ids) < 40
+
+
+def test_stop_token_ids_and_eos(model):
+    full = model.generate(PROMPTS[1], max_new_tokens=20, ignore_eos=True).token_ids
+    tok = full[5]
+    first = full.index(tok)
+    out = model.generate(PROMPTS[1], max_new_tokens=20, stop_token_ids=[tok])
+    assert out.token_ids == full[: first + 1] and out.finish_reason == "stop"
+    saved = model.eos_ids
+    try:
+        model.eos_ids = frozenset({tok})
+        assert model.generate(PROMPTS[1], max_new_tokens=20).token_ids == full[: first + 1]
+        assert model.generate(PROMPTS[1], max_new_tokens=20, ignore_eos=True).token_ids == full
+    finally:
+        model.eos_ids = saved
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        dict(max_new_tokens=25, ignore_eos=True),
+        dict(max_new_tokens=25, temperature=0.9, top_p=0.9, seed=3, ignore_eos=True),
+        dict(max_new_tokens=25, temperature=1.2, top_k=20, min_p=0.05, seed=4, ignore_eos=True),
+    ],
+)
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_stream_equals_generate(model, prompt, params):
+    full = model.generate(prompt, **params)
+    pieces = list(model.stream(prompt, **params))
+    assert "".join(pieces) == full.text
+    assert all(pieces)
+    if len(full.text) > 6:  # with a stop string the held-back tail must not leak
+        stop = full.text[4:7]
+        cut = model.generate(prompt, **params, stop=stop).text
+        assert "".join(model.stream(prompt, **params, stop=stop)) == cut
+        assert stop not in cut
+
+
+def test_seeds(model):
+    kw = dict(max_new_tokens=20, temperature=1.0, ignore_eos=True)
+    a = model.generate(PROMPTS[0], seed=1, **kw).token_ids
+    assert model.generate(PROMPTS[0], seed=1, **kw).token_ids == a
+    assert model.generate(PROMPTS[0], seed=2, **kw).token_ids != a
+    batch = model.generate([PROMPTS[0], PROMPTS[1]], seed=1, **kw)
+    assert batch[0].token_ids == a  # a row's draws do not depend on its batch mates
+    torch.manual_seed(0)
+    b = model.generate(PROMPTS[0], **kw).token_ids
+    torch.manual_seed(0)
+    assert model.generate(PROMPTS[0], **kw).token_ids == b
+
+
+def test_top_k_1_is_greedy_and_penalty_changes_output(model):
+    greedy = model.generate(PROMPTS[0], max_new_tokens=20, ignore_eos=True).token_ids
+    assert model.generate(PROMPTS[0], max_new_tokens=20, temperature=1.0, top_k=1, seed=9, ignore_eos=True).token_ids == greedy
+    penalised = model.generate(PROMPTS[0], max_new_tokens=20, repetition_penalty=5.0, ignore_eos=True).token_ids
+    assert penalised != greedy
+    assert len(set(penalised)) >= len(set(greedy))
+
+
+def test_generation_config_object(model):
+    cfg = GenerationConfig(max_new_tokens=7, ignore_eos=True)
+    assert len(model.generate(PROMPTS[0], cfg).token_ids) == 7
+    assert len(model.generate(PROMPTS[0], cfg, max_new_tokens=3).token_ids) == 3
+
+
+def test_chat(model):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Who art thou?"}]
+    ids = model.apply_chat_template(messages)
+    text = model.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    assert text.endswith("<|assistant|>") and model.tokenizer.decode(ids, skip_special_tokens=False) == text
+    out = model.chat(messages, max_new_tokens=15, ignore_eos=True)
+    assert out.token_ids == model.generate(ids, max_new_tokens=15, ignore_eos=True).token_ids
+    assert "".join(model.chat(messages, stream=True, max_new_tokens=15, ignore_eos=True)) == out.text
+
+
+@pytest.mark.parametrize(
+    "params, err, match",
+    [
+        (dict(max_new_tokens=0), ValueError, "max_new_tokens"),
+        (dict(max_new_tokens=2.5), TypeError, "max_new_tokens"),
+        (dict(temperature=-0.1), ValueError, "temperature"),
+        (dict(temperature=float("nan")), ValueError, "temperature"),
+        (dict(top_k=-1), ValueError, "top_k"),
+        (dict(top_p=0.0), ValueError, "top_p"),
+        (dict(top_p=1.5), ValueError, "top_p"),
+        (dict(min_p=-0.5), ValueError, "min_p"),
+        (dict(repetition_penalty=0.0), ValueError, "repetition_penalty"),
+        (dict(stop=[""]), ValueError, "stop"),
+        (dict(stop=[3]), ValueError, "stop"),
+        (dict(stop_token_ids=[10**6]), ValueError, "stop_token_ids"),
+        (dict(seed=-1), ValueError, "seed"),
+        (dict(ignore_eos="yes"), TypeError, "ignore_eos"),
+        (dict(tempreature=0.5), TypeError, "unknown generation parameter"),
+    ],
+)
+def test_bad_parameters(model, params, err, match):
+    with pytest.raises(err, match=match):
+        model.generate(PROMPTS[0], **params)
+    with pytest.raises(err, match=match):
+        model.stream(PROMPTS[0], **params)  # raised before the first piece
+
+
+@pytest.mark.parametrize(
+    "prompt, err, match",
+    [
+        ("", ValueError, "empty"),
+        ([], ValueError, "empty"),
+        ([[]], ValueError, "no tokens"),
+        ([1, 2, 10**6], ValueError, "outside the vocabulary"),
+        ([-1], ValueError, "outside the vocabulary"),
+        (3.5, TypeError, "prompt"),
+        (["ok", 3], TypeError, "prompt"),
+        (torch.zeros(2, 2), ValueError, "integer"),
+    ],
+)
+def test_bad_prompts(model, prompt, err, match):
+    with pytest.raises(err, match=match):
+        model.generate(prompt, max_new_tokens=2)
+
+
+def test_stream_rejects_batch_and_chat_rejects_bad_messages(model):
+    with pytest.raises(ValueError, match="one prompt"):
+        model.stream(["a", "b"])
+    with pytest.raises(ValueError):
+        model.chat([{"role": "user"}])
+    with pytest.raises((ValueError, TypeError)):
+        model.chat("not a list")
