@@ -131,13 +131,11 @@ def reshape_and_cache(
     """Write new keys/values into their cache slots, in place.
 
     k, v: [N, Hk, D]; k_cache, v_cache: [num_blocks, block_size, Hk, D];
-    slot_mapping: [N] int64 flat slot per token (negative = skip, for padding).
+    slot_mapping: [N] int64 flat slot per token, distinct and in range.
     """
     nb, bs, hk, d = k_cache.shape
-    keep = slot_mapping >= 0
-    slots = slot_mapping[keep]
-    k_cache.view(nb * bs, hk, d).index_copy_(0, slots, k[keep].to(k_cache.dtype))
-    v_cache.view(nb * bs, hk, d).index_copy_(0, slots, v[keep].to(v_cache.dtype))
+    k_cache.view(nb * bs, hk, d).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
+    v_cache.view(nb * bs, hk, d).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
 
 
 def gather_kv(cache: Tensor, block_table: Tensor, seq_len: int) -> Tensor:
