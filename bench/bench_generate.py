@@ -1,0 +1,102 @@
+"""Whole-loop generation speed: fastllm beside transformers' generate.
+
+Random-weight checkpoints in the shapes of real models (Llama-3.2-1B, and a
+small one that also runs on CPU), greedy decoding of a fixed number of tokens
+at batch 1, EOS ignored. Reports decode tokens per second in extra_info.
+
+    pytest bench/bench_generate.py --benchmark-only
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastllm import Model
+
+SHAPES = {
+    # name: (hidden, intermediate, layers, heads, kv_heads, vocab)
+    "small-15M": (384, 1024, 8, 6, 2, 8192),
+    "llama-3.2-1B": (2048, 8192, 16, 32, 8, 128256),
+}
+PROMPT_LEN, NEW_TOKENS = 32, 128
+
+
+def _device_for(shape: str) -> str:
+    if torch.cuda.is_available():
+        return "cuda"
+    if shape != "small-15M":
+        pytest.skip("large shapes need a GPU")
+    return "cpu"
+
+
+@pytest.fixture(scope="module", params=list(SHAPES))
+def checkpoint(request, tmp_path_factory):
+    import transformers as tf
+
+    hidden, inter, layers, heads, kv, vocab = SHAPES[request.param]
+    device = _device_for(request.param)
+    cfg = tf.LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        max_position_embeddings=4096,
+        tie_word_embeddings=True,
+    )
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    with torch.device("meta"):
+        hf = tf.LlamaForCausalLM(cfg)
+    hf = hf.to_empty(device=device).to(dtype)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.normal_(0, 0.02)
+    path = tmp_path_factory.mktemp(request.param)
+    hf.save_pretrained(str(path))
+    hf.generation_config.eos_token_id = None
+    return request.param, path, hf.eval(), device, dtype
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def test_generate_fastllm(benchmark, checkpoint):
+    name, path, _, device, dtype = checkpoint
+    model = Model.from_pretrained(path, device=device, dtype=dtype)
+    prompt = list(range(10, 10 + PROMPT_LEN))
+    model.generate(prompt, max_new_tokens=4, ignore_eos=True)  # warm-up
+
+    def run():
+        out = model.generate(prompt, max_new_tokens=NEW_TOKENS, ignore_eos=True)
+        _sync(device)
+        return out
+
+    out = benchmark.pedantic(run, rounds=3, iterations=1)
+    assert len(out.token_ids) == NEW_TOKENS
+    benchmark.extra_info.update(
+        shape=name, device=device, tokens=NEW_TOKENS, tok_per_s=NEW_TOKENS / benchmark.stats.stats.mean
+    )
+
+
+def test_generate_transformers(benchmark, checkpoint):
+    name, _, hf, device, _ = checkpoint
+    prompt = torch.arange(10, 10 + PROMPT_LEN, device=device)[None]
+    with torch.inference_mode():
+        hf.generate(prompt, do_sample=False, max_new_tokens=4)
+
+    def run():
+        with torch.inference_mode():
+            out = hf.generate(prompt, do_sample=False, max_new_tokens=NEW_TOKENS)
+        _sync(device)
+        return out
+
+    out = benchmark.pedantic(run, rounds=3, iterations=1)
+    assert out.shape[1] == PROMPT_LEN + NEW_TOKENS
+    benchmark.extra_info.update(
+        shape=name, device=device, tokens=NEW_TOKENS, tok_per_s=NEW_TOKENS / benchmark.stats.stats.mean
+    )

@@ -1,0 +1,103 @@
+"""Which backend runs each op: the compiled CUDA extension or the reference.
+
+A kernel runs by default on CUDA tensors only once it has passed its tests on
+a GPU (``VERIFIED_KERNELS``). ``FASTLLM_KERNELS=name,name`` (or ``all``) opts
+into kernels that are built but not yet verified; ``FASTLLM_BACKEND=torch``
+forces the PyTorch reference everywhere.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+from typing import Any
+
+import torch
+
+try:
+    from fastllm import _C  # type: ignore[attr-defined]
+
+    HAS_C = True
+    _C_ERROR: str | None = None
+except ImportError as e:  # pure-Python install, or a broken build
+    _C = None
+    HAS_C = False
+    _C_ERROR = str(e)
+
+# Kernels that have passed their tests on an H100 (bench/RESULTS.md).
+VERIFIED_KERNELS: frozenset[str] = frozenset()
+
+
+def compiled_kernels() -> list[str]:
+    return list(_C.kernels()) if HAS_C else []
+
+
+@functools.lru_cache(maxsize=None)
+def _settings() -> tuple[bool, frozenset[str]]:
+    """(reference forced, opted-in kernels) from the environment, read once."""
+    forced = os.environ.get("FASTLLM_BACKEND", "").strip().lower() == "torch"
+    wanted = {k.strip() for k in os.environ.get("FASTLLM_KERNELS", "").split(",") if k.strip()}
+    if "all" in wanted:
+        wanted = set(compiled_kernels())
+    return forced, frozenset(wanted)
+
+
+def reset_settings() -> None:
+    """Re-read FASTLLM_BACKEND / FASTLLM_KERNELS (for tests)."""
+    _settings.cache_clear()
+    kernel_enabled.cache_clear()
+
+
+@functools.lru_cache(maxsize=None)
+def kernel_enabled(name: str) -> bool:
+    """Whether CUDA tensors going through op ``name`` use the compiled kernel."""
+    forced, wanted = _settings()
+    if forced or name not in compiled_kernels():
+        return False
+    return name in VERIFIED_KERNELS or name in wanted
+
+
+_warned = False
+
+
+def warn_once_no_extension() -> None:
+    global _warned
+    if not _warned:
+        _warned = True
+        warnings.warn(
+            f"fastllm: CUDA tensors but no compiled extension ({_C_ERROR}); running the PyTorch "
+            "reference ops. Reinstall with nvcc on PATH to build the kernels.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
+def cuda_available() -> bool:
+    return torch.cuda.is_available()
+
+
+def backend_info() -> dict[str, Any]:
+    """What is built and what will run: for bug reports and ``fastllm info``."""
+    from fastllm import __version__
+
+    forced, wanted = _settings()
+    info: dict[str, Any] = {
+        "fastllm_version": __version__,
+        "torch_version": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "cuda_available": cuda_available(),
+        "extension_built": HAS_C,
+        "extension_error": _C_ERROR,
+        "cuda_archs": list(_C.cuda_archs()) if HAS_C else [],
+        "compiled_kernels": compiled_kernels(),
+        "verified_kernels": sorted(VERIFIED_KERNELS),
+        "enabled_kernels": [k for k in compiled_kernels() if kernel_enabled(k)],
+        "backend_override": "torch" if forced else None,
+        "opted_in_kernels": sorted(wanted),
+    }
+    if cuda_available():
+        props = torch.cuda.get_device_properties(0)
+        info["gpu"] = props.name
+        info["compute_capability"] = f"{props.major}.{props.minor}"
+    return info
