@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Union
@@ -12,12 +14,22 @@ from torch import Tensor
 from fastllm.cache import DEFAULT_BLOCK_SIZE, CachedSequence, KVCache, prepare_step
 from fastllm.config import GenerationConfig, GenerationOutput, eos_ids_from_model_dir
 from fastllm.generate import Request, run
-from fastllm.model import Transformer, load_network, parse_dtype
+from fastllm.model import Transformer, load_network, parse_dtype, save_weights
 from fastllm.model.config import ModelConfig
+from fastllm.quant import QuantizationConfig
 from fastllm.sampling import derive_seed
 
 Prompt = Union[str, Sequence[int], Tensor]
 Message = dict[str, Any]
+# Files copied as they are by save_pretrained.
+_SIDE_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "generation_config.json",
+)
 
 
 def default_device() -> torch.device:
@@ -38,8 +50,16 @@ class Model:
     >>> m.generate("Hello", max_new_tokens=20).text
     """
 
-    def __init__(self, network: Transformer, tokenizer, generation_config: GenerationConfig, eos_ids: list[int]):
+    def __init__(
+        self,
+        network: Transformer,
+        tokenizer,
+        generation_config: GenerationConfig,
+        eos_ids: list[int],
+        path: Path | None = None,
+    ):
         self.network = network
+        self.path = path
         self.tokenizer = tokenizer
         self.generation_config = generation_config
         self.eos_ids = frozenset(eos_ids)
@@ -52,12 +72,15 @@ class Model:
         device: str | torch.device | None = None,
         dtype: str | torch.dtype | None = None,
         progress: bool | None = None,
+        quantization: str | QuantizationConfig | None = None,
     ) -> "Model":
         """Load a Hugging Face directory (config.json, *.safetensors, tokenizer
         files, generation_config.json). device: default cuda if available else
         cpu; dtype: float32/float16/bfloat16, default fp32 on CPU and the
         checkpoint's 16-bit dtype (else bf16) on a GPU. progress: show a
-        loading bar (default: for checkpoints over 64 MB)."""
+        loading bar (default: for checkpoints over 64 MB). quantization: "int8"
+        (per-channel W8A16) or "int4" / "int4-g32|g64|g128" (group-wise W4A16),
+        applied at load time; a checkpoint saved quantized loads as it was saved."""
         path = Path(path)
         if not path.is_dir():
             raise FileNotFoundError(f"model directory {path} does not exist")
@@ -68,7 +91,7 @@ class Model:
             raise ValueError(f"unsupported device {dev}; use 'cpu' or 'cuda'")
         cfg = ModelConfig.from_file(path / "config.json")
         dt = parse_dtype(dtype) or default_dtype(dev, cfg.torch_dtype)
-        network = load_network(path, dev, dt, progress)
+        network = load_network(path, dev, dt, progress, QuantizationConfig.parse(quantization))
         tokenizer = None
         if (path / "tokenizer.json").is_file():
             from fastllm.tokenizer import Tokenizer
@@ -77,7 +100,29 @@ class Model:
         eos = eos_ids_from_model_dir(path)
         if not eos and tokenizer is not None and tokenizer.eos_token_id is not None:
             eos = [tokenizer.eos_token_id]
-        return cls(network, tokenizer, GenerationConfig.from_model_dir(path), eos)
+        return cls(network, tokenizer, GenerationConfig.from_model_dir(path), eos, path)
+
+    def save_pretrained(self, path: str | Path) -> None:
+        """Write a Hugging Face directory: config.json (with ``quantization_config``
+        when quantized), model.safetensors in the model's dtype, and the source
+        checkpoint's tokenizer and generation files. Unquantized, transformers
+        loads it; quantized, fastllm loads it without quantizing again."""
+        path = Path(path)
+        if self.path is not None and path.resolve() == self.path.resolve():
+            raise ValueError("save_pretrained would overwrite the checkpoint it was loaded from; pick another directory")
+        path.mkdir(parents=True, exist_ok=True)
+        raw = dict(self.config.raw)
+        raw["torch_dtype"] = str(self.dtype).replace("torch.", "")
+        raw.pop("dtype", None)
+        raw.pop("quantization_config", None)
+        if self.network.quantization is not None:
+            raw["quantization_config"] = self.network.quantization.to_json()
+        (path / "config.json").write_text(json.dumps(raw, indent=2) + "\n", encoding="utf-8")
+        save_weights(self.network, path)
+        if self.path is not None:
+            for name in _SIDE_FILES:
+                if (self.path / name).is_file():
+                    shutil.copyfile(self.path / name, path / name)
 
     @property
     def config(self) -> ModelConfig:

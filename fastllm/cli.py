@@ -26,6 +26,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", default=None, help="Hugging Face model directory (default: the shipped model)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--dtype", default=None, help="float32, float16 or bfloat16")
+    p.add_argument("--quantization", "-q", default=None, help="int8, int4, int4-g32 or int4-g64 (at load time)")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -86,7 +87,7 @@ def _load(args: argparse.Namespace):
     path = args.model or default_model_path()
     if path is None:
         raise ValueError("no --model given and no shipped model found; pass --model PATH or set FASTLLM_MODEL")
-    return Model.from_pretrained(path, device=args.device, dtype=args.dtype)
+    return Model.from_pretrained(path, device=args.device, dtype=args.dtype, quantization=args.quantization)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

@@ -54,6 +54,15 @@ def test_chat_repl_from_stdin(ckpt, capsys, monkeypatch):
     assert "\n".join(out) == f"{first}\n{second}"
 
 
+def test_generate_quantized(ckpt, capsys):
+    args = ["generate", "--model", str(ckpt), "ROMEO:", "--max-new-tokens", "5", "--ignore-eos", "-q", "int8"]
+    assert main(args) == 0
+    expected = Model.from_pretrained(ckpt, device="cpu", quantization="int8")
+    assert capsys.readouterr().out == expected.generate("ROMEO:", max_new_tokens=5, ignore_eos=True).text + "\n"
+    assert main(args[:-1] + ["int3"]) == 2
+    assert "unknown quantization" in capsys.readouterr().err
+
+
 def test_errors_exit_2(tmp_path, capsys):
     assert main(["generate", "--model", str(tmp_path / "missing"), "hi"]) == 2
     assert "does not exist" in capsys.readouterr().err

@@ -75,6 +75,8 @@ class ModelConfig:
     torch_dtype: torch.dtype | None = None
     bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
+    quantization_config: dict[str, Any] | None = None
+    raw: dict[str, Any] = field(default_factory=dict, repr=False)  # config.json as read
 
     @property
     def is_moe(self) -> bool:
@@ -136,6 +138,8 @@ class ModelConfig:
             torch_dtype=_config_dtype(raw),
             bos_token_id=raw.get("bos_token_id"),
             eos_token_ids=eos_ids,
+            quantization_config=raw.get("quantization_config"),
+            raw=dict(raw),
         )
 
     @classmethod

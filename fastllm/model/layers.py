@@ -18,6 +18,8 @@ def _param(*shape: int, dtype: torch.dtype) -> nn.Parameter:
 class Linear(nn.Module):
     """``y = x @ weight.T + bias``; weight: [out, in]. Quantized variants replace it."""
 
+    tensor_names = ("weight", "bias")  # what a checkpoint stores for it, each split by rows
+
     def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features

@@ -100,11 +100,13 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg, dtype) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size, False, dtype)
-        self.register_buffer(
-            "cos_sin_cache",
-            rope_cos_sin_cache(cfg.head_dim, cfg.max_position_embeddings, cfg.rope),
-            persistent=False,
-        )
+        self.register_buffer("cos_sin_cache", torch.empty(cfg.max_position_embeddings, cfg.head_dim), persistent=False)
+        self.quantization = None  # a fastllm.quant.QuantizationConfig once quantized
+
+    def init_buffers(self) -> None:
+        """Compute the non-checkpoint buffers (the rotary cos/sin table) in place."""
+        cfg = self.config
+        self.cos_sin_cache.copy_(rope_cos_sin_cache(cfg.head_dim, cfg.max_position_embeddings, cfg.rope))
 
     def forward(
         self,

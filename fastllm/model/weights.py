@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from torch import Tensor
+from safetensors.torch import save_file
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from fastllm.model.transformer import Transformer
@@ -53,26 +54,32 @@ def checkpoint_files(path: Path) -> list[Path]:
     raise FileNotFoundError(f"no model weights (*.safetensors) in {path}")
 
 
+def _rows(module: nn.Module, parts: list[tuple[str, int, int]], targets: dict[str, Tensor]) -> None:
+    """Targets for a (possibly fused, possibly quantized) linear module: each of
+    its tensors (weight/bias, or qweight/scales/zeros/bias) split by output rows
+    into the checkpoint's per-projection names ``parts = [(hf_name, start, end)]``."""
+    for tname in module.tensor_names:
+        tensor = getattr(module, tname, None)
+        if tensor is not None:
+            for hf_name, start, end in parts:
+                targets[f"{hf_name}.{tname}"] = tensor[start:end]
+
+
 def checkpoint_targets(model: Transformer) -> dict[str, Tensor]:
     """Map every expected Hugging Face tensor name to the view it fills."""
     cfg = model.config
     q, kv, inter = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.intermediate_size
     t: dict[str, Tensor] = {"model.embed_tokens.weight": model.embed_tokens.weight, "model.norm.weight": model.norm.weight}
     if model.lm_head is not None:
-        t["lm_head.weight"] = model.lm_head.weight
+        _rows(model.lm_head, [("lm_head", 0, cfg.vocab_size)], t)
     for i, layer in enumerate(model.layers):
         p = f"model.layers.{i}."
         t[p + "input_layernorm.weight"] = layer.input_layernorm.weight
         t[p + "post_attention_layernorm.weight"] = layer.post_attention_layernorm.weight
         attn = layer.self_attn
-        for kind in ("weight", "bias") if cfg.qkv_bias else ("weight",):
-            fused = getattr(attn.qkv_proj, kind)
-            t[p + f"self_attn.q_proj.{kind}"] = fused[:q]
-            t[p + f"self_attn.k_proj.{kind}"] = fused[q : q + kv]
-            t[p + f"self_attn.v_proj.{kind}"] = fused[q + kv :]
-        t[p + "self_attn.o_proj.weight"] = attn.o_proj.weight
-        if cfg.o_bias:
-            t[p + "self_attn.o_proj.bias"] = attn.o_proj.bias
+        qkv = [(p + "self_attn.q_proj", 0, q), (p + "self_attn.k_proj", q, q + kv), (p + "self_attn.v_proj", q + kv, q + 2 * kv)]
+        _rows(attn.qkv_proj, qkv, t)
+        _rows(attn.o_proj, [(p + "self_attn.o_proj", 0, cfg.hidden_size)], t)
         if cfg.is_moe:
             moe = layer.mlp
             t[p + "block_sparse_moe.gate.weight"] = moe.gate.weight
@@ -83,11 +90,8 @@ def checkpoint_targets(model: Transformer) -> dict[str, Tensor]:
                 t[ep + "w2.weight"] = moe.w2[e]
         else:
             mlp = layer.mlp
-            for kind in ("weight", "bias") if cfg.mlp_bias else ("weight",):
-                fused = getattr(mlp.gate_up_proj, kind)
-                t[p + f"mlp.gate_proj.{kind}"] = fused[:inter]
-                t[p + f"mlp.up_proj.{kind}"] = fused[inter:]
-                t[p + f"mlp.down_proj.{kind}"] = getattr(mlp.down_proj, kind)
+            _rows(mlp.gate_up_proj, [(p + "mlp.gate_proj", 0, inter), (p + "mlp.up_proj", inter, 2 * inter)], t)
+            _rows(mlp.down_proj, [(p + "mlp.down_proj", 0, cfg.hidden_size)], t)
     return t
 
 
@@ -115,8 +119,10 @@ def load_weights(model: Transformer, path: Path, progress: bool | None = None) -
                                 f"{file.name}: tensor {name} has shape {tuple(tensor.shape)}, "
                                 f"but config.json implies {tuple(target.shape)}"
                             )
-                        if not tensor.is_floating_point():
-                            raise ValueError(f"{file.name}: tensor {name} has dtype {tensor.dtype}, expected floats")
+                        if tensor.is_floating_point() != target.is_floating_point() or (
+                            not target.is_floating_point() and tensor.dtype != target.dtype
+                        ):
+                            raise ValueError(f"{file.name}: tensor {name} has dtype {tensor.dtype}, expected {target.dtype}")
                         target.copy_(tensor)
                         loaded.add(name)
                         bar.update(tensor.numel() * tensor.element_size())
@@ -130,3 +136,10 @@ def load_weights(model: Transformer, path: Path, progress: bool | None = None) -
     missing = sorted(set(targets) - loaded)
     if missing:
         raise ValueError(f"checkpoint is missing {len(missing)} tensors, e.g. {missing[:5]}")
+
+
+def save_weights(model: Transformer, path: Path) -> None:
+    """Write the network's tensors under their Hugging Face names to
+    ``path/model.safetensors`` (fused projections split back by rows)."""
+    tensors = {name: view.detach().contiguous().cpu() for name, view in checkpoint_targets(model).items()}
+    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})

@@ -20,6 +20,8 @@ __all__ = [
     "attention",
     "embedding",
     "fused_moe",
+    "int4_linear",
+    "int8_linear",
     "linear",
     "moe_route",
     "reshape_and_cache",
@@ -52,6 +54,8 @@ def rmsnorm(x: Tensor, weight: Tensor, eps: float, residual: Tensor | None = Non
 # torch's own CUDA ops). Each gains a branch like rmsnorm's when its kernel lands.
 embedding = reference.embedding
 linear = reference.linear
+int8_linear = reference.int8_linear
+int4_linear = reference.int4_linear
 silu_and_mul = reference.silu_and_mul
 rotary_embedding = reference.rotary_embedding
 reshape_and_cache = reference.reshape_and_cache

@@ -66,6 +66,44 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
 
 
 # --------------------------------------------------------------------------- #
+# Weight-only quantized linear (formats: see fastllm.quant)
+# --------------------------------------------------------------------------- #
+def dequantize_int8(qweight: Tensor, scales: Tensor) -> Tensor:
+    """int8 [N, K] and fp32 scales [N] -> fp32 [N, K]: ``q * scale``."""
+    return qweight.float() * scales.float()[:, None]
+
+
+def unpack_int4(qweight: Tensor) -> Tensor:
+    """uint8 [N, K/2] -> uint8 [N, K] in [0, 15]; the low nibble is the even column."""
+    return torch.stack((qweight & 0xF, qweight >> 4), dim=-1).flatten(-2)
+
+
+def dequantize_int4(qweight: Tensor, scales: Tensor, zeros: Tensor, group_size: int) -> Tensor:
+    """Packed uint8 [N, K/2], scales [N, K/g], uint8 zeros [N, K/g] -> fp32 [N, K]:
+    ``(q - zero) * scale`` per group of ``group_size`` columns."""
+    q = unpack_int4(qweight).float()
+    n, k = q.shape
+    q = q.view(n, k // group_size, group_size)
+    return ((q - zeros.float()[..., None]) * scales.float()[..., None]).view(n, k)
+
+
+def _linear_fp32(x: Tensor, w: Tensor, bias: Tensor | None) -> Tensor:
+    return F.linear(x.float(), w, None if bias is None else bias.float()).to(x.dtype)
+
+
+def int8_linear(x: Tensor, qweight: Tensor, scales: Tensor, bias: Tensor | None = None) -> Tensor:
+    """W8A16: ``x @ dequantize_int8(qweight, scales).T + bias`` in fp32. x: [..., K]."""
+    return _linear_fp32(x, dequantize_int8(qweight, scales), bias)
+
+
+def int4_linear(
+    x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, group_size: int, bias: Tensor | None = None
+) -> Tensor:
+    """W4A16: ``x @ dequantize_int4(...).T + bias`` in fp32. x: [..., K]."""
+    return _linear_fp32(x, dequantize_int4(qweight, scales, zeros, group_size), bias)
+
+
+# --------------------------------------------------------------------------- #
 # Rotary embedding
 # --------------------------------------------------------------------------- #
 def rotary_embedding(q: Tensor, k: Tensor, positions: Tensor, cos_sin_cache: Tensor) -> None:

@@ -1,0 +1,213 @@
+"""Weight-only quantization: int8 per output channel, int4 per group.
+
+Formats (the canonical, on-disk layout; kernels may repack at load time):
+
+- int8: ``qweight`` int8 [N, K], symmetric per output row,
+  ``w ≈ qweight * scales[:, None]``, ``scales`` fp32 [N] = max|w_row| / 127.
+- int4: ``qweight`` uint8 [N, K/2], two 4-bit values per byte (low nibble =
+  even column), asymmetric per group of ``group_size`` consecutive columns
+  (32, 64 or 128): ``w ≈ (q - zeros) * scales`` with ``q`` in [0, 15], integer
+  ``zeros`` uint8 [N, K/g] and ``scales`` [N, K/g] in the model dtype. The
+  range of each group is widened to include 0 (as GPTQ does), round to nearest.
+
+``quantize_network`` replaces the decoder layers' projections (q/k/v, o,
+gate/up, down) by quantized modules; embeddings, the LM head (unless asked),
+norms, the MoE router and MoE experts stay in 16-bit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from fastllm import ops
+from fastllm.model.layers import Linear
+from fastllm.ops.reference import dequantize_int4, dequantize_int8, unpack_int4  # noqa: F401 (re-exported)
+
+GROUP_SIZES = (32, 64, 128)
+METHODS = ("int8", "int4")
+FORMAT = "fastllm-v1"
+
+
+@dataclass(frozen=True)
+class QuantizationConfig:
+    """What to quantize and how; stored in config.json as ``quantization_config``."""
+
+    method: str  # "int8" | "int4"
+    group_size: int = 128  # int4 only
+    lm_head: bool = False
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"unknown quantization {self.method!r}; choose one of {METHODS}")
+        if self.method == "int4" and self.group_size not in GROUP_SIZES:
+            raise ValueError(f"int4 group_size must be one of {GROUP_SIZES}, got {self.group_size}")
+
+    @classmethod
+    def parse(cls, value: "str | QuantizationConfig | None") -> "QuantizationConfig | None":
+        """Accepts None, a config, "int8", "int4" (group 128) or "int4-g32"/"-g64"/"-g128"."""
+        if value is None or isinstance(value, QuantizationConfig):
+            return value
+        if not isinstance(value, str):
+            raise TypeError(f"quantization must be a str or QuantizationConfig, got {type(value).__name__}")
+        method, _, group = value.lower().partition("-g")
+        if group and not group.isdigit():
+            raise ValueError(f"cannot parse quantization {value!r}; use 'int8', 'int4' or 'int4-g64'")
+        if group and method != "int4":
+            raise ValueError(f"a group size only applies to int4, got {value!r}")
+        return cls(method, int(group) if group else 128)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"quant_method": "fastllm", "format": FORMAT, **asdict(self)}
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> "QuantizationConfig":
+        if raw.get("quant_method") != "fastllm" or raw.get("format") != FORMAT:
+            raise ValueError(
+                f"unsupported quantization_config {raw}; fastllm reads its own '{FORMAT}' format "
+                "(GPTQ/AWQ checkpoints are not read yet)"
+            )
+        return cls(raw["method"], int(raw.get("group_size", 128)), bool(raw.get("lm_head", False)))
+
+
+# --------------------------------------------------------------------------- #
+# Quantize / dequantize (the reference formats)
+# --------------------------------------------------------------------------- #
+def quantize_int8(w: Tensor) -> tuple[Tensor, Tensor]:
+    """w [N, K] -> (qweight int8 [N, K], scales fp32 [N])."""
+    wf = w.float()
+    scales = wf.abs().amax(dim=1) / 127.0
+    scales = torch.where(scales > 0, scales, torch.ones_like(scales))
+    q = torch.round(wf / scales[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q, scales
+
+
+def quantize_int4(w: Tensor, group_size: int, scale_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """w [N, K] -> (qweight uint8 [N, K/2], scales [N, K/g] scale_dtype, zeros uint8 [N, K/g])."""
+    n, k = w.shape
+    _check_int4_shape(k, group_size)
+    wg = w.float().view(n, k // group_size, group_size)
+    lo = wg.amin(dim=-1).clamp(max=0.0)
+    hi = wg.amax(dim=-1).clamp(min=0.0)
+    scales = ((hi - lo) / 15.0).to(scale_dtype)
+    scales = torch.where(scales > 0, scales, torch.ones_like(scales))
+    s = scales.float()
+    zeros = torch.round(-lo / s).clamp_(0, 15)
+    q = (torch.round(wg / s[..., None]) + zeros[..., None]).clamp_(0, 15).to(torch.uint8).view(n, k)
+    packed = q[:, 0::2] | (q[:, 1::2] << 4)
+    return packed, scales, zeros.to(torch.uint8)
+
+
+def _check_int4_shape(k: int, group_size: int) -> None:
+    if group_size not in GROUP_SIZES:
+        raise ValueError(f"int4 group_size must be one of {GROUP_SIZES}, got {group_size}")
+    if k % group_size:
+        raise ValueError(f"in_features {k} is not a multiple of the int4 group size {group_size}")
+
+
+# --------------------------------------------------------------------------- #
+# Modules
+# --------------------------------------------------------------------------- #
+def _buffer(module: nn.Module, name: str, t: Tensor) -> None:
+    module.register_buffer(name, t, persistent=True)
+
+
+class Int8Linear(nn.Module):
+    """W8A16 linear: ``y = x @ (qweight * scales).T + bias``."""
+
+    tensor_names = ("qweight", "scales", "bias")
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        _buffer(self, "qweight", torch.empty(out_features, in_features, dtype=torch.int8))
+        _buffer(self, "scales", torch.empty(out_features, dtype=torch.float32))
+        self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype), requires_grad=False) if bias else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        return ops.int8_linear(x, self.qweight, self.scales, self.bias)
+
+
+class Int4Linear(nn.Module):
+    """W4A16 linear with per-group scales and zero points."""
+
+    tensor_names = ("qweight", "scales", "zeros", "bias")
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype, group_size: int):
+        super().__init__()
+        _check_int4_shape(in_features, group_size)
+        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        groups = in_features // group_size
+        _buffer(self, "qweight", torch.empty(out_features, in_features // 2, dtype=torch.uint8))
+        _buffer(self, "scales", torch.empty(out_features, groups, dtype=dtype))
+        _buffer(self, "zeros", torch.empty(out_features, groups, dtype=torch.uint8))
+        self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype), requires_grad=False) if bias else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        return ops.int4_linear(x, self.qweight, self.scales, self.zeros, self.group_size, self.bias)
+
+
+def empty_quantized_linear(linear: Linear, cfg: QuantizationConfig) -> nn.Module:
+    """An uninitialised quantized module with ``linear``'s shape (for loading)."""
+    dtype, device = linear.weight.dtype, linear.weight.device
+    with torch.device(device):
+        if cfg.method == "int8":
+            return Int8Linear(linear.in_features, linear.out_features, linear.bias is not None, dtype)
+        return Int4Linear(linear.in_features, linear.out_features, linear.bias is not None, dtype, cfg.group_size)
+
+
+def quantize_linear(linear: Linear, cfg: QuantizationConfig) -> nn.Module:
+    """A quantized copy of a loaded ``Linear``."""
+    module = empty_quantized_linear(linear, cfg)
+    if cfg.method == "int8":
+        module.qweight, module.scales = quantize_int8(linear.weight)
+    else:
+        module.qweight, module.scales, module.zeros = quantize_int4(linear.weight, cfg.group_size, linear.weight.dtype)
+    if linear.bias is not None:
+        module.bias.copy_(linear.bias)
+    return module
+
+
+def quantizable_linears(network: nn.Module, cfg: QuantizationConfig) -> list[tuple[nn.Module, str]]:
+    """(parent, attribute) of every Linear that ``cfg`` quantizes."""
+    found = []
+    for layer in network.layers:
+        found += [(layer.self_attn, "qkv_proj"), (layer.self_attn, "o_proj")]
+        if hasattr(layer.mlp, "gate_up_proj"):
+            found += [(layer.mlp, "gate_up_proj"), (layer.mlp, "down_proj")]
+    if cfg.lm_head and network.lm_head is not None:
+        found.append((network, "lm_head"))
+    return found
+
+
+def check_quantizable(network: nn.Module, cfg: QuantizationConfig) -> None:
+    """Raise ValueError naming the first layer whose shape ``cfg`` cannot take."""
+    if cfg.method != "int4":
+        return
+    for parent, name in quantizable_linears(network, cfg):
+        k = getattr(parent, name).in_features
+        if k % cfg.group_size:
+            raise ValueError(
+                f"cannot quantize {type(parent).__name__}.{name} to int4 with group size {cfg.group_size}: "
+                f"in_features {k} is not a multiple of it (try a smaller group size)"
+            )
+
+
+@torch.no_grad()
+def quantize_network(network: nn.Module, cfg: QuantizationConfig) -> None:
+    """Quantize a loaded network in place."""
+    check_quantizable(network, cfg)
+    for parent, name in quantizable_linears(network, cfg):
+        setattr(parent, name, quantize_linear(getattr(parent, name), cfg))
+    network.quantization = cfg
+
+
+def prepare_for_quantized_load(network: nn.Module, cfg: QuantizationConfig) -> None:
+    """Swap in empty quantized modules so a quantized checkpoint can load into them."""
+    check_quantizable(network, cfg)
+    for parent, name in quantizable_linears(network, cfg):
+        setattr(parent, name, empty_quantized_linear(getattr(parent, name), cfg))
+    network.quantization = cfg

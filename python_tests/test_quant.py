@@ -1,0 +1,167 @@
+"""Weight-only quantization: formats, reference matmuls, models, save/load."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from checkpoints import make_checkpoint
+from fastllm import Model
+from fastllm.ops import reference as ref
+from fastllm.quant import QuantizationConfig, quantizable_linears, quantize_int4, quantize_int8
+
+
+def test_int8_roundtrip_error_is_half_a_step():
+    w = torch.randn(37, 111, generator=torch.Generator().manual_seed(0))
+    q, s = quantize_int8(w)
+    assert q.dtype == torch.int8 and s.shape == (37,)
+    err = (ref.dequantize_int8(q, s) - w).abs()
+    assert (err <= s[:, None] / 2 + 1e-6).all()
+    assert (q.abs().amax(dim=1) == 127).all()  # the range is used fully
+    zero_row = torch.zeros(1, 8)
+    q0, s0 = quantize_int8(zero_row)
+    assert torch.equal(ref.dequantize_int8(q0, s0), zero_row)
+
+
+@pytest.mark.parametrize("group", [32, 64, 128])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_int4_roundtrip(group, dtype):
+    w = (torch.randn(29, 4 * group, generator=torch.Generator().manual_seed(1)) + 0.3).to(dtype)
+    q, s, z = quantize_int4(w, group, dtype)
+    assert q.dtype == torch.uint8 and q.shape == (29, 2 * group)
+    assert s.shape == z.shape == (29, 4) and s.dtype == dtype and z.dtype == torch.uint8
+    values = ref.unpack_int4(q)
+    assert values.max() <= 15
+    deq = ref.dequantize_int4(q, s, z, group)
+    step = s.float().repeat_interleave(group, dim=1)
+    err = (deq - w.float()).abs()
+    # half a step from rounding; at a group's ends up to a whole step, since the
+    # integer zero point shifts the grid by up to half a step and values clamp
+    assert (err <= step * 1.01).all()
+    assert (err <= step / 2 + step * 1e-2).float().mean() > 0.95
+    assert err.mean() <= (step / 4).mean() * 1.2
+    if dtype == torch.float32:  # values on the grid survive a second quantization
+        q2, s2, z2 = quantize_int4(deq, group, dtype)
+        torch.testing.assert_close(ref.dequantize_int4(q2, s2, z2, group), deq, rtol=1e-5, atol=1e-5)
+
+
+def test_packing_order_low_nibble_first():
+    q = torch.tensor([[0x21, 0xF3]], dtype=torch.uint8)
+    assert ref.unpack_int4(q).tolist() == [[1, 2, 3, 15]]
+
+
+def test_quantized_linears_match_dequantized_matmul():
+    g = torch.Generator().manual_seed(2)
+    x, w, b = torch.randn(5, 128, generator=g), torch.randn(33, 128, generator=g), torch.randn(33, generator=g)
+    q, s = quantize_int8(w)
+    torch.testing.assert_close(ref.int8_linear(x, q, s, b), x @ ref.dequantize_int8(q, s).T + b)
+    q4, s4, z4 = quantize_int4(w, 64, torch.float32)
+    torch.testing.assert_close(
+        ref.int4_linear(x, q4, s4, z4, 64, b), x @ ref.dequantize_int4(q4, s4, z4, 64).T + b
+    )
+
+
+@pytest.mark.parametrize(
+    "value, expect",
+    [("int8", ("int8", 128)), ("int4", ("int4", 128)), ("int4-g32", ("int4", 32)), ("INT4-G64", ("int4", 64))],
+)
+def test_parse(value, expect):
+    cfg = QuantizationConfig.parse(value)
+    assert (cfg.method, cfg.group_size) == expect
+
+
+@pytest.mark.parametrize("value", ["int3", "int4-g100", "int8-g32", "int4-gx", "fp8"])
+def test_parse_rejects(value):
+    with pytest.raises(ValueError):
+        QuantizationConfig.parse(value)
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2", "mixtral"])
+def ckpt(request, tmp_path_factory):
+    path = tmp_path_factory.mktemp(request.param)
+    make_checkpoint(path, request.param, intermediate_size=128)  # K in {64, 128}: groups 32 and 64 fit
+    return path
+
+
+def _rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+def _dequantized_copy(ckpt, quantized: Model) -> Model:
+    """The full-precision model with each quantized projection's weight replaced
+    by its dequantized values: what the quantized model must compute."""
+    full = Model.from_pretrained(ckpt, device="cpu")
+    cfg = quantized.network.quantization
+    pairs = zip(quantizable_linears(full.network, cfg), quantizable_linears(quantized.network, cfg))
+    with torch.no_grad():
+        for (fp, name), (qp, _) in pairs:
+            q = getattr(qp, name)
+            if cfg.method == "int8":
+                w = ref.dequantize_int8(q.qweight, q.scales)
+            else:
+                w = ref.dequantize_int4(q.qweight, q.scales, q.zeros, q.group_size)
+            getattr(fp, name).weight.copy_(w)
+    return full
+
+
+def test_quantized_model_computes_with_dequantized_weights(ckpt):
+    ids = torch.randint(3, 384, (2, 17), generator=torch.Generator().manual_seed(3))
+    full = Model.from_pretrained(ckpt, device="cpu").forward(ids)
+    errs = {}
+    for q in ("int8", "int4-g32", "int4-g64"):
+        model = Model.from_pretrained(ckpt, device="cpu", quantization=q)
+        assert model.network.quantization == QuantizationConfig.parse(q)
+        out = model.forward(ids)
+        torch.testing.assert_close(out, _dequantized_copy(ckpt, model).forward(ids), rtol=1e-4, atol=1e-4)
+        errs[q] = _rel(out, full)
+    # fewer bits or coarser groups cost accuracy (random weights, large init: errors compound)
+    assert 0 < errs["int8"] < 0.05, errs
+    assert errs["int8"] * 3 < errs["int4-g32"] <= errs["int4-g64"] * 1.05, errs
+
+
+@pytest.mark.parametrize("q", ["int8", "int4-g32"])
+def test_save_and_reload_quantized(ckpt, tmp_path, q):
+    model = Model.from_pretrained(ckpt, device="cpu", quantization=q)
+    model.save_pretrained(tmp_path / "q")
+    cfg = json.loads((tmp_path / "q" / "config.json").read_text())
+    assert cfg["quantization_config"]["method"] == q[:4]
+    assert (tmp_path / "q" / "tokenizer.json").is_file()
+    again = Model.from_pretrained(tmp_path / "q", device="cpu")
+    assert again.network.quantization == model.network.quantization
+    ids = torch.randint(3, 384, (1, 11))
+    assert torch.equal(again.forward(ids), model.forward(ids))
+    assert again.generate("ROMEO:", max_new_tokens=8).token_ids == model.generate("ROMEO:", max_new_tokens=8).token_ids
+    with pytest.raises(ValueError, match="already quantized"):
+        Model.from_pretrained(tmp_path / "q", device="cpu", quantization="int4-g64" if q == "int8" else "int8")
+    # loading the saved checkpoint as it is, or with the same config, is fine
+    Model.from_pretrained(tmp_path / "q", device="cpu", quantization=q)
+
+
+def test_unquantized_save_loads_in_transformers(ckpt, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = Model.from_pretrained(ckpt, device="cpu")
+    model.save_pretrained(tmp_path / "plain")
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "plain")).eval()
+    ids = torch.randint(3, 384, (1, 13))
+    with torch.no_grad():
+        assert _rel(model.forward(ids), hf(ids).logits) < 1e-4
+    with pytest.raises(ValueError, match="overwrite"):
+        model.save_pretrained(ckpt)
+
+
+def test_bad_quantization_requests(tmp_path):
+    make_checkpoint(tmp_path, "llama", tokenizer=False)  # hidden 64, intermediate 96
+    with pytest.raises(ValueError, match="not a multiple"):
+        Model.from_pretrained(tmp_path, device="cpu", quantization="int4-g128")
+    with pytest.raises(ValueError, match="unknown quantization"):
+        Model.from_pretrained(tmp_path, device="cpu", quantization="int2")
+    with pytest.raises(TypeError):
+        Model.from_pretrained(tmp_path, device="cpu", quantization=8)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "gptq", "bits": 4}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="GPTQ"):
+        Model.from_pretrained(tmp_path, device="cpu")
