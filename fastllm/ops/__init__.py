@@ -42,24 +42,35 @@ def _use_kernel(name: str, x: Tensor) -> bool:
     return False
 
 
-def rmsnorm(x: Tensor, weight: Tensor, eps: float, residual: Tensor | None = None):
-    if _use_kernel("rmsnorm", x):
-        from fastllm.ops import cuda
+def _op(name: str):
+    """Op ``name``: ``fastllm.ops.cuda.<name>`` when its first argument is a CUDA
+    tensor and the kernel is enabled, else ``reference.<name>``."""
+    ref = getattr(reference, name)
 
-        return cuda.rmsnorm(x, weight, eps, residual)
-    return reference.rmsnorm(x, weight, eps, residual)
+    def op(*args, **kwargs):
+        if _use_kernel(name, args[0]):
+            from fastllm.ops import cuda
+
+            return getattr(cuda, name)(*args, **kwargs)
+        return ref(*args, **kwargs)
+
+    op.__name__ = op.__qualname__ = name
+    op.__doc__ = ref.__doc__
+    op.__wrapped__ = ref
+    return op
 
 
-# Ops without a kernel yet run their reference everywhere (on a GPU they are
-# torch's own CUDA ops). Each gains a branch like rmsnorm's when its kernel lands.
-embedding = reference.embedding
-linear = reference.linear
-int8_linear = reference.int8_linear
-int4_linear = reference.int4_linear
-silu_and_mul = reference.silu_and_mul
-rotary_embedding = reference.rotary_embedding
-reshape_and_cache = reference.reshape_and_cache
-attention = reference.attention
-moe_route = reference.moe_route
-fused_moe = reference.fused_moe
-sample = reference.sample
+# An op without a compiled kernel always runs its reference (on a GPU that is
+# torch's own CUDA ops); a kernel takes over once built and enabled.
+embedding = _op("embedding")
+rmsnorm = _op("rmsnorm")
+linear = _op("linear")
+int8_linear = _op("int8_linear")
+int4_linear = _op("int4_linear")
+silu_and_mul = _op("silu_and_mul")
+rotary_embedding = _op("rotary_embedding")
+reshape_and_cache = _op("reshape_and_cache")
+attention = _op("attention")
+moe_route = _op("moe_route")
+fused_moe = _op("fused_moe")
+sample = _op("sample")

@@ -1,7 +1,9 @@
 """Python wrappers of the CUDA kernels: check arguments, allocate outputs, launch.
 
 Each wrapper has the signature and semantics of its reference in
-``fastllm.ops.reference``. Kernels receive raw device pointers and the current
+``fastllm.ops.reference``; the op table calls ``fastllm.ops.cuda.<op>`` by name.
+Kernel families with several wrappers live in ``cuda_<family>.py`` modules,
+imported at the end of this file. Kernels receive raw device pointers and the current
 torch stream, so they run inside CUDA graphs captured by torch.
 """
 
@@ -12,42 +14,19 @@ import math
 import torch
 from torch import Tensor
 
-from fastllm import backend
-
-_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-
-
-def _ext():
-    if not backend.HAS_C:
-        raise RuntimeError(f"fastllm's CUDA extension is not built ({backend._C_ERROR})")
-    return backend._C
-
-
-def _check_tensor(op: str, name: str, t: Tensor, device: torch.device, dtype: torch.dtype | None = None) -> None:
-    if not isinstance(t, Tensor):
-        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
-    if not t.is_cuda or t.device != device:
-        raise ValueError(f"{op}: {name} must be on {device}, got {t.device}")
-    if dtype is not None and t.dtype != dtype:
-        raise TypeError(f"{op}: {name} has dtype {t.dtype}, expected {dtype}")
-    if not t.is_contiguous():
-        raise ValueError(f"{op}: {name} must be contiguous (call .contiguous() first)")
-
-
-def _stream(device: torch.device) -> int:
-    return torch.cuda.current_stream(device).cuda_stream
+from fastllm.ops.cuda_common import DTYPE_CODES, check_tensor, ext, current_stream
 
 
 def rmsnorm(x: Tensor, weight: Tensor, eps: float, residual: Tensor | None = None):
     """CUDA RMSNorm (+ fused residual add); see ``reference.rmsnorm``."""
     if not isinstance(x, Tensor):
         raise TypeError(f"rmsnorm: x must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in _DTYPE_CODES:
+    if x.dtype not in DTYPE_CODES:
         raise TypeError(f"rmsnorm: x has dtype {x.dtype}; supported: float32, float16, bfloat16")
     if x.dim() == 0:
         raise ValueError("rmsnorm: x must have at least one dimension")
-    _check_tensor("rmsnorm", "x", x, x.device)
-    _check_tensor("rmsnorm", "weight", weight, x.device, x.dtype)
+    check_tensor("rmsnorm", "x", x, x.device)
+    check_tensor("rmsnorm", "weight", weight, x.device, x.dtype)
     cols = x.shape[-1]
     if cols < 1:
         raise ValueError("rmsnorm: the last dimension of x must be >= 1")
@@ -56,13 +35,13 @@ def rmsnorm(x: Tensor, weight: Tensor, eps: float, residual: Tensor | None = Non
     if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
         raise ValueError(f"rmsnorm: eps must be a positive finite number, got {eps!r}")
     if residual is not None:
-        _check_tensor("rmsnorm", "residual", residual, x.device, x.dtype)
+        check_tensor("rmsnorm", "residual", residual, x.device, x.dtype)
         if residual.shape != x.shape:
             raise ValueError(f"rmsnorm: residual shape {tuple(residual.shape)} != x shape {tuple(x.shape)}")
     out = torch.empty_like(x)
     h = torch.empty_like(x) if residual is not None else None
     rows = x.numel() // cols
-    _ext().rmsnorm(
+    ext().rmsnorm(
         out.data_ptr(),
         h.data_ptr() if h is not None else 0,
         x.data_ptr(),
@@ -71,7 +50,7 @@ def rmsnorm(x: Tensor, weight: Tensor, eps: float, residual: Tensor | None = Non
         rows,
         cols,
         float(eps),
-        _DTYPE_CODES[x.dtype],
-        _stream(x.device),
+        DTYPE_CODES[x.dtype],
+        current_stream(x.device),
     )
     return (out, h) if h is not None else out
