@@ -1,0 +1,72 @@
+"""The whole model on a GPU: parity with transformers, and the kernels (when
+enabled) against the reference path. Skips without a GPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from checkpoints import make_checkpoint
+from conftest import requires_cuda
+from fastllm import Model, backend
+
+pytestmark = requires_cuda
+
+
+@pytest.fixture(scope="module", params=["llama3", "qwen2", "mixtral"])
+def ckpt(request, tmp_path_factory):
+    path = tmp_path_factory.mktemp(request.param)
+    hf = make_checkpoint(path, request.param)
+    hf.generation_config.eos_token_id = None
+    return path, hf
+
+
+def _rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def _with_kernels(monkeypatch, enabled: bool):
+    if enabled:
+        monkeypatch.setenv("FASTLLM_KERNELS", "all")
+        monkeypatch.delenv("FASTLLM_BACKEND", raising=False)
+    else:
+        monkeypatch.setenv("FASTLLM_BACKEND", "torch")
+    backend.reset_settings()
+
+
+@pytest.mark.parametrize("kernels", [False, True], ids=["reference", "kernels"])
+def test_fp32_matches_transformers_on_gpu(ckpt, monkeypatch, kernels):
+    path, hf = ckpt
+    _with_kernels(monkeypatch, kernels)
+    hf = hf.to("cuda")
+    model = Model.from_pretrained(path, device="cuda", dtype="float32")
+    ids = torch.randint(3, 384, (2, 29), device="cuda")
+    with torch.no_grad():
+        ref = hf(ids).logits
+        greedy = hf.generate(ids[:1, :9], do_sample=False, max_new_tokens=24)[0, 9:].tolist()
+    assert _rel(model.forward(ids), ref) < 1e-4
+    assert model.generate(ids[0, :9].tolist(), max_new_tokens=24, ignore_eos=True).token_ids == greedy
+    hf.to("cpu")
+
+
+def test_bf16_kernels_within_twice_reference_error(ckpt, monkeypatch):
+    path, hf = ckpt
+    ids = torch.randint(3, 384, (2, 29))
+    with torch.no_grad():
+        ref = hf(ids).logits.cuda()
+    errs = {}
+    for kernels in (False, True):
+        _with_kernels(monkeypatch, kernels)
+        model = Model.from_pretrained(path, device="cuda", dtype="bfloat16")
+        errs[kernels] = _rel(model.forward(ids.cuda()), ref)
+    assert errs[True] <= 2 * errs[False] + 1e-3, errs
+
+
+def test_sampling_on_gpu_is_seeded(ckpt):
+    path, _ = ckpt
+    model = Model.from_pretrained(path, device="cuda")
+    kw = dict(max_new_tokens=16, temperature=0.9, top_p=0.9, top_k=30, seed=3, ignore_eos=True)
+    a = model.generate(["ROMEO:", "JULIET: O"], **kw)
+    b = model.generate(["ROMEO:", "JULIET: O"], **kw)
+    assert [o.token_ids for o in a] == [o.token_ids for o in b]
+    assert "".join(model.stream("ROMEO:", **kw)) == a[0].text
