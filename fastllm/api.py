@@ -84,14 +84,17 @@ class Model:
         path = Path(path)
         if not path.is_dir():
             raise FileNotFoundError(f"model directory {path} does not exist")
-        dev = torch.device(device) if device is not None else default_device()
+        try:
+            dev = torch.device(device) if device is not None else default_device()
+        except (RuntimeError, TypeError) as e:
+            raise ValueError(f"invalid device {device!r}: {e}") from e
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device {dev} requested but torch sees no CUDA GPU")
         if dev.type not in ("cpu", "cuda"):
             raise ValueError(f"unsupported device {dev}; use 'cpu' or 'cuda'")
         cfg = ModelConfig.from_file(path / "config.json")
         dt = parse_dtype(dtype) or default_dtype(dev, cfg.torch_dtype)
-        network = load_network(path, dev, dt, progress, QuantizationConfig.parse(quantization))
+        network = load_network(path, dev, dt, progress, QuantizationConfig.parse(quantization), cfg)
         tokenizer = None
         if (path / "tokenizer.json").is_file():
             from fastllm.tokenizer import Tokenizer

@@ -128,6 +128,7 @@ def test_missing_shard(copy):
     (dict(dtype="int8"), ValueError),
     (dict(dtype="float64"), ValueError),
     (dict(device="mps"), ValueError),
+    (dict(device="tpu:0"), ValueError),
 ])
 def test_bad_load_arguments(good, kwargs, err):
     with pytest.raises(err):

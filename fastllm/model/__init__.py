@@ -41,16 +41,17 @@ def load_network(
     dtype: torch.dtype,
     progress: bool | None = None,
     quantization=None,
+    cfg: ModelConfig | None = None,
 ) -> Transformer:
     """Build the network described by ``path/config.json`` on ``device`` and load
-    its weights. A checkpoint saved quantized loads as such; ``quantization`` (a
+    its weights (``cfg``: its already parsed config). A checkpoint saved quantized loads as such; ``quantization`` (a
     fastllm.quant.QuantizationConfig) quantizes a 16-bit checkpoint after loading."""
     from fastllm.quant import QuantizationConfig, quantize_network
 
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"model directory {path} does not exist")
-    cfg = ModelConfig.from_file(path / "config.json")
+    cfg = cfg or ModelConfig.from_file(path / "config.json")
     saved = QuantizationConfig.from_json(cfg.quantization_config) if cfg.quantization_config else None
     if saved is not None and quantization is not None and quantization != saved:
         raise ValueError(f"{path} is already quantized ({saved.method}); it cannot be loaded as {quantization.method}")
