@@ -49,6 +49,9 @@ PYBIND11_MODULE(_C, m) {
             "rmsnorm",
             "silu_and_mul",
             "rotary_embedding",
+            "reshape_and_cache",
+            "decode_attention",
+            "sample",
         };
       },
       "Names of the kernels compiled in.");
@@ -92,4 +95,79 @@ PYBIND11_MODULE(_C, m) {
       py::arg("stream"),
       "In-place NeoX rotary embedding of q and k (element strides; last dim contiguous) from an fp32 table "
       "[max_pos, head_dim] (cos then sin) at int64 positions.");
+
+  m.def(
+      "sample",
+      [](std::uintptr_t out, std::uintptr_t logits, std::uintptr_t temperature, std::uintptr_t top_k,
+         std::uintptr_t top_p, std::uintptr_t min_p, std::uintptr_t seeds, std::uintptr_t offsets, std::int64_t rows,
+         std::int64_t vocab, int dtype, int force_group, std::int64_t cache_limit, std::uintptr_t stream) {
+        check("sample", fastllm::launch_sample(ptr(out), ptr(logits), ptr(temperature), ptr(top_k), ptr(top_p),
+                                               ptr(min_p), ptr(seeds), ptr(offsets), rows, vocab, dtype, force_group,
+                                               cache_limit, ptr(stream)));
+      },
+      py::arg("out"), py::arg("logits"), py::arg("temperature"), py::arg("top_k"), py::arg("top_p"),
+      py::arg("min_p"), py::arg("seeds"), py::arg("offsets"), py::arg("rows"), py::arg("vocab"), py::arg("dtype"),
+      py::arg("force_group"), py::arg("cache_limit"), py::arg("stream"),
+      "out[b] (int64) = one token drawn from softmax(logits[b] / temperature[b]) after top-k (int32), top-p and "
+      "min-p (fp32) per row, with Philox(seeds[b], offsets[b]) (int64); temperature 0 = argmax. Rows with NaN, "
+      "all -inf logits or out-of-range parameters get -1, -2, -3. force_group: 0 = auto, else blocks per row; "
+      "cache_limit: -1 = default, else q values cached in shared memory per block.");
+
+  m.def(
+      "reshape_and_cache",
+      [](std::uintptr_t k_cache, std::uintptr_t v_cache, std::uintptr_t k, std::uintptr_t v,
+         std::uintptr_t slot_mapping, std::int64_t num_tokens, std::int64_t num_heads, std::int64_t head_dim,
+         std::int64_t k_token_stride, std::int64_t k_head_stride, std::int64_t v_token_stride,
+         std::int64_t v_head_stride, std::int64_t num_slots, int dtype, std::uintptr_t stream) {
+        check("reshape_and_cache",
+              fastllm::launch_reshape_and_cache(ptr(k_cache), ptr(v_cache), ptr(k), ptr(v), ptr(slot_mapping),
+                                                num_tokens, num_heads, head_dim, k_token_stride, k_head_stride,
+                                                v_token_stride, v_head_stride, num_slots, dtype, ptr(stream)));
+      },
+      py::arg("k_cache"), py::arg("v_cache"), py::arg("k"), py::arg("v"), py::arg("slot_mapping"),
+      py::arg("num_tokens"), py::arg("num_heads"), py::arg("head_dim"), py::arg("k_token_stride"),
+      py::arg("k_head_stride"), py::arg("v_token_stride"), py::arg("v_head_stride"), py::arg("num_slots"),
+      py::arg("dtype"), py::arg("stream"),
+      "k_cache[slot[n]] = k[n], v_cache[slot[n]] = v[n] for k, v [tokens, heads, head_dim] (element strides, "
+      "contiguous last dim), contiguous caches of num_slots slots and int64 slot_mapping; slots outside "
+      "[0, num_slots) are skipped. dtype: 0 fp32, 1 fp16, 2 bf16.");
+
+  m.def(
+      "decode_attention_plan",
+      [](std::int64_t batch, std::int64_t num_q_heads, std::int64_t num_kv_heads, std::int64_t head_dim,
+         std::int64_t max_seq_len, std::int64_t sliding_window, std::int64_t requested_splits, int dtype) {
+        std::int64_t splits = 1, workspace_floats = 0;
+        check("decode_attention",
+              fastllm::decode_attention_plan(&splits, &workspace_floats, batch, num_q_heads, num_kv_heads, head_dim,
+                                             max_seq_len, sliding_window, requested_splits, dtype));
+        return std::make_pair(splits, workspace_floats);
+      },
+      py::arg("batch"), py::arg("num_q_heads"), py::arg("num_kv_heads"), py::arg("head_dim"), py::arg("max_seq_len"),
+      py::arg("sliding_window"), py::arg("requested_splits"), py::arg("dtype"),
+      "(num_splits, workspace_floats) for decode_attention on the current device: requested_splits (1..256), or "
+      "0 to choose from the batch, heads and max_seq_len (a host-side bound on seq_lens); workspace_floats = "
+      "batch * num_q_heads * num_splits * (head_dim + 2) fp32 when num_splits > 1, else 0.");
+
+  m.def(
+      "decode_attention",
+      [](std::uintptr_t out, std::uintptr_t workspace, std::uintptr_t q, std::uintptr_t k_cache,
+         std::uintptr_t v_cache, std::uintptr_t block_tables, std::uintptr_t seq_lens, std::int64_t batch,
+         std::int64_t num_q_heads, std::int64_t num_kv_heads, std::int64_t head_dim, std::int64_t q_token_stride,
+         std::int64_t q_head_stride, std::int64_t num_blocks, std::int64_t block_size, std::int64_t max_blocks,
+         float scale, std::int64_t sliding_window, std::int64_t num_splits, int dtype, std::uintptr_t stream) {
+        check("decode_attention",
+              fastllm::launch_decode_attention(ptr(out), ptr(workspace), ptr(q), ptr(k_cache), ptr(v_cache),
+                                               ptr(block_tables), ptr(seq_lens), batch, num_q_heads, num_kv_heads,
+                                               head_dim, q_token_stride, q_head_stride, num_blocks, block_size,
+                                               max_blocks, scale, sliding_window, num_splits, dtype, ptr(stream)));
+      },
+      py::arg("out"), py::arg("workspace"), py::arg("q"), py::arg("k_cache"), py::arg("v_cache"),
+      py::arg("block_tables"), py::arg("seq_lens"), py::arg("batch"), py::arg("num_q_heads"),
+      py::arg("num_kv_heads"), py::arg("head_dim"), py::arg("q_token_stride"), py::arg("q_head_stride"),
+      py::arg("num_blocks"), py::arg("block_size"), py::arg("max_blocks"), py::arg("scale"),
+      py::arg("sliding_window"), py::arg("num_splits"), py::arg("dtype"), py::arg("stream"),
+      "out [batch, Hq, D] = softmax(q k^T * scale) v for one query token per sequence over its cached keys "
+      "[max(0, L - window), L), L = seq_lens[b] (int32, device), slots from int32 block_tables [batch, max_blocks] "
+      "(device); caches [num_blocks, block_size, Hk, D]; fp16/bf16 (dtype 1/2); sliding_window 0 = none; "
+      "workspace and num_splits from decode_attention_plan.");
 }

@@ -27,4 +27,48 @@ const char* launch_rotary_embedding(void* q, void* k, const void* positions, con
                                     int64_t k_token_stride, int64_t k_head_stride, int64_t num_q_heads,
                                     int64_t num_k_heads, int64_t head_dim, int64_t max_pos, int dtype, void* stream);
 
+// Paged KV cache write: k_cache[slot[n]] = k[n], v_cache[slot[n]] = v[n] for
+// k, v [tokens, heads, head_dim] (element strides given, last dim contiguous)
+// and caches [num_blocks, block_size, heads, head_dim] contiguous holding
+// num_slots = num_blocks * block_size slots; int64 slot_mapping [tokens].
+// Slots outside [0, num_slots) are skipped.
+const char* launch_reshape_and_cache(void* k_cache, void* v_cache, const void* k, const void* v,
+                                     const void* slot_mapping, int64_t num_tokens, int64_t num_heads,
+                                     int64_t head_dim, int64_t k_token_stride, int64_t k_head_stride,
+                                     int64_t v_token_stride, int64_t v_head_stride, int64_t num_slots, int dtype,
+                                     void* stream);
+
+// Grid plan of launch_decode_attention: the number of key splits (requested_splits,
+// or chosen for the device when 0) and the fp32 workspace it needs,
+// batch * num_q_heads * num_splits * (head_dim + 2) floats when num_splits > 1, else 0.
+// max_seq_len: a host-side upper bound on seq_lens (only sizes the grid).
+const char* decode_attention_plan(int64_t* num_splits, int64_t* workspace_floats, int64_t batch,
+                                  int64_t num_q_heads, int64_t num_kv_heads, int64_t head_dim, int64_t max_seq_len,
+                                  int64_t sliding_window, int64_t requested_splits, int dtype);
+
+// Decode attention over a paged KV cache, one query token per sequence:
+// out [batch, Hq, D] = softmax(q k^T * scale) v over keys [max(0, L - window), L)
+// with L = seq_lens[b] (int32, device) and the cache slots given by int32
+// block_tables [batch, max_blocks] (device). q: [batch, Hq, D] with the given
+// element strides; caches [num_blocks, block_size, Hk, D] contiguous; fp16/bf16;
+// D in {64, 80, 96, 128, 256}; block_size a power of two; sliding_window 0 = none.
+// workspace: decode_attention_plan's fp32 floats (may be null when num_splits == 1).
+const char* launch_decode_attention(void* out, void* workspace, const void* q, const void* k_cache,
+                                    const void* v_cache, const void* block_tables, const void* seq_lens,
+                                    int64_t batch, int64_t num_q_heads, int64_t num_kv_heads, int64_t head_dim,
+                                    int64_t q_token_stride, int64_t q_head_stride, int64_t num_blocks,
+                                    int64_t block_size, int64_t max_blocks, float scale, int64_t sliding_window,
+                                    int64_t num_splits, int dtype, void* stream);
+
+// One token per row of logits [rows, vocab] (dtype code) into out (int64 [rows]):
+// softmax(logits / temperature) filtered by top-k (int32), top-p and min-p (fp32,
+// per row), drawn with Philox(seed, offset) (int64 per row); temperature 0 is the
+// argmax. Rows with NaN / all -inf logits / bad parameters get -1 / -2 / -3.
+// force_group: 0 = choose, else the blocks per row (1, 2, 4, 8, 16; >1 needs
+// sm_90); cache_limit: < 0 = default, else at most this many q values cached
+// in shared memory per block (tests use both to reach every path).
+const char* launch_sample(void* out, const void* logits, const void* temperature, const void* top_k,
+                          const void* top_p, const void* min_p, const void* seeds, const void* offsets, int64_t rows,
+                          int64_t vocab, int dtype, int force_group, int64_t cache_limit, void* stream);
+
 }  // namespace fastllm

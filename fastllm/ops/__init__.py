@@ -18,12 +18,14 @@ from fastllm.ops.reference import AttentionMetadata
 __all__ = [
     "AttentionMetadata",
     "attention",
+    "decode_attention",
     "embedding",
     "fused_moe",
     "int4_linear",
     "int8_linear",
     "linear",
     "moe_route",
+    "prefill_attention",
     "reshape_and_cache",
     "rmsnorm",
     "rotary_embedding",
@@ -44,14 +46,20 @@ def _use_kernel(name: str, x: Tensor) -> bool:
 
 def _op(name: str):
     """Op ``name``: ``fastllm.ops.cuda.<name>`` when its first argument is a CUDA
-    tensor and the kernel is enabled, else ``reference.<name>``."""
+    tensor and the kernel is enabled, else ``reference.<name>``.
+
+    A kernel that covers only part of the op's domain (some head dims, 16-bit
+    dtypes) defines ``fastllm.ops.cuda.<name>_supported(*args, **kwargs)``; calls
+    outside it run the reference instead of failing."""
     ref = getattr(reference, name)
 
     def op(*args, **kwargs):
         if _use_kernel(name, args[0]):
             from fastllm.ops import cuda
 
-            return getattr(cuda, name)(*args, **kwargs)
+            supported = getattr(cuda, f"{name}_supported", None)
+            if supported is None or supported(*args, **kwargs):
+                return getattr(cuda, name)(*args, **kwargs)
         return ref(*args, **kwargs)
 
     op.__name__ = op.__qualname__ = name
@@ -74,3 +82,5 @@ attention = _op("attention")
 moe_route = _op("moe_route")
 fused_moe = _op("fused_moe")
 sample = _op("sample")
+decode_attention = _op("decode_attention")
+prefill_attention = _op("prefill_attention")

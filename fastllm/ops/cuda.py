@@ -103,3 +103,7 @@ def rotary_embedding(q: Tensor, k: Tensor, positions: Tensor, cos_sin_cache: Ten
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), hq, k.shape[1], d, cos_sin_cache.shape[0],
         DTYPE_CODES[q.dtype], current_stream(device),
     )
+
+
+from fastllm.ops.cuda_sample import sample  # noqa: E402,F401
+from fastllm.ops.cuda_attention import decode_attention, decode_attention_supported, reshape_and_cache  # noqa: E402,F401

@@ -151,6 +151,11 @@ class AttentionMetadata:
     seq_lens_host: list[int]
 
     @property
+    def is_decode(self) -> bool:
+        """Every sequence brings exactly one new query (a decode step)."""
+        return bool(self.query_lens_host) and all(n == 1 for n in self.query_lens_host)
+
+    @property
     def num_seqs(self) -> int:
         return len(self.seq_lens_host)
 
@@ -199,10 +204,33 @@ def attention(
     ``j <= p`` (and ``j > p - sliding_window`` when a window is set):
     ``out = softmax(q k^T * scale + mask) v`` in fp32. Returns [N, Hq, D].
     """
+    return prefill_attention(q, k_cache, v_cache, meta, scale, sliding_window)
+
+
+def prefill_attention(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+    sliding_window: int | None = None,
+    *,
+    return_lse: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """``attention`` (any number of queries per sequence: prompts, chunks of
+    prompts appended to a cached prefix), optionally with the log-sum-exp.
+
+    With ``return_lse`` also returns ``lse`` [N, Hq] fp32, the natural log of
+    the softmax denominator ``log(sum_j exp(q . k_j * scale))`` over the keys the
+    query attends to (-inf when there are none, whose output is 0), so that
+    attention over disjoint key sets can be merged afterwards:
+    ``out = sum_i exp(lse_i - lse) out_i`` with ``lse = logsumexp_i(lse_i)``.
+    """
     n, hq, d = q.shape
     hk = k_cache.shape[2]
     group = hq // hk
     out = torch.empty_like(q)
+    lse = torch.full((n, hq), -math.inf, dtype=torch.float32, device=q.device) if return_lse else None
     start = 0
     for b, (qlen, slen) in enumerate(zip(meta.query_lens_host, meta.seq_lens_host)):
         if qlen == 0:
@@ -219,10 +247,13 @@ def attention(
         if sliding_window is not None:
             allowed &= kpos > qpos - sliding_window
         scores = scores.masked_fill(~allowed, float("-inf"))
-        probs = torch.softmax(scores, dim=-1)
+        row_lse = torch.logsumexp(scores, dim=-1)  # [Hq, qlen]; -inf for a row with no keys
+        probs = torch.exp(scores - row_lse[..., None]).nan_to_num_(0.0)
         out[start : start + qlen] = torch.matmul(probs, vb).transpose(0, 1).to(q.dtype)
+        if lse is not None:
+            lse[start : start + qlen] = row_lse.transpose(0, 1)
         start += qlen
-    return out
+    return (out, lse) if return_lse else out
 
 
 # --------------------------------------------------------------------------- #
@@ -309,15 +340,41 @@ def _renormalise(probs: Tensor, keep: Tensor) -> Tensor:
     return p / p.sum(dim=-1, keepdim=True)
 
 
-def philox_uniform(seed: int, offset: int, device: torch.device) -> float:
-    """One uniform in [0, 1) determined only by (seed, offset).
+_M32 = 0xFFFFFFFF
+SAMPLE_STREAM = 0x73616D70  # Philox counter word naming the sampling use ("samp"), as csrc/sample.cu
+
+
+def philox4x32_10(counter: tuple[int, int, int, int], key: tuple[int, int]) -> tuple[int, int, int, int]:
+    """Philox4x32-10 (Salmon et al., SC'11; the Random123 generator): four
+    32-bit words, a pure function of a 128-bit counter and a 64-bit key.
+    The same function as ``csrc/philox.cuh``."""
+    c0, c1, c2, c3 = (c & _M32 for c in counter)
+    k0, k1 = (k & _M32 for k in key)
+    for rnd in range(10):
+        if rnd:
+            k0, k1 = (k0 + 0x9E3779B9) & _M32, (k1 + 0xBB67AE85) & _M32
+        p0, p1 = 0xD2511F53 * c0, 0xCD9E8D57 * c2
+        c0, c1, c2, c3 = ((p1 >> 32) ^ c1 ^ k0) & _M32, p1 & _M32, ((p0 >> 32) ^ c3 ^ k1) & _M32, p0 & _M32
+    return c0, c1, c2, c3
+
+
+def philox_u64(seed: int, offset: int, stream: int = SAMPLE_STREAM) -> int:
+    """64 uniform random bits determined only by (seed, offset): key = seed,
+    counter = (offset, stream, 0); seed and offset are taken modulo 2**64."""
+    seed &= (1 << 64) - 1
+    offset &= (1 << 64) - 1
+    r = philox4x32_10((offset & _M32, offset >> 32, stream, 0), (seed & _M32, seed >> 32))
+    return (r[1] << 32) | r[0]
+
+
+def philox_uniform(seed: int, offset: int) -> float:
+    """One uniform in [0, 1) determined only by (seed, offset): ``philox_u64 / 2**64``.
 
     Stateless per-row randomness: a sequence's draws do not depend on which
-    other sequences share its batch, and a run is reproducible from its seed.
+    other sequences share its batch, a run is reproducible from its seed, and
+    the CUDA sampler draws with the same numbers.
     """
-    g = torch.Generator(device="cpu")
-    g.manual_seed((seed * 0x9E3779B97F4A7C15 + offset * 0xBF58476D1CE4E5B9 + 1) % (2**63))
-    return float(torch.rand((), generator=g, dtype=torch.float64))
+    return philox_u64(seed, offset) / 2.0**64
 
 
 def sample(
@@ -359,7 +416,7 @@ def sample(
     seeds_l = seeds.tolist() if isinstance(seeds, Tensor) else list(seeds)
     offs_l = offsets.tolist() if isinstance(offsets, Tensor) else list(offsets)
     u = torch.tensor(
-        [philox_uniform(seeds_l[r], offs_l[r], logits.device) for r in random_rows],
+        [philox_uniform(seeds_l[r], offs_l[r]) for r in random_rows],
         dtype=torch.float64,
         device=logits.device,
     )
@@ -367,3 +424,41 @@ def sample(
     drawn = torch.searchsorted(cdf, target, right=True).squeeze(-1)
     out[idx] = drawn.clamp(max=lf.shape[-1] - 1)
     return out
+
+
+# --------------------------------------------------------------------------- #
+# Decode attention (one new query token per sequence)
+# --------------------------------------------------------------------------- #
+def decode_attention(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    block_tables: Tensor,
+    seq_lens: Tensor,
+    scale: float,
+    sliding_window: int | None = None,
+    *,
+    max_seq_len: int | None = None,
+) -> Tensor:
+    """``attention`` for a step in which every sequence has exactly one new query.
+
+    q: [B, Hq, D]; caches: [num_blocks, block_size, Hk, D]; block_tables: int32
+    [B, max_blocks]; seq_lens: int32 [B], the cached tokens of each sequence
+    including the new one (whose K/V are already written). The query sits at
+    position ``L - 1`` (L = seq_lens[b]) and attends to keys ``j`` in
+    ``[max(0, L - sliding_window), L)``: ``out = softmax(q k^T * scale) v`` in
+    fp32, returned as [B, Hq, D] in q.dtype (zeros for L == 0).
+    ``max_seq_len`` is a host-side bound on seq_lens that the CUDA kernel uses
+    to size its grid; the reference reads the lengths itself (one host sync).
+    """
+    b = q.shape[0]
+    lens = [int(n) for n in seq_lens.tolist()]
+    meta = AttentionMetadata(
+        cu_seqlens_q=torch.arange(b + 1, dtype=torch.int32, device=q.device),
+        seq_lens=seq_lens,
+        block_tables=block_tables,
+        slot_mapping=torch.empty(0, dtype=torch.int64, device=q.device),
+        query_lens_host=[1] * b,
+        seq_lens_host=lens,
+    )
+    return attention(q, k_cache, v_cache, meta, scale, sliding_window)

@@ -1,0 +1,699 @@
+/*
+ * Paged KV cache kernels: writing new keys/values into the cache, and decode
+ * attention (one new query token per sequence) over it.
+ *
+ * Cache layout: k_cache, v_cache [num_blocks, block_size, Hk, D], contiguous;
+ * token p of sequence b lives in slot block_tables[b][p / block_size] *
+ * block_size + p % block_size.
+ *
+ * reshape_and_cache: k_cache[slot[n]] = k[n], v_cache[slot[n]] = v[n] for
+ * k, v [N, Hk, D] (any token and head strides, contiguous last dim: views of a
+ * fused qkv projection). One block per token, 16-byte vectors when the sizes,
+ * strides and pointers allow: every element read once and written once.
+ * Slots outside [0, num_slots) are skipped (-1 marks a padding token).
+ *
+ * decode_attention: for each sequence b and query head h (KV head h / G, G =
+ * Hq / Hk), over the keys j in [start, L) with L = seq_lens[b] and start =
+ * max(0, L - window) (0 without a sliding window):
+ *   out[b, h] = sum_j softmax_j(q[b, h] . k_j * scale) v_j     (fp32 inside)
+ *
+ * Algorithm (flash-decoding, split-KV):
+ *  - Grid (num_splits, Hk * head_groups, B). A CTA owns one sequence, one KV
+ *    head and up to 8 of its query heads, and one contiguous chunk of the key
+ *    range. The chunk is computed on the device from seq_lens (which stays in
+ *    device memory, so the launch can be captured in a CUDA graph): the range
+ *    [start, L) is cut into num_splits chunks rounded up to whole tiles; CTAs
+ *    past the end of their sequence exit at once. num_splits only sizes the
+ *    grid, so any length is handled correctly whatever num_splits is.
+ *  - 128 threads. A "row group" of TPK = pow2ceil(D / 8) lanes covers one key
+ *    row, each lane one 16-byte chunk (8 elements); 128 / TPK row groups work
+ *    on different rows. A thread keeps the 8 query elements of its chunk for
+ *    every query head of the group in registers (fp32, pre-scaled by
+ *    scale * log2 e), so each K and V element is loaded from memory once and
+ *    used for all G heads (GQA/MQA).
+ *  - Each thread copies exactly the K/V chunks it will consume with cp.async
+ *    (16 bytes, zero-filled past the end of the chunk) into a private slot of
+ *    a 3-stage shared-memory ring. Only its own cp.async.wait_group orders the
+ *    copy before the read: no barrier in the main loop, warps run freely and
+ *    two tiles stay in flight per thread while the third is computed.
+ *  - Per tile a row group handles 4 rows: dot products reduced across its
+ *    lanes with xor shuffles (every lane gets the identical sum), an fp32
+ *    online softmax in base 2 (running max m, sum l, one rescale per tile) and
+ *    the P.V accumulation into 8 fp32 outputs per head per lane.
+ *  - Epilogue: the row groups' (m, l, acc) are merged through shared memory
+ *    (log-sum-exp). A sequence whose range fits in one chunk writes the
+ *    normalised output directly; otherwise each CTA writes its partial
+ *    (m, l, acc) to the workspace, and decode_combine_kernel (one CTA per
+ *    sequence and query head) merges the splits with log-sum-exp weights.
+ *
+ * Memory traffic: each K and V row of the attended range is read exactly once
+ * (B * L * Hk * D * 2 elements, 16-byte coalesced accesses, ~256 KB per 4096
+ * tokens per KV head at d=128 bf16); q is read once per CTA; the workspace
+ * adds B * Hq * splits * (D + 2) fp32 written and read once, which the split
+ * policy (one wave of CTAs, at least two tiles per split) keeps to a few
+ * percent of the KV bytes. The aim is HBM bandwidth: ~3 TB/s on an H100.
+ */
+#include "common.cuh"
+
+#include <climits>
+#include <cmath>
+#include <type_traits>
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+#error "attention.cu needs sm_80 or newer (cp.async)"
+#endif
+
+namespace fastllm {
+namespace {
+
+// --------------------------------------------------------------------------- //
+// reshape_and_cache
+// --------------------------------------------------------------------------- //
+template <typename T, int VEC>
+__global__ void reshape_and_cache_kernel(T* __restrict__ k_cache, T* __restrict__ v_cache, const T* __restrict__ k,
+                                         const T* __restrict__ v, const int64_t* __restrict__ slots,
+                                         int64_t k_token_stride, int64_t k_head_stride, int64_t v_token_stride,
+                                         int64_t v_head_stride, int heads, int head_dim, int64_t num_slots) {
+  const int64_t token = blockIdx.x;
+  const int64_t slot = slots[token];
+  if (slot < 0 || slot >= num_slots) return;
+  const int vecs_per_head = head_dim / VEC;
+  const int n = heads * vecs_per_head;
+  const int64_t row = slot * heads * head_dim;
+  const T* k_row = k + token * k_token_stride;
+  const T* v_row = v + token * v_token_stride;
+  for (int i = threadIdx.x; i < n; i += blockDim.x) {
+    const int h = i / vecs_per_head;
+    const int e = (i - h * vecs_per_head) * VEC;
+    Vec<T, VEC> x;
+    x.load(k_row + h * k_head_stride + e);
+    x.store(k_cache + row + h * head_dim + e);
+    x.load(v_row + h * v_head_stride + e);
+    x.store(v_cache + row + h * head_dim + e);
+  }
+}
+
+template <typename T>
+const char* reshape_and_cache_typed(T* k_cache, T* v_cache, const T* k, const T* v, const int64_t* slots,
+                                    int64_t tokens, int heads, int head_dim, int64_t kts, int64_t khs, int64_t vts,
+                                    int64_t vhs, int64_t num_slots, cudaStream_t stream) {
+  constexpr int VEC = 16 / sizeof(T);
+  const bool vectorised = head_dim % VEC == 0 && kts % VEC == 0 && khs % VEC == 0 && vts % VEC == 0 &&
+                          vhs % VEC == 0 && aligned16(k_cache) && aligned16(v_cache) && aligned16(k) &&
+                          aligned16(v);
+  const int64_t work = static_cast<int64_t>(heads) * (vectorised ? head_dim / VEC : head_dim);
+  const int threads = static_cast<int>(work >= 256 ? 256 : ceil_div<int64_t>(work, 32) * 32);
+  const dim3 grid(static_cast<unsigned>(tokens));
+  if (vectorised) {
+    reshape_and_cache_kernel<T, VEC><<<grid, threads, 0, stream>>>(k_cache, v_cache, k, v, slots, kts, khs, vts, vhs,
+                                                                   heads, head_dim, num_slots);
+  } else {
+    reshape_and_cache_kernel<T, 1><<<grid, threads, 0, stream>>>(k_cache, v_cache, k, v, slots, kts, khs, vts, vhs,
+                                                                 heads, head_dim, num_slots);
+  }
+  FASTLLM_CHECK_LAUNCH();
+  return nullptr;
+}
+
+// --------------------------------------------------------------------------- //
+// decode_attention
+// --------------------------------------------------------------------------- //
+constexpr int kThreads = 128;       // threads per CTA of the split kernel
+constexpr int kVec = 8;             // elements per 16-byte chunk (fp16/bf16)
+constexpr int kRowsPerGroup = 4;    // key rows per row group per tile
+constexpr int kStages = 3;          // shared-memory ring depth (tiles)
+constexpr int kMaxHeadsPerCta = 8;  // query heads of one KV head handled by one CTA
+constexpr int kMaxSplits = 256;
+constexpr int kCombineThreads = 128;
+constexpr float kLog2e = 1.4426950408889634f;
+
+__host__ __device__ constexpr int pow2_ceil(int x) {
+  int p = 1;
+  while (p < x) p <<= 1;
+  return p;
+}
+__host__ __device__ constexpr int lanes_per_row(int head_dim) { return pow2_ceil(head_dim / kVec); }
+__host__ __device__ constexpr int row_groups(int head_dim) { return kThreads / lanes_per_row(head_dim); }
+// Key rows per tile: every row group takes kRowsPerGroup rows.
+__host__ __device__ constexpr int tile_rows(int head_dim) { return row_groups(head_dim) * kRowsPerGroup; }
+
+constexpr int kStageBytes = 2 * kRowsPerGroup * kThreads * 16;  // K and V chunks of one tile
+
+template <int D, int GMAX>
+constexpr int decode_smem_bytes() {
+  constexpr int ring = kStages * kStageBytes;
+  constexpr int merge = (row_groups(D) * GMAX * D + 3 * row_groups(D) * GMAX + 2 * GMAX) * 4;
+  return ring > merge ? ring : merge;
+}
+
+// The key range of one split: [begin, end), and how many splits the sequence
+// uses. Shared by both kernels so that they agree on the partition.
+struct SplitRange {
+  int begin, end, n_active;
+};
+
+__device__ __forceinline__ SplitRange split_range(int seq_len, int max_len, int window, int num_splits, int tile,
+                                                  int split) {
+  seq_len = min(max(seq_len, 0), max_len);
+  const int start = window > 0 ? max(0, seq_len - window) : 0;
+  const int len = seq_len - start;
+  const int chunk = max(tile, ceil_div(ceil_div(len, num_splits), tile) * tile);
+  SplitRange r;
+  r.n_active = len > 0 ? ceil_div(len, chunk) : 1;
+  r.begin = start + split * chunk;
+  r.end = min(seq_len, r.begin + chunk);
+  return r;
+}
+
+template <typename T>
+struct DecodeParams {
+  T* out;            // [B, Hq, D]
+  float* ws_acc;     // [B, Hq, num_splits, D]   (num_splits > 1 only)
+  float* ws_ml;      // [B, Hq, num_splits, 2]   running max (base 2) and sum
+  const T* q;        // [B, Hq, D] with strides q_token_stride, q_head_stride
+  const T* k_cache;  // [num_blocks, block_size, Hk, D]
+  const T* v_cache;
+  const int32_t* block_tables;  // [B, max_blocks]
+  const int32_t* seq_lens;      // [B]
+  int64_t q_token_stride, q_head_stride;
+  int64_t kv_slot_stride;  // Hk * D
+  int num_q_heads, group, head_groups, heads_per_cta;
+  int max_blocks, log2_block, num_blocks, max_len, window, num_splits;
+  float scale_log2;
+};
+
+__device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, bool fill) {
+  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  const int src_bytes = fill ? 16 : 0;  // 0: write 16 zero bytes, read nothing
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem), "r"(src_bytes) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+// 2^x in one MUFU instruction (relative error ~2^-22; 2^-inf = 0). exp2f
+// adds a range fix-up that the softmax does not need.
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+template <typename T>
+__device__ __forceinline__ void unpack8(const uint4& raw, float (&f)[kVec]);
+template <>
+__device__ __forceinline__ void unpack8<__nv_bfloat16>(const uint4& raw, float (&f)[kVec]) {
+  const uint32_t w[4] = {raw.x, raw.y, raw.z, raw.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {  // bf16 -> fp32 is a 16-bit shift; element 2i is the low half
+    f[2 * i] = __uint_as_float(w[i] << 16);
+    f[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+  }
+}
+template <>
+__device__ __forceinline__ void unpack8<__half>(const uint4& raw, float (&f)[kVec]) {
+  const __half2* h = reinterpret_cast<const __half2*>(&raw);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 x = __half22float2(h[i]);
+    f[2 * i] = x.x;
+    f[2 * i + 1] = x.y;
+  }
+}
+
+template <typename T, int D, int GMAX>
+__global__ void __launch_bounds__(kThreads) decode_split_kernel(const DecodeParams<T> p) {
+  constexpr int NV = D / kVec;             // active lanes per row
+  constexpr int TPK = lanes_per_row(D);    // lanes per row group
+  constexpr int NG = kThreads / TPK;       // row groups
+  constexpr int KB = kRowsPerGroup;
+  constexpr int TILE = NG * KB;
+  static_assert(D % kVec == 0 && TPK <= 32 && NV <= TPK, "unsupported head_dim");
+
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  uint4* ring = reinterpret_cast<uint4*>(smem_raw);  // [kStages][2][KB][kThreads] 16-byte chunks
+
+  const int tid = threadIdx.x;
+  const int grp = tid / TPK, lane = tid % TPK;
+  const bool active = lane < NV;
+  const int split = blockIdx.x, b = blockIdx.z;
+  const int kvh = blockIdx.y / p.head_groups;
+  const int hg = blockIdx.y - kvh * p.head_groups;
+  const int h0 = kvh * p.group + hg * p.heads_per_cta;
+  const int nheads = min(p.heads_per_cta, p.group - hg * p.heads_per_cta);
+
+  const SplitRange r = split_range(__ldg(p.seq_lens + b), p.max_len, p.window, p.num_splits, TILE, split);
+  if (split >= r.n_active) return;  // uniform over the CTA
+  const int begin = r.begin, end = r.end;
+  const int ntiles = end > begin ? ceil_div(end - begin, TILE) : 0;
+
+  const int32_t* table = p.block_tables + static_cast<int64_t>(b) * p.max_blocks;
+  const T* k_base = p.k_cache + kvh * D + lane * kVec;
+  const T* v_base = p.v_cache + kvh * D + lane * kVec;
+  const int in_block = (1 << p.log2_block) - 1;
+
+  // Row r of a tile for this row group is begin + tile * TILE + r * NG + grp:
+  // at each r, the row groups of a warp read consecutive slots.
+  auto load_tile = [&](int tile) {
+    uint4* dst = ring + (tile % kStages) * (2 * KB * kThreads) + tid;
+#pragma unroll
+    for (int rr = 0; rr < KB; ++rr) {
+      const int j = begin + tile * TILE + rr * NG + grp;
+      bool ok = active && j < end;
+      int64_t offset = 0;
+      if (ok) {
+        const int blk = __ldg(table + (j >> p.log2_block));
+        ok = static_cast<unsigned>(blk) < static_cast<unsigned>(p.num_blocks);  // never fault on a bad id
+        offset = ((static_cast<int64_t>(blk) << p.log2_block) + (j & in_block)) * p.kv_slot_stride;
+      }
+      if (!ok) offset = 0;
+      cp_async_16(dst + rr * kThreads, k_base + offset, ok);
+      cp_async_16(dst + (KB + rr) * kThreads, v_base + offset, ok);
+    }
+  };
+
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (s < ntiles) load_tile(s);
+    cp_async_commit();  // empty groups keep the group count uniform
+  }
+
+  // The query chunk of every head of the group, pre-scaled so that the
+  // softmax runs in base 2. Loaded after the first tiles were requested.
+  float q[GMAX][kVec];
+#pragma unroll
+  for (int g = 0; g < GMAX; ++g) {
+    if (g < nheads && active) {
+      Vec<T, kVec> x;
+      x.load(p.q + b * p.q_token_stride + (h0 + g) * p.q_head_stride + lane * kVec);
+#pragma unroll
+      for (int e = 0; e < kVec; ++e) q[g][e] = to_float(x.v[e]) * p.scale_log2;
+    } else {
+#pragma unroll
+      for (int e = 0; e < kVec; ++e) q[g][e] = 0.f;
+    }
+  }
+
+  float m[GMAX], l[GMAX], acc[GMAX][kVec];
+#pragma unroll
+  for (int g = 0; g < GMAX; ++g) {
+    m[g] = -INFINITY;
+    l[g] = 0.f;
+#pragma unroll
+    for (int e = 0; e < kVec; ++e) acc[g][e] = 0.f;
+  }
+
+  for (int t = 0; t < ntiles; ++t) {
+    if (t + kStages - 1 < ntiles) load_tile(t + kStages - 1);
+    cp_async_commit();
+    cp_async_wait<kStages - 1>();  // this thread's copies of tile t have landed
+    const uint4* src = ring + (t % kStages) * (2 * KB * kThreads) + tid;
+
+    float s[KB][GMAX];
+#pragma unroll
+    for (int rr = 0; rr < KB; ++rr) {
+      float kf[kVec];
+      unpack8<T>(src[rr * kThreads], kf);
+#pragma unroll
+      for (int g = 0; g < GMAX; ++g) {
+        float dot = 0.f;
+#pragma unroll
+        for (int e = 0; e < kVec; ++e) dot = fmaf(q[g][e], kf[e], dot);
+        s[rr][g] = dot;
+      }
+    }
+#pragma unroll
+    for (int rr = 0; rr < KB; ++rr) {
+#pragma unroll
+      for (int g = 0; g < GMAX; ++g) {
+#pragma unroll
+        for (int o = TPK / 2; o > 0; o >>= 1) s[rr][g] += __shfl_xor_sync(0xffffffffu, s[rr][g], o);
+      }
+      const int j = begin + t * TILE + rr * NG + grp;
+      if (j >= end) {
+#pragma unroll
+        for (int g = 0; g < GMAX; ++g) s[rr][g] = -INFINITY;
+      }
+    }
+
+    // Online softmax, one rescale per tile. s becomes p = 2^(s - m).
+#pragma unroll
+    for (int g = 0; g < GMAX; ++g) {
+      float mt = s[0][g];
+#pragma unroll
+      for (int rr = 1; rr < KB; ++rr) mt = fmaxf(mt, s[rr][g]);
+      const float m_new = fmaxf(m[g], mt);
+      const float base = m_new == -INFINITY ? 0.f : m_new;  // nothing seen yet: avoid inf - inf
+      const float alpha = fast_exp2(m[g] - base);
+      float psum = 0.f;
+#pragma unroll
+      for (int rr = 0; rr < KB; ++rr) {
+        s[rr][g] = fast_exp2(s[rr][g] - base);
+        psum += s[rr][g];
+      }
+      l[g] = fmaf(l[g], alpha, psum);
+      m[g] = m_new;
+#pragma unroll
+      for (int e = 0; e < kVec; ++e) acc[g][e] *= alpha;
+    }
+
+#pragma unroll
+    for (int rr = 0; rr < KB; ++rr) {
+      float vf[kVec];
+      unpack8<T>(src[(KB + rr) * kThreads], vf);  // zero past the end: 0 * 0, never 0 * NaN
+#pragma unroll
+      for (int g = 0; g < GMAX; ++g) {
+#pragma unroll
+        for (int e = 0; e < kVec; ++e) acc[g][e] = fmaf(s[rr][g], vf[e], acc[g][e]);
+      }
+    }
+  }
+
+  // Merge the row groups: the ring becomes the reduction area.
+  cp_async_wait<0>();
+  __syncthreads();
+  float* red_acc = reinterpret_cast<float*>(smem_raw);  // [NG][GMAX][D]
+  float* red_m = red_acc + NG * GMAX * D;              // [NG][GMAX]
+  float* red_l = red_m + NG * GMAX;                    // [NG][GMAX]
+  float* red_w = red_l + NG * GMAX;                    // [NG][GMAX] weights 2^(m - M)
+  float* red_big_l = red_w + NG * GMAX;                // [GMAX] merged sum
+  float* red_big_m = red_big_l + GMAX;                 // [GMAX] merged max
+  if (active) {
+#pragma unroll
+    for (int g = 0; g < GMAX; ++g) {
+      float4* dst = reinterpret_cast<float4*>(red_acc + (grp * GMAX + g) * D + lane * kVec);
+      dst[0] = make_float4(acc[g][0], acc[g][1], acc[g][2], acc[g][3]);
+      dst[1] = make_float4(acc[g][4], acc[g][5], acc[g][6], acc[g][7]);
+    }
+  }
+  if (lane == 0) {
+#pragma unroll
+    for (int g = 0; g < GMAX; ++g) {
+      red_m[grp * GMAX + g] = m[g];
+      red_l[grp * GMAX + g] = l[g];
+    }
+  }
+  __syncthreads();
+  if (tid < GMAX) {
+    const int g = tid;
+    float big_m = -INFINITY;
+    for (int i = 0; i < NG; ++i) big_m = fmaxf(big_m, red_m[i * GMAX + g]);
+    float big_l = 0.f;
+    for (int i = 0; i < NG; ++i) {
+      const float mi = red_m[i * GMAX + g];
+      const float w = mi == -INFINITY ? 0.f : fast_exp2(mi - big_m);
+      red_w[i * GMAX + g] = w;
+      big_l = fmaf(w, red_l[i * GMAX + g], big_l);
+    }
+    red_big_l[g] = big_l;
+    red_big_m[g] = big_m;
+  }
+  __syncthreads();
+  for (int idx = tid; idx < nheads * D; idx += kThreads) {
+    const int g = idx / D, d = idx - g * D;
+    float a = 0.f;
+#pragma unroll
+    for (int i = 0; i < NG; ++i) a = fmaf(red_w[i * GMAX + g], red_acc[(i * GMAX + g) * D + d], a);
+    const int64_t head_row = static_cast<int64_t>(b) * p.num_q_heads + h0 + g;
+    if (r.n_active == 1) {
+      const float big_l = red_big_l[g];
+      p.out[head_row * D + d] = from_float<T>(big_l > 0.f ? a / big_l : 0.f);
+    } else {
+      const int64_t part = head_row * p.num_splits + split;
+      p.ws_acc[part * D + d] = a;
+      if (d == 0) {
+        p.ws_ml[part * 2] = red_big_m[g];
+        p.ws_ml[part * 2 + 1] = red_big_l[g];
+      }
+    }
+  }
+}
+
+// Merges the splits of one (sequence, query head): out = sum_s w_s acc_s /
+// sum_s w_s l_s with w_s = 2^(m_s - max m).
+template <typename T>
+__global__ void __launch_bounds__(kCombineThreads)
+    decode_combine_kernel(T* __restrict__ out, const float* __restrict__ ws_acc, const float* __restrict__ ws_ml,
+                          const int32_t* __restrict__ seq_lens, int num_q_heads, int head_dim, int num_splits,
+                          int tile, int max_len, int window) {
+  __shared__ float weight[kMaxSplits];
+  __shared__ float inv_sum;
+  const int h = blockIdx.x, b = blockIdx.y;
+  const SplitRange r = split_range(__ldg(seq_lens + b), max_len, window, num_splits, tile, 0);
+  if (r.n_active <= 1) return;  // the split kernel wrote this output directly
+  const int n = r.n_active;
+  const int64_t part0 = (static_cast<int64_t>(b) * num_q_heads + h) * num_splits;
+  if (threadIdx.x < 32) {
+    const int lane = threadIdx.x;
+    float mx = -INFINITY;
+    for (int s = lane; s < n; s += 32) mx = fmaxf(mx, ws_ml[(part0 + s) * 2]);
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+    float sum = 0.f;
+    for (int s = lane; s < n; s += 32) {
+      const float ms = ws_ml[(part0 + s) * 2];
+      const float w = ms == -INFINITY ? 0.f : fast_exp2(ms - mx);
+      weight[s] = w;
+      sum = fmaf(w, ws_ml[(part0 + s) * 2 + 1], sum);
+    }
+    sum = warp_reduce_sum(sum);
+    if (lane == 0) inv_sum = sum > 0.f ? 1.f / sum : 0.f;
+  }
+  __syncthreads();
+  const float inv = inv_sum;
+  for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
+    const float* src = ws_acc + part0 * head_dim + d;
+    float a = 0.f;
+#pragma unroll 4
+    for (int s = 0; s < n; ++s) a = fmaf(weight[s], src[static_cast<int64_t>(s) * head_dim], a);
+    out[(static_cast<int64_t>(b) * num_q_heads + h) * head_dim + d] = from_float<T>(a * inv);
+  }
+}
+
+// Calls f(integral_constant<D>, integral_constant<GMAX>) for a supported
+// (head_dim, heads per CTA rounded up to a power of two).
+template <int V>
+struct IntC {
+  static constexpr int value = V;
+};
+
+template <int D, typename F>
+const char* dispatch_gmax(int gmax, F&& f) {
+  switch (gmax) {
+    case 1: return f(IntC<D>{}, IntC<1>{});
+    case 2: return f(IntC<D>{}, IntC<2>{});
+    case 4: return f(IntC<D>{}, IntC<4>{});
+    case 8: return f(IntC<D>{}, IntC<8>{});
+  }
+  return "internal error: unsupported heads per CTA";
+}
+
+template <typename F>
+const char* dispatch_decode(int64_t head_dim, int gmax, F&& f) {
+  switch (head_dim) {
+    case 64: return dispatch_gmax<64>(gmax, f);
+    case 80: return dispatch_gmax<80>(gmax, f);
+    case 96: return dispatch_gmax<96>(gmax, f);
+    case 128: return dispatch_gmax<128>(gmax, f);
+    case 256: return dispatch_gmax<256>(gmax, f);
+  }
+  return "head_dim must be 64, 80, 96, 128 or 256";
+}
+
+// How the query heads of one KV head are spread over CTAs.
+struct HeadSplit {
+  int head_groups, heads_per_cta, gmax;
+};
+
+HeadSplit head_split(int64_t group) {
+  HeadSplit s;
+  s.head_groups = static_cast<int>(ceil_div<int64_t>(group, kMaxHeadsPerCta));
+  s.heads_per_cta = static_cast<int>(ceil_div<int64_t>(group, s.head_groups));
+  s.gmax = pow2_ceil(s.heads_per_cta);
+  return s;
+}
+
+const char* check_decode_shapes(int64_t batch, int64_t num_q_heads, int64_t num_kv_heads, int64_t head_dim,
+                                int dtype) {
+  if (dtype != static_cast<int>(DType::kFloat16) && dtype != static_cast<int>(DType::kBFloat16))
+    return "dtype must be float16 or bfloat16";
+  if (head_dim != 64 && head_dim != 80 && head_dim != 96 && head_dim != 128 && head_dim != 256)
+    return "head_dim must be 64, 80, 96, 128 or 256";
+  if (num_kv_heads <= 0 || num_q_heads <= 0 || num_q_heads % num_kv_heads != 0)
+    return "num_q_heads must be a positive multiple of num_kv_heads";
+  if (batch < 0 || batch > 65535) return "batch must be in [0, 65535]";
+  if (num_q_heads > (1 << 20)) return "too many heads";
+  const HeadSplit hs = head_split(num_q_heads / num_kv_heads);
+  if (num_kv_heads * hs.head_groups > 65535) return "too many KV heads";
+  return nullptr;
+}
+
+int device_sm_count() {
+  int dev = 0, sms = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) return 132;
+  static int cached[64] = {};
+  if (dev >= 0 && dev < 64 && cached[dev] > 0) return cached[dev];
+  if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess || sms <= 0) sms = 132;
+  if (dev >= 0 && dev < 64) cached[dev] = sms;
+  return sms;
+}
+
+template <typename T, int D, int GMAX>
+int split_kernel_occupancy() {
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) dev = 0;
+  static int cached[64] = {};
+  if (dev >= 0 && dev < 64 && cached[dev] > 0) return cached[dev];
+  int blocks = 0;
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, decode_split_kernel<T, D, GMAX>, kThreads,
+                                                    decode_smem_bytes<D, GMAX>()) != cudaSuccess ||
+      blocks <= 0) {
+    cudaGetLastError();  // a failed query must not be reported by the next launch check
+    blocks = 2;
+  }
+  if (dev >= 0 && dev < 64) cached[dev] = blocks;
+  return blocks;
+}
+
+template <typename T>
+const char* num_splits_typed(int64_t* splits, int64_t batch, int64_t num_q_heads, int64_t num_kv_heads,
+                             int64_t head_dim, int64_t max_seq_len, int64_t sliding_window) {
+  const HeadSplit hs = head_split(num_q_heads / num_kv_heads);
+  return dispatch_decode(head_dim, hs.gmax, [&](auto d, auto g) -> const char* {
+    constexpr int D = decltype(d)::value, GMAX = decltype(g)::value;
+    const int64_t ctas_per_split = batch * num_kv_heads * hs.head_groups;
+    const int64_t wave = static_cast<int64_t>(device_sm_count()) * split_kernel_occupancy<T, D, GMAX>();
+    int64_t n = ctas_per_split > 0 ? wave / ctas_per_split : 1;  // fill one wave, never more
+    int64_t keys = max_seq_len;
+    if (sliding_window > 0 && sliding_window < keys) keys = sliding_window;
+    const int64_t by_length = keys / (2 * tile_rows(D));  // at least two tiles per split
+    if (n > by_length) n = by_length;
+    if (n > kMaxSplits) n = kMaxSplits;
+    *splits = n < 1 ? 1 : n;
+    return nullptr;
+  });
+}
+
+template <typename T>
+const char* decode_typed(const DecodeParams<T>& p, int64_t batch, int64_t num_kv_heads, int64_t head_dim, int gmax,
+                         cudaStream_t stream) {
+  return dispatch_decode(head_dim, gmax, [&](auto d, auto g) -> const char* {
+    constexpr int D = decltype(d)::value, GMAX = decltype(g)::value;
+    const dim3 grid(static_cast<unsigned>(p.num_splits), static_cast<unsigned>(num_kv_heads * p.head_groups),
+                    static_cast<unsigned>(batch));
+    decode_split_kernel<T, D, GMAX><<<grid, kThreads, decode_smem_bytes<D, GMAX>(), stream>>>(p);
+    FASTLLM_CHECK_LAUNCH();
+    if (p.num_splits > 1) {
+      decode_combine_kernel<T><<<dim3(static_cast<unsigned>(p.num_q_heads), static_cast<unsigned>(batch)),
+                                 kCombineThreads, 0, stream>>>(p.out, p.ws_acc, p.ws_ml, p.seq_lens, p.num_q_heads, D,
+                                                               p.num_splits, tile_rows(D), p.max_len, p.window);
+      FASTLLM_CHECK_LAUNCH();
+    }
+    return nullptr;
+  });
+}
+
+static_assert(decode_smem_bytes<64, 8>() <= 48 * 1024 && decode_smem_bytes<256, 8>() <= 48 * 1024 &&
+                  decode_smem_bytes<128, 8>() <= 48 * 1024,
+              "the split kernel must fit the default 48 KB of dynamic shared memory");
+
+}  // namespace
+
+const char* launch_reshape_and_cache(void* k_cache, void* v_cache, const void* k, const void* v,
+                                     const void* slot_mapping, int64_t num_tokens, int64_t num_heads,
+                                     int64_t head_dim, int64_t k_token_stride, int64_t k_head_stride,
+                                     int64_t v_token_stride, int64_t v_head_stride, int64_t num_slots, int dtype,
+                                     void* stream) {
+  if (num_tokens == 0) return nullptr;
+  if (num_tokens < 0 || num_tokens > 0x7fffffffLL) return "num_tokens out of range";
+  if (num_heads <= 0 || head_dim <= 0 || num_heads * head_dim > (1LL << 30)) return "heads * head_dim out of range";
+  return FASTLLM_DISPATCH_FLOAT(dtype, [&] {
+    return reshape_and_cache_typed<scalar_t>(
+        static_cast<scalar_t*>(k_cache), static_cast<scalar_t*>(v_cache), static_cast<const scalar_t*>(k),
+        static_cast<const scalar_t*>(v), static_cast<const int64_t*>(slot_mapping), num_tokens,
+        static_cast<int>(num_heads), static_cast<int>(head_dim), k_token_stride, k_head_stride, v_token_stride,
+        v_head_stride, num_slots, static_cast<cudaStream_t>(stream));
+  });
+}
+
+const char* decode_attention_plan(int64_t* num_splits, int64_t* workspace_floats, int64_t batch,
+                                  int64_t num_q_heads, int64_t num_kv_heads, int64_t head_dim, int64_t max_seq_len,
+                                  int64_t sliding_window, int64_t requested_splits, int dtype) {
+  *num_splits = 1;
+  *workspace_floats = 0;
+  if (const char* err = check_decode_shapes(batch, num_q_heads, num_kv_heads, head_dim, dtype)) return err;
+  if (requested_splits < 0 || requested_splits > kMaxSplits) return "num_splits must be in [1, 256] (0 = automatic)";
+  if (batch == 0) return nullptr;
+  if (requested_splits > 0) {
+    *num_splits = requested_splits;
+  } else if (const char* err = dtype == static_cast<int>(DType::kFloat16)
+                                   ? num_splits_typed<__half>(num_splits, batch, num_q_heads, num_kv_heads, head_dim,
+                                                              max_seq_len, sliding_window)
+                                   : num_splits_typed<__nv_bfloat16>(num_splits, batch, num_q_heads, num_kv_heads,
+                                                                     head_dim, max_seq_len, sliding_window)) {
+    return err;
+  }
+  *workspace_floats = *num_splits > 1 ? batch * num_q_heads * *num_splits * (head_dim + 2) : 0;
+  return nullptr;
+}
+
+const char* launch_decode_attention(void* out, void* workspace, const void* q, const void* k_cache,
+                                    const void* v_cache, const void* block_tables, const void* seq_lens,
+                                    int64_t batch, int64_t num_q_heads, int64_t num_kv_heads, int64_t head_dim,
+                                    int64_t q_token_stride, int64_t q_head_stride, int64_t num_blocks,
+                                    int64_t block_size, int64_t max_blocks, float scale, int64_t sliding_window,
+                                    int64_t num_splits, int dtype, void* stream) {
+  if (const char* err = check_decode_shapes(batch, num_q_heads, num_kv_heads, head_dim, dtype)) return err;
+  if (batch == 0) return nullptr;
+  if (block_size <= 0 || (block_size & (block_size - 1)) != 0 || block_size > (1 << 20))
+    return "block_size must be a power of two in [1, 2^20]";
+  if (num_blocks < 0 || num_blocks > INT_MAX) return "num_blocks out of range";
+  if (max_blocks < 0 || max_blocks > INT_MAX) return "max_blocks out of range";
+  if (sliding_window < 0 || sliding_window > INT_MAX) return "sliding_window out of range (0 = none)";
+  if (num_splits < 1 || num_splits > kMaxSplits) return "num_splits must be in [1, 256]";
+  if (num_splits > 1 && workspace == nullptr) return "num_splits > 1 needs a workspace";
+  if (!std::isfinite(scale)) return "scale must be finite";
+  if (q_token_stride % kVec || q_head_stride % kVec) return "q strides must be multiples of 8 elements";
+  if (!aligned16(out) || !aligned16(q) || !aligned16(k_cache) || !aligned16(v_cache) ||
+      (workspace != nullptr && !aligned16(workspace)))
+    return "out, q, caches and workspace must be 16-byte aligned";
+
+  const HeadSplit hs = head_split(num_q_heads / num_kv_heads);
+  int log2_block = 0;
+  while ((int64_t{1} << log2_block) < block_size) ++log2_block;
+  const int64_t max_len = max_blocks * block_size;
+
+  auto fill = [&](auto* typed_out) {
+    using T = std::remove_pointer_t<decltype(typed_out)>;
+    DecodeParams<T> p;
+    p.out = typed_out;
+    p.ws_acc = static_cast<float*>(workspace);
+    p.ws_ml = num_splits > 1 ? p.ws_acc + batch * num_q_heads * num_splits * head_dim : nullptr;
+    p.q = static_cast<const T*>(q);
+    p.k_cache = static_cast<const T*>(k_cache);
+    p.v_cache = static_cast<const T*>(v_cache);
+    p.block_tables = static_cast<const int32_t*>(block_tables);
+    p.seq_lens = static_cast<const int32_t*>(seq_lens);
+    p.q_token_stride = q_token_stride;
+    p.q_head_stride = q_head_stride;
+    p.kv_slot_stride = num_kv_heads * head_dim;
+    p.num_q_heads = static_cast<int>(num_q_heads);
+    p.group = static_cast<int>(num_q_heads / num_kv_heads);
+    p.head_groups = hs.head_groups;
+    p.heads_per_cta = hs.heads_per_cta;
+    p.max_blocks = static_cast<int>(max_blocks);
+    p.log2_block = log2_block;
+    p.num_blocks = static_cast<int>(num_blocks);
+    p.max_len = static_cast<int>(max_len < INT_MAX ? max_len : INT_MAX);
+    p.window = static_cast<int>(sliding_window);
+    p.num_splits = static_cast<int>(num_splits);
+    p.scale_log2 = scale * kLog2e;
+    return decode_typed<T>(p, batch, num_kv_heads, head_dim, hs.gmax, static_cast<cudaStream_t>(stream));
+  };
+  if (dtype == static_cast<int>(DType::kFloat16)) return fill(static_cast<__half*>(out));
+  return fill(static_cast<__nv_bfloat16*>(out));
+}
+
+}  // namespace fastllm

@@ -1,0 +1,141 @@
+"""CUDA token sampling (csrc/sample.cu): the wrapper of ``reference.sample``.
+
+The kernel validates the per-row parameters and the logits on the device and
+writes a negative status instead of a token for a bad row (-1 NaN logits,
+-2 every logit -inf, -3 parameters out of range). The wrapper turns those into
+the reference's ``ValueError``: that needs the output on the host, i.e. one
+synchronisation per call (free in the generation loop, which reads the tokens
+right away). Inside CUDA-graph capture, or with ``check=False``, there is no
+check: bad rows come back as their negative status codes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from fastllm.ops.cuda_common import DTYPE_CODES, check_tensor, current_stream, ext
+
+_STATUS = {-1: "logits contain NaN", -2: "every logit is -inf", -3: "sampling parameters out of range"}
+_MAX_ROWS = 65535
+_MAX_VOCAB = (1 << 24) - 1
+
+
+def _to_int64(op: str, name: str, values: Tensor | Sequence[int], rows: int, device: torch.device) -> Tensor:
+    """Seeds or offsets as a contiguous int64 tensor [rows] on ``device``.
+    Python integers are taken modulo 2**64 (as two's complement int64)."""
+    if isinstance(values, Tensor):
+        if values.dtype.is_floating_point or values.dtype.is_complex or values.dtype == torch.bool:
+            raise TypeError(f"{op}: {name} must hold integers, got dtype {values.dtype}")
+        if tuple(values.shape) != (rows,):
+            raise ValueError(f"{op}: {name} must have shape ({rows},), got {tuple(values.shape)}")
+        return values.to(device=device, dtype=torch.int64).contiguous()
+    try:
+        items = list(values)
+    except TypeError:
+        raise TypeError(f"{op}: {name} must be a list of ints or an integer tensor, got {type(values).__name__}") from None
+    if len(items) != rows:
+        raise ValueError(f"{op}: {name} must have {rows} entries (one per row), got {len(items)}")
+    wrapped = []
+    for v in items:
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise TypeError(f"{op}: {name} must hold Python ints, got {type(v).__name__}")
+        v &= (1 << 64) - 1
+        wrapped.append(v - (1 << 64) if v >= 1 << 63 else v)
+    return torch.tensor(wrapped, dtype=torch.int64).to(device)
+
+
+def _raise_bad_rows(out: Tensor) -> None:
+    codes = out.cpu()
+    for code in (-1, -2, -3):  # the reference's order: NaN first
+        rows = (codes == code).nonzero().flatten().tolist()
+        if rows:
+            detail = (
+                ": temperature must be finite and >= 0, top_k >= 0, top_p in (0, 1], min_p in [0, 1]"
+                if code == -3
+                else ""
+            )
+            raise ValueError(f"sample: {_STATUS[code]} in rows {rows}{detail}")
+    raise RuntimeError(f"sample: kernel returned unexpected status codes {sorted(set(codes[codes < 0].tolist()))}")
+
+
+def sample(
+    logits: Tensor,
+    temperature: Tensor,
+    top_k: Tensor,
+    top_p: Tensor,
+    min_p: Tensor,
+    seeds: Tensor | Sequence[int],
+    offsets: Tensor | Sequence[int],
+    *,
+    check: bool = True,
+    _group: int = 0,
+    _cache_limit: int | None = None,
+) -> Tensor:
+    """CUDA sampler: one token per row; see ``reference.sample``.
+
+    logits: [B, V] fp32/fp16/bf16, contiguous, on a GPU. temperature, top_p,
+    min_p: fp32 [B]; top_k: int32 (or int64) [B], all on the logits' device.
+    seeds, offsets: lists of ints or integer tensors [B] (moved to the device);
+    a row's draw depends only on its logits, parameters, seed and offset.
+    Returns int64 [B]. The distribution is the reference's; the random numbers
+    are not (Philox4x32-10 on the GPU, torch's CPU generator in the reference).
+    check: raise the reference's ValueError for bad rows (one host sync; skipped
+    while a CUDA graph is being captured). _group / _cache_limit force the blocks
+    per row and the shared-memory cache size (tests).
+    """
+    op = "sample"
+    if not isinstance(logits, Tensor):
+        raise TypeError(f"{op}: logits must be a torch.Tensor, got {type(logits).__name__}")
+    if logits.dtype not in DTYPE_CODES:
+        raise TypeError(f"{op}: logits has dtype {logits.dtype}; supported: float32, float16, bfloat16")
+    if logits.dim() != 2:
+        raise ValueError(f"{op}: logits must be [B, V], got shape {tuple(logits.shape)}")
+    if not logits.is_cuda:
+        raise ValueError(f"{op}: logits must be on a CUDA device, got {logits.device}")
+    device = logits.device
+    check_tensor(op, "logits", logits, device)
+    rows, vocab = logits.shape
+    if vocab < 1 or vocab > _MAX_VOCAB:
+        raise ValueError(f"{op}: vocabulary size must be in [1, {_MAX_VOCAB}], got {vocab}")
+    if rows > _MAX_ROWS:
+        raise ValueError(f"{op}: at most {_MAX_ROWS} rows per call, got {rows}")
+    for name, t in (("temperature", temperature), ("top_p", top_p), ("min_p", min_p)):
+        check_tensor(op, name, t, device, torch.float32)
+    check_tensor(op, "top_k", top_k, device)
+    if top_k.dtype == torch.int64:
+        top_k = top_k.clamp(min=-1, max=2**31 - 1).to(torch.int32)
+    elif top_k.dtype != torch.int32:
+        raise TypeError(f"{op}: top_k has dtype {top_k.dtype}, expected torch.int32 (or torch.int64)")
+    for name, t in (("temperature", temperature), ("top_k", top_k), ("top_p", top_p), ("min_p", min_p)):
+        if tuple(t.shape) != (rows,):
+            raise ValueError(f"{op}: {name} must have shape ({rows},), got {tuple(t.shape)}")
+    seeds_t = _to_int64(op, "seeds", seeds, rows, device)
+    offsets_t = _to_int64(op, "offsets", offsets, rows, device)
+    if _group not in (0, 1, 2, 4, 8, 16):
+        raise ValueError(f"{op}: _group must be 0 (auto), 1, 2, 4, 8 or 16, got {_group}")
+    out = torch.empty(rows, dtype=torch.int64, device=device)
+    if rows == 0:
+        return out
+    with torch.cuda.device(device):
+        ext().sample(
+            out.data_ptr(),
+            logits.data_ptr(),
+            temperature.data_ptr(),
+            top_k.data_ptr(),
+            top_p.data_ptr(),
+            min_p.data_ptr(),
+            seeds_t.data_ptr(),
+            offsets_t.data_ptr(),
+            rows,
+            vocab,
+            DTYPE_CODES[logits.dtype],
+            int(_group),
+            -1 if _cache_limit is None else int(_cache_limit),
+            current_stream(device),
+        )
+    if check and not torch.cuda.is_current_stream_capturing() and int(out.min()) < 0:
+        _raise_bad_rows(out)
+    return out
