@@ -70,3 +70,29 @@ def test_sampling_on_gpu_is_seeded(ckpt):
     b = model.generate(["ROMEO:", "JULIET: O"], **kw)
     assert [o.token_ids for o in a] == [o.token_ids for o in b]
     assert "".join(model.stream("ROMEO:", **kw)) == a[0].text
+
+
+@pytest.mark.parametrize("arch", ["llama3", "qwen2"])
+def test_bf16_greedy_generation_with_kernels_matches_reference(tmp_path, monkeypatch, arch):
+    """Head dim 64, so the decode-attention kernel (16-bit, d in 64..256) runs;
+    the greedy tokens equal the reference path's."""
+    make_checkpoint(tmp_path, arch, hidden_size=256, head_dim=64, num_attention_heads=4, intermediate_size=384)
+    prompts = ["ROMEO: But soft", "JULIET: O Romeo, Romeo, wherefore", "H"]
+    outs, calls = {}, {}
+    for kernels in (False, True):
+        _with_kernels(monkeypatch, kernels)
+        counted: dict[str, int] = {}
+        if kernels:
+            for name in ("decode_attention", "reshape_and_cache", "sample"):
+                real = getattr(backend._C, name)
+
+                def counting(*a, _real=real, _name=name):
+                    counted[_name] = counted.get(_name, 0) + 1
+                    return _real(*a)
+
+                monkeypatch.setattr(backend._C, name, counting, raising=False)
+        model = Model.from_pretrained(tmp_path, device="cuda", dtype="bfloat16")
+        outs[kernels] = [o.token_ids for o in model.generate(prompts, max_new_tokens=40, ignore_eos=True)]
+        calls[kernels] = counted
+    assert outs[True] == outs[False]
+    assert all(calls[True].get(n, 0) > 0 for n in ("decode_attention", "reshape_and_cache", "sample")), calls

@@ -39,7 +39,13 @@ class Attention(nn.Module):
         ops.rotary_embedding(q, k, positions, cos_sin)
         k_cache, v_cache = kv
         ops.reshape_and_cache(k, v, k_cache, v_cache, meta.slot_mapping)
-        o = ops.attention(q, k_cache, v_cache, meta, self.scale, self.sliding_window)  # [N, Hq, D]
+        if meta.is_decode:  # one query per sequence: the split-KV decode kernel
+            o = ops.decode_attention(
+                q, k_cache, v_cache, meta.block_tables, meta.seq_lens, self.scale, self.sliding_window,
+                max_seq_len=meta.max_seq_len,
+            )
+        else:
+            o = ops.prefill_attention(q, k_cache, v_cache, meta, self.scale, self.sliding_window)  # [N, Hq, D]
         return self.o_proj(o.reshape(n, self.q_size))
 
 
