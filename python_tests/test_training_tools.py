@@ -23,6 +23,7 @@ pytest.importorskip("tokenizers")
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tools"))
+import eval_quality  # noqa: E402
 import shakespeare_data as sd  # noqa: E402
 import train_model  # noqa: E402
 import train_tokenizer  # noqa: E402
@@ -221,3 +222,23 @@ def test_bits_per_byte_recomputed_independently(trained: tuple[Path, dict[str, A
     assert n_tokens == info["val_tokens"] and n_bytes == info["val_bytes"]
     assert nats / n_tokens == pytest.approx(info["val_loss"], rel=1e-4)
     assert nats / math.log(2) / n_bytes == pytest.approx(info["val_bits_per_byte"], rel=1e-4)
+
+
+# --- quality under quantization (tools/eval_quality.py) -----------------------------------
+
+
+def test_eval_quality_matches_training_score_and_orders_settings(trained, corpus: Path, tmp_path: Path) -> None:
+    """fastllm's fp32 forward scores the validation works exactly as the training
+    script (transformers) did; quantized settings are scored on the same windows."""
+    out, info = trained
+    report = eval_quality.main(["--model", str(out), "--data", str(corpus), "--dtype", "float32",
+                                "--quantization", "none", "int8", "int4-g32", "--new-tokens", "8",
+                                "--json", str(tmp_path / "q.json")])
+    none, int8, int4 = report["results"]
+    assert none["tokens"] == info["val_tokens"] and report["bytes"] == info["val_bytes"]
+    assert none["bits_per_byte"] == pytest.approx(info["val_bits_per_byte"], rel=1e-4)
+    assert none["perplexity_change"] == 0.0
+    assert abs(int8["perplexity_change"]) < 0.01  # int8 per channel: nearly lossless
+    assert int4["weight_bytes"] < int8["weight_bytes"] < none["weight_bytes"]
+    assert all(isinstance(r["greedy"], str) and r["greedy"] for r in report["results"])
+    assert json.loads((tmp_path / "q.json").read_text())["results"][1]["quantization"] == "int8"
