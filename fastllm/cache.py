@@ -100,23 +100,33 @@ def prepare_step(
         seq_lens.append(end)
         seq.num_cached = end
     width = max(len(s.block_table) for s in seqs)
-    table = [s.block_table + [0] * (width - len(s.block_table)) for s in seqs]
     cu = [0]
     for q in query_lens:
         cu.append(cu[-1] + q)
-    dev = cache.device
+    last = [c - 1 for c in cu[1:]]
+    n, b = len(ids), len(seqs)
+    # Two host-to-device copies per step (one per dtype) instead of seven.
+    longs = to_device(ids + positions + slots + last, torch.int64, cache.device)
+    table: list[int] = []
+    for s in seqs:
+        table.extend(s.block_table)
+        table.extend([0] * (width - len(s.block_table)))
+    ints = to_device(cu + seq_lens + table, torch.int32, cache.device)
     meta = AttentionMetadata(
-        cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, device=dev),
-        seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
-        block_tables=torch.tensor(table, dtype=torch.int32, device=dev),
-        slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
+        cu_seqlens_q=ints[: b + 1],
+        seq_lens=ints[b + 1 : 2 * b + 1],
+        block_tables=ints[2 * b + 1 :].view(b, width),
+        slot_mapping=longs[2 * n : 3 * n],
         query_lens_host=query_lens,
         seq_lens_host=seq_lens,
     )
-    last = torch.tensor([c - 1 for c in cu[1:]], dtype=torch.int64, device=dev)
-    return (
-        torch.tensor(ids, dtype=torch.int64, device=dev),
-        torch.tensor(positions, dtype=torch.int64, device=dev),
-        meta,
-        last,
-    )
+    return longs[:n], longs[n : 2 * n], meta, longs[3 * n :]
+
+
+def to_device(values: list[int] | list[float], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``values`` as a tensor on ``device``: through pinned memory with an
+    asynchronous copy for a GPU (the host buffer lives until the copy ran)."""
+    host = torch.tensor(values, dtype=dtype)
+    if device.type != "cuda":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)

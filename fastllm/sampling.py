@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from fastllm import ops
+from fastllm.cache import to_device
 from fastllm.config import GenerationConfig
 
 
@@ -38,19 +39,20 @@ def sample_next(
     seeds/steps: each row's seed and how many tokens it has drawn so far
     (the pair fixes the row's random number). Returns [B] int64."""
     apply_repetition_penalty(logits, histories, [c.repetition_penalty for c in configs])
-    dev = logits.device
-
-    def col(values, dtype):
-        return torch.tensor(values, dtype=dtype, device=dev)
-
+    b, dev = len(configs), logits.device
+    # One host-to-device copy per dtype for the per-row parameters.
+    floats = to_device([c.temperature for c in configs] + [c.top_p for c in configs] + [c.min_p for c in configs],
+                       torch.float32, dev)
+    top_k = to_device([c.top_k for c in configs], torch.int32, dev)
+    seeds_offsets = to_device(list(seeds) + list(steps), torch.int64, dev)
     return ops.sample(
         logits,
-        temperature=col([c.temperature for c in configs], torch.float32),
-        top_k=col([c.top_k for c in configs], torch.int32),
-        top_p=col([c.top_p for c in configs], torch.float32),
-        min_p=col([c.min_p for c in configs], torch.float32),
-        seeds=seeds,
-        offsets=steps,
+        temperature=floats[:b],
+        top_k=top_k,
+        top_p=floats[b : 2 * b],
+        min_p=floats[2 * b :],
+        seeds=seeds_offsets[:b],
+        offsets=seeds_offsets[b:],
     )
 
 
