@@ -1,0 +1,513 @@
+/*
+ * W4A16 linear: y[m, n] = sum_k x[m, k] * w[n, k] + bias[n] with
+ * w[n, k] = (q[n, k] - zero[n, k/g]) * scale[n, k/g], read from the canonical
+ * layout (fastllm/quant.py): qweight uint8 [N, K/2] (low nibble = even column),
+ * scales [N, K/g] in the activation dtype, zeros uint8 [N, K/g], g in {32, 64, 128}.
+ * fp16 / bf16 activations, fp32 accumulation.
+ *
+ * Algorithm (M <= 64 per CTA; the Python wrapper dequantizes and calls cuBLAS
+ * for larger M): tensor-core GEMV/GEMM with the weights as the mma A operand
+ * (see quant_linear.cuh for why the row-major layout works as is).
+ * - CTA = 4 warps; BN = 64 (M <= 8) or 128 weight rows, all M tokens, a K range
+ *   (all of K unless split-K). 4-stage cp.async pipeline of K tiles (BK = 256,
+ *   or 128 for M > 16 so that the x tiles fit): the raw packed weights (evict-first
+ *   in L2) and the x rows, both in swizzled shared memory.
+ * - Lane (g, t) takes one 16-byte run (32 columns) of rows g and g + 8 per
+ *   128-column k-block: 4 words of 8 nibbles. Nibbles i and i + 4 of a word go
+ *   to the two halves of an A register by one mask-or into the exponent of
+ *   1024.0 (fp16) / 128.0 (bf16): (1024 + q) - (1024 + zero) is exact, and one
+ *   multiply by the scale rounds like torch's dequantized weight. Each word
+ *   feeds two m16n8k16 steps; the B fragment takes x columns (i, i + 4) of the
+ *   same 8 with two byte permutes of one LDS.128.
+ * - g = 128 (and M <= 16): a k-block is exactly one group, so the mma runs on
+ *   the exact integers q - zero and the fp32 partial sums are scaled once per
+ *   k-block, which saves the packed multiply per pair (and is more accurate).
+ * - Scales and zeros are read straight from global memory one K tile ahead
+ *   (a few bytes per lane per tile), after an L2 prefetch of the CTA's rows.
+ *
+ * Memory traffic: each weight byte is read once from DRAM (N*K/2 bytes plus
+ * 3 bytes per group-row for scales and zeros); every CTA re-reads its x rows
+ * from L2 (M*K*2 bytes per CTA, <= the CTA's weight bytes for M <= BN/4).
+ * 4096 x 14336 at M = 1: 29.4 MB of weights, ~10 us at 3 TB/s.
+ */
+#include "quant_linear.cuh"
+
+namespace fastllm {
+namespace {
+
+using namespace qlinear;
+
+template <int TT>
+struct Int4Cfg {
+  static constexpr int R = TT == 1 ? 1 : 2;          // 16-row tiles per warp
+  static constexpr int BK = TT <= 2 ? 256 : 128;     // K per pipeline stage
+  static constexpr int STAGES = 4;
+  static constexpr int WARPS = 4, THREADS = WARPS * 32;  // all warps along N
+  static constexpr int BN = 16 * R * WARPS;          // weight rows per CTA
+  static constexpr int BM = 8 * TT;                  // token rows per CTA
+  static constexpr int KBLK = BK / 128;              // 128-column k-blocks per stage
+  static constexpr int W_ROW = BK / 2;               // bytes of a weight row per stage
+  static constexpr int X_ROW = BK * 2;               // bytes of an x row per stage
+  static constexpr int W_STAGE = BN * W_ROW;
+  static constexpr int X_STAGE = BM * X_ROW;
+  static constexpr int SMEM = STAGES * (W_STAGE + X_STAGE);
+};
+
+struct Int4Params {
+  void* out;
+  float* ws;  // split-K partials [splits, M, N], or null when splits == 1
+  const void* x;
+  const uint8_t* qweight;
+  const unsigned short* scales;  // raw 16-bit scale bits
+  const uint8_t* zeros;
+  const void* bias;
+  int M, N, K, groups, group_shift, splits;
+};
+
+// x tile: lane (g, t) reads chunk 4t + w (+ 16j) of row g, so in one phase t = 0
+// and t = 2 would collide (128 bytes apart); flipping chunk bit 0 when bit 3 is
+// set separates them, and flipping bit 1 on odd rows separates rows g and g+1.
+__device__ __forceinline__ int x_chunk(int row, int c) { return c ^ ((c >> 3) & 1) ^ ((row & 1) << 1); }
+
+template <typename T, int TT, bool G128>
+__global__ void __launch_bounds__(Int4Cfg<TT>::THREADS) int4_mma_kernel(const Int4Params p) {
+  using C = Int4Cfg<TT>;
+  constexpr int R = C::R, KBLK = C::KBLK, STAGES = C::STAGES;
+  extern __shared__ __align__(128) uint8_t smem[];
+  uint8_t* const sw = smem;
+  uint8_t* const sx = smem + STAGES * C::W_STAGE;
+
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
+  const int n0 = blockIdx.x * C::BN;
+  const int m0 = blockIdx.z * C::BM;
+  const int mrows = min(C::BM, p.M - m0);
+  const int k_tiles = ceil_div(p.K, C::BK);
+  const int kt0 = static_cast<int>(static_cast<int64_t>(blockIdx.y) * k_tiles / p.splits);
+  const int kt1 = static_cast<int>(static_cast<int64_t>(blockIdx.y + 1) * k_tiles / p.splits);
+  const T* __restrict__ x = static_cast<const T*>(p.x);
+  const uint64_t policy = evict_first_policy();
+
+  // Token rows past M stay zero in every stage (cp.async never writes them).
+  if (mrows < C::BM) {
+    constexpr int XC = C::X_ROW / 16;
+    const int per_stage = (C::BM - mrows) * XC;
+    for (int i = tid; i < STAGES * per_stage; i += C::THREADS) {
+      const int s = i / per_stage, rem = i % per_stage;
+      *reinterpret_cast<uint4*>(sx + s * C::X_STAGE + (mrows + rem / XC) * C::X_ROW + (rem % XC) * 16) =
+          make_uint4(0, 0, 0, 0);
+    }
+  }
+
+  // Warm L2 with this CTA's scale and zero rows: the per-tile loads below then hit L2.
+  {
+    const int g0 = (kt0 * C::BK) >> p.group_shift;
+    const int g1 = min(kt1 * C::BK, p.K) >> p.group_shift;
+    const int rows = min(C::BN, p.N - n0);
+    const int ssteps = ceil_div((g1 - g0) * 2, 32) + 1, zsteps = ceil_div(g1 - g0, 32) + 1;
+    if (g1 > g0) {
+      for (int i = tid; i < rows * (ssteps + zsteps); i += C::THREADS) {
+        const int r = i / (ssteps + zsteps), s = i % (ssteps + zsteps);
+        const int64_t base = static_cast<int64_t>(n0 + r) * p.groups;
+        if (s < ssteps) {
+          const int off = min(g0 * 2 + s * 32, g1 * 2 - 1);
+          prefetch_l2(reinterpret_cast<const uint8_t*>(p.scales + base) + off);
+        } else {
+          prefetch_l2(p.zeros + base + min(g0 + (s - ssteps) * 32, g1 - 1));
+        }
+      }
+    }
+  }
+
+  auto load_tile = [&](int slot, int kt) {
+    const int k0 = kt * C::BK;
+    uint8_t* const dw = sw + slot * C::W_STAGE;
+    constexpr int WC = C::W_ROW / 16;  // 16-byte chunks (32 columns) per weight row
+    static_assert((C::BN * WC) % C::THREADS == 0, "weight tile chunks must divide among the threads");
+#pragma unroll
+    for (int j = 0; j < C::BN * WC / C::THREADS; ++j) {
+      const int i = tid + j * C::THREADS;
+      const int r = i / WC, c = i % WC;
+      const int n = n0 + r, kc = k0 + c * 32;
+      const bool ok = n < p.N && kc < p.K;  // K % 32 == 0: a chunk is all in or all out
+      const uint8_t* src = ok ? p.qweight + static_cast<int64_t>(n) * (p.K / 2) + kc / 2 : p.qweight;
+      cp_async16_stream(dw + r * C::W_ROW + w_chunk<C::W_ROW>(r, c) * 16, src, ok, policy);
+    }
+    uint8_t* const dx = sx + slot * C::X_STAGE;
+    constexpr int XC = C::X_ROW / 16;  // 8 columns per chunk
+    for (int i = tid; i < mrows * XC; i += C::THREADS) {
+      const int r = i / XC, c = i % XC;
+      const int kc = k0 + c * 8;
+      const bool ok = kc < p.K;
+      const T* src = ok ? x + static_cast<int64_t>(m0 + r) * p.K + kc : x;
+      cp_async16(dx + r * C::X_ROW + x_chunk(r, c) * 16, src, ok);
+    }
+  };
+
+  // Per lane, k-block and row: scale bits (low 16) | zero << 16, for K tile kt.
+  auto load_sz = [&](uint32_t (&sz)[R][2][KBLK], int kt) {
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+#pragma unroll
+        for (int j = 0; j < KBLK; ++j) {
+          const int n = n0 + warp * R * 16 + r * 16 + h * 8 + g;
+          const int k = kt * C::BK + j * 128 + t * 32;
+          uint32_t v = 0;
+          if (n < p.N && k < p.K) {
+            const int64_t idx = static_cast<int64_t>(n) * p.groups + (k >> p.group_shift);
+            v = static_cast<uint32_t>(__ldg(p.scales + idx)) | (static_cast<uint32_t>(__ldg(p.zeros + idx)) << 16);
+          }
+          sz[r][h][j] = v;
+        }
+  };
+
+  float acc[R][TT][4];
+#pragma unroll
+  for (int r = 0; r < R; ++r)
+#pragma unroll
+    for (int tt = 0; tt < TT; ++tt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[r][tt][e] = 0.f;
+
+  auto compute = [&](int slot, const uint32_t (&sz)[R][2][KBLK]) {
+    const uint8_t* const tw = sw + slot * C::W_STAGE;
+    const uint8_t* const tx = sx + slot * C::X_STAGE;
+    constexpr uint32_t kMagic2 = Pair<T>::kMagic * 0x10001u;
+#pragma unroll
+    for (int j = 0; j < KBLK; ++j) {
+      uint4 wq[R][2];
+      uint32_t zero2[R][2], scale2[R][2];
+      float scale[R][2];
+#pragma unroll
+      for (int r = 0; r < R; ++r)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int row = warp * R * 16 + r * 16 + h * 8 + g;
+          wq[r][h] = lds128(tw + row * C::W_ROW + w_chunk<C::W_ROW>(row, 4 * j + t) * 16);
+          const uint32_t v = sz[r][h][j];
+          zero2[r][h] = (Pair<T>::kMagic + (v >> 16)) * 0x10001u;  // (magic + zero) in both halves
+          scale2[r][h] = (v & 0xFFFFu) * 0x10001u;
+          scale[r][h] = Pair<T>::bits_to_float(v & 0xFFFFu);
+        }
+      float part[R][TT][4];  // G128: this k-block's sum over q - zero, before the scale
+#pragma unroll
+      for (int r = 0; r < R; ++r)
+#pragma unroll
+        for (int tt = 0; tt < TT; ++tt)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) part[r][tt][e] = 0.f;  // dead (removed) unless G128
+#pragma unroll
+      for (int w = 0; w < 4; ++w) {
+        // B: x columns 8w..8w+7 of this lane's 32; pair i = (x_i, x_{i+4}).
+        uint32_t b[TT][4];
+#pragma unroll
+        for (int tt = 0; tt < TT; ++tt) {
+          const int row = tt * 8 + g;
+          const uint4 xv = lds128(tx + row * C::X_ROW + x_chunk(row, 16 * j + 4 * t + w) * 16);
+          b[tt][0] = __byte_perm(xv.x, xv.z, 0x5410);
+          b[tt][1] = __byte_perm(xv.x, xv.z, 0x7632);
+          b[tt][2] = __byte_perm(xv.y, xv.w, 0x5410);
+          b[tt][3] = __byte_perm(xv.y, xv.w, 0x7632);
+        }
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+          // A: pair i of row h = (nibble i, nibble i + 4) of word w, dequantized.
+          uint32_t a[2][4];
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            const uint32_t q = word_of(wq[r][h], w);
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+              uint32_t v = Pair<T>::sub(((q >> (4 * i)) & 0x000F000Fu) | kMagic2, zero2[r][h]);
+              if constexpr (!G128) v = Pair<T>::mul(v, scale2[r][h]);
+              a[h][i] = v;
+            }
+          }
+#pragma unroll
+          for (int tt = 0; tt < TT; ++tt) {
+            float(&d)[4] = *(G128 ? &part[r][tt] : &acc[r][tt]);
+            mma16816<T>(d, a[0][0], a[1][0], a[0][1], a[1][1], b[tt][0], b[tt][1]);  // pairs 0, 1
+            mma16816<T>(d, a[0][2], a[1][2], a[0][3], a[1][3], b[tt][2], b[tt][3]);  // pairs 2, 3
+          }
+        }
+      }
+      if constexpr (G128) {
+#pragma unroll
+        for (int r = 0; r < R; ++r)
+#pragma unroll
+          for (int tt = 0; tt < TT; ++tt) {
+            acc[r][tt][0] = fmaf(part[r][tt][0], scale[r][0], acc[r][tt][0]);
+            acc[r][tt][1] = fmaf(part[r][tt][1], scale[r][0], acc[r][tt][1]);
+            acc[r][tt][2] = fmaf(part[r][tt][2], scale[r][1], acc[r][tt][2]);
+            acc[r][tt][3] = fmaf(part[r][tt][3], scale[r][1], acc[r][tt][3]);
+          }
+      }
+    }
+  };
+
+#pragma unroll
+  for (int s = 0; s < STAGES - 1; ++s) {
+    if (kt0 + s < kt1) load_tile(s, kt0 + s);
+    cp_async_commit();
+  }
+  uint32_t sz[R][2][KBLK];
+  load_sz(sz, kt0);
+  for (int kt = kt0; kt < kt1; ++kt) {
+    cp_async_wait<STAGES - 2>();
+    __syncthreads();  // tile kt landed for everyone; the slot refilled below was consumed last iteration
+    const int next = kt + STAGES - 1;
+    if (next < kt1) load_tile((next - kt0) % STAGES, next);
+    cp_async_commit();
+    uint32_t sz_next[R][2][KBLK];
+    load_sz(sz_next, kt + 1);
+    compute((kt - kt0) % STAGES, sz);
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+#pragma unroll
+        for (int j = 0; j < KBLK; ++j) sz[r][h][j] = sz_next[r][h][j];
+  }
+  cp_async_wait<0>();
+
+  // Epilogue: c0, c1 = (row g, tokens 2t, 2t+1); c2, c3 = row g + 8.
+  T* const out = static_cast<T*>(p.out);
+  const T* const bias = static_cast<const T*>(p.bias);
+#pragma unroll
+  for (int r = 0; r < R; ++r)
+#pragma unroll
+    for (int tt = 0; tt < TT; ++tt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int n = n0 + warp * R * 16 + r * 16 + g + (e >> 1) * 8;
+        const int m = m0 + tt * 8 + 2 * t + (e & 1);
+        if (n < p.N && m < p.M) {
+          const float v = acc[r][tt][e];
+          if (p.ws != nullptr) {
+            p.ws[(static_cast<int64_t>(blockIdx.y) * p.M + m) * p.N + n] = v;
+          } else {
+            out[static_cast<int64_t>(m) * p.N + n] = from_float<T>(bias != nullptr ? v + to_float(bias[n]) : v);
+          }
+        }
+      }
+}
+
+// Any alignment (x or qweight not 16-byte aligned): one warp per output row and
+// up to 8 tokens, scalar loads. Correct, not fast.
+template <typename T>
+__global__ void __launch_bounds__(256) int4_generic_kernel(T* __restrict__ out, const T* __restrict__ x,
+                                                          const uint8_t* __restrict__ qweight,
+                                                          const unsigned short* __restrict__ scales,
+                                                          const uint8_t* __restrict__ zeros, const T* __restrict__ bias,
+                                                          int M, int N, int K, int groups, int group_shift) {
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int n = blockIdx.x * 8 + warp;
+  const int m0 = blockIdx.y * 8;
+  if (n >= N) return;
+  float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+  const uint8_t* row = qweight + static_cast<int64_t>(n) * (K / 2);
+  for (int k = lane; k < K; k += 32) {
+    const int64_t gi = static_cast<int64_t>(n) * groups + (k >> group_shift);
+    const float s = Pair<T>::bits_to_float(scales[gi]);
+    const float q = static_cast<float>((row[k >> 1] >> ((k & 1) * 4)) & 0xF);
+    const float w = (q - static_cast<float>(zeros[gi])) * s;
+#pragma unroll
+    for (int j = 0; j < 8; ++j)
+      if (m0 + j < M) acc[j] += w * to_float(x[static_cast<int64_t>(m0 + j) * K + k]);
+  }
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+    const float v = warp_reduce_sum(acc[j]);
+    if (lane == 0 && m0 + j < M)
+      out[static_cast<int64_t>(m0 + j) * N + n] = from_float<T>(bias != nullptr ? v + to_float(bias[n]) : v);
+  }
+}
+
+// w[n, k] = (q - zero) * scale rounded to T (exactly torch's dequantize-then-cast).
+// VEC: 16 packed bytes (32 columns) per item, 16-byte stores; else one column per item.
+template <typename T, bool VEC>
+__global__ void int4_dequant_kernel(T* __restrict__ out, const uint8_t* __restrict__ qweight,
+                                    const unsigned short* __restrict__ scales, const uint8_t* __restrict__ zeros,
+                                    int64_t N, int64_t K, int64_t groups, int group_shift) {
+  const int64_t per = VEC ? 32 : 1;
+  const int64_t items = N * K / per;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < items;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t e = i * per, n = e / K, k = e % K;
+    const int64_t gi = n * groups + (k >> group_shift);
+    const float s = Pair<T>::bits_to_float(scales[gi]);
+    const float z = static_cast<float>(zeros[gi]);
+    if constexpr (VEC) {
+      const uint4 v = *reinterpret_cast<const uint4*>(qweight + e / 2);
+#pragma unroll
+      for (int wi = 0; wi < 4; ++wi) {
+        const uint32_t word = word_of(v, wi);
+        Vec<T, 8> o;
+#pragma unroll
+        for (int c = 0; c < 8; ++c) o.v[c] = from_float<T>((static_cast<float>((word >> (4 * c)) & 0xF) - z) * s);
+        o.store(out + e + wi * 8);
+      }
+    } else {
+      const float q = static_cast<float>((qweight[e >> 1] >> ((e & 1) * 4)) & 0xF);
+      out[e] = from_float<T>((q - z) * s);
+    }
+  }
+}
+
+int shift_of(int64_t group) { return group == 32 ? 5 : group == 64 ? 6 : 7; }
+
+// Opts every variant of T in at its first launch, so that a variant first used
+// inside CUDA-graph capture makes no cudaFuncSetAttribute call there.
+template <typename T>
+const char* opt_in_all() {
+  const char* err = nullptr;
+  if (!err) err = opt_in_smem<int4_mma_kernel<T, 1, true>>(Int4Cfg<1>::SMEM);
+  if (!err) err = opt_in_smem<int4_mma_kernel<T, 1, false>>(Int4Cfg<1>::SMEM);
+  if (!err) err = opt_in_smem<int4_mma_kernel<T, 2, true>>(Int4Cfg<2>::SMEM);
+  if (!err) err = opt_in_smem<int4_mma_kernel<T, 2, false>>(Int4Cfg<2>::SMEM);
+  if (!err) err = opt_in_smem<int4_mma_kernel<T, 4, false>>(Int4Cfg<4>::SMEM);
+  if (!err) err = opt_in_smem<int4_mma_kernel<T, 8, false>>(Int4Cfg<8>::SMEM);
+  return err;
+}
+
+template <typename T, int TT, bool G128>
+const char* run_mma(const Int4Params& p, cudaStream_t stream) {
+  using Cfg = Int4Cfg<TT>;
+  if (const char* err = opt_in_all<T>()) return err;
+  const unsigned token_blocks = static_cast<unsigned>(ceil_div(p.M, kMaxTokensPerCta));
+  const dim3 grid(static_cast<unsigned>(ceil_div(p.N, Cfg::BN)), static_cast<unsigned>(p.splits), token_blocks);
+  int4_mma_kernel<T, TT, G128><<<grid, Cfg::THREADS, Cfg::SMEM, stream>>>(p);
+  FASTLLM_CHECK_LAUNCH();
+  return nullptr;
+}
+
+template <typename T>
+const char* launch_typed(const Int4Params& p, int group, cudaStream_t stream) {
+  const int tiles = token_tiles(p.M);
+  const bool g128 = group == 128 && tiles <= 2;
+  const char* err = nullptr;
+  switch (tiles) {
+    case 1: err = g128 ? run_mma<T, 1, true>(p, stream) : run_mma<T, 1, false>(p, stream); break;
+    case 2: err = g128 ? run_mma<T, 2, true>(p, stream) : run_mma<T, 2, false>(p, stream); break;
+    case 4: err = run_mma<T, 4, false>(p, stream); break;
+    default: err = run_mma<T, 8, false>(p, stream); break;
+  }
+  if (err != nullptr) return err;
+  if (p.splits > 1)
+    return launch_splitk_reduce<T>(static_cast<T*>(p.out), p.ws, static_cast<const T*>(p.bias), p.M, p.N, p.splits,
+                                   stream);
+  return nullptr;
+}
+
+template <typename T>
+const char* launch_generic(void* out, const void* x, const void* qweight, const void* scales, const void* zeros,
+                           const void* bias, int64_t m, int64_t n, int64_t k, int64_t groups, int shift,
+                           cudaStream_t stream) {
+  const dim3 grid(static_cast<unsigned>(ceil_div<int64_t>(n, 8)), static_cast<unsigned>(ceil_div<int64_t>(m, 8)));
+  int4_generic_kernel<T><<<grid, 256, 0, stream>>>(
+      static_cast<T*>(out), static_cast<const T*>(x), static_cast<const uint8_t*>(qweight),
+      static_cast<const unsigned short*>(scales), static_cast<const uint8_t*>(zeros), static_cast<const T*>(bias),
+      static_cast<int>(m), static_cast<int>(n), static_cast<int>(k), static_cast<int>(groups), shift);
+  FASTLLM_CHECK_LAUNCH();
+  return nullptr;
+}
+
+template <typename T>
+const char* launch_dequant(void* out, const void* qweight, const void* scales, const void* zeros, int64_t n,
+                           int64_t k, int64_t group, cudaStream_t stream) {
+  const bool vec = aligned16(out) && aligned16(qweight);  // K % 32 == 0 keeps every 32-column item in one row
+  const int64_t items = vec ? n * k / 32 : n * k;
+  const int threads = 256;
+  const int64_t want = ceil_div<int64_t>(items, threads);
+  const unsigned blocks = static_cast<unsigned>(want < 65535 ? want : 65535);
+  auto* o = static_cast<T*>(out);
+  auto* q = static_cast<const uint8_t*>(qweight);
+  auto* s = static_cast<const unsigned short*>(scales);
+  auto* z = static_cast<const uint8_t*>(zeros);
+  if (vec) {
+    int4_dequant_kernel<T, true><<<blocks, threads, 0, stream>>>(o, q, s, z, n, k, k / group, shift_of(group));
+  } else {
+    int4_dequant_kernel<T, false><<<blocks, threads, 0, stream>>>(o, q, s, z, n, k, k / group, shift_of(group));
+  }
+  FASTLLM_CHECK_LAUNCH();
+  return nullptr;
+}
+
+int k_tile_of(int64_t m) { return token_tiles(m) <= 2 ? Int4Cfg<1>::BK : Int4Cfg<4>::BK; }
+int rows_of(int64_t m) { return token_tiles(m) == 1 ? Int4Cfg<1>::BN : Int4Cfg<2>::BN; }
+
+const char* check_shapes(int64_t m, int64_t n, int64_t k, int64_t group) {
+  if (group != 32 && group != 64 && group != 128) return "group_size must be 32, 64 or 128";
+  if (m < 0 || m > static_cast<int64_t>(kMaxTokensPerCta) * 65535) return "M (tokens) out of range";
+  if (n <= 0 || n > (1LL << 30)) return "N (out_features) out of range";
+  if (k <= 0 || k > (1LL << 30) || k % group != 0) return "K (in_features) must be a positive multiple of group_size";
+  if (n * (k / group) > (1LL << 40)) return "weight too large";
+  return nullptr;
+}
+
+}  // namespace
+
+const char* int4_linear_plan(int64_t* num_splits, int64_t* workspace_floats, int64_t m, int64_t n, int64_t k,
+                             int64_t group, int64_t num_sms, int64_t requested_splits) {
+  *num_splits = 1;
+  *workspace_floats = 0;
+  if (const char* err = check_shapes(m, n, k, group)) return err;
+  if (requested_splits < 0 || requested_splits > kMaxSplits) return "num_splits must be in [1, 16] (0 = automatic)";
+  if (m == 0) return nullptr;
+  const int64_t ctas = ceil_div<int64_t>(n, rows_of(m)) * ceil_div<int64_t>(m, kMaxTokensPerCta);
+  *num_splits = choose_splits(ctas, ceil_div<int64_t>(k, k_tile_of(m)), num_sms, requested_splits);
+  *workspace_floats = *num_splits > 1 ? *num_splits * m * n : 0;
+  return nullptr;
+}
+
+const char* launch_int4_linear(void* out, void* workspace, const void* x, const void* qweight, const void* scales,
+                               const void* zeros, const void* bias, int64_t m, int64_t n, int64_t k, int64_t group,
+                               int64_t num_splits, int dtype, void* stream) {
+  if (const char* err = check_shapes(m, n, k, group)) return err;
+  if (dtype != static_cast<int>(DType::kFloat16) && dtype != static_cast<int>(DType::kBFloat16))
+    return "activations must be float16 or bfloat16";
+  if (m == 0) return nullptr;
+  const cudaStream_t st = static_cast<cudaStream_t>(stream);
+  const int shift = shift_of(group);
+  const int64_t groups = k / group;
+  const bool half = dtype == static_cast<int>(DType::kFloat16);
+  if (!aligned16(x) || !aligned16(qweight)) {
+    if (ceil_div<int64_t>(m, 8) > 65535) return "too many tokens for the unaligned path";
+    return half ? launch_generic<__half>(out, x, qweight, scales, zeros, bias, m, n, k, groups, shift, st)
+                : launch_generic<__nv_bfloat16>(out, x, qweight, scales, zeros, bias, m, n, k, groups, shift, st);
+  }
+  const int64_t k_tiles = ceil_div<int64_t>(k, k_tile_of(m));
+  if (num_splits < 1 || num_splits > kMaxSplits || num_splits > k_tiles)
+    return "num_splits must be in [1, min(16, K tiles)] (use int4_linear_plan)";
+  if (num_splits > 1 && (workspace == nullptr || !aligned16(workspace)))
+    return "num_splits > 1 needs a 16-byte aligned fp32 workspace of num_splits * M * N floats";
+  Int4Params p{out,
+               static_cast<float*>(num_splits > 1 ? workspace : nullptr),
+               x,
+               static_cast<const uint8_t*>(qweight),
+               static_cast<const unsigned short*>(scales),
+               static_cast<const uint8_t*>(zeros),
+               bias,
+               static_cast<int>(m),
+               static_cast<int>(n),
+               static_cast<int>(k),
+               static_cast<int>(groups),
+               shift,
+               static_cast<int>(num_splits)};
+  return half ? launch_typed<__half>(p, static_cast<int>(group), st)
+              : launch_typed<__nv_bfloat16>(p, static_cast<int>(group), st);
+}
+
+const char* launch_int4_dequantize(void* out, const void* qweight, const void* scales, const void* zeros, int64_t n,
+                                   int64_t k, int64_t group, int dtype, void* stream) {
+  if (const char* err = check_shapes(0, n, k, group)) return err;
+  if (dtype != static_cast<int>(DType::kFloat16) && dtype != static_cast<int>(DType::kBFloat16))
+    return "dtype must be float16 or bfloat16";
+  const cudaStream_t st = static_cast<cudaStream_t>(stream);
+  if (dtype == static_cast<int>(DType::kFloat16))
+    return launch_dequant<__half>(out, qweight, scales, zeros, n, k, group, st);
+  return launch_dequant<__nv_bfloat16>(out, qweight, scales, zeros, n, k, group, st);
+}
+
+}  // namespace fastllm

@@ -1,0 +1,209 @@
+/*
+ * Shared pieces of the weight-only quantized linear kernels (int8_linear.cu,
+ * int4_linear.cu): cp.async and mma.sync wrappers, the shared-memory swizzle of
+ * the weight tile, the split-K reduction, the tile-size choice by token count
+ * and the launch plan.
+ *
+ * The idea both kernels rest on (why the canonical row-major weights need no
+ * offline repacking for tensor cores): y^T = W x^T, so the weights are the mma
+ * A operand (16 output features per m16n8k16 tile) and the tokens the B operand
+ * (8 per tile; decode batches waste at most the B side). An mma sums over its
+ * 16 "logical" k; lane (g, t) (g = lane / 4, t = lane % 4) supplies A rows g and
+ * g + 8 and B column g at the logical k {2t, 2t+1, 2t+8, 2t+9} only. So any
+ * per-t bijection between logical k and physical columns of W and x gives the
+ * same dot product, as long as A and B use the same one. Each lane therefore
+ * takes a contiguous 16-byte run of its two weight rows (one LDS.128 each) and
+ * feeds its values to successive mmas; it reads the matching x columns for
+ * its B fragment. Marlin gets the same effect by permuting the weights offline.
+ *
+ * Launch plan: token tiles TT = ceil(M / 8) rounded to 1, 2, 4, 8 (M > 64 loops
+ * over 64-token blocks in grid.z); CTAs own BN weight rows and, when there are
+ * too few row tiles to occupy the GPU, a 1/S share of K (split-K). Split-K
+ * partial sums go to an fp32 workspace [S, M, N] and a second kernel adds them
+ * in a fixed order (deterministic, no atomics) with the bias.
+ */
+#pragma once
+
+#include "common.cuh"
+
+namespace fastllm {
+namespace qlinear {
+
+constexpr int kMaxTokensPerCta = 64;      // 8 token tiles of 8
+constexpr int kMaxSplits = 16;
+
+// Token tiles of 8 per CTA for M tokens: 1, 2, 4 or 8.
+inline int token_tiles(int64_t m) { return m <= 8 ? 1 : m <= 16 ? 2 : m <= 32 ? 4 : 8; }
+
+// Split-K factor: 1 unless the row tiles (times token blocks) fill fewer than
+// half the SMs; then enough splits for about one CTA per SM, each keeping at
+// least two K tiles so that its pipeline has something to overlap.
+inline int64_t choose_splits(int64_t ctas, int64_t k_tiles, int64_t sms, int64_t requested) {
+  if (requested > 0) return requested < k_tiles ? requested : k_tiles;
+  if (sms <= 0) sms = 132;
+  if (ctas * 2 > sms) return 1;
+  int64_t s = ceil_div<int64_t>(sms, ctas);
+  const int64_t cap = k_tiles / 2 > 1 ? k_tiles / 2 : 1;
+  if (s > cap) s = cap;
+  if (s > kMaxSplits) s = kMaxSplits;
+  return s < 1 ? 1 : s;
+}
+
+// ---------------------------------------------------------------------------
+// PTX wrappers
+// ---------------------------------------------------------------------------
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// 16-byte global -> shared copy through L2 only; zero-fills (reads nothing) when !valid.
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(dst)), "l"(src),
+               "r"(valid ? 16 : 0)
+               : "memory");
+}
+
+// The weights are read exactly once: mark them evict-first so they do not push
+// the activations and scales (re-read by every CTA) out of L2.
+__device__ __forceinline__ uint64_t evict_first_policy() {
+  uint64_t policy;
+  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(policy));
+  return policy;
+}
+
+__device__ __forceinline__ void cp_async16_stream(void* dst, const void* src, bool valid, uint64_t policy) {
+  asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2, %3;\n" ::"r"(smem_u32(dst)), "l"(src),
+               "r"(valid ? 16 : 0), "l"(policy)
+               : "memory");
+}
+
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+__device__ __forceinline__ void prefetch_l2(const void* p) {
+  asm volatile("prefetch.global.L2 [%0];\n" ::"l"(p));
+}
+
+__device__ __forceinline__ uint4 lds128(const uint8_t* p) { return *reinterpret_cast<const uint4*>(p); }
+
+__device__ __forceinline__ uint32_t word_of(const uint4& v, int i) {
+  return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;  // i is a compile-time constant after unrolling
+}
+
+// d += A (16x16, row) * B (16x8, col), fp32 accumulate; a/b hold pairs of 16-bit values.
+template <typename T>
+__device__ __forceinline__ void mma16816(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                         uint32_t b0, uint32_t b1);
+
+template <>
+__device__ __forceinline__ void mma16816<__half>(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                                 uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+template <>
+__device__ __forceinline__ void mma16816<__nv_bfloat16>(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2,
+                                                        uint32_t a3, uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// Packed 16-bit pair arithmetic on raw 32-bit registers (round to nearest).
+template <typename T>
+struct Pair;
+
+template <>
+struct Pair<__half> {
+  static constexpr uint32_t kMagic = 0x6400;  // 1024.0: a 4- or 8-bit integer u in the low mantissa bits reads 1024 + u
+  __device__ static __forceinline__ uint32_t sub(uint32_t a, uint32_t b) {
+    __half2 r = __hsub2(*reinterpret_cast<__half2*>(&a), *reinterpret_cast<__half2*>(&b));
+    return *reinterpret_cast<uint32_t*>(&r);
+  }
+  __device__ static __forceinline__ uint32_t mul(uint32_t a, uint32_t b) {
+    __half2 r = __hmul2(*reinterpret_cast<__half2*>(&a), *reinterpret_cast<__half2*>(&b));
+    return *reinterpret_cast<uint32_t*>(&r);
+  }
+  __device__ static __forceinline__ float bits_to_float(uint32_t bits) {
+    return __half2float(__ushort_as_half(static_cast<unsigned short>(bits)));
+  }
+};
+
+template <>
+struct Pair<__nv_bfloat16> {
+  static constexpr uint32_t kMagic = 0x4300;  // 128.0: 7 mantissa bits, so 4-bit integers only
+  __device__ static __forceinline__ uint32_t sub(uint32_t a, uint32_t b) {
+    __nv_bfloat162 r = __hsub2(*reinterpret_cast<__nv_bfloat162*>(&a), *reinterpret_cast<__nv_bfloat162*>(&b));
+    return *reinterpret_cast<uint32_t*>(&r);
+  }
+  __device__ static __forceinline__ uint32_t mul(uint32_t a, uint32_t b) {
+    __nv_bfloat162 r = __hmul2(*reinterpret_cast<__nv_bfloat162*>(&a), *reinterpret_cast<__nv_bfloat162*>(&b));
+    return *reinterpret_cast<uint32_t*>(&r);
+  }
+  __device__ static __forceinline__ float bits_to_float(uint32_t bits) {
+    return __bfloat162float(__ushort_as_bfloat16(static_cast<unsigned short>(bits)));
+  }
+};
+
+// Weight tile rows of >= 128 bytes: lanes (g, t) read 16-byte chunk t (+ 4j) of
+// rows g and g+1 in the same quarter-warp phase; flipping chunk bit 2 on odd
+// rows puts the two rows in opposite halves of the 32 banks. 64-byte rows are
+// already conflict-free.
+template <int ROW_BYTES>
+__device__ __forceinline__ int w_chunk(int row, int c) {
+  return ROW_BYTES >= 128 ? (c ^ ((row & 1) << 2)) : c;
+}
+
+// ---------------------------------------------------------------------------
+// Split-K: out[m, n] = sum_s ws[s, m, n] + bias[n], in a fixed order.
+// ---------------------------------------------------------------------------
+template <typename T>
+__global__ void splitk_reduce_kernel(T* __restrict__ out, const float* __restrict__ ws, const T* __restrict__ bias,
+                                     int64_t mn, int n, int splits) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < mn;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    float acc = 0.f;
+    for (int s = 0; s < splits; ++s) acc += ws[s * mn + i];
+    if (bias != nullptr) acc += to_float(bias[i % n]);
+    out[i] = from_float<T>(acc);
+  }
+}
+
+template <typename T>
+const char* launch_splitk_reduce(T* out, const float* ws, const T* bias, int64_t m, int64_t n, int splits,
+                                 cudaStream_t stream) {
+  const int64_t mn = m * n;
+  const int threads = 256;
+  const int64_t blocks = ceil_div<int64_t>(mn, threads);
+  splitk_reduce_kernel<T><<<static_cast<unsigned>(blocks < 8192 ? blocks : 8192), threads, 0, stream>>>(
+      out, ws, bias, mn, static_cast<int>(n), splits);
+  FASTLLM_CHECK_LAUNCH();
+  return nullptr;
+}
+
+// Kernels with more than 48 KB of dynamic shared memory must opt in, once per device.
+template <auto Kernel>
+const char* opt_in_smem(int bytes) {
+  if (bytes <= 48 * 1024) return nullptr;
+  constexpr int kMaxDevices = 64;
+  static bool done[kMaxDevices] = {};
+  int dev = 0;
+  FASTLLM_RETURN_IF_ERROR(cudaGetDevice(&dev));
+  if (dev >= 0 && dev < kMaxDevices && done[dev]) return nullptr;
+  FASTLLM_RETURN_IF_ERROR(cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+  if (dev >= 0 && dev < kMaxDevices) done[dev] = true;
+  return nullptr;
+}
+
+}  // namespace qlinear
+}  // namespace fastllm

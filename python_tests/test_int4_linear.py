@@ -1,0 +1,295 @@
+"""int4_linear: the CUDA W4A16 kernel against the reference (flash-attention's
+2x rule: its error against an fp64 computation on the same quantized weights is
+at most twice that of torch's F.linear on the dequantized weight in the same
+dtype), plus the wrapper's checks, a quantized model end to end, and the
+host-side plan (CPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import poison_cuda_allocator, requires_cuda
+from fastllm import backend
+from fastllm.ops import reference as ref
+from fastllm.quant import quantize_int4
+
+# (K, N, group): Llama-2-7B / 13B / 3-8B MLPs, Qwen2-0.5B up and down, odd N, tiny
+SHAPES = [
+    (4096, 11008, 128),
+    (5120, 13824, 64),
+    (896, 4864, 32),
+    (4096, 14336, 128),
+    (4864, 896, 128),
+    (128, 129, 128),
+    (96, 200, 32),
+]
+TOKENS = [1, 3, 16, 33, 64, 200]
+DTYPES = [torch.float16, torch.bfloat16]
+
+_cache: dict = {}
+
+
+def _weights(k: int, n: int, group: int, dtype: torch.dtype, seed: int = 0):
+    """(qweight, scales, zeros, bias) for a random [n, k] weight, cached per shape."""
+    key = (k, n, group, dtype, seed)
+    if key not in _cache:
+        _cache.clear()
+        g = torch.Generator(device="cuda").manual_seed(seed)
+        w = torch.randn(n, k, generator=g, device="cuda") / k**0.5 + 0.01  # groups not centred on zero
+        q, s, z = quantize_int4(w, group, dtype)
+        _cache[key] = (q, s, z, torch.randn(n, generator=g, device="cuda").to(dtype))
+    return _cache[key]
+
+
+def _x(shape, dtype, seed: int = 1):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    return torch.randn(*shape, generator=g, device="cuda").to(dtype)
+
+
+def _check(out, x, q, s, z, group, b):
+    """out against fp64 on the same inputs; torch in out's dtype is the yardstick."""
+    assert out.dtype == x.dtype and out.shape == (*x.shape[:-1], q.shape[0])
+    assert not torch.isnan(out).any()
+    w = ref.dequantize_int4(q, s, z, group)
+    expect = F.linear(x.double(), w.double(), None if b is None else b.double())
+    peer = F.linear(x, w.to(x.dtype), b)
+    err = (out.double() - expect).abs().max().item()
+    peer_err = (peer.double() - expect).abs().max().item()
+    assert err <= 2 * peer_err + 1e-6, (err, peer_err)
+
+
+@requires_cuda
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("m", TOKENS)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}g{s[2]}")
+def test_kernel_matches_reference(shape, m, dtype, bias):
+    from fastllm.ops import cuda
+
+    k, n, group = shape
+    q, s, z, b = _weights(k, n, group, dtype)
+    b = b if bias else None
+    x = _x((m, k), dtype)
+    poison_cuda_allocator()
+    _check(cuda.int4_linear(x, q, s, z, group, b), x, q, s, z, group, b)
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("m", [1, 5, 16, 17, 32, 64])
+@pytest.mark.parametrize("group", [32, 64, 128])
+def test_every_group_size(group, m, dtype):
+    """Each group size on every token-tile variant (g = 128 has its own when M <= 16)."""
+    from fastllm.ops import cuda
+
+    q, s, z, b = _weights(1536, 520, group, dtype)
+    x = _x((m, 1536), dtype)
+    poison_cuda_allocator()
+    _check(cuda.int4_linear(x, q, s, z, group, b), x, q, s, z, group, b)
+    _check(cuda.int4_linear(x, q, s, z, group), x, q, s, z, group, None)
+
+
+@requires_cuda
+@pytest.mark.parametrize("k", [32, 96, 160, 288])
+def test_k_not_a_multiple_of_the_tile(k):
+    """K only a multiple of the group: partial K tiles and partial 128-column k-blocks."""
+    from fastllm.ops import cuda
+
+    for m in (1, 12, 40):
+        q, s, z, b = _weights(k, 70, 32, torch.bfloat16)
+        x = _x((m, k), torch.bfloat16)
+        _check(cuda.int4_linear(x, q, s, z, 32, b), x, q, s, z, 32, b)
+
+
+@requires_cuda
+@pytest.mark.parametrize("m", [65, 130, 200])
+def test_fused_kernel_past_64_tokens(m):
+    """The wrapper dequantizes + cuBLAS there; the fused kernel itself loops 64-token blocks."""
+    from fastllm.ops import cuda_quant
+
+    q, s, z, b = _weights(1024, 777, 64, torch.float16)
+    x = _x((m, 1024), torch.float16)
+    poison_cuda_allocator()
+    _check(cuda_quant._int4_fused(x, q, s, z, 64, b), x, q, s, z, 64, b)
+
+
+@requires_cuda
+@pytest.mark.parametrize("splits", [2, 3, 16])
+@pytest.mark.parametrize("m", [1, 16, 33])
+def test_split_k(m, splits):
+    from fastllm.ops import cuda_quant
+
+    q, s, z, b = _weights(4096, 1000, 128, torch.bfloat16)
+    x = _x((m, 4096), torch.bfloat16)
+    poison_cuda_allocator()
+    _check(cuda_quant._int4_fused(x, q, s, z, 128, b, splits=splits), x, q, s, z, 128, b)
+    _check(cuda_quant._int4_fused(x, q, s, z, 128, None, splits=splits), x, q, s, z, 128, None)
+
+
+@requires_cuda
+def test_misaligned_leading_dims_and_empty():
+    from fastllm.ops import cuda
+
+    q, s, z, b = _weights(256, 300, 64, torch.float16)
+    base = _x((1 + 5 * 256,), torch.float16)
+    odd = base[1:].view(5, 256)  # contiguous, 2 bytes off 16-byte alignment: the scalar path
+    assert odd.data_ptr() % 16
+    _check(cuda.int4_linear(odd, q, s, z, 64, b), odd, q, s, z, 64, b)
+    x = _x((2, 3, 256), torch.float16)
+    out = cuda.int4_linear(x, q, s, z, 64, b)
+    assert out.shape == (2, 3, 300)
+    _check(out, x, q, s, z, 64, b)
+    assert cuda.int4_linear(x[:0], q, s, z, 64).shape == (0, 3, 300)
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("group", [32, 128])
+def test_dequantize_matches_torch_cast(group, dtype):
+    from fastllm.ops import cuda_quant
+
+    q, s, z, _ = _weights(2048, 129, group, dtype)
+    expect = ref.dequantize_int4(q, s, z, group).to(dtype)
+    assert torch.equal(cuda_quant.int4_dequantize(q, s, z, group), expect)
+    qo = torch.empty(q.numel() + 1, dtype=torch.uint8, device="cuda")[1:].view_as(q)  # unaligned: scalar path
+    qo.copy_(q)
+    assert torch.equal(cuda_quant.int4_dequantize(qo, s, z, group), expect)
+
+
+@requires_cuda
+def test_bad_input():
+    from fastllm.ops import cuda
+
+    q, s, z, b = _weights(128, 32, 64, torch.float16)
+    x = _x((4, 128), torch.float16)
+    with pytest.raises(TypeError, match="dtype"):
+        cuda.int4_linear(x.float(), q, s, z, 64)
+    with pytest.raises(ValueError, match="CUDA"):
+        cuda.int4_linear(x.cpu(), q, s, z, 64)
+    with pytest.raises(ValueError, match="contiguous"):
+        cuda.int4_linear(_x((128, 4), torch.float16).t(), q, s, z, 64)
+    with pytest.raises(ValueError, match="group_size"):
+        cuda.int4_linear(x, q, s, z, 16)
+    with pytest.raises(ValueError, match="group_size"):
+        cuda.int4_linear(x, q, s, z, 256)
+    with pytest.raises(ValueError, match="qweight"):
+        cuda.int4_linear(_x((4, 64), torch.float16), q, s, z, 64)
+    with pytest.raises(TypeError, match="qweight"):
+        cuda.int4_linear(x, q.to(torch.int8), s, z, 64)
+    with pytest.raises(TypeError, match="scales"):
+        cuda.int4_linear(x, q, s.bfloat16(), z, 64)
+    with pytest.raises(ValueError, match="scales"):
+        cuda.int4_linear(x, q, s[:, :1].contiguous(), z, 64)
+    with pytest.raises(ValueError, match="zeros"):
+        cuda.int4_linear(x, q, s, z[:16], 64)
+    with pytest.raises(TypeError, match="zeros"):
+        cuda.int4_linear(x, q, s, z.to(torch.int32), 64)
+    with pytest.raises(ValueError, match="must be on"):
+        cuda.int4_linear(x, q, s.cpu(), z, 64)
+    with pytest.raises(ValueError, match="bias"):
+        cuda.int4_linear(x, q, s, z, 64, b[:3])
+    with pytest.raises(ValueError, match="contiguous"):
+        cuda.int4_linear(x, q, s, z, 64, torch.randn(64, device="cuda", dtype=torch.float16)[::2])
+
+
+@requires_cuda
+def test_under_cuda_graph():
+    from fastllm.ops import cuda
+
+    q, s, z, b = _weights(4096, 1024, 128, torch.bfloat16)
+    x = _x((1, 4096), torch.bfloat16)  # 16 CTAs: split-K and its reduction are captured too
+    eager = cuda.int4_linear(x, q, s, z, 128, b)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        cuda.int4_linear(x, q, s, z, 128, b)  # warm-up on a side stream
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = cuda.int4_linear(x, q, s, z, 128, b)
+    x.copy_(x * 0.5)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(y, cuda.int4_linear(x, q, s, z, 128, b))
+    assert not torch.equal(y, eager)
+
+
+@requires_cuda
+def test_op_table_uses_kernel_when_enabled(monkeypatch):
+    from fastllm import ops
+
+    q, s, z, b = _weights(256, 64, 32, torch.float16)
+    x = _x((5, 256), torch.float16)
+    calls = []
+    monkeypatch.setenv("FASTLLM_KERNELS", "int4_linear")
+    backend.reset_settings()
+    real = backend._C.int4_linear
+    monkeypatch.setattr(backend._C, "int4_linear", lambda *a: (calls.append(a), real(*a))[1], raising=False)
+    _check(ops.int4_linear(x, q, s, z, 32, b), x, q, s, z, 32, b)
+    assert len(calls) == 1
+    ops.int4_linear(x, q, s.float(), z, 32)  # fp32 scales: the reference, not the kernel
+    assert len(calls) == 1
+
+
+@requires_cuda
+@pytest.mark.parametrize("quantization", ["int4-g32", "int8"])
+def test_quantized_model_with_kernels_matches_reference_path(tmp_path, monkeypatch, quantization):
+    from checkpoints import make_checkpoint
+    from fastllm import Model
+
+    make_checkpoint(tmp_path, "qwen2", intermediate_size=128)  # q/k/v biases
+    ids = torch.randint(3, 384, (2, 13), device="cuda", generator=torch.Generator(device="cuda").manual_seed(0))
+    logits = {}
+    for kernels in (False, True):
+        monkeypatch.setenv("FASTLLM_KERNELS", "int8_linear,int4_linear" if kernels else "")
+        backend.reset_settings()
+        model = Model.from_pretrained(tmp_path, device="cuda", dtype="bfloat16", quantization=quantization)
+        calls = []
+        op = quantization[:4] + "_linear"
+        real = getattr(backend._C, op)
+        monkeypatch.setattr(backend._C, op, lambda *a, real=real: (calls.append(1), real(*a))[1], raising=False)
+        logits[kernels] = model.forward(ids).float()
+        decode = model.forward(ids[:, :1]).float()  # one token per sequence: the decode shape
+        monkeypatch.setattr(backend._C, op, real, raising=False)
+        assert bool(calls) == kernels
+        assert not torch.isnan(decode).any()
+    rel = ((logits[True] - logits[False]).norm() / logits[False].norm()).item()
+    assert rel < 2e-2, rel
+
+
+# --------------------------------------------------------------------------- #
+# Host-side pieces (no GPU needed)
+# --------------------------------------------------------------------------- #
+def test_supported_predicate():
+    from fastllm.ops.cuda_quant import int4_linear_supported as supported
+
+    q, z = torch.zeros(8, 32, dtype=torch.uint8), torch.zeros(8, 2, dtype=torch.uint8)
+    for dtype in DTYPES:
+        x, s = torch.zeros(3, 64, dtype=dtype), torch.ones(8, 2, dtype=dtype)
+        assert supported(x, q, s, z, 32) and supported(x, q, s, z, 32, torch.zeros(8, dtype=dtype))
+        assert not supported(x, q, s, z, 32, torch.zeros(8))  # fp32 bias: the reference
+        assert not supported(x, q, s.float(), z, 32)  # scales in another dtype
+    assert not supported(torch.zeros(3, 64), q, torch.ones(8, 2), z, 32)  # fp32 activations
+    assert not supported(torch.zeros(64, 3, dtype=torch.float16).t(), q, torch.ones(8, 2, dtype=torch.float16), z, 32)
+    assert supported(torch.zeros(3, 64, dtype=torch.float16), q, None, z, 32)  # malformed: the wrapper reports it
+
+
+@pytest.mark.skipif(not backend.HAS_C, reason="needs fastllm's compiled extension")
+def test_plan():
+    plan = backend._C.int4_linear_plan
+    assert plan(1, 14336, 4096, 128, 132, 0) == (1, 0)  # 224 CTAs
+    assert plan(16, 14336, 4096, 128, 132, 0) == (1, 0)  # 112 CTAs: more than half the SMs
+    assert plan(64, 14336, 4096, 128, 132, 0) == (1, 0)
+    splits, ws = plan(1, 4096, 14336, 128, 132, 0)  # 64 CTAs: split K
+    assert 2 <= splits <= 16 and ws == splits * 4096 and 64 * splits >= 132
+    assert plan(7, 1000, 4096, 64, 132, 3) == (3, 3 * 7 * 1000)
+    assert plan(1, 100, 128, 32, 132, 16)[0] == 1  # clamped to the one K tile
+    for m in (1, 8, 9, 16, 17, 33, 64, 65, 1000):
+        splits, ws = plan(m, 896, 896, 128, 132, 0)
+        assert splits >= 1 and ws == (splits * m * 896 if splits > 1 else 0)
+    with pytest.raises(RuntimeError, match="group_size"):
+        plan(1, 10, 64, 48, 132, 0)
+    with pytest.raises(RuntimeError, match="multiple"):
+        plan(1, 10, 96, 64, 132, 0)
