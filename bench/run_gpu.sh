@@ -37,7 +37,7 @@ fi
 
 echo "== benchmarks"
 pytest "${bench_args[@]}" --benchmark-only --benchmark-json="$out/bench.json" -s > "$out/bench.log" 2>&1 || status=1
-grep -E "^(rmsnorm|generate)|passed|failed|error" "$out/bench.log" | tail -40
+grep -E "^(rmsnorm|generate|linear|int8_linear|int4_linear|prefill_attention)|passed|failed|error" "$out/bench.log" | tail -160
 
 python3 - "$out/bench.json" <<'PY' | tee "$out/summary.txt"
 import json, sys
@@ -45,10 +45,11 @@ try:
     data = json.load(open(sys.argv[1]))
 except Exception as e:
     sys.exit(f"no benchmark json: {e}")
-print(f"{'benchmark':70s} {'us/call':>10s} {'GB/s':>8s} {'tok/s':>8s}")
+print(f"{'benchmark':70s} {'us/call':>10s} {'GB/s':>8s} {'TFLOP/s':>8s} {'tok/s':>8s}")
 for b in data["benchmarks"]:
     e = b.get("extra_info", {})
     us = e.get("us_per_call", b["stats"]["median"] * 1e6)
-    print(f"{b['name'][:70]:70s} {us:10.2f} {e.get('GBps', float('nan')):8.1f} {e.get('tok_per_s', float('nan')):8.1f}")
+    print(f"{b['name'][:70]:70s} {us:10.2f} {e.get('GBps', float('nan')):8.1f} {e.get('TFLOPs', float('nan')):8.1f} "
+          f"{e.get('tok_per_s', float('nan')):8.1f}")
 PY
 exit $status

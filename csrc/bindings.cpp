@@ -52,6 +52,9 @@ PYBIND11_MODULE(_C, m) {
             "reshape_and_cache",
             "decode_attention",
             "sample",
+            "prefill_attention",
+            "int8_linear",
+            "int4_linear",
         };
       },
       "Names of the kernels compiled in.");
@@ -170,4 +173,111 @@ PYBIND11_MODULE(_C, m) {
       "[max(0, L - window), L), L = seq_lens[b] (int32, device), slots from int32 block_tables [batch, max_blocks] "
       "(device); caches [num_blocks, block_size, Hk, D]; fp16/bf16 (dtype 1/2); sliding_window 0 = none; "
       "workspace and num_splits from decode_attention_plan.");
+
+  m.def(
+      "prefill_attention",
+      [](std::uintptr_t out, std::uintptr_t lse, std::uintptr_t q, std::uintptr_t k_cache, std::uintptr_t v_cache,
+         std::uintptr_t cu_seqlens_q, std::uintptr_t seq_lens, std::uintptr_t block_tables, std::int64_t num_tokens,
+         std::int64_t batch, std::int64_t num_q_heads, std::int64_t num_kv_heads, std::int64_t head_dim,
+         std::int64_t q_token_stride, std::int64_t q_head_stride, std::int64_t num_blocks, std::int64_t block_size,
+         std::int64_t max_blocks, std::int64_t max_query_len, float scale, std::int64_t sliding_window, int dtype,
+         std::uintptr_t stream) {
+        check("prefill_attention",
+              fastllm::launch_prefill_attention(ptr(out), ptr(lse), ptr(q), ptr(k_cache), ptr(v_cache),
+                                                ptr(cu_seqlens_q), ptr(seq_lens), ptr(block_tables), num_tokens,
+                                                batch, num_q_heads, num_kv_heads, head_dim, q_token_stride,
+                                                q_head_stride, num_blocks, block_size, max_blocks, max_query_len,
+                                                scale, sliding_window, dtype, ptr(stream)));
+      },
+      py::arg("out"), py::arg("lse"), py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("cu_seqlens_q"),
+      py::arg("seq_lens"), py::arg("block_tables"), py::arg("num_tokens"), py::arg("batch"), py::arg("num_q_heads"),
+      py::arg("num_kv_heads"), py::arg("head_dim"), py::arg("q_token_stride"), py::arg("q_head_stride"),
+      py::arg("num_blocks"), py::arg("block_size"), py::arg("max_blocks"), py::arg("max_query_len"),
+      py::arg("scale"), py::arg("sliding_window"), py::arg("dtype"), py::arg("stream"),
+      "out [num_tokens, Hq, D] (contiguous) = causal softmax(q k^T * scale) v of each sequence's queries "
+      "q[cu_seqlens_q[b]:cu_seqlens_q[b+1]] (positions seq_lens[b] - query_len + i) over its cached keys (slots "
+      "from int32 block_tables [batch, max_blocks]; int32 cu_seqlens_q, seq_lens; all device), within "
+      "sliding_window when > 0; lse (fp32 [num_tokens, Hq], 0 = none) = log-sum-exp of the scaled scores. "
+      "caches [num_blocks, block_size, Hk, D]; fp16/bf16 (dtype 1/2); D in {64, 80, 96, 128, 256}; "
+      "max_query_len: host-side bound on the query lengths (sizes the grid).");
+
+  m.def(
+      "int8_linear_plan",
+      [](std::int64_t m, std::int64_t n, std::int64_t k, std::int64_t num_sms, std::int64_t requested_splits) {
+        std::int64_t splits = 1, workspace_floats = 0;
+        check("int8_linear", fastllm::int8_linear_plan(&splits, &workspace_floats, m, n, k, num_sms, requested_splits));
+        return std::make_pair(splits, workspace_floats);
+      },
+      py::arg("m"), py::arg("n"), py::arg("k"), py::arg("num_sms"), py::arg("requested_splits"),
+      "(num_splits, workspace_floats) for int8_linear with M tokens, N outputs, K inputs on a GPU with num_sms "
+      "SMs (host only): requested_splits (1..16, clamped to the K tiles) or 0 to choose; workspace_floats = "
+      "num_splits * M * N fp32 when num_splits > 1, else 0.");
+
+  m.def(
+      "int8_linear",
+      [](std::uintptr_t out, std::uintptr_t workspace, std::uintptr_t x, std::uintptr_t qweight,
+         std::uintptr_t scales, std::uintptr_t bias, std::int64_t m, std::int64_t n, std::int64_t k,
+         std::int64_t num_splits, int dtype, std::uintptr_t stream) {
+        check("int8_linear", fastllm::launch_int8_linear(ptr(out), ptr(workspace), ptr(x), ptr(qweight), ptr(scales),
+                                                         ptr(bias), m, n, k, num_splits, dtype, ptr(stream)));
+      },
+      py::arg("out"), py::arg("workspace"), py::arg("x"), py::arg("qweight"), py::arg("scales"), py::arg("bias"),
+      py::arg("m"), py::arg("n"), py::arg("k"), py::arg("num_splits"), py::arg("dtype"), py::arg("stream"),
+      "out [M, N] = x [M, K] @ (qweight * scales[:, None]).T + bias for int8 qweight [N, K], fp32 scales [N], "
+      "bias [N] (0 = none); x, out, bias fp16/bf16 (dtype 1/2), contiguous. num_splits and the fp32 workspace "
+      "(0 when num_splits == 1) from int8_linear_plan.");
+
+  m.def(
+      "int8_dequantize",
+      [](std::uintptr_t out, std::uintptr_t qweight, std::uintptr_t scales, std::int64_t n, std::int64_t k, int dtype,
+         std::uintptr_t stream) {
+        check("int8_linear",
+              fastllm::launch_int8_dequantize(ptr(out), ptr(qweight), ptr(scales), n, k, dtype, ptr(stream)));
+      },
+      py::arg("out"), py::arg("qweight"), py::arg("scales"), py::arg("n"), py::arg("k"), py::arg("dtype"),
+      py::arg("stream"),
+      "out [N, K] (fp16/bf16, dtype 1/2) = qweight * scales[:, None] rounded once, for int8 qweight [N, K] and "
+      "fp32 scales [N].");
+
+  m.def(
+      "int4_linear_plan",
+      [](std::int64_t m, std::int64_t n, std::int64_t k, std::int64_t group, std::int64_t num_sms,
+         std::int64_t requested_splits) {
+        std::int64_t splits = 1, workspace_floats = 0;
+        check("int4_linear",
+              fastllm::int4_linear_plan(&splits, &workspace_floats, m, n, k, group, num_sms, requested_splits));
+        return std::make_pair(splits, workspace_floats);
+      },
+      py::arg("m"), py::arg("n"), py::arg("k"), py::arg("group"), py::arg("num_sms"), py::arg("requested_splits"),
+      "(num_splits, workspace_floats) for int4_linear with M tokens, N outputs, K inputs and group size 32/64/128 "
+      "on a GPU with num_sms SMs (host only): requested_splits (1..16, clamped to the K tiles) or 0 to choose; "
+      "workspace_floats = num_splits * M * N fp32 when num_splits > 1, else 0.");
+
+  m.def(
+      "int4_linear",
+      [](std::uintptr_t out, std::uintptr_t workspace, std::uintptr_t x, std::uintptr_t qweight,
+         std::uintptr_t scales, std::uintptr_t zeros, std::uintptr_t bias, std::int64_t m, std::int64_t n,
+         std::int64_t k, std::int64_t group, std::int64_t num_splits, int dtype, std::uintptr_t stream) {
+        check("int4_linear",
+              fastllm::launch_int4_linear(ptr(out), ptr(workspace), ptr(x), ptr(qweight), ptr(scales), ptr(zeros),
+                                          ptr(bias), m, n, k, group, num_splits, dtype, ptr(stream)));
+      },
+      py::arg("out"), py::arg("workspace"), py::arg("x"), py::arg("qweight"), py::arg("scales"), py::arg("zeros"),
+      py::arg("bias"), py::arg("m"), py::arg("n"), py::arg("k"), py::arg("group"), py::arg("num_splits"),
+      py::arg("dtype"), py::arg("stream"),
+      "out [M, N] = x [M, K] @ w.T + bias with w = (q - zeros) * scales per group of `group` columns, q the "
+      "nibbles of uint8 qweight [N, K/2] (low nibble = even column), scales [N, K/group] in the activation dtype, "
+      "uint8 zeros [N, K/group]; x, out, bias fp16/bf16 (dtype 1/2), contiguous; bias 0 = none. num_splits and "
+      "the fp32 workspace (0 when num_splits == 1) from int4_linear_plan.");
+
+  m.def(
+      "int4_dequantize",
+      [](std::uintptr_t out, std::uintptr_t qweight, std::uintptr_t scales, std::uintptr_t zeros, std::int64_t n,
+         std::int64_t k, std::int64_t group, int dtype, std::uintptr_t stream) {
+        check("int4_linear", fastllm::launch_int4_dequantize(ptr(out), ptr(qweight), ptr(scales), ptr(zeros), n, k,
+                                                             group, dtype, ptr(stream)));
+      },
+      py::arg("out"), py::arg("qweight"), py::arg("scales"), py::arg("zeros"), py::arg("n"), py::arg("k"),
+      py::arg("group"), py::arg("dtype"), py::arg("stream"),
+      "out [N, K] (fp16/bf16, dtype 1/2) = (q - zeros) * scales per group, rounded once; formats as int4_linear.");
 }

@@ -71,4 +71,52 @@ const char* launch_sample(void* out, const void* logits, const void* temperature
                           const void* top_p, const void* min_p, const void* seeds, const void* offsets, int64_t rows,
                           int64_t vocab, int dtype, int force_group, int64_t cache_limit, void* stream);
 
+// Prefill attention over a paged KV cache (any number of queries per sequence):
+// for sequence b, queries q[cu_seqlens_q[b] .. cu_seqlens_q[b+1]) (int32 [batch+1],
+// device) sit at positions L - query_len + i (L = seq_lens[b], int32 [batch],
+// device) and attend causally (and within sliding_window when > 0) to the
+// cached keys, slots from int32 block_tables [batch, max_blocks] (device):
+// out [num_tokens, Hq, D] (contiguous) = softmax(q k^T * scale) v, fp32 inside;
+// lse (fp32 [num_tokens, Hq], may be null) = natural-log sum of exp of the
+// scaled scores (-inf, and out 0, for a query without keys). q: [num_tokens,
+// Hq, D] with the given element strides (multiples of 8); caches
+// [num_blocks, block_size, Hk, D] contiguous; fp16/bf16; D in {64, 80, 96,
+// 128, 256}; block_size a power of two; scale > 0. max_query_len: a host-side
+// bound on the query lengths (sizes the grid; longer queries are not computed).
+const char* launch_prefill_attention(void* out, void* lse, const void* q, const void* k_cache, const void* v_cache,
+                                     const void* cu_seqlens_q, const void* seq_lens, const void* block_tables,
+                                     int64_t num_tokens, int64_t batch, int64_t num_q_heads, int64_t num_kv_heads,
+                                     int64_t head_dim, int64_t q_token_stride, int64_t q_head_stride,
+                                     int64_t num_blocks, int64_t block_size, int64_t max_blocks,
+                                     int64_t max_query_len, float scale, int64_t sliding_window, int dtype,
+                                     void* stream);
+
+// Weight-only quantized linears (formats: fastllm/quant.py), x [M, K] and out
+// [M, N] contiguous in dtype (fp16/bf16 only), bias [N] in dtype or null.
+// *_plan: host-only, no CUDA calls: the split-K factor for M tokens on a GPU
+// with num_sms SMs (requested_splits 0 = automatic, else clamped to the K
+// tiles) and the fp32 workspace it needs (num_splits * M * N when > 1, else 0).
+// launch_*: num_splits from the plan; workspace may be null when it is 1.
+// x or qweight not 16-byte aligned (or int8 K % 16 != 0) takes a slow scalar
+// path that ignores num_splits. *_dequantize: w [N, K] in dtype, rounded like
+// torch's dequantize-then-cast.
+// int8: qweight int8 [N, K], scales fp32 [N]; y = x (q * scale)^T + bias; any K >= 1.
+const char* int8_linear_plan(int64_t* num_splits, int64_t* workspace_floats, int64_t m, int64_t n, int64_t k,
+                             int64_t num_sms, int64_t requested_splits);
+const char* launch_int8_linear(void* out, void* workspace, const void* x, const void* qweight, const void* scales,
+                               const void* bias, int64_t m, int64_t n, int64_t k, int64_t num_splits, int dtype,
+                               void* stream);
+const char* launch_int8_dequantize(void* out, const void* qweight, const void* scales, int64_t n, int64_t k, int dtype,
+                                   void* stream);
+// int4: qweight uint8 [N, K/2] (low nibble = even column), scales [N, K/g] in
+// dtype, zeros uint8 [N, K/g] in [0, 15], g in {32, 64, 128}, K % g == 0;
+// w = (q - zero) * scale per group of g columns.
+const char* int4_linear_plan(int64_t* num_splits, int64_t* workspace_floats, int64_t m, int64_t n, int64_t k,
+                             int64_t group, int64_t num_sms, int64_t requested_splits);
+const char* launch_int4_linear(void* out, void* workspace, const void* x, const void* qweight, const void* scales,
+                               const void* zeros, const void* bias, int64_t m, int64_t n, int64_t k, int64_t group,
+                               int64_t num_splits, int dtype, void* stream);
+const char* launch_int4_dequantize(void* out, const void* qweight, const void* scales, const void* zeros, int64_t n,
+                                   int64_t k, int64_t group, int dtype, void* stream);
+
 }  // namespace fastllm

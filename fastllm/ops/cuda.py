@@ -107,3 +107,5 @@ def rotary_embedding(q: Tensor, k: Tensor, positions: Tensor, cos_sin_cache: Ten
 
 from fastllm.ops.cuda_sample import sample  # noqa: E402,F401
 from fastllm.ops.cuda_attention import decode_attention, decode_attention_supported, reshape_and_cache  # noqa: E402,F401
+from fastllm.ops.cuda_prefill_attention import prefill_attention, prefill_attention_supported  # noqa: E402,F401
+from fastllm.ops.cuda_quant import int4_linear, int4_linear_supported, int8_linear, int8_linear_supported  # noqa: E402,F401
