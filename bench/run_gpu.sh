@@ -3,7 +3,8 @@
 # Usage: bash bench/run_gpu.sh OUTDIR [PYTEST_BENCH_ARGS...]
 #   logs and bench.json land in OUTDIR (<= 8 files); extra arguments select
 #   benchmarks, e.g. `bash bench/run_gpu.sh $OUT bench/bench_rmsnorm.py`.
-#   SKIP_TESTS=1 skips the test phase (a second call after a first full one).
+#   SKIP_TESTS=1 skips the test phase (a second call after a first full one);
+#   TESTS="python_tests/test_x.py ..." picks test files; FILE_TIMEOUT (s) limits each file.
 set -uo pipefail
 out=${1:?usage: bash bench/run_gpu.sh OUTDIR [bench files]}
 shift
@@ -28,16 +29,59 @@ if ! python3 -m pip install --no-build-isolation --no-deps -v . > "$out/build.lo
 fi
 python3 -c "import fastllm, json; print(json.dumps(fastllm.backend_info(), indent=1))" | tee -a "$out/env.txt"
 
+# Each test and benchmark file runs in its own process under a time limit, so
+# a hung kernel or a poisoned CUDA context (illegal address) costs one file,
+# not the session. Kernel tests first: they are what a GPU round is for.
+limit=${FILE_TIMEOUT:-240}
+tmp=$(mktemp -d)
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
-  echo "== tests"
-  FASTLLM_EXPECT_C=1 pytest python_tests -q -rs --junitxml="$out/tests.xml" > "$out/tests.log" 2>&1 || status=1
-  grep -E "FAILED|ERROR" "$out/tests.log" | head -40
-  tail -3 "$out/tests.log"
+  echo "== tests (per file, ${limit}s limit)"
+  : > "$out/tests.log"
+  files=${TESTS:-$(ls python_tests/test_*.py | grep -E 'rmsnorm|silu|rotary|decode|sample|prefill|int8|int4'; \
+                   ls python_tests/test_*.py | grep -vE 'rmsnorm|silu|rotary|decode|sample|prefill|int8|int4')}
+  for f in $files; do
+    echo "---- $f" >> "$out/tests.log"
+    FASTLLM_EXPECT_C=1 timeout -k 10 "$limit" pytest "$f" -q -rs -p no:cacheprovider >> "$out/tests.log" 2>&1
+    rc=$?
+    line=$(tail -1 "$out/tests.log")
+    [ $rc -eq 124 ] || [ $rc -eq 137 ] && line="TIMEOUT after ${limit}s"
+    [ $rc -ne 0 ] && status=1
+    printf '%-45s rc=%-3s %s\n' "$f" "$rc" "$line" | tee -a "$out/test_summary.txt"
+  done
+  grep -E "^(FAILED|ERROR)" "$out/tests.log" | head -60
 fi
 
-echo "== benchmarks"
-pytest "${bench_args[@]}" --benchmark-only --benchmark-json="$out/bench.json" -s > "$out/bench.log" 2>&1 || status=1
-grep -E "^(rmsnorm|generate|linear|int8_linear|int4_linear|prefill_attention)|passed|failed|error" "$out/bench.log" | tail -160
+echo "== benchmarks (per file, ${limit}s limit)"
+: > "$out/bench.log"
+bench_files=()
+for a in "${bench_args[@]}"; do
+  if [ -d "$a" ]; then bench_files+=($(ls "$a"/bench_*.py)); else bench_files+=("$a"); fi
+done
+i=0
+for f in "${bench_files[@]}"; do
+  i=$((i + 1))
+  echo "---- $f" >> "$out/bench.log"
+  timeout -k 10 "$limit" pytest "$f" --benchmark-only --benchmark-json="$tmp/bench_$i.json" -s -q \
+    -p no:cacheprovider >> "$out/bench.log" 2>&1
+  rc=$?
+  if [ $rc -ne 0 ]; then status=1; echo "$f: rc=$rc" | tee -a "$out/bench.log"; fi
+done
+grep -E "^(rmsnorm|generate|linear|int8_linear|int4_linear|prefill_attention|decode_attention|sample|silu|rotary)|passed|failed|error" \
+  "$out/bench.log" | tail -200
+python3 - "$tmp" "$out/bench.json" <<'PY'
+import glob, json, sys
+merged = {"benchmarks": []}
+for path in sorted(glob.glob(sys.argv[1] + "/bench_*.json")):
+    try:
+        data = json.load(open(path))
+    except Exception:
+        continue
+    merged.setdefault("machine_info", data.get("machine_info"))
+    merged.setdefault("commit_info", data.get("commit_info"))
+    merged["benchmarks"] += data.get("benchmarks", [])
+json.dump(merged, open(sys.argv[2], "w"), indent=1)
+PY
+rm -rf "$tmp"
 
 python3 - "$out/bench.json" <<'PY' | tee "$out/summary.txt"
 import json, sys
