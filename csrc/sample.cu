@@ -5,7 +5,8 @@
  * What it computes (reference.sample / reference.sampling_mask):
  *   q_i = exp((l_i - max l) / temperature)          (fp32; q of the argmax is 1)
  *   top-k keeps q >= the k-th largest q; top-p keeps token i iff the mass
- *   strictly above q_i is < top_p times the mass top-k kept; min-p keeps
+ *   strictly above q_i is < top_p times the mass top-k kept (a fraction that
+ *   rounds to top_p in fp32 reaches it, as in the fp32 reference); min-p keeps
  *   q >= min_p (= min_p * max, since max q is 1). Each filter keeps ties, so
  *   each keeps an upper set {q >= t} and the support is {q >= T} with
  *   T = max(t_k, t_p, min_p). The token is drawn by inverse CDF in token order
@@ -30,7 +31,8 @@
  *      is found, and the window narrows to that bin: bits 29..20, 19..10, 9..0,
  *      at most three levels, usually one or two (a level stops early when the
  *      whole bin is kept). top-p searches only keys >= t_k, and its target
- *      top_p * (mass >= t_k) comes from its first histogram;
+ *      top_p * (mass >= t_k) (at fp32 resolution of top_p) comes from its
+ *      first histogram;
  *   4. sums the kept mass of a contiguous range per thread, scans it across the
  *      block and the group, and the block and thread holding the uniform's
  *      target walk their range to the token.
@@ -342,9 +344,10 @@ __global__ void __launch_bounds__(kThreads, 1)
 
     // ---- 3. radix select of a threshold key ---------------------------------
     // by_mass == false: the key t with count(q > t) < target <= count(q >= t);
-    // by_mass == true: the same with masses and target = ceil(top_p * mass of
-    // the initial window). Searches keys in [wlo, kKeyMax]; returns a key t
-    // (or the lower edge of a bin) such that {bits(q) >= t} is the kept set.
+    // by_mass == true: the same with masses and target = ceil(edge * mass of
+    // the initial window), edge = top_p less half an fp32 ulp. Searches keys in
+    // [wlo, kKeyMax]; returns a key t (or the lower edge of a bin) such that
+    // {bits(q) >= t} is the kept set.
     int level = 0;
     auto select = [&](bool by_mass, u64 target, uint32_t wlo) -> Threshold {
       uint32_t whi = kKeyMax;
@@ -418,7 +421,15 @@ __global__ void __launch_bounds__(kThreads, 1)
             u64 total = smm;
 #pragma unroll
             for (int o = 16; o > 0; o >>= 1) total += __shfl_xor_sync(kFull, total, o);
-            const double want = ceil(static_cast<double>(tp) * static_cast<double>(total));
+            // top-p's boundary at fp32 resolution, as the reference compares fp32
+            // probabilities: a mass above q_i whose fraction of the total rounds to
+            // top_p in fp32 reaches top_p. Without this, probs 0.4 / 0.2 / 0.2 / 0.2
+            // and top_p = 0.4 (0.4f > 0.4) keep all four tokens when __expf gives
+            // the 0.2 tokens q = 0.5 exactly, and only the first one when it
+            // rounds to 0.49999997. The edge is the midpoint between top_p and the
+            // float below it (exact in double), so the test is fl32(above / total) < top_p.
+            const double edge = 0.5 * (static_cast<double>(tp) + static_cast<double>(nextafterf(tp, 0.f)));
+            const double want = ceil(edge * static_cast<double>(total));
             tgt = want >= static_cast<double>(total) ? total : static_cast<u64>(want);
             if (tgt < 1) tgt = 1;
           }
@@ -561,6 +572,7 @@ struct DeviceInfo {
   bool smem_set[3][5] = {};
   int smem_optin = 0;                // cudaDevAttrMaxSharedMemoryPerBlockOptin (bytes)
   int cache_capacity[3] = {0, 0, 0};  // q values a block can cache on this device, per dtype code
+  int cluster_code[3] = {-1, -1, -1};  // cluster kernels usable on this device, per dtype code (-1: not asked yet)
 };
 
 constexpr int kMaxDevices = 64;
@@ -670,15 +682,19 @@ bool cluster16_fits(DeviceInfo& info, int dtype, int cache) {
 }
 
 // Whether the kernels in this binary were compiled for sm_90+ (clusters), not
-// JIT-compiled from older PTX.
+// JIT-compiled from older PTX. Asked once per device and dtype (a function
+// attribute query on every call costs host time in the decode loop).
 template <typename T>
-bool cluster_code(void) {
+bool cluster_code(DeviceInfo& info, int dtype) {
+  if (info.cluster_code[dtype] >= 0) return info.cluster_code[dtype] != 0;
   cudaFuncAttributes attr;
   if (cudaFuncGetAttributes(&attr, sample_kernel<T, 2>) != cudaSuccess) {
     cudaGetLastError();
-    return false;
+    return false;  // not cached: asked again next time
   }
-  return attr.binaryVersion >= 90 && (attr.ptxVersion == 0 || attr.ptxVersion >= 90);
+  const bool ok = attr.binaryVersion >= 90 && (attr.ptxVersion == 0 || attr.ptxVersion >= 90);
+  info.cluster_code[dtype] = ok ? 1 : 0;
+  return ok;
 }
 
 template <typename T>
@@ -689,7 +705,7 @@ const char* launch_typed(int64_t* out, const T* logits, const float* temperature
   FASTLLM_RETURN_IF_ERROR(cudaGetDevice(&dev));
   DeviceInfo* info = device_info(dev);
   if (info == nullptr) return "cannot query the CUDA device";
-  const bool clusters = info->major >= 9 && cluster_code<T>();
+  const bool clusters = info->major >= 9 && cluster_code<T>(*info, dtype);
   int cache = cache_capacity<T>(*info, dtype);
   if (cache_limit >= 0 && cache_limit < cache) cache = static_cast<int>(cache_limit / 8 * 8);
 

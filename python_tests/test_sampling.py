@@ -155,3 +155,17 @@ def test_moe_route_and_fused_moe_against_dense_loop():
             weights[t, s] * (w2[ids[t, s]] @ ref.silu_and_mul(w13[ids[t, s]] @ x[t])) for s in range(k)
         )
         torch.testing.assert_close(out[t], expect, rtol=1e-4, atol=1e-4)
+
+
+def test_extreme_temperature_and_logits_stay_finite():
+    """A tiny temperature or logits near the float limit must not turn into
+    inf - inf = NaN probabilities: the mass goes to the maximum."""
+    logits = torch.tensor([[3e38, -3e38, 1e38, 0.0], [1.0, 2.0, 2.0, -1.0]])
+    for t in (1e-40, 1e-3, 1.0, 1e30):
+        p = _params(2, temperature=t, top_p=0.9)
+        keep, probs = ref.sampling_mask(logits, **p)
+        assert torch.isfinite(probs).all() and torch.allclose(probs.sum(-1), torch.ones(2))
+        out = ref.sample(logits, **p, seeds=[0, 1], offsets=[3, 3])
+        assert keep.gather(1, out[:, None]).all()
+    out = ref.sample(logits, **_params(2, temperature=1e-40), seeds=[0, 0], offsets=[0, 0])
+    assert out[0] == 0 and out[1] in (1, 2)

@@ -309,7 +309,10 @@ def sampling_mask(
     never reach the draw).
     """
     t = torch.where(temperature > 0, temperature, torch.ones_like(temperature))
-    probs = torch.softmax(logits.float() / t[:, None].float(), dim=-1)
+    lf = logits.float()
+    # Shift by the row max before dividing: (l - max) / t <= 0, so a tiny
+    # temperature or huge logits cannot overflow to inf - inf = NaN.
+    probs = torch.softmax((lf - lf.amax(dim=-1, keepdim=True)) / t[:, None].float(), dim=-1)
     keep = torch.ones_like(probs, dtype=torch.bool)
     V = probs.shape[-1]
     k = top_k.long().clamp(min=0)
