@@ -24,7 +24,10 @@
  *    device memory, so the launch can be captured in a CUDA graph): the range
  *    [start, L) is cut into num_splits chunks rounded up to whole tiles; CTAs
  *    past the end of their sequence exit at once. num_splits only sizes the
- *    grid, so any length is handled correctly whatever num_splits is.
+ *    grid, so any length is handled correctly whatever num_splits is. A length
+ *    past the block table (max_blocks * block_size) is clamped to it, and a
+ *    block id outside [0, num_blocks) reads zeros: garbage metadata never
+ *    faults.
  *  - 128 threads. A "row group" of TPK = pow2ceil(D / 8) lanes covers one key
  *    row, each lane one 16-byte chunk (8 elements); 128 / TPK row groups work
  *    on different rows. A thread keeps the 8 query elements of its chunk for
@@ -146,8 +149,14 @@ constexpr int decode_smem_bytes() {
   return ring > merge ? ring : merge;
 }
 
+// Longest key range the kernels index (the launcher clamps max_len to it): row
+// indices up to end + TILE stay far below INT_MAX even when seq_lens (device
+// data, never checked on the host) holds garbage.
+constexpr int kMaxKeys = INT_MAX - (1 << 20);
+
 // The key range of one split: [begin, end), and how many splits the sequence
-// uses. Shared by both kernels so that they agree on the partition.
+// uses. Shared by both kernels so that they agree on the partition. 64-bit
+// arithmetic: len + chunk and split * chunk may pass INT_MAX for lengths near it.
 struct SplitRange {
   int begin, end, n_active;
 };
@@ -156,12 +165,13 @@ __device__ __forceinline__ SplitRange split_range(int seq_len, int max_len, int 
                                                   int split) {
   seq_len = min(max(seq_len, 0), max_len);
   const int start = window > 0 ? max(0, seq_len - window) : 0;
-  const int len = seq_len - start;
-  const int chunk = max(tile, ceil_div(ceil_div(len, num_splits), tile) * tile);
+  const int64_t len = seq_len - start;
+  const int64_t chunk = max(int64_t{tile}, ceil_div<int64_t>(ceil_div<int64_t>(len, num_splits), tile) * tile);
   SplitRange r;
-  r.n_active = len > 0 ? ceil_div(len, chunk) : 1;
-  r.begin = start + split * chunk;
-  r.end = min(seq_len, r.begin + chunk);
+  r.n_active = len > 0 ? static_cast<int>(ceil_div<int64_t>(len, chunk)) : 1;
+  const int64_t begin = min(start + split * chunk, int64_t{seq_len});  // past the end: an empty range
+  r.begin = static_cast<int>(begin);
+  r.end = static_cast<int>(min(int64_t{seq_len}, begin + chunk));
   return r;
 }
 
@@ -686,7 +696,7 @@ const char* launch_decode_attention(void* out, void* workspace, const void* q, c
     p.max_blocks = static_cast<int>(max_blocks);
     p.log2_block = log2_block;
     p.num_blocks = static_cast<int>(num_blocks);
-    p.max_len = static_cast<int>(max_len < INT_MAX ? max_len : INT_MAX);
+    p.max_len = static_cast<int>(max_len < kMaxKeys ? max_len : kMaxKeys);
     p.window = static_cast<int>(sliding_window);
     p.num_splits = static_cast<int>(num_splits);
     p.scale_log2 = scale * kLog2e;

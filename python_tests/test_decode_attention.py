@@ -206,6 +206,8 @@ def test_bad_input():
         cuda.decode_attention(q, k_cache, v_cache, tables.cpu(), lens, 0.1)
     with pytest.raises(ValueError, match="scale"):
         cuda.decode_attention(q, k_cache, v_cache, tables, lens, math.inf)
+    with pytest.raises(ValueError, match="scale"):
+        cuda.decode_attention(q, k_cache, v_cache, tables, lens, 1e39)  # inf once converted to float32
     with pytest.raises(ValueError, match="num_splits"):
         cuda.decode_attention(q, k_cache, v_cache, tables, lens, 0.1, num_splits=1000)
     with pytest.raises(ValueError, match="sliding_window"):
@@ -234,6 +236,66 @@ def test_supported_predicate_and_op_table_fallback(monkeypatch):
     monkeypatch.setattr(backend._C, "decode_attention", lambda *a: (calls.append(a), real(*a))[1], raising=False)
     ops.decode_attention(q, k_cache, v_cache, tables, lens, 0.1)
     assert calls
+
+
+@requires_cuda
+def test_garbage_lengths_and_block_ids_never_fault():
+    """seq_lens is device data the wrapper cannot check: lengths past the block
+    table (up to INT32_MAX, where 32-bit split arithmetic used to overflow) are
+    clamped to the table, and block ids outside the cache read zeros."""
+    from fastllm.ops import cuda
+
+    bs = 16
+    k_cache, v_cache, tables, lens = paged_cache([5, 300, 33], 4, 128, torch.bfloat16, bs)
+    k_cache.normal_(), v_cache.normal_()  # every slot of the table is now a key of a clamped sequence
+    q = torch.randn(3, 16, 128, device="cuda", dtype=torch.bfloat16)
+    cap = tables.shape[1] * bs
+    garbage = torch.tensor([5, 2**31 - 1, 10**9], dtype=torch.int32, device="cuda")
+    clamped = torch.tensor([5, cap, cap], dtype=torch.int32, device="cuda")
+    expect = ref.decode_attention(q.float(), k_cache.float(), v_cache.float(), tables, clamped, 0.1)
+    peer = torch_peer(q, k_cache, v_cache, tables, clamped, 0.1)
+    for splits in (None, 1, 3, 256):
+        out = cuda.decode_attention(q, k_cache, v_cache, tables, garbage, 0.1, num_splits=splits)
+        check_close(out, expect, peer)
+    bad = tables.clone()
+    bad[1, 1], bad[1, 2] = 10**6, -7
+    out = cuda.decode_attention(q, k_cache, v_cache, bad, lens, 0.1)
+    torch.cuda.synchronize()
+    assert torch.isfinite(out.float()).all()
+
+
+@requires_cuda
+def test_q_with_any_stride_on_size_one_dims():
+    """torch leaves the stride of a size-1 dim arbitrary (a contiguous [1, H, D]
+    tensor may have stride(0) == 3): the kernel never uses it."""
+    q = torch.empty_strided((1, 8, 64), (3, 64, 1), device="cuda", dtype=torch.float16)
+    q.copy_(torch.randn(1, 8, 64, device="cuda"))
+    assert q.is_contiguous()
+    run_case([70], 8, 2, 64, torch.float16, q=q)
+    q1 = torch.empty_strided((2, 1, 64), (64, 5, 1), device="cuda", dtype=torch.float16)
+    q1.copy_(torch.randn(2, 1, 64, device="cuda"))
+    run_case([9, 40], 1, 1, 64, torch.float16, q=q1)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_tensors_on_a_non_current_device():
+    """The wrappers launch on the tensors' device (and plan for it), not on
+    whichever device is current."""
+    from fastllm.ops import cuda
+
+    with torch.cuda.device(1):
+        k_cache, v_cache, tables, lens = paged_cache([40, 700], 2, 128, torch.bfloat16)
+        q = torch.randn(2, 8, 128, device="cuda", dtype=torch.bfloat16)
+        k = torch.randn(3, 2, 128, device="cuda", dtype=torch.bfloat16)
+    assert torch.cuda.current_device() == 0 and q.device.index == 1
+    out = cuda.decode_attention(q, k_cache, v_cache, tables, lens, 0.1)
+    expect = ref.decode_attention(q.float(), k_cache.float(), v_cache.float(), tables, lens, 0.1)
+    check_close(out, expect, torch_peer(q, k_cache, v_cache, tables, lens, 0.1))
+    slots = torch.tensor([0, 5, 17], device=q.device)
+    want_k, want_v = k_cache.clone(), v_cache.clone()
+    ref.reshape_and_cache(k, k, want_k, want_v, slots)
+    cuda.reshape_and_cache(k, k, k_cache, v_cache, slots)
+    assert torch.equal(k_cache, want_k) and torch.equal(v_cache, want_v)
 
 
 # --------------------------------------------------------------------------- #

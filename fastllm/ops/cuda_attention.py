@@ -19,6 +19,7 @@ from fastllm.ops.cuda_common import DTYPE_CODES, check_tensor, current_stream, e
 DECODE_HEAD_DIMS = (64, 80, 96, 128, 256)
 DECODE_DTYPES = (torch.float16, torch.bfloat16)
 MAX_SPLITS = 256
+FLOAT32_MAX = torch.finfo(torch.float32).max
 
 
 def _check_rows(op: str, name: str, t: Tensor, dims: int) -> None:
@@ -29,6 +30,14 @@ def _check_rows(op: str, name: str, t: Tensor, dims: int) -> None:
         raise ValueError(f"{op}: {name} must have {dims} dimensions, got shape {tuple(t.shape)}")
     if t.shape[-1] > 1 and t.stride(-1) != 1:
         raise ValueError(f"{op}: {name} must have a contiguous last dimension (call .contiguous() first)")
+
+
+def _strides(t: Tensor) -> tuple[int, ...]:
+    """Element strides with 0 for dimensions of size 1: the kernels only ever
+    multiply those by index 0, and torch leaves them arbitrary (a contiguous
+    [1, H, D] tensor may have any stride(0)), which must not fail the kernels'
+    alignment checks or turn off their vector paths."""
+    return tuple(st if size > 1 else 0 for size, st in zip(t.shape, t.stride()))
 
 
 def _check_caches(op: str, k_cache: Tensor, v_cache: Tensor, device: torch.device) -> None:
@@ -78,11 +87,13 @@ def reshape_and_cache(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, sl
         v = v.to(k_cache.dtype)
     if n == 0:
         return
-    ext().reshape_and_cache(
-        k_cache.data_ptr(), v_cache.data_ptr(), k.data_ptr(), v.data_ptr(), slot_mapping.data_ptr(),
-        n, hk, d, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        k_cache.shape[0] * k_cache.shape[1], DTYPE_CODES[k_cache.dtype], current_stream(device),
-    )
+    ks, vs = _strides(k), _strides(v)
+    with torch.cuda.device(device):  # launch on the tensors' device, whichever is current
+        ext().reshape_and_cache(
+            k_cache.data_ptr(), v_cache.data_ptr(), k.data_ptr(), v.data_ptr(), slot_mapping.data_ptr(),
+            n, hk, d, ks[0], ks[1], vs[0], vs[1],
+            k_cache.shape[0] * k_cache.shape[1], DTYPE_CODES[k_cache.dtype], current_stream(device),
+        )
 
 
 def decode_attention_supported(
@@ -164,16 +175,18 @@ def decode_attention(
         raise ValueError(f"{op}: block_tables must be [{b}, max_blocks], got {tuple(block_tables.shape)}")
     if tuple(seq_lens.shape) != (b,):
         raise ValueError(f"{op}: seq_lens must have shape ({b},), got {tuple(seq_lens.shape)}")
-    if not (isinstance(scale, (int, float)) and math.isfinite(scale)):
-        raise ValueError(f"{op}: scale must be a finite number, got {scale!r}")
+    if not (isinstance(scale, (int, float)) and math.isfinite(scale) and abs(scale) <= FLOAT32_MAX):
+        raise ValueError(f"{op}: scale must be a finite number (in float32 range), got {scale!r}")
     if sliding_window is not None and (not isinstance(sliding_window, int) or sliding_window < 1):
         raise ValueError(f"{op}: sliding_window must be None or an int >= 1, got {sliding_window!r}")
     if num_splits is not None and (not isinstance(num_splits, int) or not 1 <= num_splits <= MAX_SPLITS):
         raise ValueError(f"{op}: num_splits must be None or an int in [1, {MAX_SPLITS}], got {num_splits!r}")
     if b == 0:
         return torch.empty_like(q)
-    if q.stride(1) % 8 or q.stride(0) % 8 or q.data_ptr() % 16:
+    qs = _strides(q)
+    if qs[0] % 8 or qs[1] % 8 or q.data_ptr() % 16:
         q = q.contiguous() if not q.is_contiguous() else q.clone()  # 16-byte vector loads need aligned rows
+        qs = _strides(q)
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
         if t.data_ptr() % 16:
             raise ValueError(f"{op}: {name} must be 16-byte aligned (a view at an odd offset is not supported)")
@@ -183,13 +196,14 @@ def decode_attention(
         raise ValueError(f"{op}: max_seq_len must be None or an int >= 0, got {max_seq_len!r}")
     dtype = DTYPE_CODES[q.dtype]
     window = sliding_window or 0
-    splits, ws_floats = ext().decode_attention_plan(b, hq, hk, d, max_seq_len, window, num_splits or 0, dtype)
-    out = torch.empty((b, hq, d), dtype=q.dtype, device=device)
-    workspace = torch.empty(ws_floats, dtype=torch.float32, device=device) if ws_floats else None
-    ext().decode_attention(
-        out.data_ptr(), workspace.data_ptr() if workspace is not None else 0, q.data_ptr(),
-        k_cache.data_ptr(), v_cache.data_ptr(), block_tables.data_ptr(), seq_lens.data_ptr(),
-        b, hq, hk, d, q.stride(0), q.stride(1), num_blocks, block_size, block_tables.shape[1],
-        float(scale), window, splits, dtype, current_stream(device),
-    )
+    with torch.cuda.device(device):  # the plan queries, and the launch runs on, q's device
+        splits, ws_floats = ext().decode_attention_plan(b, hq, hk, d, max_seq_len, window, num_splits or 0, dtype)
+        out = torch.empty((b, hq, d), dtype=q.dtype, device=device)
+        workspace = torch.empty(ws_floats, dtype=torch.float32, device=device) if ws_floats else None
+        ext().decode_attention(
+            out.data_ptr(), workspace.data_ptr() if workspace is not None else 0, q.data_ptr(),
+            k_cache.data_ptr(), v_cache.data_ptr(), block_tables.data_ptr(), seq_lens.data_ptr(),
+            b, hq, hk, d, qs[0], qs[1], num_blocks, block_size, block_tables.shape[1],
+            float(scale), window, splits, dtype, current_stream(device),
+        )
     return out
