@@ -11,7 +11,7 @@ from typing import Any, Union
 import torch
 from torch import Tensor
 
-from fastllm.cache import DEFAULT_BLOCK_SIZE, CachedSequence, KVCache, prepare_step
+from fastllm.cache import DEFAULT_BLOCK_SIZE, CachedSequence, KVCache, device_scope, prepare_step
 from fastllm.config import GenerationConfig, GenerationOutput, eos_ids_from_model_dir
 from fastllm.generate import Request, run
 from fastllm.model import Transformer, load_network, parse_dtype, save_weights
@@ -155,8 +155,9 @@ class Model:
             self._check_ids(row)
         cache = self._new_cache([t] * b)
         seqs = [CachedSequence() for _ in rows]
-        ids, positions, meta, _ = prepare_step(cache, seqs, rows)
-        logits = self.network(ids, positions, cache.layers(), meta)
+        with device_scope(self.device):
+            ids, positions, meta, _ = prepare_step(cache, seqs, rows)
+            logits = self.network(ids, positions, cache.layers(), meta)
         return logits.view(b, t, -1)
 
     # --------------------------------------------------------------- generation

@@ -10,6 +10,7 @@ engine free, share and reuse blocks (continuous batching, prefix caching).
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
@@ -130,3 +131,9 @@ def to_device(values: list[int] | list[float], dtype: torch.dtype, device: torch
     if device.type != "cuda":
         return host
     return host.pin_memory().to(device, non_blocking=True)
+
+
+def device_scope(device: torch.device) -> contextlib.AbstractContextManager:
+    """Make ``device`` the current CUDA device for the block (a no-op on CPU),
+    so that kernels launch where the model lives whichever GPU is current."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()

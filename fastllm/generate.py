@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fastllm.cache import CachedSequence, KVCache, prepare_step
+from fastllm.cache import CachedSequence, KVCache, device_scope, prepare_step
 from fastllm.config import GenerationConfig, GenerationOutput
 from fastllm.model import Transformer
 from fastllm.sampling import sample_next
@@ -101,16 +101,17 @@ def run(
     active = list(requests)
     new_tokens = [r.prompt_ids for r in active]
     while active:
-        ids, positions, meta, last = prepare_step(cache, [r.cached for r in active], new_tokens)
-        logits = network(ids, positions, cache.layers(), meta, last)  # [B, V]
-        histories = [r.prompt_ids + r.output_ids if r.config.repetition_penalty != 1.0 else [] for r in active]
-        next_ids = sample_next(
-            logits,
-            [r.config for r in active],
-            histories,
-            [r.seed for r in active],
-            [len(r.output_ids) for r in active],
-        ).tolist()
+        with device_scope(cache.device):  # kernels launch on the model's GPU, whichever is current
+            ids, positions, meta, last = prepare_step(cache, [r.cached for r in active], new_tokens)
+            logits = network(ids, positions, cache.layers(), meta, last)  # [B, V]
+            histories = [r.prompt_ids + r.output_ids if r.config.repetition_penalty != 1.0 else [] for r in active]
+            next_ids = sample_next(
+                logits,
+                [r.config for r in active],
+                histories,
+                [r.seed for r in active],
+                [len(r.output_ids) for r in active],
+            ).tolist()
         for r, tok in zip(active, next_ids):
             r.accept(tok, eos_ids)
             if r.finish_reason:
