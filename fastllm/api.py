@@ -18,7 +18,9 @@ from fastllm.model import Transformer, load_network, parse_dtype, save_weights
 from fastllm.model.config import ModelConfig
 from fastllm.quant import QuantizationConfig
 from fastllm.sampling import derive_seed
+from fastllm.speculative import MAX_SPECULATIVE_TOKENS, run_speculative
 
+DEFAULT_SPECULATIVE_TOKENS = 4
 Prompt = Union[str, Sequence[int], Tensor]
 Message = dict[str, Any]
 # Files copied as they are by save_pretrained.
@@ -162,34 +164,85 @@ class Model:
 
     # --------------------------------------------------------------- generation
     def generate(
-        self, prompt: Prompt | Sequence[Prompt], config: GenerationConfig | None = None, **params: Any
+        self,
+        prompt: Prompt | Sequence[Prompt],
+        config: GenerationConfig | None = None,
+        *,
+        draft_model: "Model | None" = None,
+        num_speculative_tokens: int = DEFAULT_SPECULATIVE_TOKENS,
+        **params: Any,
     ) -> GenerationOutput | list[GenerationOutput]:
         """Complete a prompt (str or token ids) or a batch of them (a list of
         strs or of id lists, or a 2-D tensor). Parameters: see GenerationConfig.
+        draft_model: a smaller Model with the same tokenizer for speculative
+        decoding: it proposes ``num_speculative_tokens`` tokens per round and
+        this model verifies them in one pass; the output follows this model's
+        distribution (greedy: the same tokens as without a draft).
         Returns a GenerationOutput, or a list of them for a batch."""
         prompts, batched = self._prompts(prompt)
         requests = self._requests(prompts, self._config(config, params))
-        for _ in run(self.network, self._cache_for(requests), requests, self.eos_ids):
+        self._check_draft(draft_model, num_speculative_tokens)
+        for _ in self._run(requests, draft_model, num_speculative_tokens):
             pass
         outputs = [r.output() for r in requests]
         return outputs if batched else outputs[0]
 
-    def stream(self, prompt: Prompt, config: GenerationConfig | None = None, **params: Any) -> Iterator[str]:
+    def stream(
+        self,
+        prompt: Prompt,
+        config: GenerationConfig | None = None,
+        *,
+        draft_model: "Model | None" = None,
+        num_speculative_tokens: int = DEFAULT_SPECULATIVE_TOKENS,
+        **params: Any,
+    ) -> Iterator[str]:
         """Yield the completion of one prompt as text pieces while it is generated.
-        Each piece is whole characters; together they equal ``generate(...).text``."""
+        Each piece is whole characters; together they equal ``generate(...).text``.
+        draft_model, num_speculative_tokens: as for ``generate``."""
         self._require_tokenizer("stream")
         prompts, batched = self._prompts(prompt)
         if batched:
             raise ValueError("stream takes one prompt; use generate for a batch")
         requests = self._requests(prompts, self._config(config, params))
-        return self._stream(requests)  # validated above, generated lazily below
+        self._check_draft(draft_model, num_speculative_tokens)
+        return self._stream(requests, draft_model, num_speculative_tokens)  # validated above, run lazily below
 
-    def _stream(self, requests: list[Request]) -> Iterator[str]:
+    def _stream(self, requests: list[Request], draft_model: "Model | None", k: int) -> Iterator[str]:
         (req,) = requests
-        for _ in run(self.network, self._cache_for(requests), requests, self.eos_ids):
+        for _ in self._run(requests, draft_model, k):
             piece = req.pending_text()
             if piece:
                 yield piece
+
+    def _run(self, requests: list[Request], draft_model: "Model | None", k: int) -> Iterator[list[Request]]:
+        cache = self._cache_for(requests)
+        if draft_model is None:
+            return run(self.network, cache, requests, self.eos_ids)
+        draft_cache = draft_model._cache_for(requests)
+        return run_speculative(self.network, cache, draft_model.network, draft_cache, requests, self.eos_ids, k)
+
+    def _check_draft(self, draft_model: "Model | None", k: int) -> None:
+        """A draft must be a Model on the same device with the same vocabulary."""
+        if draft_model is None:
+            return
+        if not isinstance(draft_model, Model):
+            raise TypeError(f"draft_model must be a fastllm.Model, got {type(draft_model).__name__}")
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_SPECULATIVE_TOKENS:
+            raise ValueError(f"num_speculative_tokens must be an int in [1, {MAX_SPECULATIVE_TOKENS}], got {k!r}")
+        if draft_model.device != self.device:
+            raise ValueError(f"draft_model is on {draft_model.device} but the model is on {self.device}")
+        mine, theirs = self.config.vocab_size, draft_model.config.vocab_size
+        same_tokens = (
+            self.tokenizer is None
+            or draft_model.tokenizer is None
+            or self.tokenizer._tok.get_vocab(with_added_tokens=True)
+            == draft_model.tokenizer._tok.get_vocab(with_added_tokens=True)
+        )
+        if mine != theirs or not same_tokens:
+            raise ValueError(
+                f"draft_model must share the model's tokenizer and vocabulary (vocab sizes {theirs} and {mine}"
+                f"{'' if same_tokens else ', different tokens'})"
+            )
 
     def chat(
         self,
@@ -200,7 +253,8 @@ class Model:
     ) -> GenerationOutput | Iterator[str]:
         """Reply to a conversation ``[{"role": ..., "content": ...}, ...]`` using the
         checkpoint's chat template (rendered in a jinja2 sandbox). With
-        ``stream=True`` returns an iterator of text pieces."""
+        ``stream=True`` returns an iterator of text pieces. Other keywords
+        (sampling parameters, draft_model, num_speculative_tokens): as for ``generate``."""
         ids = self.apply_chat_template(messages)
         return self.stream(ids, config, **params) if stream else self.generate(ids, config, **params)
 

@@ -22,8 +22,23 @@ def default_model_path() -> str | None:
     return str(chosen[0]) if chosen else None
 
 
+def shipped_draft_path() -> str | None:
+    """The shipped draft model (training_info.json preset "draft"), if any."""
+    for p in sorted(ASSETS.glob("*/training_info.json")) if ASSETS.is_dir() else []:
+        try:
+            preset = json.loads(p.read_text(encoding="utf-8")).get("preset")
+        except (OSError, ValueError):
+            continue
+        if preset == "draft":
+            return str(p.parent)
+    return None
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", default=None, help="Hugging Face model directory (default: the shipped model)")
+    p.add_argument("--draft-model", default=None,
+                   help="draft model directory for speculative decoding ('shipped': the shipped draft model)")
+    p.add_argument("--num-speculative-tokens", type=int, default=4, help="draft tokens proposed per round")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--dtype", default=None, help="float32, float16 or bfloat16")
     p.add_argument("--quantization", "-q", default=None, help="int8, int4, int4-g32 or int4-g64 (at load time)")
@@ -90,6 +105,21 @@ def _load(args: argparse.Namespace):
     return Model.from_pretrained(path, device=args.device, dtype=args.dtype, quantization=args.quantization)
 
 
+def _generation_params(args: argparse.Namespace, model) -> dict[str, Any]:
+    """Sampling parameters, plus the draft model (loaded on the model's device
+    and dtype) when --draft-model is given."""
+    params = _sampling_params(args)
+    if args.draft_model is None:
+        return params
+    from fastllm import Model
+
+    path = shipped_draft_path() if args.draft_model == "shipped" else args.draft_model
+    if path is None:
+        raise ValueError("--draft-model shipped: no draft model is shipped in this installation")
+    draft = Model.from_pretrained(path, device=model.device, dtype=model.dtype)
+    return {**params, "draft_model": draft, "num_speculative_tokens": args.num_speculative_tokens}
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     prompt = args.prompt
     if prompt is None or prompt == "-":
@@ -97,7 +127,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             raise ValueError("no prompt: pass it as an argument or on standard input")
         prompt = sys.stdin.read()
     model = _load(args)
-    params = _sampling_params(args)
+    params = _generation_params(args, model)
     if args.echo:
         sys.stdout.write(prompt)
     if args.no_stream:
@@ -112,7 +142,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_chat(args: argparse.Namespace) -> int:
     model = _load(args)
-    params = _sampling_params(args)
+    params = _generation_params(args, model)
     system = [{"role": "system", "content": args.system}] if args.system else []
     history: list[dict[str, str]] = list(system)
     interactive = sys.stdin.isatty()

@@ -117,12 +117,16 @@ class GenerationOutput:
     token_ids: the generated ids, including the one that ended generation.
     finish_reason: "stop" (EOS, stop token or stop string) or "length"
     (max_new_tokens or the model's context reached).
+    num_draft_tokens, num_accepted_draft_tokens: with a draft model, how many
+    tokens it proposed and how many of them the target accepted (0 without).
     """
 
     text: str | None
     token_ids: list[int]
     finish_reason: str
     prompt_token_ids: list[int] = field(default_factory=list)
+    num_draft_tokens: int = 0
+    num_accepted_draft_tokens: int = 0
 
 
 def _check_int(name: str, v: Any, lo: int | None = None, hi: int | None = None) -> None:

@@ -32,6 +32,9 @@ class Request:
     emitted: int = 0
     finish_reason: str | None = None
     cached: CachedSequence = field(default_factory=CachedSequence)
+    spec_draws: int = 0  # speculative decoding: uniforms drawn, draft tokens proposed and accepted
+    spec_proposed: int = 0
+    spec_accepted: int = 0
 
     def pending_text(self) -> str:
         """Text that is final and not yet handed out. While running, a tail
@@ -55,6 +58,8 @@ class Request:
             token_ids=list(self.output_ids),
             finish_reason=self.finish_reason or "length",
             prompt_token_ids=list(self.prompt_ids),
+            num_draft_tokens=self.spec_proposed,
+            num_accepted_draft_tokens=self.spec_accepted,
         )
 
     def accept(self, token: int, eos_ids: frozenset[int]) -> None:

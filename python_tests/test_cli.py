@@ -63,6 +63,18 @@ def test_generate_quantized(ckpt, capsys):
     assert "unknown quantization" in capsys.readouterr().err
 
 
+def test_generate_with_draft_model(ckpt, tmp_path, capsys):
+    draft = tmp_path / "draft"
+    make_checkpoint(draft, "llama3")  # same tokenizer, other weights
+    base = ["generate", "--model", str(ckpt), "ROMEO:", "--max-new-tokens", "10", "--ignore-eos", "--device", "cpu"]
+    assert main(base) == 0
+    plain = capsys.readouterr().out
+    assert main(base + ["--draft-model", str(draft), "--num-speculative-tokens", "3"]) == 0
+    assert capsys.readouterr().out == plain  # greedy: the draft changes the speed, not the text
+    assert main(base + ["--draft-model", str(draft), "--num-speculative-tokens", "0"]) == 2
+    assert "num_speculative_tokens" in capsys.readouterr().err
+
+
 def test_errors_exit_2(tmp_path, capsys):
     assert main(["generate", "--model", str(tmp_path / "missing"), "hi"]) == 2
     assert "does not exist" in capsys.readouterr().err

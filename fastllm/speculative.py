@@ -1,0 +1,210 @@
+"""Speculative decoding: a small draft model proposes tokens, the target model
+checks them all in one forward pass.
+
+One round, per sequence, with ``k`` proposals:
+
+1. The draft runs ``k`` steps from the committed tokens and samples
+   ``d_1..d_k`` from its distributions ``q_1..q_k``.
+2. The target runs once on the tokens it has not cached yet followed by
+   ``d_1..d_k`` and gives ``p_1..p_{k+1}`` (``p_j`` predicts the position of
+   ``d_j``; ``p_{k+1}`` the one after ``d_k``).
+3. ``d_j`` is accepted with probability ``min(1, p_j(d_j) / q_j(d_j))``, in
+   order. At the first rejection one token is drawn from the residual
+   ``max(p_j - q_j, 0)`` (renormalised) and the round ends; when all ``k`` are
+   accepted a bonus token is drawn from ``p_{k+1}``.
+
+The committed tokens then follow the target's distribution exactly (Leviathan
+et al., 2023; Chen et al., 2023), so every round commits between 1 and k + 1
+tokens for one target pass. ``p`` and ``q`` are the distributions after the
+repetition penalty, temperature, top-k, top-p and min-p
+(``reference.sampling_mask``), so each sampling parameter keeps its meaning.
+Greedy rows accept ``d_j`` iff it is the target's argmax: the output is the
+target's greedy output token for token.
+
+The random numbers are Philox draws from the request's seed and a per-request
+counter, so a seeded request repeats exactly (its tokens differ from the same
+seed without a draft: the draws are used differently). Both KV caches roll back
+to the accepted prefix by lowering ``num_cached``; the stale slots are
+overwritten by the next round. This path samples with torch ops, not the
+``sample`` kernel, because acceptance needs the whole distributions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from fastllm.cache import CachedSequence, KVCache, device_scope, prepare_step, to_device
+from fastllm.generate import Request
+from fastllm.model import Transformer
+from fastllm.ops.reference import philox_u64, sampling_mask
+from fastllm.sampling import apply_repetition_penalty
+
+SPEC_STREAM = 0x73706563  # Philox counter word of the speculative draws ("spec"), apart from the sampler's
+MAX_SPECULATIVE_TOKENS = 16
+
+
+@dataclass
+class _Proposal:
+    """One request's state within a round."""
+
+    req: Request
+    draft: CachedSequence
+    base: int  # committed tokens before the round
+    k: int  # proposals this round (0: a plain target step)
+    tokens: list[int] = field(default_factory=list)  # d_1..d_k
+    q: list[Tensor] = field(default_factory=list)  # q_j [V] of sampled rows
+
+
+def _committed(r: Request) -> list[int]:
+    return r.prompt_ids + r.output_ids
+
+
+def _uniforms(r: Request, n: int) -> list[float]:
+    """The request's next ``n`` uniforms in [0, 1)."""
+    out = [philox_u64(r.seed, r.spec_draws + i, SPEC_STREAM) / 2.0**64 for i in range(n)]
+    r.spec_draws += n
+    return out
+
+
+def _sample_rows(probs: Tensor, u: list[float]) -> list[int]:
+    """Inverse-CDF draw per row: the first index whose cumulative mass exceeds
+    ``u * total`` (never a zero-probability index). probs: [R, V] fp32."""
+    cdf = torch.cumsum(probs, dim=-1)
+    x = to_device(u, torch.float32, probs.device)[:, None] * cdf[:, -1:]
+    idx = torch.searchsorted(cdf, x, right=True).clamp_(max=probs.shape[-1] - 1)
+    return idx[:, 0].tolist()
+
+
+def _processed(logits: Tensor, reqs: list[Request], histories: list[list[int]]) -> tuple[Tensor, Tensor | None]:
+    """Repetition penalty in place, then (argmax [R] int64, probs [R, V] fp32) after
+    temperature/top-k/top-p/min-p (None when every row is greedy). Row i belongs to ``reqs[i]``."""
+    apply_repetition_penalty(logits, histories, [r.config.repetition_penalty for r in reqs])
+    if all(r.config.temperature == 0 for r in reqs):
+        return logits.argmax(dim=-1), None
+    dev, cfgs = logits.device, [r.config for r in reqs]
+    floats = to_device([c.temperature for c in cfgs] + [c.top_p for c in cfgs] + [c.min_p for c in cfgs],
+                       torch.float32, dev)
+    top_k = to_device([c.top_k for c in cfgs], torch.int32, dev)
+    n = len(reqs)
+    _, probs = sampling_mask(logits, floats[:n], top_k, floats[n : 2 * n], floats[2 * n :])
+    return logits.argmax(dim=-1), probs
+
+
+def _history(r: Request, extra: list[int]) -> list[int]:
+    return _committed(r) + extra if r.config.repetition_penalty != 1.0 else []
+
+
+def _draft_round(net: Transformer, cache: KVCache, props: list[_Proposal]) -> None:
+    """Run the draft ``max k`` steps; fill each proposal's tokens and q."""
+    for j in range(max((p.k for p in props), default=0)):
+        rows = [p for p in props if p.k > j]
+        inputs = [_committed(p.req)[p.draft.num_cached :] if j == 0 else p.tokens[-1:] for p in rows]
+        ids, positions, meta, last = prepare_step(cache, [p.draft for p in rows], inputs)
+        logits = net(ids, positions, cache.layers(), meta, last)  # [B, V]
+        reqs = [p.req for p in rows]
+        argmax, q = _processed(logits, reqs, [_history(p.req, p.tokens) for p in rows])
+        greedy = argmax.tolist()
+        sampled = [i for i, p in enumerate(rows) if p.req.config.temperature > 0]
+        drawn = dict(zip(sampled, _sample_rows(q[sampled], [_uniforms(rows[i].req, 1)[0] for i in sampled]))) \
+            if sampled else {}
+        for i, p in enumerate(rows):
+            p.tokens.append(drawn.get(i, greedy[i]))
+            if i in drawn:
+                p.q.append(q[i])
+
+
+def _verify(net: Transformer, cache: KVCache, props: list[_Proposal]) -> list[list[int]]:
+    """One target pass over every proposal; returns the tokens each request commits."""
+    inputs = [_committed(p.req)[p.req.cached.num_cached :] + p.tokens for p in props]
+    ids, positions, meta, _ = prepare_step(cache, [p.req.cached for p in props], inputs)
+    rows, owners, histories, end = [], [], [], 0
+    for p, toks in zip(props, inputs):
+        end += len(toks)
+        rows.extend(range(end - p.k - 1, end))  # the k + 1 positions that predict d_1..d_k and the bonus
+        owners.extend([p.req] * (p.k + 1))
+        histories.extend(_history(p.req, p.tokens[:j]) for j in range(p.k + 1))
+    logits = net(ids, positions, cache.layers(), meta, to_device(rows, torch.int64, cache.device))  # [R, V]
+    argmax, probs = _processed(logits, owners, histories)
+    argmax_host = argmax.tolist()
+    # p_j(d_j) and q_j(d_j) of the sampled rows, in one gather each.
+    spots, start = [], 0
+    for p in props:
+        if p.q:
+            spots.extend((start + j, d) for j, d in enumerate(p.tokens))
+        start += p.k + 1
+    p_at = q_at = []
+    if spots:
+        r_idx, t_idx = (to_device(list(c), torch.int64, cache.device) for c in zip(*spots))
+        p_at = probs[r_idx, t_idx].tolist()
+        q_at = torch.stack([q[d] for p in props for q, d in zip(p.q, p.tokens)]).tolist()
+    commits, finals, final_dists, final_u, start, s = [], [], [], [], 0, 0
+    for p in props:
+        if p.req.config.temperature == 0:  # greedy: accept while the draft matches the target's argmax
+            n = next((j for j, d in enumerate(p.tokens) if d != argmax_host[start + j]), p.k)
+            commits.append(p.tokens[:n] + [argmax_host[start + n]])
+        else:
+            u = _uniforms(p.req, p.k + 1)
+            n = next((j for j in range(p.k) if u[j] * q_at[s + j] > p_at[s + j]), p.k)
+            if n < p.k:  # rejected: draw from the residual max(p - q, 0)
+                resid = (probs[start + n] - p.q[n]).clamp_(min=0)
+                final_dists.append(torch.where(resid.sum() > 0, resid, probs[start + n]))
+            else:
+                final_dists.append(probs[start + p.k])
+            final_u.append(u[p.k])
+            finals.append(len(commits))
+            commits.append(p.tokens[:n])
+            s += p.k
+        start += p.k + 1
+    if finals:
+        for i, tok in zip(finals, _sample_rows(torch.stack(final_dists), final_u)):
+            commits[i].append(tok)
+    return commits
+
+
+@torch.inference_mode()
+def run_speculative(
+    network: Transformer,
+    cache: KVCache,
+    draft_network: Transformer,
+    draft_cache: KVCache,
+    requests: list[Request],
+    eos_ids: frozenset[int],
+    num_speculative_tokens: int,
+) -> Iterator[list[Request]]:
+    """Like ``generate.run`` with a draft model: after each round yield the
+    requests that received tokens (finished ones included, once)."""
+    drafts = {id(r): CachedSequence() for r in requests}
+    draft_ctx = draft_network.config.max_position_embeddings
+    active = list(requests)
+    while active:
+        props = []
+        for r in active:
+            base = len(r.prompt_ids) + len(r.output_ids)
+            # The bonus token needs no proposal; the draft's inputs must fit its context.
+            k = min(num_speculative_tokens, r.max_new_tokens - len(r.output_ids) - 1, draft_ctx + 1 - base)
+            props.append(_Proposal(r, drafts[id(r)], base, max(k, 0)))
+        with device_scope(cache.device):
+            _draft_round(draft_network, draft_cache, props)
+            commits = _verify(network, cache, props)
+        for p, toks in zip(props, commits):
+            r = p.req
+            r.spec_proposed += p.k
+            accepted = 0
+            for tok in toks:
+                r.accept(tok, eos_ids)
+                accepted += 1
+                if r.finish_reason:
+                    break
+            r.spec_accepted += min(accepted, len(toks) - 1)
+            for seq in (r.cached, p.draft):  # keep only the committed prefix
+                seq.num_cached = min(seq.num_cached, p.base + len(toks) - 1)
+            if r.finish_reason:
+                cache.allocator.release(r.cached.block_table)
+                draft_cache.allocator.release(p.draft.block_table)
+                r.cached.block_table, p.draft.block_table = [], []
+        yield active
+        active = [r for r in active if not r.finish_reason]
