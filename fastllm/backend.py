@@ -23,7 +23,12 @@ try:
 except ImportError as e:  # pure-Python install, or a broken build
     _C = None
     HAS_C = False
-    _C_ERROR = str(e)
+    _pkg = os.path.dirname(os.path.abspath(__file__))
+    if any(f.startswith("_C.") for f in os.listdir(_pkg)):
+        _C_ERROR = f"fastllm._C failed to import: {e}"
+    else:  # the message of a plain missing module is about a "partially initialized module"
+        _C_ERROR = (f"no fastllm._C in {_pkg}: a pure-Python install (no nvcc at build time), "
+                    "or a source tree imported instead of the installed package")
 
 # Kernels that have passed their tests on an H100 (bench/RESULTS.md).
 VERIFIED_KERNELS: frozenset[str] = frozenset()
