@@ -100,3 +100,33 @@ def test_generate_transformers(benchmark, checkpoint):
     benchmark.extra_info.update(
         shape=name, device=device, tokens=NEW_TOKENS, tok_per_s=NEW_TOKENS / benchmark.stats.stats.mean
     )
+
+
+@pytest.mark.parametrize("k", [0, 4], ids=["plain", "draft-k4"])
+def test_generate_shipped_speculative(benchmark, k):
+    """The shipped target alone and with the shipped draft (k proposals per
+    round), batch 1, greedy, from the same prompt: tokens/s and acceptance."""
+    from fastllm.cli import default_model_path, shipped_draft_path
+
+    target_dir, draft_dir = default_model_path(), shipped_draft_path()
+    if target_dir is None or draft_dir is None:
+        pytest.skip("no shipped target/draft pair")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = Model.from_pretrained(target_dir, device=device)
+    spec = {}
+    if k:
+        spec = dict(draft_model=Model.from_pretrained(draft_dir, device=device, dtype=model.dtype),
+                    num_speculative_tokens=k)
+    model.generate("ROMEO:\n", max_new_tokens=8, ignore_eos=True, **spec)  # warm-up
+
+    def run():
+        out = model.generate("ROMEO:\n", max_new_tokens=NEW_TOKENS, ignore_eos=True, **spec)
+        _sync(device)
+        return out
+
+    out = benchmark.pedantic(run, rounds=3, iterations=1)
+    assert len(out.token_ids) == NEW_TOKENS
+    benchmark.extra_info.update(
+        device=device, tokens=NEW_TOKENS, tok_per_s=NEW_TOKENS / benchmark.stats.stats.mean,
+        acceptance=out.num_accepted_draft_tokens / out.num_draft_tokens if k else None,
+    )

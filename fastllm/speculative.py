@@ -148,7 +148,7 @@ def _verify(net: Transformer, cache: KVCache, props: list[_Proposal]) -> list[li
             commits.append(p.tokens[:n] + [argmax_host[start + n]])
         else:
             u = _uniforms(p.req, p.k + 1)
-            n = next((j for j in range(p.k) if u[j] * q_at[s + j] > p_at[s + j]), p.k)
+            n = next((j for j in range(p.k) if u[j] * q_at[s + j] >= p_at[s + j]), p.k)  # accept iff u < p/q
             if n < p.k:  # rejected: draw from the residual max(p - q, 0)
                 resid = (probs[start + n] - p.q[n]).clamp_(min=0)
                 final_dists.append(torch.where(resid.sum() > 0, resid, probs[start + n]))

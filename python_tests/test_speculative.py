@@ -161,3 +161,21 @@ def test_bad_drafts(models, small_vocab):
         target.generate("ROMEO:", draft_model=small_vocab[1])
     with pytest.raises(ValueError, match="share the model's tokenizer"):
         next(target.stream("ROMEO:", draft_model=small_vocab[1]))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_on_gpu(models, dtype):
+    """On a GPU: greedy output equals the target's own (fp32 exactly; bf16 up to
+    the first near-tie, so only a prefix is compared there), sampling runs and
+    repeats with a seed."""
+    target = Model.from_pretrained(models[0].path, device="cuda", dtype=dtype)
+    draft = Model.from_pretrained(models[1].path, device="cuda", dtype=dtype)
+    plain = target.generate(PROMPTS, max_new_tokens=24, ignore_eos=True)
+    spec = target.generate(PROMPTS, max_new_tokens=24, ignore_eos=True, draft_model=draft, num_speculative_tokens=4)
+    compared = 24 if dtype == "float32" else 4
+    assert [o.token_ids[:compared] for o in spec] == [o.token_ids[:compared] for o in plain]
+    params = dict(max_new_tokens=24, temperature=0.8, top_p=0.9, seed=3, draft_model=draft)
+    a, b = target.generate(PROMPTS, **params), target.generate(PROMPTS, **params)
+    assert [o.token_ids for o in a] == [o.token_ids for o in b]
+    assert all(0 <= t < target.config.vocab_size for o in a for t in o.token_ids)
