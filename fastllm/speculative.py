@@ -109,8 +109,10 @@ def _draft_round(net: Transformer, cache: KVCache, props: list[_Proposal]) -> No
         argmax, q = _processed(logits, reqs, [_history(p.req, p.tokens) for p in rows])
         greedy = argmax.tolist()
         sampled = [i for i, p in enumerate(rows) if p.req.config.temperature > 0]
-        drawn = dict(zip(sampled, _sample_rows(q[sampled], [_uniforms(rows[i].req, 1)[0] for i in sampled]))) \
-            if sampled else {}
+        drawn: dict[int, int] = {}
+        if sampled:
+            u = [_uniforms(rows[i].req, 1)[0] for i in sampled]
+            drawn = dict(zip(sampled, _sample_rows(q[sampled], u)))
         for i, p in enumerate(rows):
             p.tokens.append(drawn.get(i, greedy[i]))
             if i in drawn:
