@@ -82,7 +82,9 @@ class Model:
         checkpoint's 16-bit dtype (else bf16) on a GPU. progress: show a
         loading bar (default: for checkpoints over 64 MB). quantization: "int8"
         (per-channel W8A16) or "int4" / "int4-g32|g64|g128" (group-wise W4A16),
-        applied at load time; a checkpoint saved quantized loads as it was saved."""
+        applied at load time; a checkpoint saved quantized loads as it was saved,
+        4-bit GPTQ and AWQ (gemm) checkpoints repacked into fastllm's int4
+        (see fastllm.quant_formats)."""
         path = Path(path)
         if not path.is_dir():
             raise FileNotFoundError(f"model directory {path} does not exist")

@@ -9,10 +9,15 @@ Formats (the canonical, on-disk layout; kernels may repack at load time):
   (32, 64 or 128): ``w ≈ (q - zeros) * scales`` with ``q`` in [0, 15], integer
   ``zeros`` uint8 [N, K/g] and ``scales`` [N, K/g] in the model dtype. The
   range of each group is widened to include 0 (as GPTQ does), round to nearest.
+  Zeros are 0..15 when fastllm quantizes; GPTQ v1 checkpoints repacked by
+  ``fastllm.quant_formats`` can hold 16 (the reference and the kernels take any
+  zero up to 127).
 
 ``quantize_network`` replaces the decoder layers' projections (q/k/v, o,
 gate/up, down) by quantized modules; embeddings, the LM head (unless asked),
-norms, the MoE router and MoE experts stay in 16-bit.
+norms, the MoE router and MoE experts stay in 16-bit, and so do the
+projections named in ``QuantizationConfig.skip_modules`` (set when a GPTQ/AWQ
+checkpoint leaves some of them unquantized).
 """
 
 from __future__ import annotations
@@ -39,12 +44,22 @@ class QuantizationConfig:
     method: str  # "int8" | "int4"
     group_size: int = 128  # int4 only
     lm_head: bool = False
+    # Network paths of projections kept in 16-bit, e.g. "layers.3.mlp.down_proj"
+    # (module names of ``Transformer``; the fused qkv_proj / gate_up_proj count as one).
+    skip_modules: tuple[str, ...] = ()
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"unknown quantization {self.method!r}; choose one of {METHODS}")
         if self.method == "int4" and self.group_size not in GROUP_SIZES:
             raise ValueError(f"int4 group_size must be one of {GROUP_SIZES}, got {self.group_size}")
+        if isinstance(self.skip_modules, str) or not all(isinstance(m, str) for m in self.skip_modules):
+            raise ValueError(f"skip_modules must be a sequence of module names, got {self.skip_modules!r}")
+        object.__setattr__(self, "skip_modules", tuple(sorted(set(self.skip_modules))))
+
+    def describe(self) -> str:
+        """Short human-readable form, e.g. "int4 (group size 128)"."""
+        return f"int4 (group size {self.group_size})" if self.method == "int4" else self.method
 
     @classmethod
     def parse(cls, value: "str | QuantizationConfig | None") -> "QuantizationConfig | None":
@@ -61,16 +76,25 @@ class QuantizationConfig:
         return cls(method, int(group) if group else 128)
 
     def to_json(self) -> dict[str, Any]:
-        return {"quant_method": "fastllm", "format": FORMAT, **asdict(self)}
+        out = {"quant_method": "fastllm", "format": FORMAT, **asdict(self)}
+        out["skip_modules"] = list(self.skip_modules)
+        if not self.skip_modules:
+            del out["skip_modules"]  # files written before it existed read the same
+        return out
 
     @classmethod
     def from_json(cls, raw: dict[str, Any]) -> "QuantizationConfig":
         if raw.get("quant_method") != "fastllm" or raw.get("format") != FORMAT:
             raise ValueError(
-                f"unsupported quantization_config {raw}; fastllm reads its own '{FORMAT}' format "
-                "(GPTQ/AWQ checkpoints are not read yet)"
+                f"unsupported quantization_config {raw}; fastllm reads its own '{FORMAT}' format and "
+                "4-bit GPTQ (quant_method 'gptq') and AWQ ('awq', version 'gemm') checkpoints"
             )
-        return cls(raw["method"], int(raw.get("group_size", 128)), bool(raw.get("lm_head", False)))
+        return cls(
+            raw["method"],
+            int(raw.get("group_size", 128)),
+            bool(raw.get("lm_head", False)),
+            tuple(raw.get("skip_modules", ())),
+        )
 
 
 # --------------------------------------------------------------------------- #
@@ -171,16 +195,29 @@ def quantize_linear(linear: Linear, cfg: QuantizationConfig) -> nn.Module:
     return module
 
 
+def projection_slots(network: nn.Module, lm_head: bool = False) -> list[tuple[str, nn.Module, str]]:
+    """(path, parent, attribute) of every projection quantization can apply to:
+    each layer's qkv_proj and o_proj, gate_up_proj and down_proj (dense MLPs),
+    and the untied LM head when ``lm_head``."""
+    found = []
+    for i, layer in enumerate(network.layers):
+        found += [(f"layers.{i}.self_attn.qkv_proj", layer.self_attn, "qkv_proj")]
+        found += [(f"layers.{i}.self_attn.o_proj", layer.self_attn, "o_proj")]
+        if hasattr(layer.mlp, "gate_up_proj"):
+            found += [(f"layers.{i}.mlp.gate_up_proj", layer.mlp, "gate_up_proj")]
+            found += [(f"layers.{i}.mlp.down_proj", layer.mlp, "down_proj")]
+    if lm_head and network.lm_head is not None:
+        found.append(("lm_head", network, "lm_head"))
+    return found
+
+
 def quantizable_linears(network: nn.Module, cfg: QuantizationConfig) -> list[tuple[nn.Module, str]]:
     """(parent, attribute) of every Linear that ``cfg`` quantizes."""
-    found = []
-    for layer in network.layers:
-        found += [(layer.self_attn, "qkv_proj"), (layer.self_attn, "o_proj")]
-        if hasattr(layer.mlp, "gate_up_proj"):
-            found += [(layer.mlp, "gate_up_proj"), (layer.mlp, "down_proj")]
-    if cfg.lm_head and network.lm_head is not None:
-        found.append((network, "lm_head"))
-    return found
+    slots = projection_slots(network, cfg.lm_head)
+    unknown = set(cfg.skip_modules) - {path for path, _, _ in slots}
+    if unknown:
+        raise ValueError(f"quantization skip_modules names modules this network does not have: {sorted(unknown)}")
+    return [(parent, name) for path, parent, name in slots if path not in cfg.skip_modules]
 
 
 def check_quantizable(network: nn.Module, cfg: QuantizationConfig) -> None:

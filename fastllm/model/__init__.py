@@ -8,7 +8,7 @@ import torch
 
 from fastllm.model.config import SUPPORTED_ARCHITECTURES, ModelConfig, parse_dtype
 from fastllm.model.transformer import Transformer
-from fastllm.model.weights import load_weights, save_weights
+from fastllm.model.weights import CheckpointReader, checkpoint_files, load_weights, save_weights
 
 __all__ = [
     "SUPPORTED_ARCHITECTURES",
@@ -44,19 +44,37 @@ def load_network(
     cfg: ModelConfig | None = None,
 ) -> Transformer:
     """Build the network described by ``path/config.json`` on ``device`` and load
-    its weights (``cfg``: its already parsed config). A checkpoint saved quantized loads as such; ``quantization`` (a
+    its weights (``cfg``: its already parsed config). A checkpoint saved quantized
+    loads as such: fastllm's own format as saved, 4-bit GPTQ/AWQ repacked into
+    fastllm's int4 (``fastllm.quant_formats``). ``quantization`` (a
     fastllm.quant.QuantizationConfig) quantizes a 16-bit checkpoint after loading."""
     from fastllm.quant import QuantizationConfig, quantize_network
+    from fastllm.quant_formats import make_converter, parse_external, plan_quantization
 
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"model directory {path} does not exist")
     cfg = cfg or ModelConfig.from_file(path / "config.json")
-    saved = QuantizationConfig.from_json(cfg.quantization_config) if cfg.quantization_config else None
-    if saved is not None and quantization is not None and quantization != saved:
-        raise ValueError(f"{path} is already quantized ({saved.method}); it cannot be loaded as {quantization.method}")
+    raw = cfg.quantization_config
+    if raw is not None and not isinstance(raw, dict):
+        raise ValueError(f"config.json: quantization_config must be an object, got {raw!r}")
+    external = parse_external(raw) if raw else None
+    converter, source = None, "fastllm"
+    if external is not None:
+        with CheckpointReader(checkpoint_files(path)) as reader:
+            saved = plan_quantization(external, cfg, reader.names)
+        converter, source = make_converter(external), external.name
+    else:
+        saved = QuantizationConfig.from_json(raw) if raw else None
+    if saved is not None and quantization is not None and (
+        quantization.method != saved.method or (saved.method == "int4" and quantization.group_size != saved.group_size)
+    ):
+        raise ValueError(
+            f"{path} is already quantized ({source} {saved.describe()}); it cannot be loaded as "
+            f"{quantization.describe()} (leave quantization unset to load it as it is)"
+        )
     net = build_network(cfg, device, dtype, saved)
-    load_weights(net, path, progress)
+    load_weights(net, path, progress, converter)
     if saved is None and quantization is not None:
         quantize_network(net, quantization)
     return net

@@ -5,12 +5,16 @@ to slices of the fused ``qkv_proj``, gate/up to ``gate_up_proj``, Mixtral's
 per-expert w1/w3/w2 to the stacked ``w13``/``w2``). Loading copies each tensor
 into its view, converting dtype and device on the way, and fails loudly on a
 missing, unexpected or wrongly shaped tensor. Pickle checkpoints are refused.
+GPTQ/AWQ checkpoints go through a converter (``fastllm.quant_formats``) that
+rewrites their packed tensors into fastllm's own before they are copied.
 """
 
 from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from pathlib import Path
 
 import torch
@@ -19,6 +23,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from fastllm.model.config import ModelConfig
 from fastllm.model.transformer import Transformer
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -54,6 +59,97 @@ def checkpoint_files(path: Path) -> list[Path]:
     raise FileNotFoundError(f"no model weights (*.safetensors) in {path}")
 
 
+class CheckpointReader:
+    """The tensors of a checkpoint's safetensors files by name, read on demand
+    (so that tensors that belong together can be read together, whichever shard
+    holds them). A context manager; the files stay memory-mapped while open."""
+
+    def __init__(self, files: list[Path]):
+        self._stack = ExitStack()
+        self._where: dict[str, tuple[Path, object]] = {}
+        try:
+            for file in files:
+                try:
+                    handle = self._stack.enter_context(safe_open(str(file), framework="pt", device="cpu"))
+                    names = list(handle.keys())
+                except SafetensorError as e:
+                    raise ValueError(f"{file} is not a valid safetensors file: {e}") from e
+                for name in names:
+                    self._where.setdefault(name, (file, handle))
+        except BaseException:
+            self._stack.close()
+            raise
+
+    @property
+    def names(self) -> list[str]:
+        """Every tensor name, shard by shard in file order."""
+        return list(self._where)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._where
+
+    def file(self, name: str) -> str:
+        """The name of the file that holds ``name`` (for error messages)."""
+        return self._where[name][0].name
+
+    def read(self, name: str) -> Tensor:
+        file, handle = self._where[name]
+        try:
+            return handle.get_tensor(name)
+        except SafetensorError as e:
+            raise ValueError(f"{file} is not a valid safetensors file: {e}") from e
+
+    def close(self) -> None:
+        self._stack.close()
+
+    def __enter__(self) -> "CheckpointReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+# A converter turns the checkpoint's tensors into (target name, tensor, bytes
+# read) for ``load_weights``; tensor is None for a name it did not read because
+# nothing loads it (``load_weights`` then reports it as unexpected).
+Converter = Callable[[CheckpointReader, dict[str, Tensor]], Iterator[tuple[str, "Tensor | None", int]]]
+
+
+def identity_converter(
+    reader: CheckpointReader, targets: dict[str, Tensor]
+) -> Iterator[tuple[str, Tensor | None, int]]:
+    """Every checkpoint tensor under its own name (what a 16-bit or fastllm checkpoint needs)."""
+    for name in reader.names:
+        if name not in targets:
+            yield name, None, 0
+            continue
+        tensor = reader.read(name)
+        yield name, tensor, tensor.numel() * tensor.element_size()
+
+
+def linear_parts(cfg: ModelConfig) -> dict[str, list[tuple[str, int, int]]]:
+    """Every linear module of the network, by its path in ``Transformer``, with the
+    checkpoint projections it fuses: ``[(hf_prefix, first_row, end_row)]``."""
+    q, kv, inter = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.intermediate_size
+    parts: dict[str, list[tuple[str, int, int]]] = {}
+    for i in range(cfg.num_layers):
+        p, m = f"model.layers.{i}.", f"layers.{i}."
+        parts[m + "self_attn.qkv_proj"] = [
+            (p + "self_attn.q_proj", 0, q),
+            (p + "self_attn.k_proj", q, q + kv),
+            (p + "self_attn.v_proj", q + kv, q + 2 * kv),
+        ]
+        parts[m + "self_attn.o_proj"] = [(p + "self_attn.o_proj", 0, cfg.hidden_size)]
+        if cfg.is_moe:
+            parts[m + "mlp.gate"] = [(p + "block_sparse_moe.gate", 0, cfg.num_experts)]
+        else:
+            parts[m + "mlp.gate_up_proj"] = [(p + "mlp.gate_proj", 0, inter), (p + "mlp.up_proj", inter, 2 * inter)]
+            parts[m + "mlp.down_proj"] = [(p + "mlp.down_proj", 0, cfg.hidden_size)]
+    if not cfg.tie_word_embeddings:
+        parts["lm_head"] = [("lm_head", 0, cfg.vocab_size)]
+    return parts
+
+
 def _rows(module: nn.Module, parts: list[tuple[str, int, int]], targets: dict[str, Tensor]) -> None:
     """Targets for a (possibly fused, possibly quantized) linear module: each of
     its tensors (weight/bias, or qweight/scales/zeros/bias) split by output rows
@@ -68,70 +164,68 @@ def _rows(module: nn.Module, parts: list[tuple[str, int, int]], targets: dict[st
 def checkpoint_targets(model: Transformer) -> dict[str, Tensor]:
     """Map every expected Hugging Face tensor name to the view it fills."""
     cfg = model.config
-    q, kv, inter = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.intermediate_size
     t: dict[str, Tensor] = {"model.embed_tokens.weight": model.embed_tokens.weight, "model.norm.weight": model.norm.weight}
-    if model.lm_head is not None:
-        _rows(model.lm_head, [("lm_head", 0, cfg.vocab_size)], t)
+    for path, parts in linear_parts(cfg).items():
+        _rows(model.get_submodule(path), parts, t)
     for i, layer in enumerate(model.layers):
         p = f"model.layers.{i}."
         t[p + "input_layernorm.weight"] = layer.input_layernorm.weight
         t[p + "post_attention_layernorm.weight"] = layer.post_attention_layernorm.weight
-        attn = layer.self_attn
-        qkv = [(p + "self_attn.q_proj", 0, q), (p + "self_attn.k_proj", q, q + kv), (p + "self_attn.v_proj", q + kv, q + 2 * kv)]
-        _rows(attn.qkv_proj, qkv, t)
-        _rows(attn.o_proj, [(p + "self_attn.o_proj", 0, cfg.hidden_size)], t)
         if cfg.is_moe:
-            moe = layer.mlp
-            t[p + "block_sparse_moe.gate.weight"] = moe.gate.weight
+            moe, inter = layer.mlp, cfg.intermediate_size
             for e in range(cfg.num_experts):
                 ep = p + f"block_sparse_moe.experts.{e}."
                 t[ep + "w1.weight"] = moe.w13[e, :inter]
                 t[ep + "w3.weight"] = moe.w13[e, inter:]
                 t[ep + "w2.weight"] = moe.w2[e]
-        else:
-            mlp = layer.mlp
-            _rows(mlp.gate_up_proj, [(p + "mlp.gate_proj", 0, inter), (p + "mlp.up_proj", inter, 2 * inter)], t)
-            _rows(mlp.down_proj, [(p + "mlp.down_proj", 0, cfg.hidden_size)], t)
     return t
 
 
-def load_weights(model: Transformer, path: Path, progress: bool | None = None) -> None:
-    """Fill ``model``'s parameters from the safetensors files in ``path``."""
+def load_weights(
+    model: Transformer, path: Path, progress: bool | None = None, converter: Converter | None = None
+) -> None:
+    """Fill ``model``'s parameters from the safetensors files in ``path``;
+    ``converter`` (default: names as they are) rewrites foreign formats."""
     files = checkpoint_files(path)
     targets = checkpoint_targets(model)
     total = sum(f.stat().st_size for f in files)
     show = total >= PROGRESS_MIN_BYTES if progress is None else progress
     loaded: set[str] = set()
     unexpected: list[str] = []
-    with tqdm(total=total, unit="B", unit_scale=True, desc="loading weights", disable=not show) as bar:
-        for file in files:
-            try:
-                with safe_open(str(file), framework="pt", device="cpu") as f:
-                    for name in f.keys():
-                        target = targets.get(name)
-                        if target is None:
-                            if not (_IGNORED.match(name) or (name == "lm_head.weight" and model.lm_head is None)):
-                                unexpected.append(name)
-                            continue
-                        tensor = f.get_tensor(name)
-                        if tuple(tensor.shape) != tuple(target.shape):
-                            raise ValueError(
-                                f"{file.name}: tensor {name} has shape {tuple(tensor.shape)}, "
-                                f"but config.json implies {tuple(target.shape)}"
-                            )
-                        if tensor.is_floating_point() != target.is_floating_point() or (
-                            not target.is_floating_point() and tensor.dtype != target.dtype
-                        ):
-                            raise ValueError(f"{file.name}: tensor {name} has dtype {tensor.dtype}, expected {target.dtype}")
-                        target.copy_(tensor)
-                        loaded.add(name)
-                        bar.update(tensor.numel() * tensor.element_size())
-            except SafetensorError as e:
-                raise ValueError(f"{file} is not a valid safetensors file: {e}") from e
+    with CheckpointReader(files) as reader, tqdm(
+        total=total, unit="B", unit_scale=True, desc="loading weights", disable=not show
+    ) as bar:
+        for name, tensor, nbytes in (converter or identity_converter)(reader, targets):
+            target = targets.get(name)
+            if target is None or tensor is None:
+                if not (_IGNORED.match(name) or (name == "lm_head.weight" and model.lm_head is None)):
+                    unexpected.append(name)
+                continue
+            where = reader.file(name) if name in reader else "checkpoint"
+            if tuple(tensor.shape) != tuple(target.shape):
+                raise ValueError(
+                    f"{where}: tensor {name} has shape {tuple(tensor.shape)}, "
+                    f"but config.json implies {tuple(target.shape)}"
+                )
+            if tensor.is_floating_point() != target.is_floating_point() or (
+                not target.is_floating_point() and tensor.dtype != target.dtype
+            ):
+                raise ValueError(f"{where}: tensor {name} has dtype {tensor.dtype}, expected {target.dtype}")
+            target.copy_(tensor)
+            loaded.add(name)
+            bar.update(nbytes)
     if unexpected:
+        hint = "is config.json right for these weights?"
+        packed = any(n.endswith((".qweight", ".qzeros")) for n in unexpected)
+        if packed and getattr(model, "quantization", None) is None:
+            hint = (
+                "they look like GPTQ/AWQ packed weights, but config.json has no quantization_config "
+                "(old AutoGPTQ exports keep it in quantize_config.json: copy it into config.json as "
+                "\"quantization_config\" with \"quant_method\": \"gptq\")"
+            )
         raise ValueError(
             f"checkpoint has {len(unexpected)} tensors that {model.config.architecture} does not use, "
-            f"e.g. {unexpected[:5]}; is config.json right for these weights?"
+            f"e.g. {unexpected[:5]}; {hint}"
         )
     missing = sorted(set(targets) - loaded)
     if missing:
