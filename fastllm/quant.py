@@ -9,6 +9,9 @@ Formats (the canonical, on-disk layout; kernels may repack at load time):
   (32, 64 or 128): ``w ≈ (q - zeros) * scales`` with ``q`` in [0, 15], integer
   ``zeros`` uint8 [N, K/g] and ``scales`` [N, K/g] in the model dtype. The
   range of each group is widened to include 0 (as GPTQ does), round to nearest.
+  A layer whose in_features the group size does not divide gets the largest
+  supported size that does (``effective_group_size``; e.g. 960 inputs at g128
+  -> g64), with a warning; one divisible by none of them is an error.
   Zeros are 0..15 when fastllm quantizes; GPTQ v1 checkpoints repacked by
   ``fastllm.quant_formats`` can hold 16 (the reference and the kernels take any
   zero up to 127).
@@ -22,6 +25,7 @@ checkpoint leaves some of them unquantized).
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -174,13 +178,24 @@ class Int4Linear(nn.Module):
         return ops.int4_linear(x, self.qweight, self.scales, self.zeros, self.group_size, self.bias)
 
 
+def effective_group_size(in_features: int, group_size: int) -> int | None:
+    """The int4 group size a layer with ``in_features`` inputs gets when
+    ``group_size`` is asked: the largest supported size <= ``group_size`` that
+    divides ``in_features`` (``group_size`` itself whenever it divides), or
+    None if none does. A pure function of the shapes, so a saved model reloads
+    with the same per-layer sizes without recording them."""
+    fits = [g for g in GROUP_SIZES if g <= group_size and in_features % g == 0]
+    return max(fits) if fits else None
+
+
 def empty_quantized_linear(linear: Linear, cfg: QuantizationConfig) -> nn.Module:
     """An uninitialised quantized module with ``linear``'s shape (for loading)."""
     dtype, device = linear.weight.dtype, linear.weight.device
     with torch.device(device):
         if cfg.method == "int8":
             return Int8Linear(linear.in_features, linear.out_features, linear.bias is not None, dtype)
-        return Int4Linear(linear.in_features, linear.out_features, linear.bias is not None, dtype, cfg.group_size)
+        group = effective_group_size(linear.in_features, cfg.group_size) or cfg.group_size  # None: the check raised
+        return Int4Linear(linear.in_features, linear.out_features, linear.bias is not None, dtype, group)
 
 
 def quantize_linear(linear: Linear, cfg: QuantizationConfig) -> nn.Module:
@@ -189,7 +204,7 @@ def quantize_linear(linear: Linear, cfg: QuantizationConfig) -> nn.Module:
     if cfg.method == "int8":
         module.qweight, module.scales = quantize_int8(linear.weight)
     else:
-        module.qweight, module.scales, module.zeros = quantize_int4(linear.weight, cfg.group_size, linear.weight.dtype)
+        module.qweight, module.scales, module.zeros = quantize_int4(linear.weight, module.group_size, linear.weight.dtype)
     if linear.bias is not None:
         module.bias.copy_(linear.bias)
     return module
@@ -220,23 +235,40 @@ def quantizable_linears(network: nn.Module, cfg: QuantizationConfig) -> list[tup
     return [(parent, name) for path, parent, name in slots if path not in cfg.skip_modules]
 
 
-def check_quantizable(network: nn.Module, cfg: QuantizationConfig) -> None:
-    """Raise ValueError naming the first layer whose shape ``cfg`` cannot take."""
+def check_quantizable(network: nn.Module, cfg: QuantizationConfig) -> dict[str, int]:
+    """Raise ValueError naming the first layer whose shape ``cfg`` cannot take
+    (int4: in_features not a multiple of any supported group size). Returns
+    {module type.name: group size} of the layers that get a smaller group than
+    asked because theirs does not divide in_features."""
+    smaller: dict[str, int] = {}
     if cfg.method != "int4":
-        return
+        return smaller
     for parent, name in quantizable_linears(network, cfg):
         k = getattr(parent, name).in_features
-        if k % cfg.group_size:
+        group = effective_group_size(k, cfg.group_size)
+        if group is None:
             raise ValueError(
-                f"cannot quantize {type(parent).__name__}.{name} to int4 with group size {cfg.group_size}: "
-                f"in_features {k} is not a multiple of it (try a smaller group size)"
+                f"cannot quantize {type(parent).__name__}.{name} to int4: in_features {k} is not a multiple "
+                f"of any supported group size <= {cfg.group_size} ({GROUP_SIZES})"
             )
+        if group != cfg.group_size:
+            smaller[f"{type(parent).__name__}.{name} (in_features {k})"] = group
+    return smaller
 
 
 @torch.no_grad()
 def quantize_network(network: nn.Module, cfg: QuantizationConfig) -> None:
-    """Quantize a loaded network in place."""
-    check_quantizable(network, cfg)
+    """Quantize a loaded network in place. A layer whose in_features the int4
+    group size does not divide gets the largest supported size that does
+    (``effective_group_size``), with a warning."""
+    smaller = check_quantizable(network, cfg)
+    if smaller:
+        warnings.warn(
+            f"int4 group size {cfg.group_size} does not divide the inputs of "
+            + ", ".join(f"{k} (using group size {g})" for k, g in smaller.items()),
+            UserWarning,
+            stacklevel=3,
+        )
     for parent, name in quantizable_linears(network, cfg):
         setattr(parent, name, quantize_linear(getattr(parent, name), cfg))
     network.quantization = cfg

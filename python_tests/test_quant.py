@@ -152,10 +152,27 @@ def test_unquantized_save_loads_in_transformers(ckpt, tmp_path):
         model.save_pretrained(ckpt)
 
 
-def test_bad_quantization_requests(tmp_path):
+def test_group_size_falls_back_where_it_does_not_divide(tmp_path):
     make_checkpoint(tmp_path, "llama", tokenizer=False)  # hidden 64, intermediate 96
-    with pytest.raises(ValueError, match="not a multiple"):
-        Model.from_pretrained(tmp_path, device="cpu", quantization="int4-g128")
+    with pytest.warns(UserWarning, match=r"down_proj \(in_features 96\) \(using group size 32\)"):
+        model = Model.from_pretrained(tmp_path, device="cpu", quantization="int4-g128")
+    layer = model.network.layers[0]
+    assert (layer.self_attn.qkv_proj.group_size, layer.mlp.down_proj.group_size) == (64, 32)
+    assert model.network.quantization.group_size == 128
+    model.save_pretrained(tmp_path / "q")
+    again = Model.from_pretrained(tmp_path / "q", device="cpu")
+    assert again.network.layers[0].mlp.down_proj.group_size == 32
+    ids = torch.randint(3, 384, (1, 9))
+    assert torch.equal(again.forward(ids), model.forward(ids))
+    torch.testing.assert_close(model.forward(ids), _dequantized_copy(tmp_path, model).forward(ids),
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_bad_quantization_requests(tmp_path):
+    make_checkpoint(tmp_path / "odd", "llama", tokenizer=False, intermediate_size=80)  # 80: no group of 32 fits
+    with pytest.raises(ValueError, match="in_features 80 is not a multiple of any supported group size"):
+        Model.from_pretrained(tmp_path / "odd", device="cpu", quantization="int4-g64")
+    make_checkpoint(tmp_path, "llama", tokenizer=False)
     with pytest.raises(ValueError, match="unknown quantization"):
         Model.from_pretrained(tmp_path, device="cpu", quantization="int2")
     with pytest.raises(TypeError):
