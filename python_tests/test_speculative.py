@@ -62,6 +62,18 @@ def test_greedy_with_penalty_and_stops_equals_target_alone(models):
     ]
 
 
+def test_draft_with_a_shorter_context(models, tmp_path):
+    """Past the draft's context the rounds carry no proposals; output unchanged."""
+    target = models[0]
+    make_checkpoint(tmp_path, "qwen2", max_position_embeddings=24)
+    short = Model.from_pretrained(tmp_path, device="cpu")
+    prompt = target.tokenizer.encode(PROMPTS[0])  # 30 new tokens run well past 24 positions
+    plain = target.generate(prompt, max_new_tokens=30, ignore_eos=True)
+    spec = target.generate(prompt, max_new_tokens=30, ignore_eos=True, draft_model=short, num_speculative_tokens=4)
+    assert spec.token_ids == plain.token_ids
+    assert 0 < spec.num_draft_tokens <= 4 * (24 + 1 - len(prompt))
+
+
 def test_seeded_sampling_repeats_and_stream_matches(models):
     target, draft = models
     params = dict(max_new_tokens=30, temperature=0.9, top_p=0.9, seed=11, draft_model=draft)
