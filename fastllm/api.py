@@ -34,6 +34,22 @@ _SIDE_FILES = (
 )
 
 
+SHIPPED_MODELS_DIR = Path(__file__).parent / "assets"
+
+
+def _resolve_model_dir(path: str | Path) -> Path:
+    """``path`` if it is a directory, else the shipped model of that name
+    (``"shakespeare-15m"``, ``"shakespeare-draft-2m"``)."""
+    p = Path(path)
+    if p.is_dir():
+        return p
+    shipped = SHIPPED_MODELS_DIR / str(path)
+    if len(p.parts) == 1 and (shipped / "config.json").is_file():
+        return shipped
+    names = sorted(d.parent.name for d in SHIPPED_MODELS_DIR.glob("*/config.json"))
+    raise FileNotFoundError(f"model directory {path} does not exist (shipped models: {', '.join(names) or 'none'})")
+
+
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -77,7 +93,8 @@ class Model:
         quantization: str | QuantizationConfig | None = None,
     ) -> "Model":
         """Load a Hugging Face directory (config.json, *.safetensors, tokenizer
-        files, generation_config.json). device: default cuda if available else
+        files, generation_config.json), or the name of a shipped model
+        ("shakespeare-15m", "shakespeare-draft-2m"). device: default cuda if available else
         cpu; dtype: float32/float16/bfloat16, default fp32 on CPU and the
         checkpoint's 16-bit dtype (else bf16) on a GPU. progress: show a
         loading bar (default: for checkpoints over 64 MB). quantization: "int8"
@@ -85,9 +102,7 @@ class Model:
         applied at load time; a checkpoint saved quantized loads as it was saved,
         4-bit GPTQ and AWQ (gemm) checkpoints repacked into fastllm's int4
         (see fastllm.quant_formats)."""
-        path = Path(path)
-        if not path.is_dir():
-            raise FileNotFoundError(f"model directory {path} does not exist")
+        path = _resolve_model_dir(path)
         try:
             dev = torch.device(device) if device is not None else default_device()
         except (RuntimeError, TypeError) as e:

@@ -265,7 +265,7 @@ def quantize_network(network: nn.Module, cfg: QuantizationConfig) -> None:
     if smaller:
         warnings.warn(
             f"int4 group size {cfg.group_size} does not divide the inputs of "
-            + ", ".join(f"{k} (using group size {g})" for k, g in smaller.items()),
+            + "; ".join(f"{k}: using group size {g}" for k, g in smaller.items()),
             UserWarning,
             stacklevel=3,
         )

@@ -154,7 +154,7 @@ def test_unquantized_save_loads_in_transformers(ckpt, tmp_path):
 
 def test_group_size_falls_back_where_it_does_not_divide(tmp_path):
     make_checkpoint(tmp_path, "llama", tokenizer=False)  # hidden 64, intermediate 96
-    with pytest.warns(UserWarning, match=r"down_proj \(in_features 96\) \(using group size 32\)"):
+    with pytest.warns(UserWarning, match=r"down_proj \(in_features 96\): using group size 32"):
         model = Model.from_pretrained(tmp_path, device="cpu", quantization="int4-g128")
     layer = model.network.layers[0]
     assert (layer.self_attn.qkv_proj.group_size, layer.mlp.down_proj.group_size) == (64, 32)

@@ -65,3 +65,15 @@ def test_cli_generate_uses_the_shipped_model(monkeypatch, capsys):
     assert len(out.strip()) > 10
     expected = Model.from_pretrained(default_model_path(), device="cpu").generate("ROMEO:", max_new_tokens=24, seed=0)
     assert out == expected.text + "\n"
+
+
+def test_shipped_models_load_by_name(capsys):
+    for path in SHIPPED:
+        assert Model.from_pretrained(path.name, device="cpu").path == path
+    target, draft = Model.from_pretrained("shakespeare-15m", device="cpu"), "shakespeare-draft-2m"
+    expected = target.generate("ROMEO:", max_new_tokens=12, temperature=0.0)  # greedy: the draft cannot change it
+    assert main(["generate", "ROMEO:", "--model", "shakespeare-15m", "--draft-model", draft,
+                 "--max-new-tokens", "12", "--temperature", "0", "--device", "cpu"]) == 0
+    assert capsys.readouterr().out == expected.text + "\n"
+    with pytest.raises(FileNotFoundError, match="shipped models: shakespeare-15m, shakespeare-draft-2m"):
+        Model.from_pretrained("shakespeare-1b")
