@@ -130,3 +130,26 @@ def test_generate_shipped_speculative(benchmark, k):
         device=device, tokens=NEW_TOKENS, tok_per_s=NEW_TOKENS / benchmark.stats.stats.mean,
         acceptance=out.num_accepted_draft_tokens / out.num_draft_tokens if k else None,
     )
+
+
+@pytest.mark.parametrize("engine", [False, True], ids=["model-generate", "llm-engine"])
+def test_batch_throughput(benchmark, checkpoint, engine):
+    """32 prompts x 64 greedy tokens: one Model.generate batch, or the
+    continuous-batching engine; output tokens per second."""
+    from fastllm import LLMEngine
+
+    name, path, _, device, dtype = checkpoint
+    model = Model.from_pretrained(path, device=device, dtype=dtype)
+    prompts = [list(range(10 + i, 10 + i + PROMPT_LEN)) for i in range(32)]
+    params = dict(max_new_tokens=64, ignore_eos=True)
+    runner = LLMEngine(model, max_num_seqs=32) if engine else model
+    runner.generate(prompts[:2], max_new_tokens=4, ignore_eos=True)  # warm-up
+
+    def run():
+        outs = runner.generate(prompts, **params)
+        _sync(device)
+        return outs
+
+    outs = benchmark.pedantic(run, rounds=2, iterations=1)
+    assert all(len(o.token_ids) == 64 for o in outs)
+    benchmark.extra_info.update(shape=name, device=device, tok_per_s=32 * 64 / benchmark.stats.stats.mean)

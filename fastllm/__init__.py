@@ -8,6 +8,7 @@
 from fastllm.api import Model
 from fastllm.backend import backend_info
 from fastllm.config import GenerationConfig, GenerationOutput
+from fastllm.engine import LLMEngine, StepOutput
 
 __version__ = "0.1.0"
-__all__ = ["GenerationConfig", "GenerationOutput", "Model", "backend_info", "__version__"]
+__all__ = ["GenerationConfig", "GenerationOutput", "LLMEngine", "Model", "StepOutput", "backend_info", "__version__"]

@@ -1,0 +1,136 @@
+"""KV-cache blocks shared between sequences: reference counts and a prefix cache.
+
+A block that a sequence has filled completely is registered under the hash of
+its whole prefix, ``h_i = hash((h_{i-1}, tokens of block i))``, so equal hashes
+mean equal tokens at equal positions and therefore equal keys and values. A new
+sequence whose prompt starts with registered blocks takes them (reference
+count + 1) instead of computing them again: a shared system prompt or a
+repeated conversation prefix is prefilled once.
+
+Blocks nobody references go to a free list in least-recently-released order;
+they keep their registration until they are handed out again, so a finished
+or preempted sequence's blocks can still be hit. Registered blocks are never
+written again: a sequence only writes into blocks past its reused prefix, and
+the block holding a prompt's last token is never reused (its logits must be
+computed).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+from fastllm.cache import CachedSequence
+
+
+@dataclass
+class BlockPlan:
+    """What admitting a sequence takes: the cached blocks it reuses and how many new ones."""
+
+    reused: list[int]
+    hashes: list[int]
+    new: int
+
+
+@dataclass
+class SequenceBlocks(CachedSequence):
+    """A sequence's blocks plus the hashes of its registered full blocks."""
+
+    hashes: list[int] = field(default_factory=list)
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+        if num_blocks < 1 or block_size < 1:
+            raise ValueError(f"need at least one block of at least one token, got {num_blocks} x {block_size}")
+        self.num_blocks, self.block_size = num_blocks, block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self._ref = [0] * num_blocks
+        self._hash_of: list[int | None] = [None] * num_blocks
+        self._block_of: dict[int, int] = {}  # registered hash -> block
+        self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
+        self.queried_tokens = 0  # prompt tokens looked up / found in the prefix cache
+        self.hit_tokens = 0
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    def blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    # ---------------------------------------------------------------- admission
+    def plan(self, tokens: list[int]) -> BlockPlan:
+        """The cached prefix blocks of ``tokens`` (never the one holding the last
+        token) and the number of new blocks the rest needs."""
+        bs, reused, hashes, h = self.block_size, [], [], None
+        if self.enable_prefix_caching:
+            for i in range((len(tokens) - 1) // bs):
+                h = hash((h, tuple(tokens[i * bs : (i + 1) * bs])))
+                block = self._block_of.get(h)
+                if block is None:
+                    break
+                reused.append(block)
+                hashes.append(h)
+        return BlockPlan(reused, hashes, self.blocks_for(len(tokens)) - len(reused))
+
+    def can_admit(self, plan: BlockPlan, reserve: int = 0) -> bool:
+        """Whether ``plan`` fits, keeping ``reserve`` blocks free. Reused blocks
+        nobody holds come out of the free list too."""
+        idle = sum(1 for b in plan.reused if self._ref[b] == 0)
+        return plan.new + idle + reserve <= len(self._free)
+
+    def admit(self, seq: SequenceBlocks, plan: BlockPlan, num_tokens: int) -> None:
+        """Give ``seq`` (holding no blocks) the planned blocks; its cached
+        length becomes the reused prefix."""
+        for b in plan.reused:
+            self._ref[b] += 1
+            self._free.pop(b, None)
+        seq.block_table = plan.reused + [self._take() for _ in range(plan.new)]
+        seq.hashes = list(plan.hashes)
+        seq.num_cached = len(plan.reused) * self.block_size
+        self.queried_tokens += num_tokens
+        self.hit_tokens += seq.num_cached
+
+    # ----------------------------------------------------------------- running
+    def grow(self, seq: SequenceBlocks, num_tokens: int) -> bool:
+        """Make room for ``seq`` to hold ``num_tokens`` tokens; False (and no
+        change) when there are not enough free blocks."""
+        need = self.blocks_for(num_tokens) - len(seq.block_table)
+        if need > len(self._free):
+            return False
+        seq.block_table.extend(self._take() for _ in range(max(need, 0)))
+        return True
+
+    def register(self, seq: SequenceBlocks, tokens: list[int]) -> None:
+        """Register the blocks of ``seq`` that its cached tokens have filled
+        (``tokens``: all of the sequence's tokens so far)."""
+        if not self.enable_prefix_caching:
+            return
+        bs = self.block_size
+        h = seq.hashes[-1] if seq.hashes else None
+        for i in range(len(seq.hashes), seq.num_cached // bs):
+            h = hash((h, tuple(tokens[i * bs : (i + 1) * bs])))
+            seq.hashes.append(h)
+            block = seq.block_table[i]
+            if h not in self._block_of:  # else another sequence computed the same block first: keep that one
+                self._block_of[h] = block
+                self._hash_of[block] = h
+
+    def release(self, seq: SequenceBlocks) -> None:
+        """Drop ``seq``'s blocks (tail first, so a prefix outlives its tail in the cache)."""
+        for b in reversed(seq.block_table):
+            self._ref[b] -= 1
+            if self._ref[b] == 0:
+                self._free[b] = None
+        seq.block_table, seq.hashes, seq.num_cached = [], [], 0
+
+    def _take(self) -> int:
+        """The least recently released free block, unregistered, referenced once."""
+        block, _ = self._free.popitem(last=False)
+        h = self._hash_of[block]
+        if h is not None:
+            del self._block_of[h]
+            self._hash_of[block] = None
+        self._ref[block] = 1
+        return block

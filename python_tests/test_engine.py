@@ -1,0 +1,146 @@
+"""Continuous batching and prefix caching: the engine gives every request the
+tokens Model.generate gives it, whatever the batch company, chunking,
+preemption or cache reuse; the block manager's accounting."""
+
+from __future__ import annotations
+
+import pytest
+
+from checkpoints import make_checkpoint
+from fastllm import Model
+from fastllm.block_manager import BlockManager, SequenceBlocks
+from fastllm.engine import LLMEngine
+
+PROMPTS = [
+    "ROMEO: But soft, what light",
+    "JULIET: O Romeo",
+    "ROMEO: But soft, what light through yonder window",
+    "Café 日本",
+    "ROMEO: But soft",
+] * 3
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    path = tmp_path_factory.mktemp("engine")
+    make_checkpoint(path, "llama3")
+    return Model.from_pretrained(path, device="cpu")
+
+
+SETTINGS = {
+    "roomy": dict(),
+    "preempting": dict(num_blocks=16, block_size=4),
+    "chunked": dict(max_num_seqs=2, max_num_batched_tokens=7, block_size=4),
+    "no-prefix-cache": dict(num_blocks=20, block_size=4, enable_prefix_caching=False),
+}
+
+
+@pytest.mark.parametrize("setting", list(SETTINGS))
+def test_greedy_outputs_equal_model_generate(model, setting):
+    want = model.generate(PROMPTS, max_new_tokens=40, ignore_eos=True)
+    engine = LLMEngine(model, **SETTINGS[setting])
+    got = engine.generate(PROMPTS, max_new_tokens=40, ignore_eos=True)
+    assert [o.token_ids for o in got] == [o.token_ids for o in want]
+    assert [o.text for o in got] == [o.text for o in want]
+    assert not engine.has_unfinished() and engine.blocks.num_free == engine.blocks.num_blocks
+    if setting in ("preempting", "no-prefix-cache"):
+        assert engine.num_preemptions > 0
+    if setting in ("preempting", "chunked"):
+        assert engine.prefix_cache_hit_rate > 0.2  # the repeated prompts come from the cache
+    if setting == "no-prefix-cache":
+        assert engine.prefix_cache_hit_rate == 0
+
+
+def test_seeded_sampling_survives_preemption(model):
+    params = dict(max_new_tokens=30, temperature=0.9, top_k=40, seed=5, stop=["e "])
+    want = model.generate(PROMPTS, **params)
+    engine = LLMEngine(model, num_blocks=16, block_size=4)
+    got = engine.generate(PROMPTS, **params)
+    assert engine.num_preemptions > 0
+    assert [(o.token_ids, o.text, o.finish_reason) for o in got] == [
+        (o.token_ids, o.text, o.finish_reason) for o in want
+    ]
+
+
+def test_requests_joining_a_running_batch(model):
+    engine = LLMEngine(model, block_size=4)
+    first = engine.add_request(PROMPTS[0], max_new_tokens=20, ignore_eos=True)
+    pieces: dict[int, list[str]] = {first: []}
+    outputs = {}
+    later = []
+    for step in range(60):
+        if step in (3, 7):  # join while the first is decoding
+            rid = engine.add_request(PROMPTS[2 if step == 3 else 1], max_new_tokens=15, ignore_eos=True)
+            later.append(rid)
+            pieces[rid] = []
+        for out in engine.step():
+            pieces[out.request_id].append(out.text)
+            if out.finished:
+                outputs[out.request_id] = out.output
+        if not engine.has_unfinished():
+            break
+    assert set(outputs) == {first, *later}
+    for rid, prompt, n in [(first, PROMPTS[0], 20), (later[0], PROMPTS[2], 15), (later[1], PROMPTS[1], 15)]:
+        alone = model.generate(prompt, max_new_tokens=n, ignore_eos=True)
+        assert outputs[rid].token_ids == alone.token_ids
+        assert "".join(pieces[rid]) == alone.text  # streamed pieces add up to the text
+    # PROMPTS[2] starts with PROMPTS[0]: its first blocks came from the cache
+    assert engine.blocks.hit_tokens >= 4 * (len(model.tokenizer.encode(PROMPTS[0])) // 4 - 1)
+
+
+def test_prefix_cache_reuse_across_calls(model):
+    engine = LLMEngine(model, block_size=4)
+    system = "JULIET: O Romeo, Romeo, wherefore art thou Romeo? Deny thy father and refuse thy name. "
+    a = engine.generate([system + "ROMEO: Shall I hear more"], max_new_tokens=8)[0]
+    before = engine.blocks.hit_tokens
+    b = engine.generate([system + "NURSE: Madam"], max_new_tokens=8)[0]
+    shared = len(model.tokenizer.encode(system)) - 1
+    assert engine.blocks.hit_tokens - before >= 4 * (shared // 4) - 4
+    assert a.token_ids == model.generate(system + "ROMEO: Shall I hear more", max_new_tokens=8).token_ids
+    assert b.token_ids == model.generate(system + "NURSE: Madam", max_new_tokens=8).token_ids
+
+
+def test_abort_and_bad_input(model):
+    engine = LLMEngine(model, block_size=4, num_blocks=20)
+    rid = engine.add_request(PROMPTS[0], max_new_tokens=30)
+    engine.step()
+    assert engine.abort(rid) and not engine.abort(rid) and not engine.has_unfinished()
+    assert engine.blocks.num_free == 20
+    with pytest.raises(ValueError, match="KV blocks"):
+        engine.add_request(PROMPTS[0], max_new_tokens=200)
+    with pytest.raises(ValueError, match="one prompt"):
+        engine.add_request(["a", "b"])
+    with pytest.raises(ValueError, match="top_p"):
+        engine.add_request("a", top_p=2.0)
+    for bad in (dict(max_num_seqs=0), dict(block_size=0), dict(max_num_batched_tokens=True)):
+        with pytest.raises(ValueError, match="positive int"):
+            LLMEngine(model, **bad)
+
+
+def test_block_manager_accounting():
+    bm = BlockManager(num_blocks=6, block_size=2)
+    a, b = SequenceBlocks(), SequenceBlocks()
+    tokens = [5, 6, 7, 8, 9]
+    plan = bm.plan(tokens)
+    assert (plan.reused, plan.new) == ([], 3)
+    bm.admit(a, plan, len(tokens))
+    a.num_cached = 5
+    bm.register(a, tokens)  # blocks 0 and 1 full: registered; the third holds one token
+    assert len(a.hashes) == 2
+    # the same prompt reuses the two full blocks; the one with the last token is computed
+    plan = bm.plan(tokens)
+    assert plan.reused == a.block_table[:2] and plan.new == 1
+    bm.admit(b, plan, len(tokens))
+    assert b.num_cached == 4 and bm.num_free == 2
+    # a prompt ending exactly at a block boundary still computes its last block
+    assert bm.plan([5, 6, 7, 8]).reused == a.block_table[:1]
+    bm.release(a)
+    assert bm.num_free == 3  # a's last block; the shared ones are still b's
+    bm.release(b)
+    assert bm.num_free == 6
+    # released but registered: still hit, until handed out again
+    assert bm.plan(tokens).reused == plan.reused
+    c = SequenceBlocks()
+    assert bm.grow(c, 12) and not bm.grow(c, 13)  # takes all six blocks, evicting the cached ones
+    assert bm.plan(tokens).reused == []
+    assert not bm.can_admit(bm.plan([1, 2, 3]))
