@@ -35,9 +35,9 @@ def shipped_draft_path() -> str | None:
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", "-m", default=None, help="Hugging Face model directory (default: the shipped model)")
+    p.add_argument("--model", "-m", default=None, help="Hugging Face model directory or a shipped model's name (default: the shipped target)")
     p.add_argument("--draft-model", default=None,
-                   help="draft model directory for speculative decoding ('shipped': the shipped draft model)")
+                   help="draft model (directory, shipped name, or 'shipped') for speculative decoding")
     p.add_argument("--num-speculative-tokens", type=int, default=4, help="draft tokens proposed per round")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--dtype", default=None, help="float32, float16 or bfloat16")
