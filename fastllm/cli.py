@@ -35,7 +35,8 @@ def shipped_draft_path() -> str | None:
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", "-m", default=None, help="Hugging Face model directory or a shipped model's name (default: the shipped target)")
+    p.add_argument("--model", "-m", default=None,
+                   help="Hugging Face model directory or a shipped model's name (default: the shipped target)")
     p.add_argument("--draft-model", default=None,
                    help="draft model (directory, shipped name, or 'shipped') for speculative decoding")
     p.add_argument("--num-speculative-tokens", type=int, default=4, help="draft tokens proposed per round")
