@@ -37,6 +37,11 @@ _SIDE_FILES = (
 SHIPPED_MODELS_DIR = Path(__file__).parent / "assets"
 
 
+def shipped_model_dirs() -> list[Path]:
+    """The model directories shipped in fastllm/assets, by name."""
+    return sorted(p.parent for p in SHIPPED_MODELS_DIR.glob("*/config.json"))
+
+
 def _resolve_model_dir(path: str | Path) -> Path:
     """``path`` if it is a directory, else the shipped model of that name
     (``"shakespeare-15m"``, ``"shakespeare-draft-2m"``)."""
@@ -46,7 +51,7 @@ def _resolve_model_dir(path: str | Path) -> Path:
     shipped = SHIPPED_MODELS_DIR / str(path)
     if len(p.parts) == 1 and (shipped / "config.json").is_file():
         return shipped
-    names = sorted(d.parent.name for d in SHIPPED_MODELS_DIR.glob("*/config.json"))
+    names = [d.name for d in shipped_model_dirs()]
     raise FileNotFoundError(f"model directory {path} does not exist (shipped models: {', '.join(names) or 'none'})")
 
 

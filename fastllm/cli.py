@@ -6,17 +6,17 @@ import argparse
 import json
 import os
 import sys
-from pathlib import Path
 from typing import Any
 
-ASSETS = Path(__file__).parent / "assets"
+from fastllm.api import SHIPPED_MODELS_DIR as ASSETS  # noqa: F401 (re-exported)
+from fastllm.api import shipped_model_dirs
 
 
 def default_model_path() -> str | None:
     """$FASTLLM_MODEL, else the model shipped in fastllm/assets (if any)."""
     if os.environ.get("FASTLLM_MODEL"):
         return os.environ["FASTLLM_MODEL"]
-    shipped = sorted(p.parent for p in ASSETS.glob("*/config.json")) if ASSETS.is_dir() else []
+    shipped = shipped_model_dirs()
     preferred = [p for p in shipped if (p / "DEFAULT").exists()]
     chosen = preferred or shipped
     return str(chosen[0]) if chosen else None
@@ -24,13 +24,13 @@ def default_model_path() -> str | None:
 
 def shipped_draft_path() -> str | None:
     """The shipped draft model (training_info.json preset "draft"), if any."""
-    for p in sorted(ASSETS.glob("*/training_info.json")) if ASSETS.is_dir() else []:
+    for d in shipped_model_dirs():
         try:
-            preset = json.loads(p.read_text(encoding="utf-8")).get("preset")
+            preset = json.loads((d / "training_info.json").read_text(encoding="utf-8")).get("preset")
         except (OSError, ValueError):
             continue
         if preset == "draft":
-            return str(p.parent)
+            return str(d)
     return None
 
 

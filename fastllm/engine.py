@@ -60,7 +60,7 @@ class _Seq:
     blocks: SequenceBlocks = field(default_factory=SequenceBlocks)
 
     def tokens(self) -> list[int]:
-        return self.req.prompt_ids + self.req.output_ids
+        return self.req.token_ids()
 
 
 class LLMEngine:
@@ -163,7 +163,7 @@ class LLMEngine:
             if not ready:
                 return []
             reqs = [seqs[i].req for i in ready]
-            histories = [r.prompt_ids + r.output_ids if r.config.repetition_penalty != 1.0 else [] for r in reqs]
+            histories = [r.penalty_history() for r in reqs]
             next_ids = sample_next(logits[ready], [r.config for r in reqs], histories, [r.seed for r in reqs],
                                    [len(r.output_ids) for r in reqs]).tolist()
         outs = []

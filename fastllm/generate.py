@@ -36,6 +36,15 @@ class Request:
     spec_proposed: int = 0
     spec_accepted: int = 0
 
+    def token_ids(self) -> list[int]:
+        """The prompt and the tokens generated so far."""
+        return self.prompt_ids + self.output_ids
+
+    def penalty_history(self, extra: list[int] = ()) -> list[int]:
+        """The ids the repetition penalty applies to (``token_ids()`` + ``extra``),
+        empty when the penalty is off (so nothing is copied to the device)."""
+        return self.token_ids() + list(extra) if self.config.repetition_penalty != 1.0 else []
+
     def pending_text(self) -> str:
         """Text that is final and not yet handed out. While running, a tail
         that could still grow into a stop string is held back."""
@@ -109,11 +118,10 @@ def run(
         with device_scope(cache.device):  # kernels launch on the model's GPU, whichever is current
             ids, positions, meta, last = prepare_step(cache, [r.cached for r in active], new_tokens)
             logits = network(ids, positions, cache.layers(), meta, last)  # [B, V]
-            histories = [r.prompt_ids + r.output_ids if r.config.repetition_penalty != 1.0 else [] for r in active]
             next_ids = sample_next(
                 logits,
                 [r.config for r in active],
-                histories,
+                [r.penalty_history() for r in active],
                 [r.seed for r in active],
                 [len(r.output_ids) for r in active],
             ).tolist()

@@ -40,20 +40,27 @@ def sample_next(
     (the pair fixes the row's random number). Returns [B] int64."""
     apply_repetition_penalty(logits, histories, [c.repetition_penalty for c in configs])
     b, dev = len(configs), logits.device
-    # One host-to-device copy per dtype for the per-row parameters.
-    floats = to_device([c.temperature for c in configs] + [c.top_p for c in configs] + [c.min_p for c in configs],
-                       torch.float32, dev)
-    top_k = to_device([c.top_k for c in configs], torch.int32, dev)
+    temperature, top_k, top_p, min_p = row_parameters(configs, dev)
     seeds_offsets = to_device(list(seeds) + list(steps), torch.int64, dev)
     return ops.sample(
         logits,
-        temperature=floats[:b],
+        temperature=temperature,
         top_k=top_k,
-        top_p=floats[b : 2 * b],
-        min_p=floats[2 * b :],
+        top_p=top_p,
+        min_p=min_p,
         seeds=seeds_offsets[:b],
         offsets=seeds_offsets[b:],
     )
+
+
+def row_parameters(configs: list[GenerationConfig], device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per-row (temperature, top_k, top_p, min_p) on ``device``, each [B]:
+    fp32, int32, fp32, fp32, in one host-to-device copy per dtype."""
+    b = len(configs)
+    floats = to_device([c.temperature for c in configs] + [c.top_p for c in configs] + [c.min_p for c in configs],
+                       torch.float32, device)
+    top_k = to_device([c.top_k for c in configs], torch.int32, device)
+    return floats[:b], top_k, floats[b : 2 * b], floats[2 * b :]
 
 
 def derive_seed(seed: int | None, index: int) -> int:

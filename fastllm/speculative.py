@@ -41,7 +41,7 @@ from fastllm.cache import CachedSequence, KVCache, device_scope, prepare_step, t
 from fastllm.generate import Request
 from fastllm.model import Transformer
 from fastllm.ops.reference import philox_u64, sampling_mask
-from fastllm.sampling import apply_repetition_penalty
+from fastllm.sampling import apply_repetition_penalty, row_parameters
 
 SPEC_STREAM = 0x73706563  # Philox counter word of the speculative draws ("spec"), apart from the sampler's
 MAX_SPECULATIVE_TOKENS = 16
@@ -57,10 +57,6 @@ class _Proposal:
     k: int  # proposals this round (0: a plain target step)
     tokens: list[int] = field(default_factory=list)  # d_1..d_k
     q: list[Tensor] = field(default_factory=list)  # q_j [V] of sampled rows
-
-
-def _committed(r: Request) -> list[int]:
-    return r.prompt_ids + r.output_ids
 
 
 def _uniforms(r: Request, n: int) -> list[float]:
@@ -85,28 +81,19 @@ def _processed(logits: Tensor, reqs: list[Request], histories: list[list[int]]) 
     apply_repetition_penalty(logits, histories, [r.config.repetition_penalty for r in reqs])
     if all(r.config.temperature == 0 for r in reqs):
         return logits.argmax(dim=-1), None
-    dev, cfgs = logits.device, [r.config for r in reqs]
-    floats = to_device([c.temperature for c in cfgs] + [c.top_p for c in cfgs] + [c.min_p for c in cfgs],
-                       torch.float32, dev)
-    top_k = to_device([c.top_k for c in cfgs], torch.int32, dev)
-    n = len(reqs)
-    _, probs = sampling_mask(logits, floats[:n], top_k, floats[n : 2 * n], floats[2 * n :])
+    _, probs = sampling_mask(logits, *row_parameters([r.config for r in reqs], logits.device))
     return logits.argmax(dim=-1), probs
-
-
-def _history(r: Request, extra: list[int]) -> list[int]:
-    return _committed(r) + extra if r.config.repetition_penalty != 1.0 else []
 
 
 def _draft_round(net: Transformer, cache: KVCache, props: list[_Proposal]) -> None:
     """Run the draft ``max k`` steps; fill each proposal's tokens and q."""
     for j in range(max((p.k for p in props), default=0)):
         rows = [p for p in props if p.k > j]
-        inputs = [_committed(p.req)[p.draft.num_cached :] if j == 0 else p.tokens[-1:] for p in rows]
+        inputs = [p.req.token_ids()[p.draft.num_cached :] if j == 0 else p.tokens[-1:] for p in rows]
         ids, positions, meta, last = prepare_step(cache, [p.draft for p in rows], inputs)
         logits = net(ids, positions, cache.layers(), meta, last)  # [B, V]
         reqs = [p.req for p in rows]
-        argmax, q = _processed(logits, reqs, [_history(p.req, p.tokens) for p in rows])
+        argmax, q = _processed(logits, reqs, [p.req.penalty_history(p.tokens) for p in rows])
         greedy = argmax.tolist()
         sampled = [i for i, p in enumerate(rows) if p.req.config.temperature > 0]
         drawn: dict[int, int] = {}
@@ -121,14 +108,14 @@ def _draft_round(net: Transformer, cache: KVCache, props: list[_Proposal]) -> No
 
 def _verify(net: Transformer, cache: KVCache, props: list[_Proposal]) -> list[list[int]]:
     """One target pass over every proposal; returns the tokens each request commits."""
-    inputs = [_committed(p.req)[p.req.cached.num_cached :] + p.tokens for p in props]
+    inputs = [p.req.token_ids()[p.req.cached.num_cached :] + p.tokens for p in props]
     ids, positions, meta, _ = prepare_step(cache, [p.req.cached for p in props], inputs)
     rows, owners, histories, end = [], [], [], 0
     for p, toks in zip(props, inputs):
         end += len(toks)
         rows.extend(range(end - p.k - 1, end))  # the k + 1 positions that predict d_1..d_k and the bonus
         owners.extend([p.req] * (p.k + 1))
-        histories.extend(_history(p.req, p.tokens[:j]) for j in range(p.k + 1))
+        histories.extend(p.req.penalty_history(p.tokens[:j]) for j in range(p.k + 1))
     logits = net(ids, positions, cache.layers(), meta, to_device(rows, torch.int64, cache.device))  # [R, V]
     argmax, probs = _processed(logits, owners, histories)
     argmax_host = argmax.tolist()
