@@ -257,8 +257,7 @@ class Model:
         same_tokens = (
             self.tokenizer is None
             or draft_model.tokenizer is None
-            or self.tokenizer._tok.get_vocab(with_added_tokens=True)
-            == draft_model.tokenizer._tok.get_vocab(with_added_tokens=True)
+            or self.tokenizer.vocab == draft_model.tokenizer.vocab
         )
         if mine != theirs or not same_tokens:
             raise ValueError(

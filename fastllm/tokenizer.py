@@ -8,6 +8,7 @@ jinja2's ImmutableSandboxedEnvironment, with the helpers transformers provides.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Sequence
@@ -110,6 +111,11 @@ class Tokenizer:
         if bad:
             raise ValueError(f"token ids must be non-negative ints, got {bad[:5]}")
         return ids
+
+    @functools.cached_property
+    def vocab(self) -> dict[str, int]:
+        """Token string -> id, added tokens included (built once)."""
+        return self._tok.get_vocab(with_added_tokens=True)
 
     def id_to_token(self, i: int) -> str | None:
         return self._tok.id_to_token(i)
