@@ -98,6 +98,40 @@ def test_attention_matches_sdpa(hq, hk, window):
             qs, ks = qs + ql, ks + n
 
 
+@pytest.mark.parametrize("window", [None, 1, 5])
+@pytest.mark.parametrize("hq, hk", [(4, 4), (6, 2), (4, 1)])
+def test_decode_attention_reference_matches_attention(hq, hk, window):
+    """The graph-safe decode reference (all table blocks gathered, masked on
+    the device lengths) equals the per-sequence ``attention``, whatever the
+    table holds past a sequence's blocks; a sequence of length 0 gets zeros."""
+    d, bs, nb = 8, 4, 12
+    g = torch.Generator().manual_seed(5)
+    k_cache = torch.randn(nb, bs, hk, d, generator=g)
+    v_cache = torch.randn(nb, bs, hk, d, generator=g)
+    lens = [1, 9, 0, 16, 6]
+    perm = torch.randperm(nb, generator=g).tolist()
+    tables = torch.full((len(lens), 4), -7, dtype=torch.int32)  # garbage past each sequence's blocks
+    for b, n in enumerate(lens):
+        used = -(-n // bs)
+        tables[b, :used] = torch.tensor(perm[:used], dtype=torch.int32)
+        perm = perm[used:] + perm[:used]
+    q = torch.randn(len(lens), hq, d, generator=g)
+    seq_lens = torch.tensor(lens, dtype=torch.int32)
+    out = ref.decode_attention(q, k_cache, v_cache, tables, seq_lens, 0.3, window)
+    meta = AttentionMetadata(
+        cu_seqlens_q=torch.tensor([0, 1, 2, 2, 3, 4], dtype=torch.int32),
+        seq_lens=seq_lens,
+        block_tables=tables.clamp(min=0),
+        slot_mapping=torch.zeros(0, dtype=torch.int64),
+        query_lens_host=[1, 1, 0, 1, 1],
+        seq_lens_host=lens,
+    )
+    keep = [b for b, n in enumerate(lens) if n]
+    expect = ref.attention(q[keep], k_cache, v_cache, meta, 0.3, window)
+    torch.testing.assert_close(out[keep], expect, rtol=1e-5, atol=1e-5)
+    assert torch.equal(out[2], torch.zeros(hq, d))
+
+
 def test_prepare_step_slots_are_distinct_and_blocks_owned():
     cache = KVCache(1, 20, 1, 4, torch.float32, torch.device("cpu"), block_size=4)
     seqs = [CachedSequence() for _ in range(3)]

@@ -452,16 +452,27 @@ def decode_attention(
     ``[max(0, L - sliding_window), L)``: ``out = softmax(q k^T * scale) v`` in
     fp32, returned as [B, Hq, D] in q.dtype (zeros for L == 0).
     ``max_seq_len`` is a host-side bound on seq_lens that the CUDA kernel uses
-    to size its grid; the reference reads the lengths itself (one host sync).
+    to size its grid; the reference does not need it.
+
+    Written without reading the lengths on the host (every sequence gathers all
+    ``max_blocks`` blocks of its table, the keys at or past ``L`` are masked), so
+    that on a GPU it can be captured in a CUDA graph. Table entries past a
+    sequence's blocks may hold anything: they are clamped into range and masked.
     """
-    b = q.shape[0]
-    lens = [int(n) for n in seq_lens.tolist()]
-    meta = AttentionMetadata(
-        cu_seqlens_q=torch.arange(b + 1, dtype=torch.int32, device=q.device),
-        seq_lens=seq_lens,
-        block_tables=block_tables,
-        slot_mapping=torch.empty(0, dtype=torch.int64, device=q.device),
-        query_lens_host=[1] * b,
-        seq_lens_host=lens,
-    )
-    return attention(q, k_cache, v_cache, meta, scale, sliding_window)
+    b, hq, d = q.shape
+    nb, bs, hk, _ = k_cache.shape
+    group = hq // hk
+    blocks = block_tables.long().clamp(0, nb - 1)  # [B, W]
+    k = k_cache[blocks].flatten(1, 2).float()  # [B, W * bs, Hk, D]
+    v = v_cache[blocks].flatten(1, 2).float()
+    scores = torch.einsum("bhgd,bjhd->bhgj", q.float().view(b, hk, group, d), k) * scale  # [B, Hk, G, J]
+    j = torch.arange(k.shape[1], device=q.device)[None, :]
+    lens = seq_lens.long()[:, None]
+    allowed = j < lens  # [B, J]
+    if sliding_window is not None:
+        allowed &= j >= lens - sliding_window
+    allowed = allowed[:, None, None, :]
+    probs = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
+    probs = probs.masked_fill(~allowed.any(dim=-1, keepdim=True), 0.0)  # L == 0: no keys, output 0
+    out = torch.einsum("bhgj,bjhd->bhgd", probs, v)
+    return out.reshape(b, hq, d).to(q.dtype)
