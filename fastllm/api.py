@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Union
@@ -13,6 +14,7 @@ from torch import Tensor
 
 from fastllm.cache import DEFAULT_BLOCK_SIZE, CachedSequence, KVCache, device_scope, prepare_step
 from fastllm.config import GenerationConfig, GenerationOutput, eos_ids_from_model_dir
+from fastllm.cuda_graph import GraphedDecoding
 from fastllm.generate import Request, run
 from fastllm.model import Transformer, load_network, parse_dtype, save_weights
 from fastllm.model.config import ModelConfig
@@ -80,12 +82,14 @@ class Model:
         generation_config: GenerationConfig,
         eos_ids: list[int],
         path: Path | None = None,
+        cuda_graphs: bool = False,
     ):
         self.network = network
         self.path = path
         self.tokenizer = tokenizer
         self.generation_config = generation_config
         self.eos_ids = frozenset(eos_ids)
+        self._graphs = _graphed_decoding(network) if cuda_graphs else None
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -96,6 +100,7 @@ class Model:
         dtype: str | torch.dtype | None = None,
         progress: bool | None = None,
         quantization: str | QuantizationConfig | None = None,
+        cuda_graphs: bool = False,
     ) -> "Model":
         """Load a Hugging Face directory (config.json, *.safetensors, tokenizer
         files, generation_config.json), or the name of a shipped model
@@ -106,7 +111,8 @@ class Model:
         (per-channel W8A16) or "int4" / "int4-g32|g64|g128" (group-wise W4A16),
         applied at load time; a checkpoint saved quantized loads as it was saved,
         4-bit GPTQ and AWQ (gemm) checkpoints repacked into fastllm's int4
-        (see fastllm.quant_formats)."""
+        (see fastllm.quant_formats). cuda_graphs: replay decode steps from CUDA
+        graphs (GPU only; experimental, see fastllm.cuda_graph)."""
         path = _resolve_model_dir(path)
         try:
             dev = torch.device(device) if device is not None else default_device()
@@ -116,6 +122,8 @@ class Model:
             raise ValueError(f"device {dev} requested but torch sees no CUDA GPU")
         if dev.type not in ("cpu", "cuda"):
             raise ValueError(f"unsupported device {dev}; use 'cpu' or 'cuda'")
+        if cuda_graphs and dev.type != "cuda":
+            raise ValueError(f"cuda_graphs=True needs a CUDA device, the model goes to {dev}")
         cfg = ModelConfig.from_file(path / "config.json")
         dt = parse_dtype(dtype) or default_dtype(dev, cfg.torch_dtype)
         network = load_network(path, dev, dt, progress, QuantizationConfig.parse(quantization), cfg)
@@ -127,7 +135,7 @@ class Model:
         eos = eos_ids_from_model_dir(path)
         if not eos and tokenizer is not None and tokenizer.eos_token_id is not None:
             eos = [tokenizer.eos_token_id]
-        return cls(network, tokenizer, GenerationConfig.from_model_dir(path), eos, path)
+        return cls(network, tokenizer, GenerationConfig.from_model_dir(path), eos, path, cuda_graphs)
 
     def save_pretrained(self, path: str | Path) -> None:
         """Write a Hugging Face directory: config.json (with ``quantization_config``
@@ -158,6 +166,11 @@ class Model:
     @property
     def device(self) -> torch.device:
         return self.network.embed_tokens.weight.device
+
+    @property
+    def cuda_graphs(self) -> bool:
+        """Whether decode steps replay from CUDA graphs."""
+        return self._graphs is not None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -237,9 +250,12 @@ class Model:
                 yield piece
 
     def _run(self, requests: list[Request], draft_model: "Model | None", k: int) -> Iterator[list[Request]]:
-        cache = self._cache_for(requests)
         if draft_model is None:
-            return run(self.network, cache, requests, self.eos_ids)
+            lease = self._graphs.acquire(_lengths(requests)) if self._graphs is not None else None
+            if lease is not None:
+                return _run_leased(self.network, lease, requests, self.eos_ids)
+            return run(self.network, self._cache_for(requests), requests, self.eos_ids)
+        cache = self._cache_for(requests)
         draft_cache = draft_model._cache_for(requests)
         return run_speculative(self.network, cache, draft_model.network, draft_cache, requests, self.eos_ids, k)
 
@@ -366,9 +382,27 @@ class Model:
         return reqs
 
     def _cache_for(self, requests: list[Request]) -> KVCache:
-        return self._new_cache([len(r.prompt_ids) + r.max_new_tokens for r in requests])
+        return self._new_cache(_lengths(requests))
 
     def _new_cache(self, lengths: list[int]) -> KVCache:
         cfg = self.config
         blocks = sum(-(-n // DEFAULT_BLOCK_SIZE) for n in lengths)
         return KVCache(cfg.num_layers, blocks, cfg.num_kv_heads, cfg.head_dim, self.dtype, self.device)
+
+
+def _lengths(requests: list[Request]) -> list[int]:
+    """The most tokens each request can hold in the cache."""
+    return [len(r.prompt_ids) + r.max_new_tokens for r in requests]
+
+
+def _graphed_decoding(network: Transformer) -> GraphedDecoding | None:
+    if network.config.is_moe:  # the expert routing reads token counts on the host: not capturable
+        warnings.warn("fastllm: cuda_graphs is not supported for mixture-of-experts models; decoding eagerly",
+                      RuntimeWarning, stacklevel=3)
+        return None
+    return GraphedDecoding(network)
+
+
+def _run_leased(network: Transformer, lease, requests: list[Request], eos_ids: frozenset[int]) -> Iterator[list[Request]]:
+    with lease:  # released when the run ends, fails or is abandoned (generator closed)
+        yield from run(network, lease.cache, requests, eos_ids, lease.runner)

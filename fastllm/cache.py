@@ -52,12 +52,17 @@ class KVCache:
         dtype: torch.dtype,
         device: torch.device,
         block_size: int = DEFAULT_BLOCK_SIZE,
+        reserved_blocks: int = 0,
     ):
-        shape = (num_layers, num_blocks, block_size, num_kv_heads, head_dim)
+        """``num_blocks`` blocks for sequences (handed out by ``allocator``) and
+        ``reserved_blocks`` more after them that no sequence gets (ids
+        ``num_blocks ...``; CUDA graphs park their padding rows' K/V there)."""
+        shape = (num_layers, num_blocks + reserved_blocks, block_size, num_kv_heads, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.block_size = block_size
         self.device = torch.device(device)
+        self.num_blocks, self.reserved_blocks = num_blocks, reserved_blocks
         self.allocator = BlockAllocator(num_blocks)
 
     def layers(self) -> list[tuple[Tensor, Tensor]]:
@@ -65,6 +70,15 @@ class KVCache:
 
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
+
+    def reserved_block(self, i: int = 0) -> int:
+        if not 0 <= i < self.reserved_blocks:
+            raise ValueError(f"the cache has {self.reserved_blocks} reserved blocks, asked for number {i}")
+        return self.num_blocks + i
+
+    def reset(self) -> None:
+        """Forget every sequence: all blocks are free again (contents stay)."""
+        self.allocator = BlockAllocator(self.num_blocks)
 
 
 @dataclass
@@ -83,23 +97,18 @@ def prepare_step(
     Returns (input_ids [N], positions [N], metadata, last_token_indices [B]) and
     advances each sequence's ``num_cached`` by its number of new tokens.
     """
-    bs = cache.block_size
     ids: list[int] = []
     positions: list[int] = []
     slots: list[int] = []
     query_lens: list[int] = []
     seq_lens: list[int] = []
     for seq, toks in zip(seqs, new_tokens):
-        start, end = seq.num_cached, seq.num_cached + len(toks)
-        need = cache.blocks_for(end) - len(seq.block_table)
-        if need > 0:
-            seq.block_table.extend(cache.allocator.allocate(need))
+        start = seq.num_cached
+        slots.extend(append_slots(cache, seq, len(toks)))
         ids.extend(toks)
-        positions.extend(range(start, end))
-        slots.extend(seq.block_table[p // bs] * bs + p % bs for p in range(start, end))
+        positions.extend(range(start, seq.num_cached))
         query_lens.append(len(toks))
-        seq_lens.append(end)
-        seq.num_cached = end
+        seq_lens.append(seq.num_cached)
     width = max(len(s.block_table) for s in seqs)
     cu = [0]
     for q in query_lens:
@@ -122,6 +131,18 @@ def prepare_step(
         seq_lens_host=seq_lens,
     )
     return longs[:n], longs[n : 2 * n], meta, longs[3 * n :]
+
+
+def append_slots(cache: KVCache, seq: CachedSequence, n: int) -> list[int]:
+    """Make room for ``n`` more tokens of ``seq`` (allocating blocks as needed),
+    advance its ``num_cached``, and return the new tokens' flat cache slots."""
+    bs = cache.block_size
+    start, end = seq.num_cached, seq.num_cached + n
+    need = cache.blocks_for(end) - len(seq.block_table)
+    if need > 0:
+        seq.block_table.extend(cache.allocator.allocate(need))
+    seq.num_cached = end
+    return [seq.block_table[p // bs] * bs + p % bs for p in range(start, end)]
 
 
 def to_device(values: list[int] | list[float], dtype: torch.dtype, device: torch.device) -> Tensor:

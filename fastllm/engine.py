@@ -34,6 +34,7 @@ import torch
 from fastllm.block_manager import BlockManager, SequenceBlocks
 from fastllm.cache import DEFAULT_BLOCK_SIZE, KVCache, device_scope, prepare_step
 from fastllm.config import GenerationConfig, GenerationOutput
+from fastllm.cuda_graph import DecodeGraphRunner
 from fastllm.generate import Request
 from fastllm.sampling import derive_seed, sample_next
 
@@ -81,7 +82,10 @@ class LLMEngine:
         num_blocks: int | None = None,
         block_size: int = DEFAULT_BLOCK_SIZE,
         enable_prefix_caching: bool = True,
+        cuda_graphs: bool | None = None,
     ):
+        """cuda_graphs: replay decode-only steps from CUDA graphs (default: as
+        the model was loaded, ``Model.from_pretrained(..., cuda_graphs=...)``)."""
         for name, v in (("max_num_seqs", max_num_seqs), ("max_num_batched_tokens", max_num_batched_tokens),
                         ("block_size", block_size)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -91,9 +95,16 @@ class LLMEngine:
         self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
         if num_blocks is None:
             num_blocks = self._default_num_blocks(block_size)
+        # one reserved block past the managed ones: where CUDA graphs park padding rows
         self.cache = KVCache(cfg.num_layers, num_blocks, cfg.num_kv_heads, cfg.head_dim, model.dtype, model.device,
-                             block_size)
+                             block_size, reserved_blocks=1)
         self.blocks = BlockManager(num_blocks, block_size, enable_prefix_caching)
+        if cuda_graphs is None:
+            cuda_graphs = model.cuda_graphs
+        if cuda_graphs and model.device.type != "cuda":
+            raise ValueError(f"cuda_graphs=True needs a CUDA device, the model is on {model.device}")
+        self.runner = (DecodeGraphRunner(model.network, self.cache, max_num_seqs, cfg.max_position_embeddings)
+                       if cuda_graphs and not cfg.is_moe else None)
         self.waiting: deque[_Seq] = deque()
         self.running: list[_Seq] = []
         self._ids = itertools.count()
@@ -155,8 +166,11 @@ class LLMEngine:
         seqs = [s for s, _ in batch]
         new_tokens = [s.tokens()[s.blocks.num_cached : s.blocks.num_cached + n] for s, n in batch]
         with torch.inference_mode(), device_scope(self.cache.device):
-            ids, positions, meta, last = prepare_step(self.cache, [s.blocks for s in seqs], new_tokens)
-            logits = self.model.network(ids, positions, self.cache.layers(), meta, last)  # [B, V]
+            if self.runner is not None and all(n == 1 for _, n in batch) and self.runner.fits([s.blocks for s in seqs]):
+                logits = self.runner.step([s.blocks for s in seqs], [t[0] for t in new_tokens])  # [B, V]
+            else:
+                ids, positions, meta, last = prepare_step(self.cache, [s.blocks for s in seqs], new_tokens)
+                logits = self.model.network(ids, positions, self.cache.layers(), meta, last)  # [B, V]
             ready = [i for i, s in enumerate(seqs) if s.blocks.num_cached == len(s.tokens())]
             for s in seqs:
                 self.blocks.register(s.blocks, s.tokens())

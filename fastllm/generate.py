@@ -14,6 +14,7 @@ import torch
 
 from fastllm.cache import CachedSequence, KVCache, device_scope, prepare_step
 from fastllm.config import GenerationConfig, GenerationOutput
+from fastllm.cuda_graph import DecodeGraphRunner
 from fastllm.model import Transformer
 from fastllm.sampling import sample_next
 
@@ -108,16 +109,25 @@ class Request:
 
 @torch.inference_mode()
 def run(
-    network: Transformer, cache: KVCache, requests: list[Request], eos_ids: frozenset[int]
+    network: Transformer,
+    cache: KVCache,
+    requests: list[Request],
+    eos_ids: frozenset[int],
+    runner: DecodeGraphRunner | None = None,
 ) -> Iterator[list[Request]]:
     """Generate all ``requests`` together; after each step yield the requests
-    that received a token (finished ones included, once)."""
+    that received a token (finished ones included, once). Decode steps go
+    through ``runner`` (CUDA graphs over ``cache``) when given and it fits."""
     active = list(requests)
     new_tokens = [r.prompt_ids for r in active]
     while active:
         with device_scope(cache.device):  # kernels launch on the model's GPU, whichever is current
-            ids, positions, meta, last = prepare_step(cache, [r.cached for r in active], new_tokens)
-            logits = network(ids, positions, cache.layers(), meta, last)  # [B, V]
+            seqs = [r.cached for r in active]
+            if runner is not None and all(len(t) == 1 for t in new_tokens) and runner.fits(seqs):
+                logits = runner.step(seqs, [t[0] for t in new_tokens])  # [B, V]
+            else:
+                ids, positions, meta, last = prepare_step(cache, seqs, new_tokens)
+                logits = network(ids, positions, cache.layers(), meta, last)  # [B, V]
             next_ids = sample_next(
                 logits,
                 [r.config for r in active],

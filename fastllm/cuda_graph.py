@@ -1,0 +1,225 @@
+"""Decode steps replayed from CUDA graphs.
+
+A decode step at small batch launches a few hundred small kernels (about ten
+per layer) whose launch cost from Python exceeds their run time. A CUDA graph
+records the step's launches once and replays them all with one call. A graph
+replays fixed addresses and shapes, so:
+
+- the step's inputs live in static buffers sized for ``max_batch_size``
+  sequences. A step writes its token ids, positions, cache slots, lengths and
+  block tables there (three host-to-device copies) and replays the graph of
+  the smallest captured batch size (a *bucket*: 1, 2, 4, 8, 16, 24, ...) that
+  holds it. Rows past the real batch are padding: they write their K/V into a
+  reserved cache block and attend to the one key there;
+- the runner belongs to one KV cache, whose tensors must not move;
+- every op on the path must read lengths from device memory and never
+  synchronise with the host: the decode-attention kernel gets the runner's
+  ``max_seq_len`` as its grid bound, and the reference decode attention masks
+  on the device lengths. A mixture-of-experts layer's reference synchronises,
+  so MoE models decode eagerly.
+
+Without a GPU (and in tests) the runner runs the same padded static-buffer
+step eagerly (``use_graphs=False``).
+"""
+
+from __future__ import annotations
+
+import bisect
+import warnings
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from fastllm.cache import DEFAULT_BLOCK_SIZE, CachedSequence, KVCache, append_slots
+from fastllm.ops import AttentionMetadata
+
+
+def batch_buckets(max_batch_size: int) -> list[int]:
+    """Batch sizes that get a graph: 1, 2, 4, 8, then every multiple of 8 up
+    to the first one >= ``max_batch_size``."""
+    small = [b for b in (1, 2, 4) if b < max_batch_size]
+    return small + list(range(8, max_batch_size + 8, 8)) if max_batch_size > 4 else small + [max_batch_size]
+
+
+class DecodeGraphRunner:
+    """Runs decode steps (one new token per sequence) of ``network`` over
+    ``cache`` from CUDA graphs captured on first use of each bucket."""
+
+    def __init__(
+        self,
+        network: torch.nn.Module,
+        cache: KVCache,
+        max_batch_size: int,
+        max_seq_len: int,
+        use_graphs: bool | None = None,
+    ):
+        if cache.reserved_blocks < 1:
+            raise ValueError("DecodeGraphRunner needs a KVCache with a reserved block (reserved_blocks=1) for padding")
+        self.network, self.cache = network, cache
+        self.max_seq_len = max_seq_len
+        self.buckets = batch_buckets(max_batch_size)
+        self.use_graphs = cache.device.type == "cuda" if use_graphs is None else use_graphs
+        self.pad_block = cache.reserved_block(0)
+        self.width = cache.blocks_for(max_seq_len)  # block-table columns
+        n, dev = self.buckets[-1], cache.device
+        pin = dev.type == "cuda"
+        # Device buffers the graphs read, and host mirrors a step fills first.
+        self._longs = torch.zeros(3, n, dtype=torch.int64, device=dev)  # ids, positions, slots
+        self._lens = torch.ones(n, dtype=torch.int32, device=dev)
+        self._tables = torch.full((n, self.width), self.pad_block, dtype=torch.int32, device=dev)
+        self._cu = torch.arange(n + 1, dtype=torch.int32, device=dev)  # one query per sequence, always
+        self._host_longs = torch.zeros(3, n, dtype=torch.int64, pin_memory=pin)
+        self._host_lens = torch.ones(n, dtype=torch.int32, pin_memory=pin)
+        self._host_tables = torch.full((n, self.width), self.pad_block, dtype=torch.int32, pin_memory=pin)
+        self._copied = torch.cuda.Event() if pin else None  # host mirrors are free again once it fired
+        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self._outputs: dict[int, Tensor] = {}
+        self._pool = None
+        self.num_steps = 0  # decode steps run here, and how many of them replayed a graph
+        self.num_replays = 0
+
+    @property
+    def max_batch_size(self) -> int:
+        return self.buckets[-1]
+
+    def fits(self, seqs: Sequence[CachedSequence]) -> bool:
+        """Whether a decode step of these sequences can run here."""
+        return 0 < len(seqs) <= self.max_batch_size and all(s.num_cached < self.max_seq_len for s in seqs)
+
+    def step(self, seqs: Sequence[CachedSequence], tokens: Sequence[int]) -> Tensor:
+        """Append one token per sequence to the cache and return its fp32
+        logits [B, V]. The tensor is the graph's output buffer: read it before
+        the next step."""
+        if not self.fits(seqs) or len(tokens) != len(seqs):
+            raise ValueError(f"a decode step of {len(seqs)} sequences does not fit this runner "
+                             f"(at most {self.max_batch_size} sequences shorter than {self.max_seq_len} tokens)")
+        b = len(seqs)
+        n = self.buckets[bisect.bisect_left(self.buckets, b)]
+        if self.use_graphs and n not in self._graphs:
+            self._capture(n)
+        self._load(seqs, tokens, n)
+        self.num_steps += 1
+        if self.use_graphs:
+            self._graphs[n].replay()
+            self.num_replays += 1
+            return self._outputs[n][:b]
+        return self._forward(n)[:b]
+
+    # ------------------------------------------------------------------ inputs
+    def _load(self, seqs: Sequence[CachedSequence], tokens: Sequence[int], n: int) -> None:
+        """Fill rows [0, n) of the static buffers: the real sequences, then padding."""
+        if self._copied is not None:
+            self._copied.synchronize()  # the last step's copies have read the host mirrors
+        bs, b = self.cache.block_size, len(seqs)
+        pad_slot = self.pad_block * bs
+        longs, lens, tables = self._host_longs, self._host_lens, self._host_tables
+        rows = []
+        for seq, tok in zip(seqs, tokens):
+            (slot,) = append_slots(self.cache, seq, 1)
+            rows.append((tok, seq.num_cached - 1, slot))
+        longs[:, :b] = torch.tensor(rows, dtype=torch.int64).T
+        longs[0, b:n] = 0
+        longs[1, b:n] = 0
+        longs[2, b:n] = pad_slot
+        lens[:b] = torch.tensor([s.num_cached for s in seqs], dtype=torch.int32)
+        lens[b:n] = 1
+        tables[:n].fill_(self.pad_block)
+        for i, seq in enumerate(seqs):
+            tables[i, : len(seq.block_table)] = torch.tensor(seq.block_table, dtype=torch.int32)
+        self._longs[:, :n].copy_(longs[:, :n], non_blocking=True)
+        self._lens[:n].copy_(lens[:n], non_blocking=True)
+        self._tables[:n].copy_(tables[:n], non_blocking=True)
+        if self._copied is not None:
+            self._copied.record()
+
+    def _set_padding(self, n: int) -> None:
+        """All rows padding (before a capture: its warm-up runs really write)."""
+        self._longs[:2, :n].zero_()
+        self._longs[2, :n].fill_(self.pad_block * self.cache.block_size)
+        self._lens[:n].fill_(1)
+        self._tables[:n].fill_(self.pad_block)
+
+    # ----------------------------------------------------------------- running
+    def _forward(self, n: int) -> Tensor:
+        meta = AttentionMetadata(
+            cu_seqlens_q=self._cu[: n + 1],
+            seq_lens=self._lens[:n],
+            block_tables=self._tables[:n],
+            slot_mapping=self._longs[2, :n],
+            query_lens_host=[1] * n,
+            # The lengths are only known on the device; the host side holds the
+            # bound that sizes the decode kernel's grid (meta.max_seq_len).
+            seq_lens_host=[self.max_seq_len] * n,
+        )
+        return self.network(self._longs[0, :n], self._longs[1, :n], self.cache.layers(), meta)
+
+    def _capture(self, n: int) -> None:
+        """Record the step for bucket ``n``; on failure warn and run eagerly."""
+        self._set_padding(n)
+        side = torch.cuda.Stream(self.cache.device)
+        side.wait_stream(torch.cuda.current_stream(self.cache.device))
+        try:
+            with torch.cuda.stream(side):  # warm up off the capture (cuBLAS handles, lazy inits)
+                for _ in range(2):
+                    self._forward(n)
+            torch.cuda.current_stream(self.cache.device).wait_stream(side)
+            if self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool):
+                out = self._forward(n)
+        except RuntimeError as e:
+            warnings.warn(f"fastllm: CUDA graph capture failed ({e}); decoding eagerly", RuntimeWarning, stacklevel=3)
+            self.use_graphs = False
+            return
+        self._graphs[n], self._outputs[n] = graph, out
+
+
+class GraphedDecoding:
+    """A model's persistent KV cache and graph runner for ``Model.generate``.
+
+    Graphs hold the cache's addresses, so the cache outlives a call; it grows
+    (and the graphs are captured again) when a call needs more sequences,
+    longer sequences or more blocks than any before. One call at a time holds
+    it (``acquire`` returns None while it is in use, and the caller decodes
+    eagerly with a cache of its own)."""
+
+    def __init__(self, network: torch.nn.Module, use_graphs: bool | None = None):
+        self.network, self.use_graphs = network, use_graphs
+        self.cache: KVCache | None = None
+        self.runner: DecodeGraphRunner | None = None
+        self.busy = False
+
+    def acquire(self, lengths: list[int]) -> "_Lease | None":
+        """A lease on a cache (and runner) for sequences that reach ``lengths``."""
+        if self.busy:
+            return None
+        cfg, bs = self.network.config, DEFAULT_BLOCK_SIZE
+        blocks = sum(-(-n // bs) for n in lengths)
+        longest, batch = max(lengths), len(lengths)
+        r = self.runner
+        if r is None or blocks > self.cache.num_blocks or longest > r.max_seq_len or batch > r.max_batch_size:
+            if r is not None:  # grow to cover the old sizes too, so that calls alternating between sizes settle
+                blocks, longest = max(blocks, self.cache.num_blocks), max(longest, r.max_seq_len)
+                batch = max(batch, r.max_batch_size)
+            self.cache = self.runner = None  # free the old cache before taking the new one
+            emb = self.network.embed_tokens.weight
+            self.cache = KVCache(cfg.num_layers, blocks, cfg.num_kv_heads, cfg.head_dim, emb.dtype, emb.device,
+                                 bs, reserved_blocks=1)
+            self.runner = DecodeGraphRunner(self.network, self.cache, batch, longest, self.use_graphs)
+        self.cache.reset()
+        self.busy = True
+        return _Lease(self)
+
+
+class _Lease:
+    def __init__(self, owner: GraphedDecoding):
+        self.owner = owner
+        self.cache, self.runner = owner.cache, owner.runner
+
+    def __enter__(self) -> "_Lease":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.owner.busy = False

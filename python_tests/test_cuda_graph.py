@@ -1,0 +1,185 @@
+"""Decode steps through the CUDA-graph runner: its static, padded buffers
+give every request the tokens of eager decoding (checked eagerly on the CPU,
+and with real graphs on a GPU), padding rows touch only the reserved block,
+and the model's persistent graph cache grows, is leased one call at a time
+and is released when a stream is abandoned."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from checkpoints import make_checkpoint
+from conftest import requires_cuda
+from fastllm import Model, backend
+from fastllm.cache import CachedSequence, KVCache, prepare_step
+from fastllm.cuda_graph import DecodeGraphRunner, GraphedDecoding, batch_buckets
+from fastllm.engine import LLMEngine
+
+PROMPTS = ["ROMEO: But soft, what light", "JULIET: O", "Café 日本 and more words here", "NURSE: Madam", "A"]
+
+
+@pytest.fixture(scope="module")
+def path(tmp_path_factory):
+    p = tmp_path_factory.mktemp("graphs")
+    make_checkpoint(p, "llama3")
+    return p
+
+
+@pytest.fixture(scope="module")
+def model(path):
+    return Model.from_pretrained(path, device="cpu")
+
+
+@pytest.fixture
+def graphed(path):
+    """A CPU model whose decode steps run through the runner, eagerly."""
+    m = Model.from_pretrained(path, device="cpu")
+    m._graphs = GraphedDecoding(m.network, use_graphs=False)
+    return m
+
+
+def test_batch_buckets():
+    assert batch_buckets(1) == [1]
+    assert batch_buckets(3) == [1, 2, 3]
+    assert batch_buckets(4) == [1, 2, 4]
+    assert batch_buckets(5) == [1, 2, 4, 8]
+    assert batch_buckets(33) == [1, 2, 4, 8, 16, 24, 32, 40]
+
+
+@pytest.mark.parametrize("params", [
+    dict(max_new_tokens=30, ignore_eos=True),
+    dict(max_new_tokens=40, temperature=0.9, top_p=0.9, seed=3, stop=["e "], repetition_penalty=1.2),
+])
+def test_generate_through_runner_equals_eager(model, graphed, params):
+    want = model.generate(PROMPTS, **params)
+    got = graphed.generate(PROMPTS, **params)
+    assert [(o.token_ids, o.text, o.finish_reason) for o in got] == [
+        (o.token_ids, o.text, o.finish_reason) for o in want
+    ]
+    runner = graphed._graphs.runner
+    assert runner.num_steps >= max(len(o.token_ids) for o in got) - 1  # every decode step went through it
+    assert not graphed._graphs.busy
+
+
+def test_graph_cache_grows_and_is_reused(model, graphed):
+    g = graphed._graphs
+    one = graphed.generate(PROMPTS[0], max_new_tokens=10, ignore_eos=True)
+    first_runner, first_blocks = g.runner, g.cache.num_blocks
+    assert first_runner.max_batch_size == 1
+    many = graphed.generate(PROMPTS, max_new_tokens=12, ignore_eos=True)  # more sequences: rebuilt
+    assert g.runner is not first_runner and g.runner.max_batch_size >= len(PROMPTS)
+    assert g.cache.num_blocks >= first_blocks
+    bigger = g.runner
+    again = graphed.generate(PROMPTS[1], max_new_tokens=10, ignore_eos=True)  # fits: same cache and runner
+    assert g.runner is bigger
+    assert one.token_ids == model.generate(PROMPTS[0], max_new_tokens=10, ignore_eos=True).token_ids
+    assert [o.token_ids for o in many] == [
+        o.token_ids for o in model.generate(PROMPTS, max_new_tokens=12, ignore_eos=True)
+    ]
+    assert again.token_ids == model.generate(PROMPTS[1], max_new_tokens=10, ignore_eos=True).token_ids
+
+
+def test_interleaved_and_abandoned_streams(model, graphed):
+    params = dict(max_new_tokens=20, ignore_eos=True)
+    s1 = graphed.stream(PROMPTS[0], **params)
+    first = next(s1)
+    assert graphed._graphs.busy
+    s2 = graphed.stream(PROMPTS[3], **params)  # the graph cache is taken: this one decodes eagerly
+    text2 = "".join(s2)
+    text1 = first + "".join(s1)
+    assert text1 == model.generate(PROMPTS[0], **params).text
+    assert text2 == model.generate(PROMPTS[3], **params).text
+    assert not graphed._graphs.busy
+    s3 = graphed.stream(PROMPTS[2], **params)
+    next(s3)
+    s3.close()  # abandoned mid-way: the lease goes back
+    assert not graphed._graphs.busy
+
+
+def test_padding_rows_write_only_the_reserved_block(model):
+    cfg = model.config
+    cache = KVCache(cfg.num_layers, 12, cfg.num_kv_heads, cfg.head_dim, torch.float32, torch.device("cpu"),
+                    block_size=4, reserved_blocks=1)
+    runner = DecodeGraphRunner(model.network, cache, max_batch_size=8, max_seq_len=40, use_graphs=False)
+    seqs = [CachedSequence() for _ in range(3)]
+    with torch.inference_mode():
+        prepare_step(cache, seqs, [[5, 6, 7], [8] * 6, [9]])
+        cache.k.normal_()
+        cache.v.normal_()
+        before_k, before_v = cache.k.clone(), cache.v.clone()
+        logits = runner.step(seqs, [1, 2, 3])  # 3 sequences in the bucket of 4
+    assert logits.shape == (3, cfg.vocab_size)
+    written = {s.block_table[(s.num_cached - 1) // 4] * 4 + (s.num_cached - 1) % 4 for s in seqs}
+    pad = {runner.pad_block * 4 + i for i in range(4)}
+    for before, after in ((before_k, cache.k), (before_v, cache.v)):
+        diff = (before != after).any(-1).any(-1).any(0).flatten()  # [slots]: any layer, head or dim changed
+        changed = set(diff.nonzero().flatten().tolist())
+        assert written <= changed, "a sequence's new K/V was not written"
+        assert changed - written and changed - written <= pad, "padding wrote outside the reserved block"
+    assert [s.num_cached for s in seqs] == [4, 7, 2]
+
+
+def test_runner_rejects_what_does_not_fit(model):
+    cfg = model.config
+    cache = KVCache(cfg.num_layers, 4, cfg.num_kv_heads, cfg.head_dim, torch.float32, torch.device("cpu"),
+                    block_size=4)
+    with pytest.raises(ValueError, match="reserved block"):
+        DecodeGraphRunner(model.network, cache, 2, 16, use_graphs=False)
+    cache = KVCache(cfg.num_layers, 4, cfg.num_kv_heads, cfg.head_dim, torch.float32, torch.device("cpu"),
+                    block_size=4, reserved_blocks=1)
+    runner = DecodeGraphRunner(model.network, cache, 2, 8, use_graphs=False)
+    seqs = [CachedSequence() for _ in range(3)]
+    assert not runner.fits(seqs)
+    with pytest.raises(ValueError, match="does not fit"):
+        runner.step(seqs, [1, 2, 3])
+    long = CachedSequence(num_cached=8)
+    assert not runner.fits([long])
+
+
+def test_engine_through_runner_equals_generate(model):
+    prompts = PROMPTS * 2
+    want = model.generate(prompts, max_new_tokens=25, ignore_eos=True)
+    for settings in (dict(), dict(num_blocks=16, block_size=4)):  # roomy, then preempting
+        engine = LLMEngine(model, max_num_seqs=6, **settings)
+        engine.runner = DecodeGraphRunner(model.network, engine.cache, 6, model.config.max_position_embeddings,
+                                          use_graphs=False)
+        got = engine.generate(prompts, max_new_tokens=25, ignore_eos=True)
+        assert [o.token_ids for o in got] == [o.token_ids for o in want]
+        assert engine.runner.num_steps > 10
+
+
+def test_cuda_graphs_need_a_gpu(path, model):
+    with pytest.raises(ValueError, match="CUDA device"):
+        Model.from_pretrained(path, device="cpu", cuda_graphs=True)
+    with pytest.raises(ValueError, match="CUDA device"):
+        LLMEngine(model, cuda_graphs=True)
+    assert not model.cuda_graphs and LLMEngine(model).runner is None
+
+
+# ---------------------------------------------------------------------- GPU
+@requires_cuda
+@pytest.mark.parametrize("kernels", ["", "all"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_graphs_on_gpu_equal_eager(monkeypatch, kernels, dtype):
+    """Real graphs on the shipped model: the same greedy tokens as eager decoding
+    (reference ops, then every compiled kernel), and the steps were replays."""
+    if kernels and dtype == torch.float32:
+        pytest.skip("the kernels take 16-bit activations")
+    monkeypatch.setenv("FASTLLM_KERNELS", kernels)
+    backend.reset_settings()
+    eager = Model.from_pretrained("shakespeare-15m", device="cuda", dtype=dtype)
+    graphed = Model.from_pretrained("shakespeare-15m", device="cuda", dtype=dtype, cuda_graphs=True)
+    prompts = ["ROMEO:", "JULIET: O Romeo, Romeo", "KING HENRY:"]
+    for batch in (prompts[:1], prompts):
+        want = eager.generate(batch, max_new_tokens=48, ignore_eos=True)
+        got = graphed.generate(batch, max_new_tokens=48, ignore_eos=True)
+        assert [o.token_ids for o in got] == [o.token_ids for o in want]
+    runner = graphed._graphs.runner
+    assert runner.use_graphs and runner.num_replays > 40
+    engine = LLMEngine(graphed, max_num_seqs=4)
+    got = engine.generate(prompts, max_new_tokens=32, ignore_eos=True)
+    assert [o.token_ids for o in got] == [
+        o.token_ids for o in eager.generate(prompts, max_new_tokens=32, ignore_eos=True)
+    ]
+    assert engine.runner.num_replays > 20
