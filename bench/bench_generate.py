@@ -65,11 +65,14 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def test_generate_fastllm(benchmark, checkpoint):
+@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "cuda-graphs"])
+def test_generate_fastllm(benchmark, checkpoint, graphs):
     name, path, _, device, dtype = checkpoint
-    model = Model.from_pretrained(path, device=device, dtype=dtype)
+    if graphs and device != "cuda":
+        pytest.skip("CUDA graphs need a GPU")
+    model = Model.from_pretrained(path, device=device, dtype=dtype, cuda_graphs=graphs)
     prompt = list(range(10, 10 + PROMPT_LEN))
-    model.generate(prompt, max_new_tokens=4, ignore_eos=True)  # warm-up
+    model.generate(prompt, max_new_tokens=4, ignore_eos=True)  # warm-up (and graph capture)
 
     def run():
         out = model.generate(prompt, max_new_tokens=NEW_TOKENS, ignore_eos=True)
@@ -79,7 +82,8 @@ def test_generate_fastllm(benchmark, checkpoint):
     out = benchmark.pedantic(run, rounds=3, iterations=1)
     assert len(out.token_ids) == NEW_TOKENS
     benchmark.extra_info.update(
-        shape=name, device=device, tokens=NEW_TOKENS, tok_per_s=NEW_TOKENS / benchmark.stats.stats.mean
+        shape=name, device=device, tokens=NEW_TOKENS, tok_per_s=NEW_TOKENS / benchmark.stats.stats.mean,
+        cuda_graphs=graphs,
     )
 
 

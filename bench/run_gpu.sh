@@ -5,6 +5,8 @@
 #   benchmarks, e.g. `bash bench/run_gpu.sh $OUT bench/bench_rmsnorm.py`.
 #   SKIP_TESTS=1 skips the test phase (a second call after a first full one);
 #   TESTS="python_tests/test_x.py ..." picks test files; FILE_TIMEOUT (s) limits each file.
+#   SANITIZE=1 also runs the kernel test files under compute-sanitizer memcheck
+#   (out-of-bounds and misaligned accesses; slow: SANITIZE_K="-k expr" narrows them).
 set -uo pipefail
 out=${1:?usage: bash bench/run_gpu.sh OUTDIR [bench files]}
 shift
@@ -49,6 +51,22 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
     printf '%-45s rc=%-3s %s\n' "$f" "$rc" "$line" | tee -a "$out/test_summary.txt"
   done
   grep -E "^(FAILED|ERROR)" "$out/tests.log" | head -60
+fi
+
+if [ "${SANITIZE:-0}" = 1 ]; then
+  san=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
+  echo "== compute-sanitizer memcheck (${san:-not found})"
+  : > "$out/sanitizer.log"
+  if [ -n "$san" ]; then
+    for f in $(ls python_tests/test_*.py | grep -E 'rmsnorm|silu|rotary|decode|sample|prefill|int8|int4'); do
+      echo "---- $f" >> "$out/sanitizer.log"
+      FASTLLM_EXPECT_C=1 timeout -k 10 "$limit" "$san" --tool memcheck --error-exitcode 99 --print-limit 20 \
+        python3 -m pytest "$f" -q -x -p no:cacheprovider ${SANITIZE_K:-} >> "$out/sanitizer.log" 2>&1
+      rc=$?
+      [ $rc -ne 0 ] && status=1
+      printf 'sanitize %-36s rc=%s\n' "$f" "$rc" | tee -a "$out/test_summary.txt"
+    done
+  fi
 fi
 
 echo "== benchmarks (per file, ${limit}s limit)"
