@@ -324,6 +324,23 @@ def test_kernel_q_view_of_fused_qkv_and_misaligned(d):
 
 
 @requires_cuda
+def test_kernel_q_with_any_stride_on_size_one_dims():
+    """torch leaves the stride of a size-1 dim arbitrary (a contiguous [1, H, D]
+    tensor may have stride(0) == 3, and clone() keeps it): the kernel never uses it."""
+    from fastllm.ops import cuda
+
+    q0, kc, vc, meta = paged_case([1], [20], 8, 2, 64, torch.float16, seed=18, device="cuda")
+    q = torch.empty_strided((1, 8, 64), (3, 64, 1), device="cuda", dtype=torch.float16)
+    q.copy_(q0)
+    assert q.is_contiguous()
+    check_kernel(q, kc, vc, meta, 0.125, None, cuda.prefill_attention(q, kc, vc, meta, 0.125))
+    q0, kc, vc, meta = paged_case([3, 5], [3, 9], 1, 1, 64, torch.float16, seed=19, device="cuda")
+    q = torch.empty_strided((8, 1, 64), (64, 5, 1), device="cuda", dtype=torch.float16)
+    q.copy_(q0)
+    check_kernel(q, kc, vc, meta, 0.125, None, cuda.prefill_attention(q, kc, vc, meta, 0.125))
+
+
+@requires_cuda
 def test_kernel_inconsistent_metadata_never_faults():
     """Block ids out of range, seq_lens past the block table, cu_seqlens_q past
     the tokens: the kernel zero-fills or clamps (no fault, finite output)."""

@@ -22,6 +22,14 @@ PREFILL_HEAD_DIMS = (64, 80, 96, 128, 256)
 PREFILL_DTYPES = (torch.float16, torch.bfloat16)
 
 
+def _strides(t: Tensor) -> tuple[int, ...]:
+    """Element strides with 0 for dimensions of size 1 (as cuda_attention._strides):
+    torch leaves those arbitrary (a contiguous [1, H, D] q may have stride(0) == 3,
+    and clone() keeps it), the kernel only multiplies them by index 0, and a raw
+    odd stride would fail its multiple-of-8 check with a RuntimeError."""
+    return tuple(st if size > 1 else 0 for size, st in zip(t.shape, t.stride()))
+
+
 def _valid_scale(scale) -> bool:
     return isinstance(scale, (int, float)) and not isinstance(scale, bool) and math.isfinite(scale) and scale > 0
 
@@ -160,12 +168,14 @@ def prefill_attention(
     max_query_len = max(query_lens, default=0)
     if n == 0 or b == 0 or max_query_len == 0:
         return (out, lse) if return_lse else out
-    if q.stride(0) % 8 or q.stride(1) % 8 or q.data_ptr() % 16:
+    qs = _strides(q)
+    if qs[0] % 8 or qs[1] % 8 or q.data_ptr() % 16:
         q = q.contiguous() if not q.is_contiguous() else q.clone()  # 16-byte copies need aligned rows
+        qs = _strides(q)
     ext().prefill_attention(
         out.data_ptr(), lse.data_ptr() if lse is not None else 0, q.data_ptr(),
         k_cache.data_ptr(), v_cache.data_ptr(), meta.cu_seqlens_q.data_ptr(), meta.seq_lens.data_ptr(),
-        meta.block_tables.data_ptr(), n, b, hq, hk, d, q.stride(0), q.stride(1), num_blocks, block_size,
+        meta.block_tables.data_ptr(), n, b, hq, hk, d, qs[0], qs[1], num_blocks, block_size,
         meta.block_tables.shape[1], max_query_len, float(scale), sliding_window or 0, DTYPE_CODES[q.dtype],
         current_stream(device),
     )
