@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Union
@@ -15,7 +14,7 @@ from torch import Tensor
 from fastllm.cache import DEFAULT_BLOCK_SIZE, CachedSequence, KVCache, device_scope, prepare_step
 from fastllm.config import GenerationConfig, GenerationOutput, eos_ids_from_model_dir
 from fastllm.cuda_graph import GraphedDecoding
-from fastllm.generate import Request, run
+from fastllm.generate import Request, run, run_leased
 from fastllm.model import Transformer, load_network, parse_dtype, save_weights
 from fastllm.model.config import ModelConfig
 from fastllm.quant import QuantizationConfig
@@ -89,7 +88,7 @@ class Model:
         self.tokenizer = tokenizer
         self.generation_config = generation_config
         self.eos_ids = frozenset(eos_ids)
-        self._graphs = _graphed_decoding(network) if cuda_graphs else None
+        self._graphs = GraphedDecoding.for_network(network) if cuda_graphs else None
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -120,6 +119,8 @@ class Model:
             raise ValueError(f"invalid device {device!r}: {e}") from e
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device {dev} requested but torch sees no CUDA GPU")
+        if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {dev} requested but torch sees {torch.cuda.device_count()} GPU(s)")
         if dev.type not in ("cpu", "cuda"):
             raise ValueError(f"unsupported device {dev}; use 'cpu' or 'cuda'")
         if cuda_graphs and dev.type != "cuda":
@@ -253,7 +254,7 @@ class Model:
         if draft_model is None:
             lease = self._graphs.acquire(_lengths(requests)) if self._graphs is not None else None
             if lease is not None:
-                return _run_leased(self.network, lease, requests, self.eos_ids)
+                return run_leased(self.network, lease, requests, self.eos_ids)
             return run(self.network, self._cache_for(requests), requests, self.eos_ids)
         cache = self._cache_for(requests)
         draft_cache = draft_model._cache_for(requests)
@@ -393,16 +394,3 @@ class Model:
 def _lengths(requests: list[Request]) -> list[int]:
     """The most tokens each request can hold in the cache."""
     return [len(r.prompt_ids) + r.max_new_tokens for r in requests]
-
-
-def _graphed_decoding(network: Transformer) -> GraphedDecoding | None:
-    if network.config.is_moe:  # the expert routing reads token counts on the host: not capturable
-        warnings.warn("fastllm: cuda_graphs is not supported for mixture-of-experts models; decoding eagerly",
-                      RuntimeWarning, stacklevel=3)
-        return None
-    return GraphedDecoding(network)
-
-
-def _run_leased(network: Transformer, lease, requests: list[Request], eos_ids: frozenset[int]) -> Iterator[list[Request]]:
-    with lease:  # released when the run ends, fails or is abandoned (generator closed)
-        yield from run(network, lease.cache, requests, eos_ids, lease.runner)

@@ -42,6 +42,16 @@ def batch_buckets(max_batch_size: int) -> list[int]:
     return small + list(range(8, max_batch_size + 8, 8)) if max_batch_size > 4 else small + [max_batch_size]
 
 
+def graphs_supported(network: torch.nn.Module) -> bool:
+    """Whether ``network``'s decode step can be captured; warns when not (a
+    mixture-of-experts layer's routing reads token counts on the host)."""
+    if network.config.is_moe:
+        warnings.warn("fastllm: cuda_graphs is not supported for mixture-of-experts models; decoding eagerly",
+                      RuntimeWarning, stacklevel=3)
+        return False
+    return True
+
+
 class DecodeGraphRunner:
     """Runs decode steps (one new token per sequence) of ``network`` over
     ``cache`` from CUDA graphs captured on first use of each bucket."""
@@ -190,6 +200,11 @@ class GraphedDecoding:
         self.cache: KVCache | None = None
         self.runner: DecodeGraphRunner | None = None
         self.busy = False
+
+    @classmethod
+    def for_network(cls, network: torch.nn.Module) -> "GraphedDecoding | None":
+        """Graphed decoding for ``network``, None where it cannot be captured."""
+        return cls(network) if graphs_supported(network) else None
 
     def acquire(self, lengths: list[int]) -> "_Lease | None":
         """A lease on a cache (and runner) for sequences that reach ``lengths``."""

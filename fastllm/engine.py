@@ -34,7 +34,7 @@ import torch
 from fastllm.block_manager import BlockManager, SequenceBlocks
 from fastllm.cache import DEFAULT_BLOCK_SIZE, KVCache, device_scope, prepare_step
 from fastllm.config import GenerationConfig, GenerationOutput
-from fastllm.cuda_graph import DecodeGraphRunner
+from fastllm.cuda_graph import DecodeGraphRunner, graphs_supported
 from fastllm.generate import Request
 from fastllm.sampling import derive_seed, sample_next
 
@@ -104,7 +104,7 @@ class LLMEngine:
         if cuda_graphs and model.device.type != "cuda":
             raise ValueError(f"cuda_graphs=True needs a CUDA device, the model is on {model.device}")
         self.runner = (DecodeGraphRunner(model.network, self.cache, max_num_seqs, cfg.max_position_embeddings)
-                       if cuda_graphs and not cfg.is_moe else None)
+                       if cuda_graphs and graphs_supported(model.network) else None)
         self.waiting: deque[_Seq] = deque()
         self.running: list[_Seq] = []
         self._ids = itertools.count()
