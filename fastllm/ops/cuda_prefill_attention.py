@@ -172,11 +172,14 @@ def prefill_attention(
     if qs[0] % 8 or qs[1] % 8 or q.data_ptr() % 16:
         q = q.contiguous() if not q.is_contiguous() else q.clone()  # 16-byte copies need aligned rows
         qs = _strides(q)
-    ext().prefill_attention(
-        out.data_ptr(), lse.data_ptr() if lse is not None else 0, q.data_ptr(),
-        k_cache.data_ptr(), v_cache.data_ptr(), meta.cu_seqlens_q.data_ptr(), meta.seq_lens.data_ptr(),
-        meta.block_tables.data_ptr(), n, b, hq, hk, d, qs[0], qs[1], num_blocks, block_size,
-        meta.block_tables.shape[1], max_query_len, float(scale), sliding_window or 0, DTYPE_CODES[q.dtype],
-        current_stream(device),
-    )
+    # The launcher opts the kernel in to > 48 KB of shared memory on the current
+    # device and launches there: make that q's device, whichever is current.
+    with torch.cuda.device(device):
+        ext().prefill_attention(
+            out.data_ptr(), lse.data_ptr() if lse is not None else 0, q.data_ptr(),
+            k_cache.data_ptr(), v_cache.data_ptr(), meta.cu_seqlens_q.data_ptr(), meta.seq_lens.data_ptr(),
+            meta.block_tables.data_ptr(), n, b, hq, hk, d, qs[0], qs[1], num_blocks, block_size,
+            meta.block_tables.shape[1], max_query_len, float(scale), sliding_window or 0, DTYPE_CODES[q.dtype],
+            current_stream(device),
+        )
     return (out, lse) if return_lse else out

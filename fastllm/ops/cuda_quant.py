@@ -117,11 +117,12 @@ def _int8_fused(
         return out
     num_splits, floats = _int8_plan(m, n, k, _num_sms(x.device.index or 0), splits)
     ws, ws_ptr = _workspace(floats, x.device)
-    ext().int8_linear(
-        out.data_ptr(), ws_ptr, x.data_ptr(), qweight.data_ptr(), scales.data_ptr(),
-        bias.data_ptr() if bias is not None else 0, m, n, k, num_splits, DTYPE_CODES[x.dtype],
-        current_stream(x.device),
-    )
+    with torch.cuda.device(x.device):  # per-device smem opt-in and launch: x's device, whichever is current
+        ext().int8_linear(
+            out.data_ptr(), ws_ptr, x.data_ptr(), qweight.data_ptr(), scales.data_ptr(),
+            bias.data_ptr() if bias is not None else 0, m, n, k, num_splits, DTYPE_CODES[x.dtype],
+            current_stream(x.device),
+        )
     return out
 
 
@@ -140,8 +141,9 @@ def int8_dequantize(qweight: Tensor, scales: Tensor, dtype: torch.dtype) -> Tens
     n, k = qweight.shape
     out = torch.empty(n, k, dtype=dtype, device=qweight.device)
     if out.numel():
-        ext().int8_dequantize(out.data_ptr(), qweight.data_ptr(), scales.data_ptr(), n, k, DTYPE_CODES[dtype],
-                              current_stream(qweight.device))
+        with torch.cuda.device(qweight.device):
+            ext().int8_dequantize(out.data_ptr(), qweight.data_ptr(), scales.data_ptr(), n, k, DTYPE_CODES[dtype],
+                                  current_stream(qweight.device))
     return out
 
 
@@ -216,11 +218,12 @@ def _int4_fused(
         return out
     num_splits, floats = _int4_plan(m, n, k, group_size, _num_sms(x.device.index or 0), splits)
     ws, ws_ptr = _workspace(floats, x.device)
-    ext().int4_linear(
-        out.data_ptr(), ws_ptr, x.data_ptr(), qweight.data_ptr(), scales.data_ptr(), zeros.data_ptr(),
-        bias.data_ptr() if bias is not None else 0, m, n, k, group_size, num_splits, DTYPE_CODES[x.dtype],
-        current_stream(x.device),
-    )
+    with torch.cuda.device(x.device):  # per-device smem opt-in and launch: x's device, whichever is current
+        ext().int4_linear(
+            out.data_ptr(), ws_ptr, x.data_ptr(), qweight.data_ptr(), scales.data_ptr(), zeros.data_ptr(),
+            bias.data_ptr() if bias is not None else 0, m, n, k, group_size, num_splits, DTYPE_CODES[x.dtype],
+            current_stream(x.device),
+        )
     return out
 
 
@@ -248,8 +251,9 @@ def int4_dequantize(qweight: Tensor, scales: Tensor, zeros: Tensor, group_size: 
         )
     out = torch.empty(n, k, dtype=scales.dtype, device=qweight.device)
     if out.numel():
-        ext().int4_dequantize(out.data_ptr(), qweight.data_ptr(), scales.data_ptr(), zeros.data_ptr(), n, k,
-                              group_size, DTYPE_CODES[scales.dtype], current_stream(qweight.device))
+        with torch.cuda.device(qweight.device):
+            ext().int4_dequantize(out.data_ptr(), qweight.data_ptr(), scales.data_ptr(), zeros.data_ptr(), n, k,
+                                  group_size, DTYPE_CODES[scales.dtype], current_stream(qweight.device))
     return out
 
 
