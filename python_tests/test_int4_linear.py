@@ -92,6 +92,29 @@ def test_every_group_size(group, m, dtype):
 
 
 @requires_cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("m", [1, 16, 33])
+@pytest.mark.parametrize("group", [32, 128])
+def test_zeros_past_15(group, m, dtype):
+    """GPTQ v1 checkpoints repacked by fastllm.quant_formats can hold zero 16, and
+    the format allows zeros up to 127: the kernel's magic-number subtraction
+    (1024 + zero in fp16, 128 + zero in bf16) must stay exact there, on the
+    g128 (M <= 16) and the scaled-pair paths, the dequantizer and the scalar path."""
+    from fastllm.ops import cuda, cuda_quant
+
+    q, s, _, b = _weights(1536, 200, group, dtype)
+    g = torch.Generator(device="cuda").manual_seed(5)
+    z = torch.randint(14, 17, (200, 1536 // group), generator=g, device="cuda").to(torch.uint8)  # 14, 15, 16
+    z[::7] = 127
+    x = _x((m, 1536), dtype)
+    _check(cuda.int4_linear(x, q, s, z, group, b), x, q, s, z, group, b)
+    assert torch.equal(cuda_quant.int4_dequantize(q, s, z, group), ref.dequantize_int4(q, s, z, group).to(dtype))
+    odd = _x((1 + m * 1536,), dtype)[1:].view(m, 1536)  # unaligned x: the scalar path
+    odd.copy_(x)
+    _check(cuda.int4_linear(odd, q, s, z, group, b), odd, q, s, z, group, b)
+
+
+@requires_cuda
 @pytest.mark.parametrize("k", [32, 96, 160, 288])
 def test_k_not_a_multiple_of_the_tile(k):
     """K only a multiple of the group: partial K tiles and partial 128-column k-blocks."""
