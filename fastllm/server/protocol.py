@@ -1,0 +1,290 @@
+"""OpenAI wire format: request and response models, errors, parameter mapping.
+
+Requests keep unknown fields (``extra="allow"``) so that the OpenAI
+parameters fastllm does not implement can be refused by name when they would
+change the result (``UNSUPPORTED``) and ignored when they would not (``user``,
+``metadata``...). Parameters a request leaves out take the model's defaults
+(its ``generation_config.json``), as ``Model.generate`` does.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, Callable, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from fastllm.config import GenerationConfig
+
+MAX_N = 128  # choices per request
+
+
+class OpenAIError(Exception):
+    """An error answered as ``{"error": {"message", "type", "param", "code"}}``."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def bad_request(message: str, param: str | None = None) -> OpenAIError:
+    return OpenAIError(400, message, param=param)
+
+
+# ------------------------------------------------------------------ requests
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class _SamplingRequest(BaseModel):
+    """Fields shared by completions and chat completions."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: Optional[str] = None  # None: the served model
+    max_tokens: Optional[int] = None
+    temperature: Optional[float] = None
+    top_p: Optional[float] = None
+    top_k: Optional[int] = None  # -1 or 0: off (vLLM's convention)
+    min_p: Optional[float] = None
+    repetition_penalty: Optional[float] = None
+    stop: Optional[Union[str, list[str]]] = None
+    stop_token_ids: Optional[list[int]] = None
+    ignore_eos: bool = False
+    seed: Optional[int] = None
+    n: int = Field(1, ge=1, le=MAX_N)
+    stream: bool = False
+    stream_options: Optional[StreamOptions] = None
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+
+
+class CompletionRequest(_SamplingRequest):
+    prompt: Union[str, list[str], list[int], list[list[int]]]
+    echo: bool = False
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    role: str
+    content: Optional[Union[str, list[dict[str, Any]]]] = None
+    name: Optional[str] = None
+
+    def for_template(self, index: int) -> dict[str, Any]:
+        """The message as the chat template sees it: content parts of type
+        text joined into one string (other parts are refused)."""
+        content = self.content
+        if isinstance(content, list):
+            texts = []
+            for part in content:
+                if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                    raise bad_request(f"messages[{index}].content: only text parts are supported, got a "
+                                      f"{part.get('type')!r} part", "messages")
+                texts.append(part["text"])
+            content = "\n".join(texts)
+        out = {"role": self.role, "content": content or ""}
+        if self.name is not None:
+            out["name"] = self.name
+        return out
+
+
+class ChatCompletionRequest(_SamplingRequest):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: Optional[int] = None
+    add_generation_prompt: bool = True
+
+
+def _neutral(*values: Any) -> Callable[[Any], bool]:
+    return lambda v: v is None or any(v == x and type(v) is type(x) for x in values)
+
+
+# OpenAI (and a few vLLM) parameters that would change the result; each is
+# accepted only at a value that means "off".
+UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
+    "logprobs": _neutral(False),
+    "top_logprobs": _neutral(0),
+    "presence_penalty": _neutral(0, 0.0),
+    "frequency_penalty": _neutral(0, 0.0),
+    "logit_bias": _neutral({}),
+    "tools": _neutral([]),
+    "tool_choice": _neutral("none", "auto"),
+    "functions": _neutral([]),
+    "function_call": _neutral("none", "auto"),
+    "response_format": _neutral({"type": "text"}),
+    "suffix": _neutral(""),
+    "best_of": _neutral(1),
+    "prediction": _neutral(),
+    "audio": _neutral(),
+    "modalities": _neutral(["text"]),
+    "min_tokens": _neutral(0),
+    "use_beam_search": _neutral(False),
+    "length_penalty": _neutral(1, 1.0),
+    "include_stop_str_in_output": _neutral(False),
+    "skip_special_tokens": _neutral(True),
+    "prompt_logprobs": _neutral(),
+    "truncate_prompt_tokens": _neutral(),
+    "guided_json": _neutral(),
+    "guided_regex": _neutral(),
+    "guided_choice": _neutral(),
+    "guided_grammar": _neutral(),
+    "structured_outputs": _neutral(),
+}
+
+
+def check_unsupported(req: BaseModel) -> list[str]:
+    """Raise a 400 for an unsupported parameter set to a value that matters;
+    return the names of the other unknown fields (ignored)."""
+    ignored = []
+    for name, value in (req.model_extra or {}).items():
+        neutral = UNSUPPORTED.get(name)
+        if neutral is None:
+            ignored.append(name)
+        elif not neutral(value):
+            raise bad_request(f"{name}={value!r} is not supported by fastllm's server; leave it out", name)
+    return ignored
+
+
+# Engine names -> the OpenAI names a client sent, for error messages.
+_OPENAI_NAMES = {"max_new_tokens": "max_tokens"}
+
+
+def generation_params(req: _SamplingRequest, max_tokens: int | None, vocab_size: int,
+                      defaults: GenerationConfig) -> dict[str, Any]:
+    """The ``LLMEngine.add_request`` keywords for ``req``, validated against
+    ``defaults`` (the model's generation config); a bad value is a 400."""
+    params: dict[str, Any] = {}
+    if max_tokens is not None:
+        params["max_new_tokens"] = max_tokens
+    for name in ("temperature", "top_p", "min_p", "repetition_penalty", "seed"):
+        if getattr(req, name) is not None:
+            params[name] = getattr(req, name)
+    if req.top_k is not None:
+        params["top_k"] = 0 if req.top_k == -1 else req.top_k
+    if req.stop is not None:
+        params["stop"] = [req.stop] if isinstance(req.stop, str) else list(req.stop)
+    if req.stop_token_ids:
+        params["stop_token_ids"] = list(req.stop_token_ids)
+    if req.ignore_eos:
+        params["ignore_eos"] = True
+    try:
+        defaults.replace(**params).validate(vocab_size)
+    except (ValueError, TypeError) as e:
+        message = str(e)
+        for ours, theirs in _OPENAI_NAMES.items():
+            message = message.replace(ours, theirs)
+        param = message.split(" ", 1)[0]
+        raise bad_request(message, param if param.isidentifier() else None) from e
+    return params
+
+
+# ----------------------------------------------------------------- responses
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+class Usage(BaseModel):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+    @classmethod
+    def of(cls, prompt_tokens: int, completion_tokens: int) -> "Usage":
+        return cls(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                   total_tokens=prompt_tokens + completion_tokens)
+
+
+FinishReason = Optional[Literal["stop", "length"]]
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: None = None
+    finish_reason: FinishReason = None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Optional[Usage] = None
+
+
+class ChatMessageOut(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: ChatMessageOut
+    logprobs: None = None
+    finish_reason: FinishReason = None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class DeltaMessage(BaseModel):
+    role: Optional[Literal["assistant"]] = None
+    content: Optional[str] = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: DeltaMessage
+    logprobs: None = None
+    finish_reason: FinishReason = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Optional[Usage] = None
+
+
+class CompletionChunk(BaseModel):
+    """A streamed completion piece: OpenAI streams ``text_completion`` objects."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Optional[Usage] = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "fastllm"
+    max_model_len: int
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]

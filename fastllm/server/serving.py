@@ -1,0 +1,238 @@
+"""The completion and chat-completion handlers: OpenAI request -> engine
+requests -> OpenAI response (one JSON body, or server-sent events).
+
+A request with ``n`` choices over ``P`` prompts becomes ``P * n`` engine
+requests; choice ``i`` is prompt ``i // n`` and, when seeded, samples as row
+``i`` of a ``Model.generate`` batch with the same seed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator, Awaitable
+from typing import Any, TypeVar
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel
+
+from fastllm.server.async_engine import AsyncEngine, EngineError, EngineStopped, GenerationStream
+from fastllm.server.protocol import (
+    ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse,
+    ChatMessageOut, CompletionChoice, CompletionChunk, CompletionRequest, CompletionResponse, DeltaMessage,
+    OpenAIError, Usage, bad_request, check_unsupported, generation_params, new_id, now,
+)
+
+log = logging.getLogger("fastllm.server")
+
+T = TypeVar("T")
+
+
+def engine_error(e: Exception) -> OpenAIError:
+    """The OpenAI error for an exception out of the engine."""
+    if isinstance(e, (ValueError, TypeError)):  # add_request refused it: the prompt or a parameter
+        message = str(e)
+        return bad_request(message, "prompt" if message.startswith(("prompt", "token ids", "each prompt")) else None)
+    if isinstance(e, EngineStopped):
+        return OpenAIError(503, str(e), "server_error", code="engine_stopped")
+    if isinstance(e, EngineError):
+        return OpenAIError(500, str(e), "server_error", code="engine_error")
+    return OpenAIError(500, f"internal error: {type(e).__name__}: {e}", "server_error")
+
+
+def sse(obj: BaseModel | dict[str, Any]) -> str:
+    data = obj.model_dump_json(exclude_unset=True) if isinstance(obj, BaseModel) else json.dumps(obj)
+    return f"data: {data}\n\n"
+
+
+async def _until_disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def cancel_on_disconnect(request: Request, work: Awaitable[T]) -> T | Response:
+    """Run ``work``; if the client goes away first, cancel it (which aborts its
+    engine requests) and answer nothing useful (nobody reads it)."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_until_disconnect(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for t in (watcher, task):
+            if not t.done():
+                t.cancel()
+    if not task.done() or task.cancelled():
+        await asyncio.gather(task, return_exceptions=True)
+        return Response(status_code=499)
+    return task.result()
+
+
+class OpenAIServing:
+    """State shared by the handlers: the model, its engine and its name."""
+
+    def __init__(self, model: Any, engine: AsyncEngine, served_model_name: str):
+        self.model, self.engine, self.name = model, engine, served_model_name
+
+    # ---------------------------------------------------------------- common
+    def _check(self, req: CompletionRequest | ChatCompletionRequest, max_tokens: int | None) -> dict[str, Any]:
+        if req.model is not None and req.model != self.name:
+            raise OpenAIError(404, f"The model `{req.model}` does not exist. This server serves `{self.name}`.",
+                              param="model", code="model_not_found")
+        ignored = check_unsupported(req)
+        if ignored:
+            log.info("ignoring request fields fastllm does not use: %s", ", ".join(sorted(ignored)))
+        return generation_params(req, max_tokens, self.model.config.vocab_size, self.model.generation_config)
+
+    async def _submit(self, prompts: list[Any], params: dict[str, Any]) -> GenerationStream:
+        try:
+            return await self.engine.submit(prompts, params)
+        except Exception as e:  # noqa: BLE001
+            raise engine_error(e) from e
+
+    @staticmethod
+    async def _collect(stream: GenerationStream) -> dict[int, Any]:
+        """Every request's final GenerationOutput, by index."""
+        finals = {}
+        try:
+            async for index, out in stream:
+                if out.finished:
+                    finals[index] = out.output
+        except Exception as e:  # noqa: BLE001
+            raise engine_error(e) from e
+        finally:
+            stream.abort()
+        return finals
+
+    async def _events(self, stream: GenerationStream, head: list[str], chunks, usage_chunk) -> AsyncIterator[str]:
+        """SSE body: ``head``, then ``chunks(index, out)`` for each output, the
+        usage chunk if asked (``usage_chunk(prompt_tokens, completion_tokens)``),
+        ``[DONE]``. An engine failure mid-stream is sent as an error event."""
+        prompt_tokens: dict[int, int] = {}
+        completion_tokens = 0
+        try:
+            for event in head:
+                yield event
+            async for index, out in stream:
+                for event in chunks(index, out):
+                    yield event
+                if out.finished:
+                    prompt_tokens[index] = len(out.output.prompt_token_ids)
+                    completion_tokens += len(out.output.token_ids)
+            event = usage_chunk(prompt_tokens, completion_tokens)
+            if event:
+                yield event
+        except (EngineError, EngineStopped) as e:
+            yield sse(engine_error(e).body())
+        finally:
+            stream.abort()
+        yield "data: [DONE]\n\n"
+
+    def _usage(self, prompt_tokens: dict[int, int], completion_tokens: int, n: int) -> Usage:
+        """Usage counting each prompt once (choice i is prompt i // n)."""
+        per_prompt = {i // n: t for i, t in prompt_tokens.items()}
+        return Usage.of(sum(per_prompt.values()), completion_tokens)
+
+    # ----------------------------------------------------------- completions
+    async def completions(self, req: CompletionRequest, raw: Request) -> Response:
+        params = self._check(req, req.max_tokens)
+        prompts = _prompt_list(req.prompt)
+        n = req.n
+        echo = [self._echo_text(prompts[i // n]) if req.echo else "" for i in range(len(prompts) * n)]
+        stream = await self._submit([p for p in prompts for _ in range(n)], params)
+        rid, created = new_id("cmpl"), now()
+
+        def chunk(choices: list[CompletionChoice], usage: Usage | None = None) -> str:
+            extra = {"usage": usage} if req.include_usage else {}
+            return sse(CompletionChunk(id=rid, object="text_completion", created=created, model=self.name,
+                                       choices=choices, **extra))
+
+        if req.stream:
+            head = [chunk([CompletionChoice(index=i, text=t, logprobs=None, finish_reason=None)])
+                    for i, t in enumerate(echo) if t]
+
+            def chunks(index: int, out: Any) -> list[str]:
+                reason = out.output.finish_reason if out.finished else None
+                if not out.text and reason is None:
+                    return []
+                return [chunk([CompletionChoice(index=index, text=out.text, logprobs=None, finish_reason=reason)])]
+
+            def usage(pt: dict[int, int], ct: int) -> str | None:
+                return chunk([], self._usage(pt, ct, n)) if req.include_usage else None
+
+            return StreamingResponse(self._events(stream, head, chunks, usage), media_type="text/event-stream")
+
+        finals = await cancel_on_disconnect(raw, self._collect(stream))
+        if isinstance(finals, Response):
+            return finals
+        choices = [CompletionChoice(index=i, text=echo[i] + (o.text or ""), finish_reason=o.finish_reason)
+                   for i, o in sorted(finals.items())]
+        usage = self._usage({i: len(o.prompt_token_ids) for i, o in finals.items()},
+                            sum(len(o.token_ids) for o in finals.values()), n)
+        body = CompletionResponse(id=rid, created=created, model=self.name, choices=choices, usage=usage)
+        return JSONResponse(body.model_dump())
+
+    def _echo_text(self, prompt: str | list[int]) -> str:
+        if isinstance(prompt, str):
+            return prompt
+        if self.model.tokenizer is None:
+            raise bad_request("echo of a token-id prompt needs a tokenizer", "echo")
+        return self.model.tokenizer.decode(prompt)
+
+    # ------------------------------------------------------------------ chat
+    async def chat(self, req: ChatCompletionRequest, raw: Request) -> Response:
+        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        params = self._check(req, max_tokens)
+        messages = [m.for_template(i) for i, m in enumerate(req.messages)]
+        try:
+            ids = self.model.apply_chat_template(messages, add_generation_prompt=req.add_generation_prompt)
+        except (ValueError, TypeError) as e:
+            raise bad_request(str(e), "messages") from e
+        n = req.n
+        stream = await self._submit([ids] * n, params)
+        rid, created = new_id("chatcmpl"), now()
+
+        def chunk(choices: list[ChatChunkChoice], usage: Usage | None = None) -> str:
+            extra = {"usage": usage} if req.include_usage else {}
+            return sse(ChatCompletionChunk(id=rid, object="chat.completion.chunk", created=created, model=self.name,
+                                           choices=choices, **extra))
+
+        if req.stream:
+            head = [chunk([ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""),
+                                           logprobs=None, finish_reason=None)]) for i in range(n)]
+
+            def chunks(index: int, out: Any) -> list[str]:
+                events = []
+                if out.text:
+                    events.append(chunk([ChatChunkChoice(index=index, delta=DeltaMessage(content=out.text),
+                                                         logprobs=None, finish_reason=None)]))
+                if out.finished:
+                    events.append(chunk([ChatChunkChoice(index=index, delta=DeltaMessage(), logprobs=None,
+                                                         finish_reason=out.output.finish_reason)]))
+                return events
+
+            def usage(pt: dict[int, int], ct: int) -> str | None:
+                return chunk([], self._usage(pt, ct, n)) if req.include_usage else None
+
+            return StreamingResponse(self._events(stream, head, chunks, usage), media_type="text/event-stream")
+
+        finals = await cancel_on_disconnect(raw, self._collect(stream))
+        if isinstance(finals, Response):
+            return finals
+        choices = [ChatChoice(index=i, message=ChatMessageOut(content=o.text or ""), finish_reason=o.finish_reason)
+                   for i, o in sorted(finals.items())]
+        usage = Usage.of(len(ids), sum(len(o.token_ids) for o in finals.values()))
+        body = ChatCompletionResponse(id=rid, created=created, model=self.name, choices=choices, usage=usage)
+        return JSONResponse(body.model_dump())
+
+
+def _prompt_list(prompt: Any) -> list[str | list[int]]:
+    """A completions ``prompt`` as a list of prompts (text or token ids)."""
+    if isinstance(prompt, str):
+        return [prompt]
+    if not prompt:
+        raise bad_request("prompt is empty", "prompt")
+    if all(isinstance(t, int) for t in prompt):
+        return [list(prompt)]
+    return list(prompt)
