@@ -1,4 +1,4 @@
-"""The ``fastllm`` command: generate, chat, info."""
+"""The ``fastllm`` command: generate, chat, serve, info."""
 
 from __future__ import annotations
 
@@ -34,12 +34,13 @@ def shipped_draft_path() -> str | None:
     return None
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
+def _add_model_args(p: argparse.ArgumentParser, draft: bool = True) -> None:
     p.add_argument("--model", "-m", default=None,
                    help="Hugging Face model directory or a shipped model's name (default: the shipped target)")
-    p.add_argument("--draft-model", default=None,
-                   help="draft model (directory, shipped name, or 'shipped') for speculative decoding")
-    p.add_argument("--num-speculative-tokens", type=int, default=4, help="draft tokens proposed per round")
+    if draft:
+        p.add_argument("--draft-model", default=None,
+                       help="draft model (directory, shipped name, or 'shipped') for speculative decoding")
+        p.add_argument("--num-speculative-tokens", type=int, default=4, help="draft tokens proposed per round")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--dtype", default=None, help="float32, float16 or bfloat16")
     p.add_argument("--quantization", "-q", default=None, help="int8, int4, int4-g32 or int4-g64 (at load time)")
@@ -91,6 +92,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(chat)
     _add_sampling_args(chat)
     chat.add_argument("--system", default=None, help="system prompt")
+
+    serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server (needs: pip install 'fastllm[server]')")
+    _add_model_args(serve, draft=False)
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
+    serve.add_argument("--served-model-name", default=None,
+                       help="the name clients pass as 'model' (default: --model as given, or the shipped name)")
+    serve.add_argument("--max-num-seqs", type=int, default=64, help="most requests decoded together")
+    serve.add_argument("--max-num-batched-tokens", type=int, default=4096, help="token budget of one step")
+    serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
     info = sub.add_parser("info", help="backend, GPU and built kernels")
     info.add_argument("--json", action="store_true", help="print JSON")
@@ -180,6 +191,23 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import importlib.util
+
+    missing = [m for m in ("fastapi", "uvicorn") if importlib.util.find_spec(m) is None]
+    if missing:
+        print(f"fastllm: error: the server needs {' and '.join(missing)}: pip install 'fastllm[server]'",
+              file=sys.stderr)
+        return 1
+    from fastllm.server.app import serve
+
+    path = args.model or default_model_path()
+    model = _load(args)
+    name = args.served_model_name or (args.model if args.model else os.path.basename(str(path)))
+    return serve(model, name, host=args.host, port=args.port, log_level=args.log_level,
+                 max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens)
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     from fastllm import backend_info
 
@@ -194,7 +222,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handler = {"generate": cmd_generate, "chat": cmd_chat, "info": cmd_info}[args.command]
+    handler = {"generate": cmd_generate, "chat": cmd_chat, "serve": cmd_serve, "info": cmd_info}[args.command]
     try:
         return handler(args)
     except (ValueError, TypeError, FileNotFoundError) as e:
