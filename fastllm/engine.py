@@ -125,9 +125,11 @@ class LLMEngine:
         return int(blocks)
 
     # ----------------------------------------------------------------- requests
-    def add_request(self, prompt: str | Sequence[int], config: GenerationConfig | None = None, **params: Any) -> int:
+    def add_request(self, prompt: str | Sequence[int], config: GenerationConfig | None = None, *,
+                    seed_index: int = 0, **params: Any) -> int:
         """Queue one prompt (text or token ids); returns its request id.
-        Parameters as for ``Model.generate``; bad ones raise here."""
+        Parameters as for ``Model.generate``; bad ones raise here. With a seed,
+        ``seed_index=i`` draws as row i of a seeded ``Model.generate`` batch."""
         prompts, batched = self.model._prompts(prompt)
         if batched:
             raise ValueError("add_request takes one prompt; call it once per prompt")
@@ -136,6 +138,8 @@ class LLMEngine:
         need = self.blocks.blocks_for(len(req.prompt_ids) + req.max_new_tokens)
         if need > self.blocks.num_blocks:
             raise ValueError(f"request needs {need} KV blocks at its longest, the cache has {self.blocks.num_blocks}")
+        if req.config.seed is not None:
+            req.seed = derive_seed(req.config.seed, seed_index)
         self.waiting.append(_Seq(rid, req))
         return rid
 
@@ -234,10 +238,7 @@ class LLMEngine:
         batch) to completion; returns their outputs in order."""
         ids = []
         for i, p in enumerate(prompts):
-            ids.append(self.add_request(p, config, **params))
-            req = self.waiting[-1].req
-            if req.config.seed is not None:
-                req.seed = derive_seed(req.config.seed, i)
+            ids.append(self.add_request(p, config, seed_index=i, **params))
         done: dict[int, GenerationOutput] = {}
         while self.has_unfinished():
             for out in self.step():

@@ -28,7 +28,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fastllm.engine import LLMEngine, StepOutput
-from fastllm.sampling import derive_seed
 
 log = logging.getLogger("fastllm.server")
 
@@ -217,12 +216,10 @@ class AsyncEngine:
                 job.future.set_exception(EngineStopped("request was cancelled"))
                 continue
             try:
-                rid = self.engine.add_request(job.prompt, **job.params)
+                rid = self.engine.add_request(job.prompt, seed_index=job.index, **job.params)
             except Exception as e:  # noqa: BLE001 - ValueError/TypeError are the caller's 400
                 job.future.set_exception(e)
                 continue
-            if job.index and job.params.get("seed") is not None:  # as LLMEngine.generate seeds batch rows
-                self.engine.waiting[-1].req.seed = derive_seed(job.params["seed"], job.index)
             job.request_id = rid
             self._live[rid] = job
             job.future.set_result(rid)
