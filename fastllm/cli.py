@@ -44,6 +44,8 @@ def _add_model_args(p: argparse.ArgumentParser, draft: bool = True) -> None:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--dtype", default=None, help="float32, float16 or bfloat16")
     p.add_argument("--quantization", "-q", default=None, help="int8, int4, int4-g32 or int4-g64 (at load time)")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="replay decode steps from CUDA graphs (GPU only, experimental)")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -114,7 +116,8 @@ def _load(args: argparse.Namespace):
     path = args.model or default_model_path()
     if path is None:
         raise ValueError("no --model given and no shipped model found; pass --model PATH or set FASTLLM_MODEL")
-    return Model.from_pretrained(path, device=args.device, dtype=args.dtype, quantization=args.quantization)
+    return Model.from_pretrained(path, device=args.device, dtype=args.dtype, quantization=args.quantization,
+                                 cuda_graphs=args.cuda_graphs)
 
 
 def _generation_params(args: argparse.Namespace, model) -> dict[str, Any]:

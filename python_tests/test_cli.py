@@ -86,6 +86,11 @@ def test_bad_sampling_flag_exit_2(ckpt, capsys):
     assert "top_p" in capsys.readouterr().err
 
 
+def test_cuda_graphs_flag_needs_a_gpu(ckpt, capsys):
+    assert main(["generate", "--model", str(ckpt), "hi", "--device", "cpu", "--cuda-graphs"]) == 2
+    assert "cuda_graphs=True needs a CUDA device" in capsys.readouterr().err
+
+
 def test_info_json(capsys):
     assert main(["info", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
