@@ -139,6 +139,18 @@ def test_save_and_reload_quantized(ckpt, tmp_path, q):
     Model.from_pretrained(tmp_path / "q", device="cpu", quantization=q)
 
 
+def test_int4_zero_points_out_of_range_are_refused(ckpt, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    Model.from_pretrained(ckpt, device="cpu", quantization="int4-g32").save_pretrained(tmp_path / "q")
+    tensors = load_file(tmp_path / "q" / "model.safetensors")
+    name = next(n for n in tensors if n.endswith(".zeros"))
+    tensors[name][0, 0] = 200
+    save_file(tensors, tmp_path / "q" / "model.safetensors")
+    with pytest.raises(ValueError, match=r"zero points .* reach 200; at most 127"):
+        Model.from_pretrained(tmp_path / "q", device="cpu")
+
+
 def test_unquantized_save_loads_in_transformers(ckpt, tmp_path):
     from transformers import AutoModelForCausalLM
 

@@ -181,6 +181,10 @@ def checkpoint_targets(model: Transformer) -> dict[str, Tensor]:
     return t
 
 
+# The int4 kernels dequantise ``q - zero`` exactly in bf16/fp16 up to this zero.
+MAX_INT4_ZERO = 127
+
+
 def load_weights(
     model: Transformer, path: Path, progress: bool | None = None, converter: Converter | None = None
 ) -> None:
@@ -211,6 +215,9 @@ def load_weights(
                 not target.is_floating_point() and tensor.dtype != target.dtype
             ):
                 raise ValueError(f"{where}: tensor {name} has dtype {tensor.dtype}, expected {target.dtype}")
+            if name.endswith(".zeros") and tensor.numel() and int(tensor.max()) > MAX_INT4_ZERO:
+                raise ValueError(f"{where}: int4 zero points of {name} reach {int(tensor.max())}; at most "
+                                 f"{MAX_INT4_ZERO} is supported (4-bit checkpoints use 0..16)")
             target.copy_(tensor)
             loaded.add(name)
             bar.update(nbytes)
