@@ -1,8 +1,11 @@
 """KV-cache blocks shared between sequences: reference counts and a prefix cache.
 
 A block that a sequence has filled completely is registered under the hash of
-its whole prefix, ``h_i = hash((h_{i-1}, tokens of block i))``, so equal hashes
-mean equal tokens at equal positions and therefore equal keys and values. A new
+its whole prefix, ``h_i = sha256(h_{i-1} || tokens of block i)``, so equal hashes
+mean equal tokens at equal positions and therefore equal keys and values. The
+hash is cryptographic on purpose: with Python's 64-bit ``hash`` of a tuple of
+ints (not randomised per process) a client of a shared server could craft a
+prompt whose blocks collide with another's and be served its cached keys. A new
 sequence whose prompt starts with registered blocks takes them (reference
 count + 1) instead of computing them again: a shared system prompt or a
 repeated conversation prefix is prefilled once.
@@ -17,6 +20,8 @@ computed).
 
 from __future__ import annotations
 
+import hashlib
+from array import array
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -28,7 +33,7 @@ class BlockPlan:
     """What admitting a sequence takes: the cached blocks it reuses and how many new ones."""
 
     reused: list[int]
-    hashes: list[int]
+    hashes: list[bytes]
     new: int
 
 
@@ -36,7 +41,14 @@ class BlockPlan:
 class SequenceBlocks(CachedSequence):
     """A sequence's blocks plus the hashes of its registered full blocks."""
 
-    hashes: list[int] = field(default_factory=list)
+    hashes: list[bytes] = field(default_factory=list)
+
+
+def block_hash(parent: bytes | None, tokens: list[int]) -> bytes:
+    """The prefix hash of a block: sha256 of its parent's hash and its token ids."""
+    m = hashlib.sha256(parent or b"")
+    m.update(array("q", tokens).tobytes())
+    return m.digest()
 
 
 class BlockManager:
@@ -46,8 +58,8 @@ class BlockManager:
         self.num_blocks, self.block_size = num_blocks, block_size
         self.enable_prefix_caching = enable_prefix_caching
         self._ref = [0] * num_blocks
-        self._hash_of: list[int | None] = [None] * num_blocks
-        self._block_of: dict[int, int] = {}  # registered hash -> block
+        self._hash_of: list[bytes | None] = [None] * num_blocks
+        self._block_of: dict[bytes, int] = {}  # registered hash -> block
         self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self.queried_tokens = 0  # prompt tokens looked up / found in the prefix cache
         self.hit_tokens = 0
@@ -66,7 +78,7 @@ class BlockManager:
         bs, reused, hashes, h = self.block_size, [], [], None
         if self.enable_prefix_caching:
             for i in range((len(tokens) - 1) // bs):
-                h = hash((h, tuple(tokens[i * bs : (i + 1) * bs])))
+                h = block_hash(h, tokens[i * bs : (i + 1) * bs])
                 block = self._block_of.get(h)
                 if block is None:
                     break
@@ -110,7 +122,7 @@ class BlockManager:
         bs = self.block_size
         h = seq.hashes[-1] if seq.hashes else None
         for i in range(len(seq.hashes), seq.num_cached // bs):
-            h = hash((h, tuple(tokens[i * bs : (i + 1) * bs])))
+            h = block_hash(h, tokens[i * bs : (i + 1) * bs])
             seq.hashes.append(h)
             block = seq.block_table[i]
             if h not in self._block_of:  # else another sequence computed the same block first: keep that one

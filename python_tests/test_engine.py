@@ -8,7 +8,7 @@ import pytest
 
 from checkpoints import make_checkpoint
 from fastllm import Model
-from fastllm.block_manager import BlockManager, SequenceBlocks
+from fastllm.block_manager import BlockManager, SequenceBlocks, block_hash
 from fastllm.engine import LLMEngine
 
 PROMPTS = [
@@ -144,3 +144,16 @@ def test_block_manager_accounting():
     assert bm.grow(c, 12) and not bm.grow(c, 13)  # takes all six blocks, evicting the cached ones
     assert bm.plan(tokens).reused == []
     assert not bm.can_admit(bm.plan([1, 2, 3]))
+
+
+def test_block_hash_is_sha256_of_the_whole_prefix():
+    import hashlib
+    from array import array
+
+    a = block_hash(None, [1, 2, 3])
+    assert a == hashlib.sha256(array("q", [1, 2, 3]).tobytes()).digest()
+    assert block_hash(None, [3, 2, 1]) != a  # order matters
+    assert block_hash(a, [4, 5, 6]) != block_hash(None, [4, 5, 6])  # so does the prefix before
+    assert block_hash(a, [4, 5, 6]) == block_hash(block_hash(None, [1, 2, 3]), [4, 5, 6])
+    # values Python's int hash folds together (mod 2**61 - 1) stay apart
+    assert block_hash(None, [1]) != block_hash(None, [2**61])
