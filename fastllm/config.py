@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+MAX_LOGPROBS = 20  # most alternatives per generated token (OpenAI's top_logprobs limit)
+
 
 @dataclass
 class GenerationConfig:
@@ -26,6 +28,13 @@ class GenerationConfig:
     stop_token_ids: token ids that end generation (besides the model's EOS).
     ignore_eos: keep generating past EOS tokens.
     seed: makes sampling reproducible; None draws one from torch's global RNG.
+    logprobs: None (off) or k in [0, MAX_LOGPROBS]: return each generated
+    token's log-probability and the k most likely alternatives
+    (``GenerationOutput.logprobs``). They are the model's raw next-token
+    log-probabilities, ``log_softmax(logits)`` in fp32 over the whole
+    vocabulary, taken before repetition penalty, temperature, top-k, top-p and
+    min-p (vLLM's default), so they do not depend on the sampling parameters.
+    Alternatives are sorted by descending logprob, ties by lower token id.
     """
 
     max_new_tokens: int = 128
@@ -38,6 +47,7 @@ class GenerationConfig:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     seed: int | None = None
+    logprobs: int | None = None
 
     def replace(self, **params: Any) -> "GenerationConfig":
         """A copy with ``params`` changed; unknown names raise TypeError."""
@@ -70,6 +80,9 @@ class GenerationConfig:
             raise TypeError(f"ignore_eos must be a bool, got {self.ignore_eos!r}")
         if self.seed is not None:
             _check_int("seed", self.seed, lo=0)
+        lp = self.logprobs
+        if lp is not None and (isinstance(lp, bool) or not isinstance(lp, int) or not 0 <= lp <= MAX_LOGPROBS):
+            raise ValueError(f"logprobs must be None or an int in [0, {MAX_LOGPROBS}], got {lp!r}")
 
     @classmethod
     def from_model_dir(cls, path: str | Path) -> "GenerationConfig":
@@ -109,6 +122,20 @@ def eos_ids_from_model_dir(path: str | Path) -> list[int]:
 
 
 @dataclass
+class TokenLogprob:
+    """One generated token's raw log-probability (see GenerationConfig.logprobs).
+
+    token_id: the generated token; logprob: ``log_softmax(logits)[token_id]``;
+    top: the k most likely ``(token_id, logprob)`` pairs, descending, ties by
+    lower id (empty for k = 0; may or may not contain token_id).
+    """
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
+
+
+@dataclass
 class GenerationOutput:
     """One generated completion.
 
@@ -119,6 +146,9 @@ class GenerationOutput:
     (max_new_tokens or the model's context reached).
     num_draft_tokens, num_accepted_draft_tokens: with a draft model, how many
     tokens it proposed and how many of them the target accepted (0 without).
+    logprobs: with ``GenerationConfig.logprobs`` set, one TokenLogprob per
+    entry of token_ids (tokens a stop string cut from the text included);
+    None otherwise.
     """
 
     text: str | None
@@ -127,6 +157,7 @@ class GenerationOutput:
     prompt_token_ids: list[int] = field(default_factory=list)
     num_draft_tokens: int = 0
     num_accepted_draft_tokens: int = 0
+    logprobs: list[TokenLogprob] | None = None
 
 
 def _check_int(name: str, v: Any, lo: int | None = None, hi: int | None = None) -> None:

@@ -33,9 +33,10 @@ import torch
 
 from fastllm.block_manager import BlockManager, SequenceBlocks
 from fastllm.cache import DEFAULT_BLOCK_SIZE, KVCache, device_scope, prepare_step
-from fastllm.config import GenerationConfig, GenerationOutput
+from fastllm.config import GenerationConfig, GenerationOutput, TokenLogprob
 from fastllm.cuda_graph import DecodeGraphRunner, graphs_supported
 from fastllm.generate import Request
+from fastllm.logprobs import raw_logprobs, token_logprobs
 from fastllm.sampling import derive_seed, sample_next
 
 DEFAULT_CPU_CACHE_BYTES = 1 << 30
@@ -44,14 +45,16 @@ GPU_CACHE_FRACTION = 0.5  # of the free GPU memory at start
 
 @dataclass
 class StepOutput:
-    """What one request got from a step: its new token and text, and the
-    finished GenerationOutput once it is done."""
+    """What one request got from a step: its new token and text, the token's
+    TokenLogprob when the request asked for logprobs, and the finished
+    GenerationOutput once it is done."""
 
     request_id: int
     token_id: int
     text: str
     finished: bool
     output: GenerationOutput | None = None
+    logprobs: TokenLogprob | None = None
 
 
 @dataclass
@@ -182,15 +185,18 @@ class LLMEngine:
                 return []
             reqs = [seqs[i].req for i in ready]
             histories = [r.penalty_history() for r in reqs]
-            next_ids = sample_next(logits[ready], [r.config for r in reqs], histories, [r.seed for r in reqs],
+            ready_logits = logits[ready]  # [R, V]
+            raw = raw_logprobs(ready_logits, [r.config.logprobs for r in reqs])  # before penalties edit logits
+            next_ids = sample_next(ready_logits, [r.config for r in reqs], histories, [r.seed for r in reqs],
                                    [len(r.output_ids) for r in reqs]).tolist()
+            lps = token_logprobs(raw, next_ids)
         outs = []
-        for i, tok in zip(ready, next_ids):
+        for i, tok, lp in zip(ready, next_ids, lps):
             s = seqs[i]
-            s.req.accept(tok, self.model.eos_ids)
+            s.req.accept(tok, self.model.eos_ids, lp)
             done = s.req.finish_reason is not None
             outs.append(StepOutput(s.id, tok, s.req.pending_text() if s.req.decoder else "", done,
-                                   s.req.output() if done else None))
+                                   s.req.output() if done else None, lp))
             if done:
                 self.running.remove(s)
                 self.blocks.release(s.blocks)

@@ -13,8 +13,9 @@ from dataclasses import dataclass, field
 import torch
 
 from fastllm.cache import CachedSequence, KVCache, device_scope, prepare_step
-from fastllm.config import GenerationConfig, GenerationOutput
+from fastllm.config import GenerationConfig, GenerationOutput, TokenLogprob
 from fastllm.cuda_graph import DecodeGraphRunner
+from fastllm.logprobs import raw_logprobs, token_logprobs
 from fastllm.model import Transformer
 from fastllm.sampling import sample_next
 
@@ -36,6 +37,7 @@ class Request:
     spec_draws: int = 0  # speculative decoding: uniforms drawn, draft tokens proposed and accepted
     spec_proposed: int = 0
     spec_accepted: int = 0
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # one per output id when config.logprobs is set
 
     def token_ids(self) -> list[int]:
         """The prompt and the tokens generated so far."""
@@ -70,11 +72,17 @@ class Request:
             prompt_token_ids=list(self.prompt_ids),
             num_draft_tokens=self.spec_proposed,
             num_accepted_draft_tokens=self.spec_accepted,
+            logprobs=list(self.logprobs) if self.config.logprobs is not None else None,
         )
 
-    def accept(self, token: int, eos_ids: frozenset[int]) -> None:
-        """Append a sampled token; update text and finish state."""
+    def accept(self, token: int, eos_ids: frozenset[int], logprob: TokenLogprob | None = None) -> None:
+        """Append a sampled token (and its logprob, when the request asked for
+        them: kept 1:1 with output_ids); update text and finish state."""
         self.output_ids.append(token)
+        if self.config.logprobs is not None:
+            if logprob is None or logprob.token_id != token:
+                raise RuntimeError(f"request asked for logprobs but token {token} came with {logprob!r}")
+            self.logprobs.append(logprob)
         stop_ids = set(self.config.stop_token_ids) | (set() if self.config.ignore_eos else eos_ids)
         if token in stop_ids:
             self._finish("stop")
@@ -128,6 +136,7 @@ def run(
             else:
                 ids, positions, meta, last = prepare_step(cache, seqs, new_tokens)
                 logits = network(ids, positions, cache.layers(), meta, last)  # [B, V]
+            raw = raw_logprobs(logits, [r.config.logprobs for r in active])  # before penalties edit logits
             next_ids = sample_next(
                 logits,
                 [r.config for r in active],
@@ -135,8 +144,9 @@ def run(
                 [r.seed for r in active],
                 [len(r.output_ids) for r in active],
             ).tolist()
-        for r, tok in zip(active, next_ids):
-            r.accept(tok, eos_ids)
+            lps = token_logprobs(raw, next_ids)
+        for r, tok, lp in zip(active, next_ids, lps):
+            r.accept(tok, eos_ids, lp)
             if r.finish_reason:
                 cache.allocator.release(r.cached.block_table)
                 r.cached.block_table = []

@@ -27,6 +27,8 @@ seed without a draft: the draws are used differently). Both KV caches roll back
 to the accepted prefix by lowering ``num_cached``; the stale slots are
 overwritten by the next round. This path samples with torch ops, not the
 ``sample`` kernel, because acceptance needs the whole distributions.
+Logprobs (``GenerationConfig.logprobs``) are read from the verify pass: the
+target's raw log_softmax at the position of each committed token.
 """
 
 from __future__ import annotations
@@ -38,7 +40,9 @@ import torch
 from torch import Tensor
 
 from fastllm.cache import CachedSequence, KVCache, device_scope, prepare_step, to_device
+from fastllm.config import TokenLogprob
 from fastllm.generate import Request
+from fastllm.logprobs import raw_logprobs, token_logprobs
 from fastllm.model import Transformer
 from fastllm.ops.reference import philox_u64, sampling_mask
 from fastllm.sampling import apply_repetition_penalty, row_parameters
@@ -106,8 +110,11 @@ def _draft_round(net: Transformer, cache: KVCache, props: list[_Proposal]) -> No
                 p.q.append(q[i])
 
 
-def _verify(net: Transformer, cache: KVCache, props: list[_Proposal]) -> list[list[int]]:
-    """One target pass over every proposal; returns the tokens each request commits."""
+def _verify(net: Transformer, cache: KVCache,
+            props: list[_Proposal]) -> tuple[list[list[int]], list[list[TokenLogprob | None]]]:
+    """One target pass over every proposal; returns the tokens each request
+    commits and their logprobs (the target's raw distribution at the position
+    of each committed token: exactly what decoding without a draft reports)."""
     inputs = [p.req.token_ids()[p.req.cached.num_cached :] + p.tokens for p in props]
     ids, positions, meta, _ = prepare_step(cache, [p.req.cached for p in props], inputs)
     rows, owners, histories, end = [], [], [], 0
@@ -117,6 +124,7 @@ def _verify(net: Transformer, cache: KVCache, props: list[_Proposal]) -> list[li
         owners.extend([p.req] * (p.k + 1))
         histories.extend(p.req.penalty_history(p.tokens[:j]) for j in range(p.k + 1))
     logits = net(ids, positions, cache.layers(), meta, to_device(rows, torch.int64, cache.device))  # [R, V]
+    raw = raw_logprobs(logits, [r.config.logprobs for r in owners])  # before penalties edit logits
     argmax, probs = _processed(logits, owners, histories)
     argmax_host = argmax.tolist()
     # p_j(d_j) and q_j(d_j) of the sampled rows, in one gather each.
@@ -151,7 +159,14 @@ def _verify(net: Transformer, cache: KVCache, props: list[_Proposal]) -> list[li
     if finals:
         for i, tok in zip(finals, _sample_rows(torch.stack(final_dists), final_u)):
             commits[i].append(tok)
-    return commits
+    picks: list[int | None] = []  # per verified row: the token committed at its position, if any
+    for p, toks in zip(props, commits):
+        picks.extend(toks[j] if j < len(toks) else None for j in range(p.k + 1))
+    lps, start, per_commit = token_logprobs(raw, picks), 0, []
+    for p, toks in zip(props, commits):
+        per_commit.append(lps[start : start + len(toks)])
+        start += p.k + 1
+    return commits, per_commit
 
 
 @torch.inference_mode()
@@ -178,13 +193,13 @@ def run_speculative(
             props.append(_Proposal(r, drafts[id(r)], base, max(k, 0)))
         with device_scope(cache.device):
             _draft_round(draft_network, draft_cache, props)
-            commits = _verify(network, cache, props)
-        for p, toks in zip(props, commits):
+            commits, logprobs = _verify(network, cache, props)
+        for p, toks, lps in zip(props, commits, logprobs):
             r = p.req
             r.spec_proposed += p.k
             accepted = 0
-            for tok in toks:
-                r.accept(tok, eos_ids)
+            for tok, lp in zip(toks, lps):
+                r.accept(tok, eos_ids, lp)
                 accepted += 1
                 if r.finish_reason:
                     break
