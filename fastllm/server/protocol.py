@@ -13,9 +13,10 @@ import time
 import uuid
 from typing import Any, Callable, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
-from fastllm.config import GenerationConfig
+from fastllm.config import MAX_LOGPROBS, GenerationConfig
+from fastllm.server.logprobs import ChatLogprobs, CompletionLogprobs
 
 MAX_N = 128  # choices per request
 
@@ -69,6 +70,7 @@ class _SamplingRequest(BaseModel):
 class CompletionRequest(_SamplingRequest):
     prompt: Union[str, list[str], list[int], list[list[int]]]
     echo: bool = False
+    logprobs: Optional[StrictInt] = None  # k alternatives per token, legacy format
 
 
 class ChatMessage(BaseModel):
@@ -100,6 +102,8 @@ class ChatCompletionRequest(_SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: Optional[int] = None
     add_generation_prompt: bool = True
+    logprobs: Optional[bool] = None
+    top_logprobs: Optional[StrictInt] = None  # needs logprobs=true
 
 
 def _neutral(*values: Any) -> Callable[[Any], bool]:
@@ -109,8 +113,7 @@ def _neutral(*values: Any) -> Callable[[Any], bool]:
 # OpenAI (and a few vLLM) parameters that would change the result; each is
 # accepted only at a value that means "off".
 UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
-    "logprobs": _neutral(False),
-    "top_logprobs": _neutral(0),
+    "top_logprobs": _neutral(0),  # a chat field; completions take logprobs=k
     "presence_penalty": _neutral(0, 0.0),
     "frequency_penalty": _neutral(0, 0.0),
     "logit_bias": _neutral({}),
@@ -174,6 +177,9 @@ def generation_params(req: _SamplingRequest, max_tokens: int | None, vocab_size:
         params["stop_token_ids"] = list(req.stop_token_ids)
     if req.ignore_eos:
         params["ignore_eos"] = True
+    k = requested_logprobs(req)
+    if k is not None:
+        params["logprobs"] = k
     try:
         defaults.replace(**params).validate(vocab_size)
     except (ValueError, TypeError) as e:
@@ -183,6 +189,24 @@ def generation_params(req: _SamplingRequest, max_tokens: int | None, vocab_size:
         param = message.split(" ", 1)[0]
         raise bad_request(message, param if param.isidentifier() else None) from e
     return params
+
+
+def requested_logprobs(req: _SamplingRequest) -> int | None:
+    """Alternatives per token the request asks for (None: no logprobs).
+    Completions: ``logprobs=k``. Chat: ``logprobs=true`` with ``top_logprobs=k``
+    (default 0). Prompt logprobs (completions ``echo``) are refused."""
+    if isinstance(req, ChatCompletionRequest):
+        k = req.top_logprobs
+        if k is not None and k != 0 and not req.logprobs:
+            raise bad_request("top_logprobs needs logprobs=true", "top_logprobs")
+        if k is not None and not 0 <= k <= MAX_LOGPROBS:
+            raise bad_request(f"top_logprobs must be in [0, {MAX_LOGPROBS}], got {k}", "top_logprobs")
+        return (k or 0) if req.logprobs else None
+    k = getattr(req, "logprobs", None)
+    if k is not None and getattr(req, "echo", False):
+        raise bad_request("echo with logprobs would need prompt logprobs, which fastllm's server does not "
+                          "compute; drop echo or logprobs", "echo")
+    return k
 
 
 # ----------------------------------------------------------------- responses
@@ -211,7 +235,7 @@ FinishReason = Optional[Literal["stop", "length"]]
 class CompletionChoice(BaseModel):
     index: int
     text: str
-    logprobs: None = None
+    logprobs: Optional[CompletionLogprobs] = None
     finish_reason: FinishReason = None
 
 
@@ -232,7 +256,7 @@ class ChatMessageOut(BaseModel):
 class ChatChoice(BaseModel):
     index: int
     message: ChatMessageOut
-    logprobs: None = None
+    logprobs: Optional[ChatLogprobs] = None
     finish_reason: FinishReason = None
 
 
@@ -253,7 +277,7 @@ class DeltaMessage(BaseModel):
 class ChatChunkChoice(BaseModel):
     index: int
     delta: DeltaMessage
-    logprobs: None = None
+    logprobs: Optional[ChatLogprobs] = None
     finish_reason: FinishReason = None
 
 

@@ -4,6 +4,14 @@ requests -> OpenAI response (one JSON body, or server-sent events).
 A request with ``n`` choices over ``P`` prompts becomes ``P * n`` engine
 requests; choice ``i`` is prompt ``i // n`` and, when seeded, samples as row
 ``i`` of a ``Model.generate`` batch with the same seed.
+
+Streamed logprobs: a token's entries ride on the first chunk sent at or after
+the step that generated it (a step whose text is all held back, as a possible
+stop string or an incomplete character, sends no chunk, so its token waits
+for the next one or the final chunk). Chunks therefore carry their tokens'
+entries, but where text was held back a chunk's text and its tokens can be
+offset by a few characters. All chunks together hold one entry per generated
+token, equal to the non-streamed answer's.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
 
 from fastllm.server.async_engine import AsyncEngine, EngineError, EngineStopped, GenerationStream
+from fastllm.server.logprobs import TokenNames, chat_logprobs, completion_logprobs
 from fastllm.server.protocol import (
     ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse,
     ChatMessageOut, CompletionChoice, CompletionChunk, CompletionRequest, CompletionResponse, DeltaMessage,
@@ -74,6 +83,7 @@ class OpenAIServing:
 
     def __init__(self, model: Any, engine: AsyncEngine, served_model_name: str):
         self.model, self.engine, self.name = model, engine, served_model_name
+        self.names = TokenNames(model.tokenizer)
 
     # ---------------------------------------------------------------- common
     def _check(self, req: CompletionRequest | ChatCompletionRequest, max_tokens: int | None) -> dict[str, Any]:
@@ -148,15 +158,21 @@ class OpenAIServing:
             return sse(CompletionChunk(id=rid, object="text_completion", created=created, model=self.name,
                                        choices=choices, **extra))
 
+        want_lp = params.get("logprobs") is not None
         if req.stream:
             head = [chunk([CompletionChoice(index=i, text=t, logprobs=None, finish_reason=None)])
                     for i, t in enumerate(echo) if t]
+            pending, offsets = _Pending(), dict.fromkeys(range(len(echo)), 0)
 
             def chunks(index: int, out: Any) -> list[str]:
+                pending.add(index, out)
                 reason = out.output.finish_reason if out.finished else None
                 if not out.text and reason is None:
                     return []
-                return [chunk([CompletionChoice(index=index, text=out.text, logprobs=None, finish_reason=reason)])]
+                lp = None
+                if want_lp:
+                    lp, offsets[index] = completion_logprobs(pending.take(index), self.names, offsets[index])
+                return [chunk([CompletionChoice(index=index, text=out.text, logprobs=lp, finish_reason=reason)])]
 
             def usage(pt: dict[int, int], ct: int) -> str | None:
                 return chunk([], self._usage(pt, ct, n)) if req.include_usage else None
@@ -166,7 +182,8 @@ class OpenAIServing:
         finals = await cancel_on_disconnect(raw, self._collect(stream))
         if isinstance(finals, Response):
             return finals
-        choices = [CompletionChoice(index=i, text=echo[i] + (o.text or ""), finish_reason=o.finish_reason)
+        choices = [CompletionChoice(index=i, text=echo[i] + (o.text or ""), finish_reason=o.finish_reason,
+                                    logprobs=completion_logprobs(o.logprobs, self.names)[0] if want_lp else None)
                    for i, o in sorted(finals.items())]
         usage = self._usage({i: len(o.prompt_token_ids) for i, o in finals.items()},
                             sum(len(o.token_ids) for o in finals.values()), n)
@@ -189,7 +206,7 @@ class OpenAIServing:
             ids = self.model.apply_chat_template(messages, add_generation_prompt=req.add_generation_prompt)
         except (ValueError, TypeError) as e:
             raise bad_request(str(e), "messages") from e
-        n = req.n
+        n, want_lp = req.n, params.get("logprobs") is not None
         stream = await self._submit([ids] * n, params)
         rid, created = new_id("chatcmpl"), now()
 
@@ -201,15 +218,19 @@ class OpenAIServing:
         if req.stream:
             head = [chunk([ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""),
                                            logprobs=None, finish_reason=None)]) for i in range(n)]
+            pending = _Pending()
+
+            def choice_chunk(index: int, delta: DeltaMessage, reason: str | None) -> str:
+                lp = chat_logprobs(pending.take(index), self.names) if want_lp and pending.has(index) else None
+                return chunk([ChatChunkChoice(index=index, delta=delta, logprobs=lp, finish_reason=reason)])
 
             def chunks(index: int, out: Any) -> list[str]:
+                pending.add(index, out)
                 events = []
                 if out.text:
-                    events.append(chunk([ChatChunkChoice(index=index, delta=DeltaMessage(content=out.text),
-                                                         logprobs=None, finish_reason=None)]))
+                    events.append(choice_chunk(index, DeltaMessage(content=out.text), None))
                 if out.finished:
-                    events.append(chunk([ChatChunkChoice(index=index, delta=DeltaMessage(), logprobs=None,
-                                                         finish_reason=out.output.finish_reason)]))
+                    events.append(choice_chunk(index, DeltaMessage(), out.output.finish_reason))
                 return events
 
             def usage(pt: dict[int, int], ct: int) -> str | None:
@@ -220,11 +241,29 @@ class OpenAIServing:
         finals = await cancel_on_disconnect(raw, self._collect(stream))
         if isinstance(finals, Response):
             return finals
-        choices = [ChatChoice(index=i, message=ChatMessageOut(content=o.text or ""), finish_reason=o.finish_reason)
+        choices = [ChatChoice(index=i, message=ChatMessageOut(content=o.text or ""), finish_reason=o.finish_reason,
+                              logprobs=chat_logprobs(o.logprobs, self.names) if want_lp else None)
                    for i, o in sorted(finals.items())]
         usage = Usage.of(len(ids), sum(len(o.token_ids) for o in finals.values()))
         body = ChatCompletionResponse(id=rid, created=created, model=self.name, choices=choices, usage=usage)
         return JSONResponse(body.model_dump())
+
+
+class _Pending:
+    """Per choice, the TokenLogprobs of steps whose text has not been sent yet."""
+
+    def __init__(self) -> None:
+        self._by_index: dict[int, list[Any]] = {}
+
+    def add(self, index: int, out: Any) -> None:
+        if out.logprobs is not None:
+            self._by_index.setdefault(index, []).append(out.logprobs)
+
+    def has(self, index: int) -> bool:
+        return bool(self._by_index.get(index))
+
+    def take(self, index: int) -> list[Any]:
+        return self._by_index.pop(index, [])
 
 
 def _prompt_list(prompt: Any) -> list[str | list[int]]:

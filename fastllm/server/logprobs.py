@@ -1,0 +1,107 @@
+"""Token log-probabilities in OpenAI's two wire formats.
+
+Values are ``GenerationOutput.logprobs`` (the model's raw log_softmax, before
+sampling parameters; see ``GenerationConfig.logprobs``), clamped below at
+-9999.0 as OpenAI does, because JSON has no -Infinity.
+
+- completions (legacy): ``{tokens, token_logprobs, top_logprobs, text_offset}``;
+  ``top_logprobs[i]`` maps the k most likely token strings to their logprob,
+  plus the sampled token (up to k + 1 entries, as OpenAI documents); two ids
+  with the same text keep the first (higher) value.
+- chat: ``{content: [{token, logprob, bytes, top_logprobs: [{token, logprob, bytes}]}]}``.
+
+A token's string is the tokenizer's decoding of that token alone (special
+tokens included); ``bytes`` is its UTF-8 encoding. A token holding part of a
+multi-byte character decodes to U+FFFD, as with OpenAI's ``token`` field; its
+``bytes`` are those of U+FFFD, not the raw byte. ``text_offset`` counts the
+characters of the preceding token strings.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Optional
+
+from pydantic import BaseModel
+
+from fastllm.config import TokenLogprob
+
+LOGPROB_FLOOR = -9999.0
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: Optional[list[int]] = None
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: Optional[list[ChatTokenLogprob]] = None
+
+
+class TokenNames:
+    """Token id -> its text (``tokenizer.decode([id])``), cached; ``token_id:<id>``
+    without a tokenizer (vLLM's spelling)."""
+
+    def __init__(self, tokenizer: Any):
+        self.tokenizer = tokenizer
+        self._cache: dict[int, str] = {}
+
+    def __call__(self, token_id: int) -> str:
+        name = self._cache.get(token_id)
+        if name is None:
+            if self.tokenizer is None:
+                name = f"token_id:{token_id}"
+            else:
+                name = self.tokenizer.decode([token_id], skip_special_tokens=False)
+            self._cache[token_id] = name
+        return name
+
+
+def _clamp(v: float) -> float:
+    return max(v, LOGPROB_FLOOR)  # -inf (a token the model rules out) becomes the floor
+
+
+def completion_logprobs(lps: Sequence[TokenLogprob], names: TokenNames,
+                        offset: int = 0) -> tuple[CompletionLogprobs, int]:
+    """The legacy object for ``lps`` whose first token starts at character
+    ``offset``; returns it and the offset after the last token."""
+    tokens, values, tops, offsets = [], [], [], []
+    for lp in lps:
+        name = names(lp.token_id)
+        top: dict[str, float] = {}
+        for token_id, v in lp.top:
+            top.setdefault(names(token_id), _clamp(v))
+        top.setdefault(name, _clamp(lp.logprob))
+        tokens.append(name)
+        values.append(_clamp(lp.logprob))
+        tops.append(top)
+        offsets.append(offset)
+        offset += len(name)
+    return CompletionLogprobs(tokens=tokens, token_logprobs=values, top_logprobs=tops, text_offset=offsets), offset
+
+
+def _entry(names: TokenNames, token_id: int, logprob: float) -> dict[str, Any]:
+    name = names(token_id)
+    return {"token": name, "logprob": _clamp(logprob), "bytes": list(name.encode("utf-8"))}
+
+
+def chat_logprobs(lps: Sequence[TokenLogprob], names: TokenNames) -> ChatLogprobs:
+    """The chat object for ``lps`` (one content entry per token)."""
+    content = [
+        ChatTokenLogprob(**_entry(names, lp.token_id, lp.logprob),
+                         top_logprobs=[TopLogprob(**_entry(names, t, v)) for t, v in lp.top])
+        for lp in lps
+    ]
+    return ChatLogprobs(content=content)

@@ -1,0 +1,134 @@
+"""The server's logprobs: completions' legacy object and chat's content list,
+streamed and not, hold Model.generate's logprobs under the tokens' texts."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("httpx")
+from fastapi.testclient import TestClient  # noqa: E402
+
+from fastllm import Model  # noqa: E402
+from fastllm.server.app import create_app  # noqa: E402
+
+CHAT = [{"role": "system", "content": "Speak as a king."}, {"role": "user", "content": "Who art thou?"}]
+SAMPLED = {"temperature": 0.8, "top_p": 0.9, "seed": 5, "max_tokens": 14, "ignore_eos": True}
+
+
+@pytest.fixture(scope="module")
+def model():
+    return Model.from_pretrained("shakespeare-15m", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def client(model):
+    with TestClient(create_app(model, max_num_seqs=8)) as c:
+        yield c
+
+
+def post(client, path: str, body: dict) -> dict:
+    r = client.post(path, json=body)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def events(client, path: str, body: dict) -> list[dict]:
+    r = client.post(path, json={**body, "stream": True})
+    assert r.status_code == 200, r.text
+    blocks = r.text.split("\n\n")
+    assert blocks[-2] == "data: [DONE]"
+    return [json.loads(b[len("data: "):]) for b in blocks[:-2]]
+
+
+def name(model, token_id: int) -> str:
+    return model.tokenizer.decode([token_id], skip_special_tokens=False)
+
+
+def generate(model, prompt, k: int, **params):
+    params["max_new_tokens"] = params.pop("max_tokens")
+    return model.generate(prompt, logprobs=k, **params)
+
+
+def assert_legacy(model, lp: dict, out, k: int) -> None:
+    """completions' logprobs object against a GenerationOutput."""
+    names = [name(model, t) for t in out.token_ids]
+    assert lp["tokens"] == names
+    assert lp["token_logprobs"] == pytest.approx([x.logprob for x in out.logprobs], abs=1e-5)
+    assert lp["text_offset"] == [sum(len(n) for n in names[:i]) for i in range(len(names))]
+    for top, x in zip(lp["top_logprobs"], out.logprobs):
+        want = {name(model, t): v for t, v in reversed(x.top)}  # first of equal names wins
+        want.setdefault(name(model, x.token_id), x.logprob)
+        assert top == pytest.approx(want, abs=1e-5) and len(top) <= k + 1
+
+
+def assert_chat(model, content: list[dict], out, k: int) -> None:
+    assert [c["token"] for c in content] == [name(model, t) for t in out.token_ids]
+    for c, x in zip(content, out.logprobs):
+        assert c["logprob"] == pytest.approx(x.logprob, abs=1e-5)
+        assert c["bytes"] == list(c["token"].encode("utf-8"))
+        assert len(c["top_logprobs"]) == k
+        assert [t["token"] for t in c["top_logprobs"]] == [name(model, t) for t, _ in x.top]
+        assert [t["logprob"] for t in c["top_logprobs"]] == pytest.approx([v for _, v in x.top], abs=1e-5)
+        assert all(t["bytes"] == list(t["token"].encode("utf-8")) for t in c["top_logprobs"])
+
+
+# -------------------------------------------------------------- completions
+def test_completion_logprobs_equal_generate(client, model):
+    got = post(client, "/v1/completions", {"prompt": "ROMEO:", "logprobs": 3, "n": 2, **SAMPLED})
+    outs = generate(model, ["ROMEO:", "ROMEO:"], 3, **SAMPLED)
+    for choice, out in zip(got["choices"], outs):
+        assert choice["text"] == out.text
+        assert_legacy(model, choice["logprobs"], out, 3)
+    assert any(len(t) == 4 for t in got["choices"][0]["logprobs"]["top_logprobs"])  # a sampled token outside the top 3
+    plain = post(client, "/v1/completions", {"prompt": "ROMEO:", **SAMPLED})
+    assert plain["choices"][0]["logprobs"] is None and plain["choices"][0]["text"] == outs[0].text
+    zero = post(client, "/v1/completions", {"prompt": "ROMEO:", "logprobs": 0, **SAMPLED})["choices"][0]
+    assert [list(t) for t in zero["logprobs"]["top_logprobs"]] == [[n] for n in zero["logprobs"]["tokens"]]
+
+
+@pytest.mark.parametrize("stop", [None, ["room", "the"]], ids=["length", "stop-string"])
+def test_streamed_completion_logprobs_add_up(client, model, stop):
+    body = {"prompt": "ROMEO:", "logprobs": 2, "stop": stop, **SAMPLED}
+    whole = post(client, "/v1/completions", body)["choices"][0]
+    out = generate(model, "ROMEO:", 2, **{**SAMPLED, "stop": stop or []})
+    assert_legacy(model, whole["logprobs"], out, 2)
+    pieces = [e["choices"][0] for e in events(client, "/v1/completions", body)]
+    assert all(p["logprobs"] and p["logprobs"]["tokens"] for p in pieces)  # no chunk without its tokens
+    for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+        assert [v for p in pieces for v in p["logprobs"][key]] == whole["logprobs"][key]
+    if stop:  # the tokens past the cut are reported, as without streaming
+        assert whole["finish_reason"] == "stop" and len("".join(whole["logprobs"]["tokens"])) > len(whole["text"])
+
+
+# --------------------------------------------------------------------- chat
+def test_chat_logprobs_equal_model_chat(client, model):
+    out = model.chat(CHAT, temperature=0, max_new_tokens=12, logprobs=4)
+    got = post(client, "/v1/chat/completions", {"messages": CHAT, "temperature": 0, "max_tokens": 12,
+                                                "logprobs": True, "top_logprobs": 4})
+    choice = got["choices"][0]
+    assert choice["message"]["content"] == out.text and set(choice["logprobs"]) == {"content"}
+    assert_chat(model, choice["logprobs"]["content"], out, 4)
+    assert all(c["top_logprobs"][0]["token"] == c["token"] for c in choice["logprobs"]["content"])  # greedy
+    bare = post(client, "/v1/chat/completions", {"messages": CHAT, "temperature": 0, "max_tokens": 12,
+                                                 "logprobs": True})["choices"][0]["logprobs"]["content"]
+    assert [c["top_logprobs"] for c in bare] == [[]] * 12
+    off = post(client, "/v1/chat/completions", {"messages": CHAT, "temperature": 0, "max_tokens": 12,
+                                                "logprobs": False, "top_logprobs": 0})
+    assert off["choices"][0]["logprobs"] is None
+
+
+def test_streamed_chat_logprobs_add_up(client, model):
+    body = {"messages": CHAT, "logprobs": True, "top_logprobs": 2, "stop": ["the"], **SAMPLED}
+    whole = post(client, "/v1/chat/completions", body)["choices"][0]
+    ids = model.apply_chat_template(CHAT)
+    assert_chat(model, whole["logprobs"]["content"], generate(model, ids, 2, **{**SAMPLED, "stop": ["the"]}), 2)
+    chunks = [e["choices"][0] for e in events(client, "/v1/chat/completions", body)]
+    assert chunks[0]["logprobs"] is None  # the role chunk
+    for c in chunks[1:-1]:  # every text chunk carries the tokens generated since the previous one
+        assert c["delta"].get("content") and c["logprobs"]["content"]
+    streamed = [x for c in chunks if c.get("logprobs") for x in c["logprobs"]["content"]]
+    assert streamed == whole["logprobs"]["content"]
+    assert "".join(c["delta"].get("content", "") for c in chunks) == whole["message"]["content"]
