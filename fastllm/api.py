@@ -214,7 +214,7 @@ class Model:
         decoding: it proposes ``num_speculative_tokens`` tokens per round and
         this model verifies them in one pass; the output follows this model's
         distribution (greedy: the same tokens as without a draft).
-        Returns a GenerationOutput, or a list of them for a batch."""
+        Returns a GenerationOutput (with ``logprobs`` when asked), or a list of them for a batch."""
         prompts, batched = self._prompts(prompt)
         requests = self._requests(prompts, self._config(config, params))
         self._check_draft(draft_model, num_speculative_tokens)
@@ -234,6 +234,7 @@ class Model:
     ) -> Iterator[str]:
         """Yield the completion of one prompt as text pieces while it is generated.
         Each piece is whole characters; together they equal ``generate(...).text``.
+        Text only: ``logprobs`` is accepted but not reported (use generate or LLMEngine).
         draft_model, num_speculative_tokens: as for ``generate``."""
         self._require_tokenizer("stream")
         prompts, batched = self._prompts(prompt)
