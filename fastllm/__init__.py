@@ -7,8 +7,11 @@
 
 from fastllm.api import Model
 from fastllm.backend import backend_info
-from fastllm.config import GenerationConfig, GenerationOutput
+from fastllm.config import GenerationConfig, GenerationOutput, TokenLogprob
 from fastllm.engine import LLMEngine, StepOutput
 
 __version__ = "0.1.0"
-__all__ = ["GenerationConfig", "GenerationOutput", "LLMEngine", "Model", "StepOutput", "backend_info", "__version__"]
+__all__ = [
+    "GenerationConfig", "GenerationOutput", "LLMEngine", "Model", "StepOutput", "TokenLogprob", "backend_info",
+    "__version__",
+]
