@@ -32,12 +32,11 @@ from typing import Any
 import torch
 
 from fastllm.block_manager import BlockManager, SequenceBlocks
-from fastllm.cache import DEFAULT_BLOCK_SIZE, KVCache, device_scope, prepare_step
+from fastllm.cache import DEFAULT_BLOCK_SIZE, KVCache, device_scope
 from fastllm.config import GenerationConfig, GenerationOutput, TokenLogprob
 from fastllm.cuda_graph import DecodeGraphRunner, graphs_supported
-from fastllm.generate import Request
-from fastllm.logprobs import raw_logprobs, token_logprobs
-from fastllm.sampling import derive_seed, sample_next
+from fastllm.generate import Request, forward_step, sample_requests
+from fastllm.sampling import derive_seed
 
 DEFAULT_CPU_CACHE_BYTES = 1 << 30
 GPU_CACHE_FRACTION = 0.5  # of the free GPU memory at start
@@ -173,23 +172,14 @@ class LLMEngine:
         seqs = [s for s, _ in batch]
         new_tokens = [s.tokens()[s.blocks.num_cached : s.blocks.num_cached + n] for s, n in batch]
         with torch.inference_mode(), device_scope(self.cache.device):
-            if self.runner is not None and all(n == 1 for _, n in batch) and self.runner.fits([s.blocks for s in seqs]):
-                logits = self.runner.step([s.blocks for s in seqs], [t[0] for t in new_tokens])  # [B, V]
-            else:
-                ids, positions, meta, last = prepare_step(self.cache, [s.blocks for s in seqs], new_tokens)
-                logits = self.model.network(ids, positions, self.cache.layers(), meta, last)  # [B, V]
+            logits = forward_step(self.model.network, self.cache, [s.blocks for s in seqs], new_tokens,
+                                  self.runner)  # [B, V]
             ready = [i for i, s in enumerate(seqs) if s.blocks.num_cached == len(s.tokens())]
             for s in seqs:
                 self.blocks.register(s.blocks, s.tokens())
             if not ready:
                 return []
-            reqs = [seqs[i].req for i in ready]
-            histories = [r.penalty_history() for r in reqs]
-            ready_logits = logits[ready]  # [R, V]
-            raw = raw_logprobs(ready_logits, [r.config.logprobs for r in reqs])  # before penalties edit logits
-            next_ids = sample_next(ready_logits, [r.config for r in reqs], histories, [r.seed for r in reqs],
-                                   [len(r.output_ids) for r in reqs]).tolist()
-            lps = token_logprobs(raw, next_ids)
+            next_ids, lps = sample_requests(logits[ready], [seqs[i].req for i in ready])
         outs = []
         for i, tok, lp in zip(ready, next_ids, lps):
             s = seqs[i]

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
+from torch import Tensor
 
 from fastllm.cache import CachedSequence, KVCache, device_scope, prepare_step
 from fastllm.config import GenerationConfig, GenerationOutput, TokenLogprob
@@ -115,6 +116,37 @@ class Request:
         return True
 
 
+def forward_step(
+    network: Transformer,
+    cache: KVCache,
+    seqs: list[CachedSequence],
+    new_tokens: list[list[int]],
+    runner: DecodeGraphRunner | None = None,
+) -> Tensor:
+    """Append ``new_tokens`` to ``seqs`` in the cache and return the logits of
+    each sequence's last new token [B, V] fp32: through ``runner`` (CUDA graphs)
+    when every sequence adds one token and it fits, else one packed pass."""
+    if runner is not None and all(len(t) == 1 for t in new_tokens) and runner.fits(seqs):
+        return runner.step(seqs, [t[0] for t in new_tokens])
+    ids, positions, meta, last = prepare_step(cache, seqs, new_tokens)
+    return network(ids, positions, cache.layers(), meta, last)
+
+
+def sample_requests(logits: Tensor, requests: list[Request]) -> tuple[list[int], list[TokenLogprob | None]]:
+    """Each request's next token from its row of ``logits`` [B, V] (its own
+    sampling parameters, penalty history and seeded draw), with its
+    TokenLogprob where it asked for logprobs."""
+    raw = raw_logprobs(logits, [r.config.logprobs for r in requests])  # before penalties edit logits
+    next_ids = sample_next(
+        logits,
+        [r.config for r in requests],
+        [r.penalty_history() for r in requests],
+        [r.seed for r in requests],
+        [len(r.output_ids) for r in requests],
+    ).tolist()
+    return next_ids, token_logprobs(raw, next_ids)
+
+
 @torch.inference_mode()
 def run(
     network: Transformer,
@@ -130,21 +162,8 @@ def run(
     new_tokens = [r.prompt_ids for r in active]
     while active:
         with device_scope(cache.device):  # kernels launch on the model's GPU, whichever is current
-            seqs = [r.cached for r in active]
-            if runner is not None and all(len(t) == 1 for t in new_tokens) and runner.fits(seqs):
-                logits = runner.step(seqs, [t[0] for t in new_tokens])  # [B, V]
-            else:
-                ids, positions, meta, last = prepare_step(cache, seqs, new_tokens)
-                logits = network(ids, positions, cache.layers(), meta, last)  # [B, V]
-            raw = raw_logprobs(logits, [r.config.logprobs for r in active])  # before penalties edit logits
-            next_ids = sample_next(
-                logits,
-                [r.config for r in active],
-                [r.penalty_history() for r in active],
-                [r.seed for r in active],
-                [len(r.output_ids) for r in active],
-            ).tolist()
-            lps = token_logprobs(raw, next_ids)
+            logits = forward_step(network, cache, [r.cached for r in active], new_tokens, runner)  # [B, V]
+            next_ids, lps = sample_requests(logits, active)
         for r, tok, lp in zip(active, next_ids, lps):
             r.accept(tok, eos_ids, lp)
             if r.finish_reason:
