@@ -128,7 +128,8 @@ class DecodeGraphRunner:
         for seq, tok in zip(seqs, tokens):
             (slot,) = append_slots(self.cache, seq, 1)
             rows.append((tok, seq.num_cached - 1, slot))
-        longs[:, :b] = torch.tensor(rows, dtype=torch.int64).T
+        if rows:
+            longs[:, :b] = torch.tensor(rows, dtype=torch.int64).T
         longs[0, b:n] = 0
         longs[1, b:n] = 0
         longs[2, b:n] = pad_slot
@@ -142,13 +143,6 @@ class DecodeGraphRunner:
         self._tables[:n].copy_(tables[:n], non_blocking=True)
         if self._copied is not None:
             self._copied.record()
-
-    def _set_padding(self, n: int) -> None:
-        """All rows padding (before a capture: its warm-up runs really write)."""
-        self._longs[:2, :n].zero_()
-        self._longs[2, :n].fill_(self.pad_block * self.cache.block_size)
-        self._lens[:n].fill_(1)
-        self._tables[:n].fill_(self.pad_block)
 
     # ----------------------------------------------------------------- running
     def _forward(self, n: int) -> Tensor:
@@ -166,7 +160,7 @@ class DecodeGraphRunner:
 
     def _capture(self, n: int) -> None:
         """Record the step for bucket ``n``; on failure warn and run eagerly."""
-        self._set_padding(n)
+        self._load([], [], n)  # all rows padding: the warm-up runs really write, into the reserved block
         side = torch.cuda.Stream(self.cache.device)
         side.wait_stream(torch.cuda.current_stream(self.cache.device))
         try:
