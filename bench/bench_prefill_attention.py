@@ -1,4 +1,5 @@
-"""Causal prefill attention: fastllm's kernel (paged KV cache) beside torch SDPA
+"""Causal prefill attention: fastllm's kernels (paged KV cache; ``fastllm`` is
+the mma.sync kernel, ``fastllm-wgmma`` the sm_90a one) beside torch SDPA
 with each backend forced (flash, cuDNN, memory-efficient) on the equivalent
 dense [1, H, S, D] tensors. bf16, batch 1, 32 query / 8 KV heads.
 
@@ -21,7 +22,7 @@ from fastllm import backend
 
 HQ, HK = 32, 8
 CASES = [(512, 128), (2048, 128), (8192, 128), (2048, 64)]
-IMPLS = ["fastllm", "sdpa-flash", "sdpa-cudnn", "sdpa-efficient"]
+IMPLS = ["fastllm", "fastllm-wgmma", "sdpa-flash", "sdpa-cudnn", "sdpa-efficient"]
 
 
 def _flops(s: int, d: int) -> float:
@@ -41,7 +42,7 @@ def _graphed(fn, reps: int) -> torch.cuda.CUDAGraph:
     return graph
 
 
-def _fastllm_fn(s: int, d: int):
+def _fastllm_fn(s: int, d: int, kernel: str):
     from fastllm.ops import AttentionMetadata, cuda
 
     bs = 16
@@ -60,7 +61,7 @@ def _fastllm_fn(s: int, d: int):
         seq_lens_host=[s],
     )
     scale = d**-0.5
-    return (lambda: cuda.prefill_attention(q, k_cache, v_cache, meta, scale)), "paged"
+    return (lambda: cuda.prefill_attention(q, k_cache, v_cache, meta, scale, impl=kernel)), "paged"
 
 
 def _sdpa_fn(s: int, d: int, sdpa_backend):
@@ -90,8 +91,13 @@ def _sdpa_fn(s: int, d: int, sdpa_backend):
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("s, d", CASES, ids=lambda v: str(v))
 def test_prefill_attention(gpu_bench, benchmark, s, d, impl):
-    if impl == "fastllm" and not backend.HAS_C:
+    if impl.startswith("fastllm") and not backend.HAS_C:
         pytest.skip("extension not built")
+    if impl == "fastllm-wgmma":
+        from fastllm.ops.cuda_prefill_attention import wgmma_usable
+
+        if not wgmma_usable(d):
+            pytest.skip("the wgmma kernel needs an sm_90 GPU and a 90a build")
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     sdpa_backend = {
@@ -99,8 +105,8 @@ def test_prefill_attention(gpu_bench, benchmark, s, d, impl):
         "sdpa-cudnn": SDPBackend.CUDNN_ATTENTION,
         "sdpa-efficient": SDPBackend.EFFICIENT_ATTENTION,
     }.get(impl)
-    if impl == "fastllm":
-        fn, gqa = _fastllm_fn(s, d)
+    if impl.startswith("fastllm"):
+        fn, gqa = _fastllm_fn(s, d, "wgmma" if impl == "fastllm-wgmma" else "mma")
     else:
         fn, gqa = _sdpa_fn(s, d, sdpa_backend)
         if fn is None:

@@ -53,6 +53,7 @@ PYBIND11_MODULE(_C, m) {
             "decode_attention",
             "sample",
             "prefill_attention",
+            "prefill_attention_sm90",  // the wgmma variant prefill_attention picks when enabled
             "int8_linear",
             "int4_linear",
         };
@@ -181,25 +182,30 @@ PYBIND11_MODULE(_C, m) {
          std::int64_t batch, std::int64_t num_q_heads, std::int64_t num_kv_heads, std::int64_t head_dim,
          std::int64_t q_token_stride, std::int64_t q_head_stride, std::int64_t num_blocks, std::int64_t block_size,
          std::int64_t max_blocks, std::int64_t max_query_len, float scale, std::int64_t sliding_window, int dtype,
-         std::uintptr_t stream) {
+         std::uintptr_t stream, int impl) {
         check("prefill_attention",
               fastllm::launch_prefill_attention(ptr(out), ptr(lse), ptr(q), ptr(k_cache), ptr(v_cache),
                                                 ptr(cu_seqlens_q), ptr(seq_lens), ptr(block_tables), num_tokens,
                                                 batch, num_q_heads, num_kv_heads, head_dim, q_token_stride,
                                                 q_head_stride, num_blocks, block_size, max_blocks, max_query_len,
-                                                scale, sliding_window, dtype, ptr(stream)));
+                                                scale, sliding_window, dtype, impl, ptr(stream)));
       },
       py::arg("out"), py::arg("lse"), py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("cu_seqlens_q"),
       py::arg("seq_lens"), py::arg("block_tables"), py::arg("num_tokens"), py::arg("batch"), py::arg("num_q_heads"),
       py::arg("num_kv_heads"), py::arg("head_dim"), py::arg("q_token_stride"), py::arg("q_head_stride"),
       py::arg("num_blocks"), py::arg("block_size"), py::arg("max_blocks"), py::arg("max_query_len"),
-      py::arg("scale"), py::arg("sliding_window"), py::arg("dtype"), py::arg("stream"),
+      py::arg("scale"), py::arg("sliding_window"), py::arg("dtype"), py::arg("stream"), py::arg("impl") = 0,
       "out [num_tokens, Hq, D] (contiguous) = causal softmax(q k^T * scale) v of each sequence's queries "
       "q[cu_seqlens_q[b]:cu_seqlens_q[b+1]] (positions seq_lens[b] - query_len + i) over its cached keys (slots "
       "from int32 block_tables [batch, max_blocks]; int32 cu_seqlens_q, seq_lens; all device), within "
       "sliding_window when > 0; lse (fp32 [num_tokens, Hq], 0 = none) = log-sum-exp of the scaled scores. "
       "caches [num_blocks, block_size, Hk, D]; fp16/bf16 (dtype 1/2); D in {64, 80, 96, 128, 256}; "
-      "max_query_len: host-side bound on the query lengths (sizes the grid).");
+      "max_query_len: host-side bound on the query lengths (sizes the grid). impl: 0 = mma.sync kernel (sm_80+), "
+      "1 = wgmma kernel (sm_90a, D 64 or 128).");
+
+  m.def("prefill_attention_sm90_usable", &fastllm::prefill_attention_sm90_usable, py::arg("head_dim"),
+        "Whether prefill_attention(impl=1) runs on the current device for this head dim (a build for 90a, an sm_90 "
+        "GPU, D 64 or 128).");
 
   m.def(
       "int8_linear_plan",

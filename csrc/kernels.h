@@ -83,13 +83,17 @@ const char* launch_sample(void* out, const void* logits, const void* temperature
 // [num_blocks, block_size, Hk, D] contiguous; fp16/bf16; D in {64, 80, 96,
 // 128, 256}; block_size a power of two; scale > 0. max_query_len: a host-side
 // bound on the query lengths (sizes the grid; longer queries are not computed).
+// impl: 0 = the mma.sync kernel (sm_80+), 1 = the wgmma kernel (sm_90a build on
+// an sm_90 device, D in {64, 128}; see prefill_attention_sm90_usable).
 const char* launch_prefill_attention(void* out, void* lse, const void* q, const void* k_cache, const void* v_cache,
                                      const void* cu_seqlens_q, const void* seq_lens, const void* block_tables,
                                      int64_t num_tokens, int64_t batch, int64_t num_q_heads, int64_t num_kv_heads,
                                      int64_t head_dim, int64_t q_token_stride, int64_t q_head_stride,
                                      int64_t num_blocks, int64_t block_size, int64_t max_blocks,
                                      int64_t max_query_len, float scale, int64_t sliding_window, int dtype,
-                                     void* stream);
+                                     int impl, void* stream);
+// Whether impl 1 can run for this head dim on the current device.
+bool prefill_attention_sm90_usable(int64_t head_dim);
 
 // Weight-only quantized linears (formats: fastllm/quant.py), x [M, K] and out
 // [M, N] contiguous in dtype (fp16/bf16 only), bias [N] in dtype or null.

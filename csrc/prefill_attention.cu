@@ -75,6 +75,7 @@
  */
 #include "common.cuh"
 #include "mma.cuh"
+#include "prefill_attention.cuh"
 
 #include <climits>
 #include <cmath>
@@ -139,22 +140,8 @@ using Cfg96 = Cfg<96, 2, 64, false>;
 using Cfg128 = Cfg<128, 2, 64, false>;
 using Cfg256 = Cfg<256, 1, 32, false>;
 
-template <typename T>
-struct PrefillParams {
-  T* out;                       // [N, Hq, D] contiguous
-  float* lse;                   // [N, Hq] fp32, or null
-  const T* q;                   // [N, Hq, D], strides q_token_stride, q_head_stride
-  const T* k_cache;             // [num_blocks, block_size, Hk, D] contiguous
-  const T* v_cache;
-  const int32_t* cu_seqlens_q;  // [B + 1]
-  const int32_t* seq_lens;      // [B]
-  const int32_t* block_tables;  // [B, max_blocks]
-  int64_t q_token_stride, q_head_stride;
-  int kv_slot_stride;  // Hk * D
-  int num_tokens, batch, num_q_heads, num_kv_heads, group;
-  int num_blocks, max_blocks, log2_block, max_len, window, num_m_blocks;
-  float scale_log2;  // scale * log2(e)
-};
+using prefill::Cta;
+using prefill::PrefillParams;
 
 template <typename T, typename C>
 __global__ void __launch_bounds__(kThreads, 2) prefill_attention_kernel(const PrefillParams<T> p) {
@@ -170,41 +157,11 @@ __global__ void __launch_bounds__(kThreads, 2) prefill_attention_kernel(const Pr
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
 
-  // Block -> (m block, sequence, KV head); m blocks descending: longest first.
-  int bid = blockIdx.x;
-  const int kvh = bid % p.num_kv_heads;
-  bid /= p.num_kv_heads;
-  const int b = bid % p.batch;
-  const int mb = p.num_m_blocks - 1 - bid / p.batch;
-
-  const int G = p.group;
-  int q_start = __ldg(p.cu_seqlens_q + b), q_end = __ldg(p.cu_seqlens_q + b + 1);
-  q_start = min(max(q_start, 0), p.num_tokens);  // bad metadata never faults
-  q_end = min(max(q_end, q_start), p.num_tokens);
-  const int q_len = q_end - q_start;
-  const int rows = q_len * G;  // host checks num_tokens * G < 2^31
-  const int m0 = mb * BM;
-  if (m0 >= rows) return;  // uniform over the CTA
-
-  const int seq_len = max(__ldg(p.seq_lens + b), 0);
-  const int kv_len = min(seq_len, p.max_len);  // keys that have a table entry
-  const int ctx = seq_len - q_len;             // position of query 0 (< 0: bad metadata, no keys)
-  const int last_row = min(m0 + BM, rows) - 1;
-  const int p_min = ctx + m0 / G, p_max = ctx + last_row / G;
-  const int window = p.window;
-  // Keys some row of this CTA attends: [j_lo, j_hi).
-  const int j_hi = min(p_max + 1, kv_len);
-  const int j_lo = window > 0 ? static_cast<int>(max(static_cast<long long>(p_min) - window + 1, 0LL)) : 0;
-  const int n_lo = j_lo / BN;
-  const int ntiles = j_hi > j_lo ? ceil_div(j_hi, BN) - n_lo : 0;
-  const int n_top = (n_lo + ntiles - 1) * BN;  // first (highest) tile
-  // A tile starting at n0 needs the per-element mask iff some key of it is
-  // above some row's position (or past kv_len), or at/below some row's window edge.
-  const int win_edge = window > 0 ? static_cast<int>(max(static_cast<long long>(p_max) - window, -1LL)) : -1;
-
-  const int32_t* table = p.block_tables + static_cast<int64_t>(b) * p.max_blocks;
-  const int log2_block = p.log2_block;
-  const int in_block = (1 << log2_block) - 1;
+  Cta cta;
+  if (!prefill::plan_cta(p, BM, BN, cta)) return;  // uniform over the CTA
+  const int kvh = cta.kvh, G = cta.G, q_start = cta.q_start, rows = cta.rows, m0 = cta.m0;
+  const int ntiles = cta.ntiles, n_top = cta.n_top, p_min = cta.p_min, kv_len = cta.kv_len;
+  const int window = p.window, win_edge = cta.win_edge;
 
   // ---- loads ---------------------------------------------------------------
   // Chunk i of this thread in a tile: row r, 16-byte chunk c. When the threads
@@ -236,19 +193,10 @@ __global__ void __launch_bounds__(kThreads, 2) prefill_attention_kernel(const Pr
       cp_async_16(sQ + mma::swizzle(r, c, RB), src, ok);
     }
   };
-  // Cache slot of key j, or -1 for a key outside [j_lo, j_hi) or with a bad
-  // block id: those are zero-filled, never read. One thread per key of a tile
-  // looks it up two tiles ahead and leaves it in the slot ring, so the K and V
-  // copies (every thread, after a barrier) cost a shared load per chunk.
-  auto lookup = [&](int j) -> int {
-    int slot = -1;
-    if (static_cast<unsigned>(j - j_lo) < static_cast<unsigned>(j_hi - j_lo)) {
-      const unsigned blk = static_cast<unsigned>(__ldg(table + (j >> log2_block)));
-      if (blk < static_cast<unsigned>(p.num_blocks))  // never fault on a bad id
-        slot = static_cast<int>((blk << log2_block) | static_cast<unsigned>(j & in_block));
-    }
-    return slot;
-  };
+  // One thread per key of a tile looks its slot up two tiles ahead and leaves
+  // it in the slot ring, so the K and V copies (every thread, after a
+  // barrier) cost a shared load per chunk.
+  auto lookup = [&](int j) -> int { return prefill::lookup_slot(p, cta, j); };
   auto store_slot = [&](int ring, int r, int slot) {
     asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(sSlot + (ring * BN + r) * 4), "r"(slot) : "memory");
   };
@@ -293,8 +241,7 @@ __global__ void __launch_bounds__(kThreads, 2) prefill_attention_kernel(const Pr
   for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      const int row = min(m0 + warp_row0 + mt * 16 + h * 8 + g4, last_row);  // padding rows copy the last one
-      const int pos = min(max(ctx + row / G, -1), kv_len - 1);
+      const int pos = prefill::row_position(cta, m0 + warp_row0 + mt * 16 + h * 8 + g4);
       asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(sPos + ((mt * 2 + h) * kThreads + tid) * 4), "r"(pos) : "memory");
     }
   }
@@ -408,7 +355,7 @@ __global__ void __launch_bounds__(kThreads, 2) prefill_attention_kernel(const Pr
           for (int e = 0; e < 4; ++e) {
             const int j = n0 + nt * 8 + t4 * 2 + (e & 1);
             const int pos = row_pos[mt][e >> 1];
-            if (j > pos || (window > 0 && j <= pos - window)) s[mt][nt][e] = -INFINITY;
+            if (prefill::masked(j, pos, window)) s[mt][nt][e] = -INFINITY;
           }
         }
       }
@@ -593,7 +540,9 @@ const char* launch_prefill_attention(void* out, void* lse, const void* q, const 
                                      int64_t head_dim, int64_t q_token_stride, int64_t q_head_stride,
                                      int64_t num_blocks, int64_t block_size, int64_t max_blocks,
                                      int64_t max_query_len, float scale, int64_t sliding_window, int dtype,
-                                     void* stream) {
+                                     int impl, void* stream) {
+  if (impl != 0 && impl != 1) return "impl must be 0 (mma.sync) or 1 (wgmma, sm_90a)";
+  if (impl == 1 && head_dim != 64 && head_dim != 128) return "the wgmma kernel supports head_dim 64 and 128";
   if (dtype != static_cast<int>(DType::kFloat16) && dtype != static_cast<int>(DType::kBFloat16))
     return "dtype must be float16 or bfloat16";
   if (head_dim != 64 && head_dim != 80 && head_dim != 96 && head_dim != 128 && head_dim != 256)
@@ -617,6 +566,7 @@ const char* launch_prefill_attention(void* out, void* lse, const void* q, const 
   if (lse != nullptr && (reinterpret_cast<uintptr_t>(lse) & 3)) return "lse must be 4-byte aligned";
 
   if (max_query_len > num_tokens) max_query_len = num_tokens;
+  static_assert(Cfg128::BM == prefill::kRowsPerCta, "both kernels size the grid with these rows per CTA");
   const int bm = head_dim == 256 ? Cfg256::BM : Cfg128::BM;
   const int64_t num_m_blocks = ceil_div<int64_t>(max_query_len * group, bm);
   const int64_t grid = num_m_blocks * batch * num_kv_heads;
@@ -652,6 +602,7 @@ const char* launch_prefill_attention(void* out, void* lse, const void* q, const 
     p.num_m_blocks = static_cast<int>(num_m_blocks);
     p.scale_log2 = scale * kLog2e;
     const cudaStream_t s = static_cast<cudaStream_t>(stream);
+    if (impl == 1) return prefill::launch_sm90<T>(p, grid, static_cast<int>(head_dim), s);
     return dispatch_head_dim(head_dim, [&](auto c) -> const char* {
       using C = decltype(c);
       static_assert(C::BM == (C::D == 256 ? Cfg256::BM : Cfg128::BM), "grid sizing assumes these block rows");
@@ -661,5 +612,7 @@ const char* launch_prefill_attention(void* out, void* lse, const void* q, const 
   if (dtype == static_cast<int>(DType::kFloat16)) return fill(static_cast<__half*>(out));
   return fill(static_cast<__nv_bfloat16*>(out));
 }
+
+bool prefill_attention_sm90_usable(int64_t head_dim) { return prefill::sm90_usable(head_dim); }
 
 }  // namespace fastllm

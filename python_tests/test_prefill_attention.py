@@ -3,6 +3,7 @@ CUDA kernel against the fp32 reference (flash-attention's 2x rule, GPU)."""
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
@@ -11,7 +12,7 @@ import torch
 from conftest import poison_cuda_allocator, requires_cuda
 from fastllm.ops import AttentionMetadata
 from fastllm.ops import reference as ref
-from fastllm.ops.cuda_prefill_attention import prefill_attention_supported
+from fastllm.ops.cuda_prefill_attention import prefill_attention_supported, wgmma_usable
 
 
 # --------------------------------------------------------------------------- #
@@ -223,18 +224,34 @@ HEAD_DIMS = [64, 80, 96, 128, 256]
 DTYPES = [torch.float16, torch.bfloat16]
 
 
+@pytest.fixture(params=["mma", "wgmma"])
+def impl(request):
+    """Every kernel test runs both kernels: mma.sync and the sm_90a wgmma one."""
+    return request.param
+
+
+def kernel(impl, *head_dims):
+    """cuda.prefill_attention bound to one kernel; skips the wgmma kernel where
+    it cannot run (not an sm_90 GPU, no 90a build, other head dims)."""
+    from fastllm.ops import cuda
+
+    if impl == "wgmma" and not all(wgmma_usable(d) for d in head_dims):
+        pytest.skip(f"the wgmma kernel needs an sm_90 GPU, a 90a build and head dims in (64, 128), got {head_dims}")
+    return functools.partial(cuda.prefill_attention, impl=impl)
+
+
 @requires_cuda
 @pytest.mark.parametrize("q_len", [1, 7, 129, 1000])
 @pytest.mark.parametrize("d", HEAD_DIMS)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_kernel_prompt_lengths(dtype, d, q_len):
+def test_kernel_prompt_lengths(dtype, d, q_len, impl):
     """One prompt, GQA 32/8, every head dim, with the LSE."""
-    from fastllm.ops import cuda
+    attn = kernel(impl, d)
 
     bs = 16 if q_len % 2 else 32
     q, kc, vc, meta = paged_case([q_len], [q_len], 32, 8, d, dtype, block_size=bs, seed=q_len + d, device="cuda")
     poison_cuda_allocator()
-    out, lse = cuda.prefill_attention(q, kc, vc, meta, d**-0.5, return_lse=True)
+    out, lse = attn(q, kc, vc, meta, d**-0.5, return_lse=True)
     check_kernel(q, kc, vc, meta, d**-0.5, None, out, lse)
 
 
@@ -244,107 +261,107 @@ def test_kernel_prompt_lengths(dtype, d, q_len):
 @pytest.mark.parametrize("hq, hk", [(32, 8), (8, 1), (4, 4), (6, 2)], ids=["gqa", "mqa", "mha", "g3"])
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_kernel_varlen_prefix_window(dtype, d, hq, hk, window, block_size):
+def test_kernel_varlen_prefix_window(dtype, d, hq, hk, window, block_size, impl):
     """Several sequences packed: whole prompts, chunks after cached prefixes,
     single queries, an empty one; sliding windows; shuffled cache blocks."""
-    from fastllm.ops import cuda
+    attn = kernel(impl, d)
 
     q_lens = [1, 7, 129, 300, 0, 40, 1]
     seq_lens = [1, 100, 129, 900, 5, 373, 64]
     q, kc, vc, meta = paged_case(q_lens, seq_lens, hq, hk, d, dtype, block_size=block_size, seed=d + hq,
                                  device="cuda")
     poison_cuda_allocator()
-    out, lse = cuda.prefill_attention(q, kc, vc, meta, d**-0.5, window, return_lse=True)
+    out, lse = attn(q, kc, vc, meta, d**-0.5, window, return_lse=True)
     check_kernel(q, kc, vc, meta, d**-0.5, window, out, lse)
-    out_only = cuda.prefill_attention(q, kc, vc, meta, d**-0.5, window)
+    out_only = attn(q, kc, vc, meta, d**-0.5, window)
     assert torch.equal(out_only, out)
 
 
 @requires_cuda
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_kernel_long_prompt(dtype):
-    from fastllm.ops import cuda
+def test_kernel_long_prompt(dtype, impl):
+    attn = kernel(impl, 128)
 
     q, kc, vc, meta = paged_case([4096], [4096], 32, 8, 128, dtype, seed=7, device="cuda")
-    out, lse = cuda.prefill_attention(q, kc, vc, meta, 128**-0.5, return_lse=True)
+    out, lse = attn(q, kc, vc, meta, 128**-0.5, return_lse=True)
     check_kernel(q, kc, vc, meta, 128**-0.5, None, out, lse)
 
 
 @requires_cuda
 @pytest.mark.parametrize("d", [64, 128, 256])
-def test_kernel_long_chunk_after_prefix_with_window(d):
-    from fastllm.ops import cuda
+def test_kernel_long_chunk_after_prefix_with_window(d, impl):
+    attn = kernel(impl, d)
 
     q, kc, vc, meta = paged_case([700, 513], [3000, 513], 16, 4, d, torch.bfloat16, seed=8, device="cuda")
-    out, lse = cuda.prefill_attention(q, kc, vc, meta, d**-0.5, 1000, return_lse=True)
+    out, lse = attn(q, kc, vc, meta, d**-0.5, 1000, return_lse=True)
     check_kernel(q, kc, vc, meta, d**-0.5, 1000, out, lse)
 
 
 @requires_cuda
-def test_kernel_lse_merges_prefix_and_chunk():
-    from fastllm.ops import cuda
+def test_kernel_lse_merges_prefix_and_chunk(impl):
+    attn = kernel(impl, 128)
 
     prefix, ql = 1000, 333
     q, kc, vc, meta = paged_case([ql], [prefix + ql], 32, 8, 128, torch.bfloat16, seed=9, device="cuda")
-    whole, whole_lse = cuda.prefill_attention(q, kc, vc, meta, 0.09, return_lse=True)
+    whole, whole_lse = attn(q, kc, vc, meta, 0.09, return_lse=True)
     a, b = split_prefix_chunk(q, kc, vc, meta, prefix, "cuda")
-    out, lse = merge_lse([cuda.prefill_attention(*a, 0.09, return_lse=True),
-                          cuda.prefill_attention(*b, 0.09, return_lse=True)])
+    out, lse = merge_lse([attn(*a, 0.09, return_lse=True),
+                          attn(*b, 0.09, return_lse=True)])
     torch.testing.assert_close(lse, whole_lse, atol=2e-3, rtol=1e-4)
     torch.testing.assert_close(out, whole.float(), atol=2e-2, rtol=2e-2)
 
 
 @requires_cuda
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_kernel_queries_without_keys(dtype):
+def test_kernel_queries_without_keys(dtype, impl):
     """Inconsistent lengths (query_len > seq_len) put queries at negative
     positions: zero output and -inf LSE, like the reference; no fault."""
-    from fastllm.ops import cuda
+    attn = kernel(impl, 64)
 
     q, kc, vc, meta = paged_case([5, 3], [5, 3], 4, 2, 64, dtype, seed=10, device="cuda")
     meta.seq_lens = torch.tensor([2, 3], dtype=torch.int32, device="cuda")
     meta.seq_lens_host = [2, 3]
-    out, lse = cuda.prefill_attention(q, kc, vc, meta, 0.125, return_lse=True)
+    out, lse = attn(q, kc, vc, meta, 0.125, return_lse=True)
     check_kernel(q, kc, vc, meta, 0.125, None, out, lse)
     assert torch.equal(out[:3], torch.zeros_like(out[:3])) and torch.isneginf(lse[:3]).all()
 
 
 @requires_cuda
 @pytest.mark.parametrize("d", [64, 128])
-def test_kernel_q_view_of_fused_qkv_and_misaligned(d):
-    from fastllm.ops import cuda
+def test_kernel_q_view_of_fused_qkv_and_misaligned(d, impl):
+    attn = kernel(impl, d)
 
     q, kc, vc, meta = paged_case([37, 64], [50, 64], 8, 2, d, torch.bfloat16, seed=11, device="cuda", qkv_view=True)
     assert not q.is_contiguous()
-    check_kernel(q, kc, vc, meta, d**-0.5, None, cuda.prefill_attention(q, kc, vc, meta, d**-0.5))
+    check_kernel(q, kc, vc, meta, d**-0.5, None, attn(q, kc, vc, meta, d**-0.5))
     base = torch.randn(1 + q.numel(), device="cuda", dtype=torch.bfloat16)
     odd = base[1:].view(q.shape)  # contiguous, 2 bytes off 16-byte alignment: copied first
     odd.copy_(q)
-    check_kernel(odd, kc, vc, meta, d**-0.5, None, cuda.prefill_attention(odd, kc, vc, meta, d**-0.5))
+    check_kernel(odd, kc, vc, meta, d**-0.5, None, attn(odd, kc, vc, meta, d**-0.5))
 
 
 @requires_cuda
-def test_kernel_q_with_any_stride_on_size_one_dims():
+def test_kernel_q_with_any_stride_on_size_one_dims(impl):
     """torch leaves the stride of a size-1 dim arbitrary (a contiguous [1, H, D]
     tensor may have stride(0) == 3, and clone() keeps it): the kernel never uses it."""
-    from fastllm.ops import cuda
+    attn = kernel(impl, 64)
 
     q0, kc, vc, meta = paged_case([1], [20], 8, 2, 64, torch.float16, seed=18, device="cuda")
     q = torch.empty_strided((1, 8, 64), (3, 64, 1), device="cuda", dtype=torch.float16)
     q.copy_(q0)
     assert q.is_contiguous()
-    check_kernel(q, kc, vc, meta, 0.125, None, cuda.prefill_attention(q, kc, vc, meta, 0.125))
+    check_kernel(q, kc, vc, meta, 0.125, None, attn(q, kc, vc, meta, 0.125))
     q0, kc, vc, meta = paged_case([3, 5], [3, 9], 1, 1, 64, torch.float16, seed=19, device="cuda")
     q = torch.empty_strided((8, 1, 64), (64, 5, 1), device="cuda", dtype=torch.float16)
     q.copy_(q0)
-    check_kernel(q, kc, vc, meta, 0.125, None, cuda.prefill_attention(q, kc, vc, meta, 0.125))
+    check_kernel(q, kc, vc, meta, 0.125, None, attn(q, kc, vc, meta, 0.125))
 
 
 @requires_cuda
-def test_kernel_inconsistent_metadata_never_faults():
+def test_kernel_inconsistent_metadata_never_faults(impl):
     """Block ids out of range, seq_lens past the block table, cu_seqlens_q past
     the tokens: the kernel zero-fills or clamps (no fault, finite output)."""
-    from fastllm.ops import cuda
+    attn = kernel(impl, 128)
 
     q, kc, vc, meta = paged_case([40, 9], [100, 9], 8, 2, 128, torch.bfloat16, block_size=16, seed=17, device="cuda")
     kc.nan_to_num_(0.0)  # slots past a sequence's end are read once its length is wrong
@@ -353,21 +370,21 @@ def test_kernel_inconsistent_metadata_never_faults():
     meta.block_tables[0, 3] = -5
     meta.seq_lens[1] = 10**6  # far past its table
     meta.cu_seqlens_q[2] = 10**4  # past the 49 tokens
-    out, lse = cuda.prefill_attention(q, kc, vc, meta, 0.1, return_lse=True)
+    out, lse = attn(q, kc, vc, meta, 0.1, return_lse=True)
     torch.cuda.synchronize()
     assert torch.isfinite(out).all() and not torch.isnan(lse).any()
 
 
 @requires_cuda
-def test_kernel_empty_and_uncovered_tokens():
-    from fastllm.ops import cuda
+def test_kernel_empty_and_uncovered_tokens(impl):
+    attn = kernel(impl, 64)
 
     q, kc, vc, meta = paged_case([0], [4], 4, 2, 64, torch.float16, seed=12, device="cuda")
-    out, lse = cuda.prefill_attention(q, kc, vc, meta, 0.125, return_lse=True)
+    out, lse = attn(q, kc, vc, meta, 0.125, return_lse=True)
     assert out.shape == (0, 4, 64) and lse.shape == (0, 4)
     q, kc, vc, meta = paged_case([3], [3], 4, 2, 64, torch.float16, seed=13, device="cuda")
     q2 = torch.cat([q, q[:2]])  # two tokens that no sequence owns
-    out, lse = cuda.prefill_attention(q2, kc, vc, meta, 0.125, return_lse=True)
+    out, lse = attn(q2, kc, vc, meta, 0.125, return_lse=True)
     check_kernel(q, kc, vc, meta, 0.125, None, out[:3], lse[:3])
     assert torch.equal(out[3:], torch.zeros_like(out[3:])) and torch.isneginf(lse[3:]).all()
 
@@ -447,19 +464,19 @@ def test_op_table_uses_kernel_when_enabled(monkeypatch):
 
 
 @requires_cuda
-def test_kernel_under_cuda_graph():
-    from fastllm.ops import cuda
+def test_kernel_under_cuda_graph(impl):
+    attn = kernel(impl, 128)
 
     q, kc, vc, meta = paged_case([100, 17], [300, 17], 32, 8, 128, torch.bfloat16, seed=16, device="cuda")
-    eager, eager_lse = cuda.prefill_attention(q, kc, vc, meta, 0.1, 64, return_lse=True)
+    eager, eager_lse = attn(q, kc, vc, meta, 0.1, 64, return_lse=True)
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        cuda.prefill_attention(q, kc, vc, meta, 0.1, 64, return_lse=True)  # warm-up on the side stream
+        attn(q, kc, vc, meta, 0.1, 64, return_lse=True)  # warm-up on the side stream
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out, lse = cuda.prefill_attention(q, kc, vc, meta, 0.1, 64, return_lse=True)
+        out, lse = attn(q, kc, vc, meta, 0.1, 64, return_lse=True)
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(out, eager) and torch.equal(lse, eager_lse)
@@ -468,6 +485,47 @@ def test_kernel_under_cuda_graph():
     graph.replay()
     torch.cuda.synchronize()
     meta.seq_lens_host = [250, 17]
-    again, again_lse = cuda.prefill_attention(q, kc, vc, meta, 0.1, 64, return_lse=True)
+    again, again_lse = attn(q, kc, vc, meta, 0.1, 64, return_lse=True)
     assert torch.equal(out, again) and torch.equal(lse, again_lse)
     assert not torch.equal(out, eager)
+
+
+def test_impl_choice_is_checked():
+    """The kernel choice is validated before anything runs (no GPU needed)."""
+    from fastllm.ops.cuda_prefill_attention import _resolve_impl
+
+    with pytest.raises(ValueError, match="impl must be"):
+        _resolve_impl("prefill_attention", "flash", 128, torch.device("cpu"))
+    assert not wgmma_usable(80) and not wgmma_usable(256)  # never, whatever the GPU
+    if not torch.cuda.is_available():
+        assert not wgmma_usable(128)
+        with pytest.raises(ValueError, match="sm_90"):
+            _resolve_impl("prefill_attention", "wgmma", 128, torch.device("cpu"))
+
+
+@requires_cuda
+def test_wgmma_chosen_when_enabled_and_usable(monkeypatch):
+    """impl=None: the wgmma kernel once prefill_attention_sm90 is enabled and it
+    can run, mma.sync otherwise (other head dims, other GPUs); impl='wgmma'
+    where it cannot run is a ValueError, not a launch of an empty kernel."""
+    from fastllm import backend
+    from fastllm.ops import cuda
+
+    calls = []
+    real = backend._C.prefill_attention
+    monkeypatch.setattr(backend._C, "prefill_attention", lambda *a: (calls.append(a[-1]), real(*a))[1], raising=False)
+    for d in (128, 80):
+        q, kc, vc, meta = paged_case([9, 3], [20, 3], 8, 2, d, torch.bfloat16, seed=20, device="cuda")
+        monkeypatch.setenv("FASTLLM_KERNELS", "prefill_attention_sm90")
+        backend.reset_settings()
+        out = cuda.prefill_attention(q, kc, vc, meta, 0.1)
+        check_kernel(q, kc, vc, meta, 0.1, None, out)
+        assert calls[-1] == (1 if wgmma_usable(d) else 0)
+        monkeypatch.setenv("FASTLLM_KERNELS", "")
+        backend.reset_settings()
+        cuda.prefill_attention(q, kc, vc, meta, 0.1)
+        assert calls[-1] == 0
+        if not wgmma_usable(d):
+            with pytest.raises(ValueError, match="wgmma"):
+                cuda.prefill_attention(q, kc, vc, meta, 0.1, impl="wgmma")
+    assert not wgmma_usable(80)

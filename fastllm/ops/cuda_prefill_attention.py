@@ -7,19 +7,58 @@ step's own K/V must already be written there by ``reshape_and_cache``). It has
 the signature and semantics of ``reference.prefill_attention`` and launches on
 torch's current stream without synchronising, so it can be captured in a CUDA
 graph (the grid is sized from the host-side ``meta.query_lens_host``).
+
+Two kernels compute it: ``mma`` (mma.sync, sm_80+, every head dim) and
+``wgmma`` (csrc/prefill_attention_sm90.cu: Hopper warpgroup MMA, a build for
+90a on an sm_90 GPU, head dims 64 and 128). ``impl=None`` takes ``wgmma``
+where it can run and the backend enables ``prefill_attention_sm90`` (verified
+on a GPU, or opted in with ``FASTLLM_KERNELS``), else ``mma``.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 from torch import Tensor
 
+from fastllm import backend
 from fastllm.ops.cuda_common import DTYPE_CODES, check_tensor, current_stream, ext
 
 PREFILL_HEAD_DIMS = (64, 80, 96, 128, 256)
 PREFILL_DTYPES = (torch.float16, torch.bfloat16)
+IMPLS = {"mma": 0, "wgmma": 1}
+WGMMA_HEAD_DIMS = (64, 128)
+
+
+def wgmma_usable(head_dim: int, device: torch.device | int | None = None) -> bool:
+    """Whether the wgmma kernel runs for ``head_dim`` on ``device`` (default: the
+    current one): the extension was built for 90a and the GPU is sm_90."""
+    if head_dim not in WGMMA_HEAD_DIMS or not backend.HAS_C or not torch.cuda.is_available():
+        return False
+    index = device.index if isinstance(device, torch.device) else device
+    return _wgmma_usable(head_dim, torch.cuda.current_device() if index is None else index)
+
+
+@functools.lru_cache(maxsize=None)
+def _wgmma_usable(head_dim: int, device_index: int) -> bool:
+    with torch.cuda.device(device_index):
+        return bool(ext().prefill_attention_sm90_usable(head_dim))
+
+
+def _resolve_impl(op: str, impl: str | None, head_dim: int, device: torch.device) -> int:
+    if impl is None:
+        use = backend.kernel_enabled("prefill_attention_sm90") and wgmma_usable(head_dim, device)
+        return IMPLS["wgmma" if use else "mma"]
+    if impl not in IMPLS:
+        raise ValueError(f"{op}: impl must be None, 'mma' or 'wgmma', got {impl!r}")
+    if impl == "wgmma" and not wgmma_usable(head_dim, device):
+        raise ValueError(
+            f"{op}: impl='wgmma' needs head_dim in {WGMMA_HEAD_DIMS} (got {head_dim}), an sm_90 GPU and an "
+            "extension built for 90a (FASTLLM_CUDA_ARCHS)"
+        )
+    return IMPLS[impl]
 
 
 def _strides(t: Tensor) -> tuple[int, ...]:
@@ -84,6 +123,7 @@ def prefill_attention(
     sliding_window: int | None = None,
     *,
     return_lse: bool = False,
+    impl: str | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """CUDA prefill attention over the paged cache; see ``reference.prefill_attention``.
 
@@ -96,6 +136,7 @@ def prefill_attention(
     sizes the grid). scale > 0; sliding_window None or >= 1. Returns out
     [N, Hq, D] (and lse [N, Hq] fp32, natural log, with ``return_lse``).
     Tokens after the last sequence's queries get out 0 and lse -inf.
+    impl: None (choose), "mma" or "wgmma" (ValueError where it cannot run).
     """
     op = "prefill_attention"
     if not isinstance(q, Tensor):
@@ -153,6 +194,7 @@ def prefill_attention(
         raise ValueError(f"{op}: sliding_window must be None or an int >= 1, got {sliding_window!r}")
     if not isinstance(return_lse, bool):
         raise TypeError(f"{op}: return_lse must be a bool, got {type(return_lse).__name__}")
+    impl_code = _resolve_impl(op, impl, d, device)
 
     covered = sum(query_lens) == n  # else the tokens after the last sequence get 0 / -inf
     if covered:
@@ -180,6 +222,6 @@ def prefill_attention(
             k_cache.data_ptr(), v_cache.data_ptr(), meta.cu_seqlens_q.data_ptr(), meta.seq_lens.data_ptr(),
             meta.block_tables.data_ptr(), n, b, hq, hk, d, qs[0], qs[1], num_blocks, block_size,
             meta.block_tables.shape[1], max_query_len, float(scale), sliding_window or 0, DTYPE_CODES[q.dtype],
-            current_stream(device),
+            current_stream(device), impl_code,
         )
     return (out, lse) if return_lse else out
