@@ -5,6 +5,7 @@
 #   benchmarks, e.g. `bash bench/run_gpu.sh $OUT bench/bench_rmsnorm.py`.
 #   SKIP_TESTS=1 skips the test phase (a second call after a first full one);
 #   TESTS="python_tests/test_x.py ..." picks test files; FILE_TIMEOUT (s) limits each file.
+#   SKIP_E2E=1 skips the closing `fastllm bench` runs on the shipped model.
 #   SANITIZE=1 also runs the kernel test files under compute-sanitizer memcheck
 #   (out-of-bounds and misaligned accesses; slow: SANITIZE_K="-k expr" narrows them).
 set -uo pipefail
@@ -114,4 +115,19 @@ for b in data["benchmarks"]:
     print(f"{b['name'][:70]:70s} {us:10.2f} {e.get('GBps', float('nan')):8.1f} {e.get('TFLOPs', float('nan')):8.1f} "
           f"{e.get('tok_per_s', float('nan')):8.1f}")
 PY
+
+# End to end on the shipped model (fastllm bench), bf16: the reference ops,
+# every kernel opted in, and kernels + CUDA graphs. Appended to summary.txt.
+if [ "${SKIP_E2E:-0}" != 1 ]; then
+  echo "== fastllm bench (shipped model, bf16)" | tee -a "$out/summary.txt"
+  for mode in reference kernels kernels+graphs; do
+    kernels=""; graphs=""
+    [ "$mode" != reference ] && kernels=all
+    [ "$mode" = kernels+graphs ] && graphs=--cuda-graphs
+    echo "-- $mode" | tee -a "$out/summary.txt"
+    # from / so that the installed package (with _C) is imported, not this source tree
+    (cd / && FASTLLM_KERNELS=$kernels timeout -k 10 "$limit" python3 -m fastllm.cli bench --device cuda \
+      --dtype bfloat16 --input-len 128 --output-len 128 $graphs 2>&1) | tail -4 | tee -a "$out/summary.txt"
+  done
+fi
 exit $status

@@ -1,4 +1,4 @@
-"""The ``fastllm`` command: generate, chat, serve, info."""
+"""The ``fastllm`` command: generate, chat, serve, bench, info."""
 
 from __future__ import annotations
 
@@ -104,6 +104,24 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-num-seqs", type=int, default=64, help="most requests decoded together")
     serve.add_argument("--max-num-batched-tokens", type=int, default=4096, help="token budget of one step")
     serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+
+    bench = sub.add_parser("bench", help="latency (one batch) or throughput (--engine) on synthetic prompts")
+    _add_model_args(bench)
+    bench.add_argument("--input-len", type=int, default=128, help="prompt tokens (random ids)")
+    bench.add_argument("--output-len", type=int, default=128, help="generated tokens per sequence (EOS ignored)")
+    bench.add_argument("--batch-size", type=int, default=1, help="sequences generated together (latency mode)")
+    bench.add_argument("--iters", type=int, default=5, help="timed runs (latency mode; the median is reported)")
+    bench.add_argument("--warmup", type=int, default=1, help="untimed runs first (latency mode)")
+    bench.add_argument("--engine", action="store_true",
+                       help="throughput mode: --num-prompts requests through the continuous-batching engine")
+    bench.add_argument("--num-prompts", type=int, default=64, help="requests (throughput mode)")
+    bench.add_argument("--max-num-seqs", type=int, default=64, help="engine batch size (throughput mode)")
+    bench.add_argument("--max-num-batched-tokens", type=int, default=4096, help="engine step budget")
+    bench.add_argument("--temperature", type=float, default=None, help="default 0 (greedy)")
+    bench.add_argument("--top-k", type=int, default=None)
+    bench.add_argument("--top-p", type=float, default=None)
+    bench.add_argument("--seed", type=int, default=0, help="seeds the prompts (and the sampling)")
+    bench.add_argument("--json", action="store_true", help="print the result as JSON")
 
     info = sub.add_parser("info", help="backend, GPU and built kernels")
     info.add_argument("--json", action="store_true", help="print JSON")
@@ -211,6 +229,41 @@ def cmd_serve(args: argparse.Namespace) -> int:
                  max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens)
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from fastllm import benchmark
+
+    model = _load(args)
+    params = {k: getattr(args, k) for k in ("temperature", "top_k", "top_p") if getattr(args, k) is not None}
+    params["seed"] = args.seed
+    progress = sys.stderr.isatty()
+    if args.engine:
+        if args.draft_model is not None:
+            raise ValueError("--draft-model is not supported with --engine (the engine has no speculative decoding)")
+        result = benchmark.measure_throughput(
+            model, args.num_prompts, args.input_len, args.output_len, args.max_num_seqs,
+            args.max_num_batched_tokens, prompt_seed=args.seed, progress=progress, **params)
+    else:
+        gen = _generation_params(argparse.Namespace(**{**vars(args), **{k: None for k in SAMPLING_KEYS}}), model)
+        result = benchmark.measure_latency(
+            model, args.batch_size, args.input_len, args.output_len, args.iters, args.warmup, prompt_seed=args.seed,
+            progress=progress, **gen, **params)
+    result["model"] = args.model or os.path.basename(str(default_model_path()))
+    result["device"], result["dtype"] = str(model.device), str(model.dtype).replace("torch.", "")
+    result["quantization"], result["cuda_graphs"] = args.quantization, model.cuda_graphs
+    if args.draft_model is not None:
+        result["draft_model"] = args.draft_model
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        setup = (f"batch {args.batch_size}" if not args.engine else
+                 f"{args.num_prompts} requests, engine max_num_seqs {args.max_num_seqs}")
+        print(f"fastllm bench: {result['model']} on {result['device']} ({result['dtype']}"
+              f"{', ' + args.quantization if args.quantization else ''}{', cuda graphs' if model.cuda_graphs else ''}"
+              f"), {setup}, {args.input_len} in + {args.output_len} out")
+        print(benchmark.format_result(result))
+    return 0
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     from fastllm import backend_info
 
@@ -225,7 +278,8 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handler = {"generate": cmd_generate, "chat": cmd_chat, "serve": cmd_serve, "info": cmd_info}[args.command]
+    handler = {"generate": cmd_generate, "chat": cmd_chat, "serve": cmd_serve, "bench": cmd_bench,
+               "info": cmd_info}[args.command]
     try:
         return handler(args)
     except (ValueError, TypeError, FileNotFoundError) as e:

@@ -1,0 +1,179 @@
+"""End-to-end generation speed on synthetic prompts (``fastllm bench``).
+
+Two measurements, both on prompts of random token ids (seeded) that ignore EOS,
+so every sequence generates exactly ``output_len`` tokens:
+
+- ``measure_latency``: one batch of ``batch_size`` prompts through the loop of
+  ``Model.generate`` (KV cache, CUDA graphs or a draft model as the model is
+  set up), ``iters`` times after ``warmup`` runs. Per run: the time to the
+  first token (the batch's prefill and first sampled token), the mean
+  inter-token latency of the decode steps, the end-to-end time.
+- ``measure_throughput``: ``num_prompts`` requests queued at once into an
+  ``LLMEngine`` (continuous batching, chunked prefill); output tokens per
+  second and requests per second until the last one finishes.
+
+Times are wall clock around the steps; each step ends with the sampled ids on
+the host (a device synchronisation), so the GPU work is inside them.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+
+def synthetic_prompts(vocab_size: int, num: int, length: int, seed: int = 0) -> list[list[int]]:
+    """``num`` prompts of ``length`` token ids drawn uniformly from the vocabulary."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab_size, (num, length), generator=g).tolist()
+
+
+def _check_sizes(model: Any, input_len: int, output_len: int, **counts: int) -> None:
+    for name, v in {"input_len": input_len, "output_len": output_len, **counts}.items():
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be a positive int, got {v!r}")
+    ctx = model.config.max_position_embeddings
+    if input_len + output_len > ctx:
+        raise ValueError(f"input_len + output_len = {input_len + output_len} exceeds the model's {ctx}-token context")
+
+
+def _median(xs: list[float]) -> float | None:
+    return statistics.median(xs) if xs else None
+
+
+def measure_latency(
+    model: Any,
+    batch_size: int = 1,
+    input_len: int = 128,
+    output_len: int = 128,
+    iters: int = 5,
+    warmup: int = 1,
+    prompt_seed: int = 0,
+    draft_model: Any = None,
+    num_speculative_tokens: int = 4,
+    progress: bool = True,
+    **params: Any,
+) -> dict[str, Any]:
+    """Latency of one batch (see the module docstring). ``params``: sampling
+    parameters (default greedy); prompt_seed: seeds the prompts. Returns medians over the runs: ``ttft_ms``,
+    ``itl_ms`` (None when output_len is 1), ``e2e_s``, ``prefill_tok_s``
+    (batch x input_len / ttft), ``decode_tok_s`` (batch x decode tokens / decode
+    time), with a draft model ``acceptance_rate``, plus the per-run lists and
+    the setup."""
+    _check_sizes(model, input_len, output_len, batch_size=batch_size, iters=iters)
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+        raise ValueError(f"warmup must be an int >= 0, got {warmup!r}")
+    prompts = synthetic_prompts(model.config.vocab_size, batch_size, input_len, prompt_seed)
+    cfg = model._config(None, {"temperature": 0.0, **params, "max_new_tokens": output_len, "ignore_eos": True})
+    model._check_draft(draft_model, num_speculative_tokens)
+    ttft, itl, e2e = [], [], []
+    for i in tqdm(range(warmup + iters), desc="bench", unit="run", disable=not progress):
+        requests = model._requests(prompts, cfg)
+        start = time.perf_counter()
+        first = None
+        for _ in model._run(requests, draft_model, num_speculative_tokens):
+            if first is None:
+                first = time.perf_counter()
+        end = time.perf_counter()
+        if i < warmup:
+            continue
+        generated = min(len(r.output_ids) for r in requests)
+        ttft.append((first - start) * 1e3)
+        e2e.append(end - start)
+        if generated > 1:
+            itl.append((end - first) * 1e3 / (generated - 1))
+    t, d = _median(ttft), _median(itl)
+    spec = {}
+    if draft_model is not None:  # of the last run
+        proposed = sum(r.spec_proposed for r in requests)
+        spec = {"num_speculative_tokens": num_speculative_tokens,
+                "acceptance_rate": sum(r.spec_accepted for r in requests) / max(proposed, 1)}
+    return {
+        "mode": "latency",
+        "batch_size": batch_size,
+        "input_len": input_len,
+        "output_len": output_len,
+        "iters": iters,
+        "ttft_ms": t,
+        "itl_ms": d,
+        "e2e_s": _median(e2e),
+        "prefill_tok_s": batch_size * input_len / (t / 1e3),
+        "decode_tok_s": batch_size * 1e3 / d if d else None,
+        **spec,
+        "runs": {"ttft_ms": ttft, "itl_ms": itl, "e2e_s": e2e},
+    }
+
+
+def measure_throughput(
+    model: Any,
+    num_prompts: int = 64,
+    input_len: int = 128,
+    output_len: int = 128,
+    max_num_seqs: int = 64,
+    max_num_batched_tokens: int = 4096,
+    prompt_seed: int = 0,
+    progress: bool = True,
+    **params: Any,
+) -> dict[str, Any]:
+    """Throughput of ``num_prompts`` requests through an LLMEngine (see the
+    module docstring). Returns ``output_tok_s``, ``total_tok_s`` (prompt and
+    output tokens), ``requests_s``, ``elapsed_s`` and the setup."""
+    from fastllm.engine import LLMEngine
+
+    _check_sizes(model, input_len, output_len, num_prompts=num_prompts)
+    engine = LLMEngine(model, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                       enable_prefix_caching=False)  # random prompts share nothing; keep the cache out of it
+    sampling = {"temperature": 0.0, **params, "max_new_tokens": output_len, "ignore_eos": True}
+    engine.generate(synthetic_prompts(model.config.vocab_size, 1, min(input_len, 8), prompt_seed + 1),
+                    **{**sampling, "max_new_tokens": min(output_len, 2)})  # warm-up (graph capture, allocator)
+    for i, p in enumerate(synthetic_prompts(model.config.vocab_size, num_prompts, input_len, prompt_seed)):
+        engine.add_request(p, seed_index=i, **sampling)
+    tokens = 0
+    start = time.perf_counter()
+    with tqdm(total=num_prompts, desc="bench", unit="req", disable=not progress) as bar:
+        while engine.has_unfinished():
+            outs = engine.step()
+            tokens += len(outs)
+            bar.update(sum(o.finished for o in outs))
+    elapsed = time.perf_counter() - start
+    return {
+        "mode": "throughput",
+        "num_prompts": num_prompts,
+        "input_len": input_len,
+        "output_len": output_len,
+        "max_num_seqs": max_num_seqs,
+        "max_num_batched_tokens": max_num_batched_tokens,
+        "elapsed_s": elapsed,
+        "output_tokens": tokens,
+        "output_tok_s": tokens / elapsed,
+        "total_tok_s": (tokens + num_prompts * input_len) / elapsed,
+        "requests_s": num_prompts / elapsed,
+        "preemptions": engine.num_preemptions,
+    }
+
+
+def format_result(result: dict[str, Any]) -> str:
+    """A few human-readable lines of a measure_* result."""
+    if result["mode"] == "latency":
+        lines = [
+            f"time to first token  {result['ttft_ms']:10.2f} ms   (prefill {result['prefill_tok_s']:,.0f} tok/s)",
+        ]
+        if result["itl_ms"] is not None:
+            per_seq = result["decode_tok_s"] / result["batch_size"]
+            lines.append(f"inter-token latency  {result['itl_ms']:10.2f} ms   (decode {per_seq:,.1f} tok/s per "
+                         f"sequence, {result['decode_tok_s']:,.1f} tok/s in all)")
+        lines.append(f"end to end           {result['e2e_s']:10.3f} s")
+        if "acceptance_rate" in result:
+            lines.append(f"draft acceptance     {result['acceptance_rate']:10.1%}    "
+                         f"({result['num_speculative_tokens']} proposed per round)")
+        return "\n".join(lines)
+    return "\n".join([
+        f"output tokens        {result['output_tok_s']:10,.1f} tok/s  ({result['output_tokens']} in "
+        f"{result['elapsed_s']:.2f} s)",
+        f"prompt + output      {result['total_tok_s']:10,.1f} tok/s",
+        f"requests             {result['requests_s']:10.2f} req/s  ({result['preemptions']} preemptions)",
+    ])
