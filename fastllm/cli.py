@@ -138,19 +138,23 @@ def _load(args: argparse.Namespace):
                                  cuda_graphs=args.cuda_graphs)
 
 
-def _generation_params(args: argparse.Namespace, model) -> dict[str, Any]:
-    """Sampling parameters, plus the draft model (loaded on the model's device
-    and dtype) when --draft-model is given."""
-    params = _sampling_params(args)
+def _draft_params(args: argparse.Namespace, model) -> dict[str, Any]:
+    """The draft model (loaded on the model's device and dtype) and its token
+    count when --draft-model is given, else nothing."""
     if args.draft_model is None:
-        return params
+        return {}
     from fastllm import Model
 
     path = shipped_draft_path() if args.draft_model == "shipped" else args.draft_model
     if path is None:
         raise ValueError("--draft-model shipped: no draft model is shipped in this installation")
     draft = Model.from_pretrained(path, device=model.device, dtype=model.dtype)
-    return {**params, "draft_model": draft, "num_speculative_tokens": args.num_speculative_tokens}
+    return {"draft_model": draft, "num_speculative_tokens": args.num_speculative_tokens}
+
+
+def _generation_params(args: argparse.Namespace, model) -> dict[str, Any]:
+    """Sampling parameters, plus the draft model when --draft-model is given."""
+    return {**_sampling_params(args), **_draft_params(args, model)}
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -232,21 +236,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from fastllm import benchmark
 
+    if args.engine and args.draft_model is not None:
+        raise ValueError("--draft-model is not supported with --engine (the engine has no speculative decoding)")
     model = _load(args)
     params = {k: getattr(args, k) for k in ("temperature", "top_k", "top_p") if getattr(args, k) is not None}
     params["seed"] = args.seed
     progress = sys.stderr.isatty()
     if args.engine:
-        if args.draft_model is not None:
-            raise ValueError("--draft-model is not supported with --engine (the engine has no speculative decoding)")
         result = benchmark.measure_throughput(
             model, args.num_prompts, args.input_len, args.output_len, args.max_num_seqs,
             args.max_num_batched_tokens, prompt_seed=args.seed, progress=progress, **params)
     else:
-        gen = _generation_params(argparse.Namespace(**{**vars(args), **{k: None for k in SAMPLING_KEYS}}), model)
         result = benchmark.measure_latency(
             model, args.batch_size, args.input_len, args.output_len, args.iters, args.warmup, prompt_seed=args.seed,
-            progress=progress, **gen, **params)
+            progress=progress, **_draft_params(args, model), **params)
     result["model"] = args.model or os.path.basename(str(default_model_path()))
     result["device"], result["dtype"] = str(model.device), str(model.dtype).replace("torch.", "")
     result["quantization"], result["cuda_graphs"] = args.quantization, model.cuda_graphs
