@@ -63,7 +63,7 @@ namespace prefill {
 namespace {
 
 constexpr int kThreads = 256;      // two warpgroups
-constexpr int kBM = kRowsPerCta;   // 64 rows per warpgroup
+constexpr int kBM = kRowsPerCta;   // 128 rows: 64 per warpgroup
 constexpr int kBN = 128;           // keys per tile
 static_assert(kBM == 128, "two warpgroups of 64 rows");
 
