@@ -11,7 +11,7 @@ from typing import Any, Union
 import torch
 from torch import Tensor
 
-from fastllm.cache import DEFAULT_BLOCK_SIZE, CachedSequence, KVCache, device_scope, prepare_step
+from fastllm.cache import CachedSequence, KVCache, blocks_needed, device_scope, prepare_step
 from fastllm.config import GenerationConfig, GenerationOutput, eos_ids_from_model_dir
 from fastllm.cuda_graph import GraphedDecoding
 from fastllm.generate import Request, run, run_leased
@@ -388,8 +388,7 @@ class Model:
 
     def _new_cache(self, lengths: list[int]) -> KVCache:
         cfg = self.config
-        blocks = sum(-(-n // DEFAULT_BLOCK_SIZE) for n in lengths)
-        return KVCache(cfg.num_layers, blocks, cfg.num_kv_heads, cfg.head_dim, self.dtype, self.device)
+        return KVCache(cfg.num_layers, blocks_needed(lengths), cfg.num_kv_heads, cfg.head_dim, self.dtype, self.device)
 
 
 def _lengths(requests: list[Request]) -> list[int]:

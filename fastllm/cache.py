@@ -11,6 +11,7 @@ engine free, share and reuse blocks (continuous batching, prefix caching).
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -19,6 +20,11 @@ from torch import Tensor
 from fastllm.ops import AttentionMetadata
 
 DEFAULT_BLOCK_SIZE = 16
+
+
+def blocks_needed(lengths: Iterable[int], block_size: int = DEFAULT_BLOCK_SIZE) -> int:
+    """Blocks that hold sequences of these lengths, each in blocks of its own."""
+    return sum(-(-n // block_size) for n in lengths)
 
 
 class BlockAllocator:

@@ -31,7 +31,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from fastllm.cache import DEFAULT_BLOCK_SIZE, CachedSequence, KVCache, append_slots
+from fastllm.cache import DEFAULT_BLOCK_SIZE, CachedSequence, KVCache, append_slots, blocks_needed
 from fastllm.ops import AttentionMetadata
 
 
@@ -205,7 +205,7 @@ class GraphedDecoding:
         if self.busy:
             return None
         cfg, bs = self.network.config, DEFAULT_BLOCK_SIZE
-        blocks = sum(-(-n // bs) for n in lengths)
+        blocks = blocks_needed(lengths, bs)
         longest, batch = max(lengths), len(lengths)
         r = self.runner
         if r is None or blocks > self.cache.num_blocks or longest > r.max_seq_len or batch > r.max_batch_size:

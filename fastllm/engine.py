@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from fastllm.block_manager import BlockManager, SequenceBlocks
-from fastllm.cache import DEFAULT_BLOCK_SIZE, KVCache, device_scope
+from fastllm.cache import DEFAULT_BLOCK_SIZE, KVCache, blocks_needed, device_scope
 from fastllm.config import GenerationConfig, GenerationOutput, TokenLogprob
 from fastllm.cuda_graph import DecodeGraphRunner, graphs_supported
 from fastllm.generate import Request, forward_step, sample_requests
@@ -115,13 +115,14 @@ class LLMEngine:
     def _default_num_blocks(self, block_size: int) -> int:
         cfg, model = self.model.config, self.model
         per_block = 2 * cfg.num_layers * block_size * cfg.num_kv_heads * cfg.head_dim * model.dtype.itemsize
+        per_seq = blocks_needed([cfg.max_position_embeddings], block_size)  # one full-context sequence
         if model.device.type == "cuda":
             budget = int(torch.cuda.mem_get_info(model.device)[0] * GPU_CACHE_FRACTION)
         else:  # enough for every sequence at full context, within a fixed budget
-            full = self.max_num_seqs * -(-cfg.max_position_embeddings // block_size) * per_block
+            full = self.max_num_seqs * per_seq * per_block
             budget = min(full, DEFAULT_CPU_CACHE_BYTES)
         blocks = budget // per_block
-        if blocks < -(-cfg.max_position_embeddings // block_size):
+        if blocks < per_seq:
             raise ValueError(f"the KV cache budget ({budget / 2**20:.0f} MiB) cannot hold one full-context "
                              "sequence; pass num_blocks")
         return int(blocks)
