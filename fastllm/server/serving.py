@@ -115,10 +115,23 @@ class OpenAIServing:
             stream.abort()
         return finals
 
-    async def _events(self, stream: GenerationStream, head: list[str], chunks, usage_chunk) -> AsyncIterator[str]:
+    def _chunker(self, cls: type[BaseModel], rid: str, created: int, include_usage: bool):
+        """``chunk(choices, usage=None)``: one SSE event of a ``cls`` chunk; its
+        usage field is present only when the request asked for usage."""
+        obj = cls.model_fields["object"].default  # set explicitly: sse() drops fields left unset
+
+        def chunk(choices: list[Any], usage: Usage | None = None) -> str:
+            extra = {"usage": usage} if include_usage else {}
+            return sse(cls(id=rid, object=obj, created=created, model=self.name, choices=choices, **extra))
+
+        return chunk
+
+    async def _events(self, stream: GenerationStream, head: list[str], chunks, usage_chunk, n: int
+                      ) -> AsyncIterator[str]:
         """SSE body: ``head``, then ``chunks(index, out)`` for each output, the
-        usage chunk if asked (``usage_chunk(prompt_tokens, completion_tokens)``),
-        ``[DONE]``. An engine failure mid-stream is sent as an error event."""
+        usage chunk if asked (``usage_chunk([], usage)``, None when not asked;
+        each of the ``n`` choices of a prompt counts its tokens once), ``[DONE]``.
+        An engine failure mid-stream is sent as an error event."""
         prompt_tokens: dict[int, int] = {}
         completion_tokens = 0
         try:
@@ -130,9 +143,8 @@ class OpenAIServing:
                 if out.finished:
                     prompt_tokens[index] = len(out.output.prompt_token_ids)
                     completion_tokens += len(out.output.token_ids)
-            event = usage_chunk(prompt_tokens, completion_tokens)
-            if event:
-                yield event
+            if usage_chunk is not None:
+                yield usage_chunk([], self._usage(prompt_tokens, completion_tokens, n))
         except (EngineError, EngineStopped) as e:
             yield sse(engine_error(e).body())
         finally:
@@ -152,11 +164,7 @@ class OpenAIServing:
         echo = [self._echo_text(prompts[i // n]) if req.echo else "" for i in range(len(prompts) * n)]
         stream = await self._submit([p for p in prompts for _ in range(n)], params)
         rid, created = new_id("cmpl"), now()
-
-        def chunk(choices: list[CompletionChoice], usage: Usage | None = None) -> str:
-            extra = {"usage": usage} if req.include_usage else {}
-            return sse(CompletionChunk(id=rid, object="text_completion", created=created, model=self.name,
-                                       choices=choices, **extra))
+        chunk = self._chunker(CompletionChunk, rid, created, req.include_usage)
 
         want_lp = params.get("logprobs") is not None
         if req.stream:
@@ -174,10 +182,8 @@ class OpenAIServing:
                     lp, offsets[index] = completion_logprobs(pending.take(index), self.names, offsets[index])
                 return [chunk([CompletionChoice(index=index, text=out.text, logprobs=lp, finish_reason=reason)])]
 
-            def usage(pt: dict[int, int], ct: int) -> str | None:
-                return chunk([], self._usage(pt, ct, n)) if req.include_usage else None
-
-            return StreamingResponse(self._events(stream, head, chunks, usage), media_type="text/event-stream")
+            events = self._events(stream, head, chunks, chunk if req.include_usage else None, n)
+            return StreamingResponse(events, media_type="text/event-stream")
 
         finals = await cancel_on_disconnect(raw, self._collect(stream))
         if isinstance(finals, Response):
@@ -209,11 +215,7 @@ class OpenAIServing:
         n, want_lp = req.n, params.get("logprobs") is not None
         stream = await self._submit([ids] * n, params)
         rid, created = new_id("chatcmpl"), now()
-
-        def chunk(choices: list[ChatChunkChoice], usage: Usage | None = None) -> str:
-            extra = {"usage": usage} if req.include_usage else {}
-            return sse(ChatCompletionChunk(id=rid, object="chat.completion.chunk", created=created, model=self.name,
-                                           choices=choices, **extra))
+        chunk = self._chunker(ChatCompletionChunk, rid, created, req.include_usage)
 
         if req.stream:
             head = [chunk([ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""),
@@ -233,10 +235,8 @@ class OpenAIServing:
                     events.append(choice_chunk(index, DeltaMessage(), out.output.finish_reason))
                 return events
 
-            def usage(pt: dict[int, int], ct: int) -> str | None:
-                return chunk([], self._usage(pt, ct, n)) if req.include_usage else None
-
-            return StreamingResponse(self._events(stream, head, chunks, usage), media_type="text/event-stream")
+            events = self._events(stream, head, chunks, chunk if req.include_usage else None, n)
+            return StreamingResponse(events, media_type="text/event-stream")
 
         finals = await cancel_on_disconnect(raw, self._collect(stream))
         if isinstance(finals, Response):
