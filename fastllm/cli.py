@@ -138,6 +138,11 @@ def _load(args: argparse.Namespace):
                                  cuda_graphs=args.cuda_graphs)
 
 
+def _model_name(args: argparse.Namespace) -> str:
+    """How output names the model: --model as given, else the default model's directory name."""
+    return args.model or os.path.basename(str(default_model_path()))
+
+
 def _draft_params(args: argparse.Namespace, model) -> dict[str, Any]:
     """The draft model (loaded on the model's device and dtype) and its token
     count when --draft-model is given, else nothing."""
@@ -226,10 +231,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 1
     from fastllm.server.app import serve
 
-    path = args.model or default_model_path()
     model = _load(args)
-    name = args.served_model_name or (args.model if args.model else os.path.basename(str(path)))
-    return serve(model, name, host=args.host, port=args.port, log_level=args.log_level,
+    return serve(model, args.served_model_name or _model_name(args), host=args.host, port=args.port, log_level=args.log_level,
                  max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens)
 
 
@@ -250,7 +253,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         result = benchmark.measure_latency(
             model, args.batch_size, args.input_len, args.output_len, args.iters, args.warmup, prompt_seed=args.seed,
             progress=progress, **_draft_params(args, model), **params)
-    result["model"] = args.model or os.path.basename(str(default_model_path()))
+    result["model"] = _model_name(args)
     result["device"], result["dtype"] = str(model.device), str(model.dtype).replace("torch.", "")
     result["quantization"], result["cuda_graphs"] = args.quantization, model.cuda_graphs
     if args.draft_model is not None:
