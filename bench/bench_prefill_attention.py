@@ -1,5 +1,6 @@
 """Causal prefill attention: fastllm's kernels (paged KV cache; ``fastllm`` is
-the mma.sync kernel, ``fastllm-wgmma`` the sm_90a one) beside torch SDPA
+the mma.sync kernel, ``fastllm-wgmma`` and ``fastllm-wgmma_pipelined`` the
+sm_90a ones) beside torch SDPA
 with each backend forced (flash, cuDNN, memory-efficient) on the equivalent
 dense [1, H, S, D] tensors. bf16, batch 1, 32 query / 8 KV heads.
 
@@ -22,7 +23,7 @@ from fastllm import backend
 
 HQ, HK = 32, 8
 CASES = [(512, 128), (2048, 128), (8192, 128), (2048, 64)]
-IMPLS = ["fastllm", "fastllm-wgmma", "sdpa-flash", "sdpa-cudnn", "sdpa-efficient"]
+IMPLS = ["fastllm", "fastllm-wgmma", "fastllm-wgmma_pipelined", "sdpa-flash", "sdpa-cudnn", "sdpa-efficient"]
 
 
 def _flops(s: int, d: int) -> float:
@@ -93,7 +94,7 @@ def _sdpa_fn(s: int, d: int, sdpa_backend):
 def test_prefill_attention(gpu_bench, benchmark, s, d, impl):
     if impl.startswith("fastllm") and not backend.HAS_C:
         pytest.skip("extension not built")
-    if impl == "fastllm-wgmma":
+    if impl.startswith("fastllm-wgmma"):
         from fastllm.ops.cuda_prefill_attention import wgmma_usable
 
         if not wgmma_usable(d):
@@ -106,7 +107,7 @@ def test_prefill_attention(gpu_bench, benchmark, s, d, impl):
         "sdpa-efficient": SDPBackend.EFFICIENT_ATTENTION,
     }.get(impl)
     if impl.startswith("fastllm"):
-        fn, gqa = _fastllm_fn(s, d, "wgmma" if impl == "fastllm-wgmma" else "mma")
+        fn, gqa = _fastllm_fn(s, d, impl.split("-", 1)[1] if "-" in impl else "mma")
     else:
         fn, gqa = _sdpa_fn(s, d, sdpa_backend)
         if fn is None:
@@ -117,4 +118,4 @@ def test_prefill_attention(gpu_bench, benchmark, s, d, impl):
     us = gpu_bench(graph.replay, inner=10, rounds=10) / reps
     tflops = _flops(s, d) / (us * 1e-6) / 1e12
     benchmark.extra_info.update(op="prefill_attention", impl=impl, S=s, D=d, gqa=gqa, us_per_call=us, TFLOPs=tflops)
-    print(f"\nprefill_attention {impl:15s} S={s:5d} D={d:3d} ({gqa}): {us:10.1f} us  {tflops:7.1f} TFLOP/s")
+    print(f"\nprefill_attention {impl:23s} S={s:5d} D={d:3d} ({gqa}): {us:10.1f} us  {tflops:7.1f} TFLOP/s")

@@ -53,7 +53,8 @@ PYBIND11_MODULE(_C, m) {
             "decode_attention",
             "sample",
             "prefill_attention",
-            "prefill_attention_sm90",  // the wgmma variant prefill_attention picks when enabled
+            "prefill_attention_sm90",            // the wgmma variants prefill_attention picks when
+            "prefill_attention_sm90_pipelined",  // enabled (the pipelined one first)
             "int8_linear",
             "int4_linear",
         };
@@ -201,10 +202,10 @@ PYBIND11_MODULE(_C, m) {
       "sliding_window when > 0; lse (fp32 [num_tokens, Hq], 0 = none) = log-sum-exp of the scaled scores. "
       "caches [num_blocks, block_size, Hk, D]; fp16/bf16 (dtype 1/2); D in {64, 80, 96, 128, 256}; "
       "max_query_len: host-side bound on the query lengths (sizes the grid). impl: 0 = mma.sync kernel (sm_80+), "
-      "1 = wgmma kernel (sm_90a, D 64 or 128).");
+      "1 = wgmma kernel (sm_90a, D 64 or 128), 2 = the wgmma kernel with P V under the next tile's softmax.");
 
   m.def("prefill_attention_sm90_usable", &fastllm::prefill_attention_sm90_usable, py::arg("head_dim"),
-        "Whether prefill_attention(impl=1) runs on the current device for this head dim (a build for 90a, an sm_90 "
+        "Whether prefill_attention(impl=1 or 2) runs on the current device for this head dim (a build for 90a, an sm_90 "
         "GPU, D 64 or 128).");
 
   m.def(

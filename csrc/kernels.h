@@ -84,7 +84,8 @@ const char* launch_sample(void* out, const void* logits, const void* temperature
 // 128, 256}; block_size a power of two; scale > 0. max_query_len: a host-side
 // bound on the query lengths (sizes the grid; longer queries are not computed).
 // impl: 0 = the mma.sync kernel (sm_80+), 1 = the wgmma kernel (sm_90a build on
-// an sm_90 device, D in {64, 128}; see prefill_attention_sm90_usable).
+// an sm_90 device, D in {64, 128}; see prefill_attention_sm90_usable), 2 = the
+// same with P V overlapped with the next tile's softmax.
 const char* launch_prefill_attention(void* out, void* lse, const void* q, const void* k_cache, const void* v_cache,
                                      const void* cu_seqlens_q, const void* seq_lens, const void* block_tables,
                                      int64_t num_tokens, int64_t batch, int64_t num_q_heads, int64_t num_kv_heads,

@@ -541,8 +541,8 @@ const char* launch_prefill_attention(void* out, void* lse, const void* q, const 
                                      int64_t num_blocks, int64_t block_size, int64_t max_blocks,
                                      int64_t max_query_len, float scale, int64_t sliding_window, int dtype,
                                      int impl, void* stream) {
-  if (impl != 0 && impl != 1) return "impl must be 0 (mma.sync) or 1 (wgmma, sm_90a)";
-  if (impl == 1 && head_dim != 64 && head_dim != 128) return "the wgmma kernel supports head_dim 64 and 128";
+  if (impl < 0 || impl > 2) return "impl must be 0 (mma.sync), 1 (wgmma) or 2 (wgmma, pipelined; both sm_90a)";
+  if (impl != 0 && head_dim != 64 && head_dim != 128) return "the wgmma kernels support head_dim 64 and 128";
   if (dtype != static_cast<int>(DType::kFloat16) && dtype != static_cast<int>(DType::kBFloat16))
     return "dtype must be float16 or bfloat16";
   if (head_dim != 64 && head_dim != 80 && head_dim != 96 && head_dim != 128 && head_dim != 256)
@@ -602,7 +602,7 @@ const char* launch_prefill_attention(void* out, void* lse, const void* q, const 
     p.num_m_blocks = static_cast<int>(num_m_blocks);
     p.scale_log2 = scale * kLog2e;
     const cudaStream_t s = static_cast<cudaStream_t>(stream);
-    if (impl == 1) return prefill::launch_sm90<T>(p, grid, static_cast<int>(head_dim), s);
+    if (impl != 0) return prefill::launch_sm90<T>(p, grid, static_cast<int>(head_dim), impl == 2, s);
     return dispatch_head_dim(head_dim, [&](auto c) -> const char* {
       using C = decltype(c);
       static_assert(C::BM == (C::D == 256 ? Cfg256::BM : Cfg128::BM), "grid sizing assumes these block rows");

@@ -111,10 +111,11 @@ __device__ __forceinline__ bool masked(int j, int pos, int window) {
 constexpr int kRowsPerCta = 128;
 
 // The wgmma kernel (sm_90a) for head dims 64 and 128: whether it can run on the
-// current device (compiled for sm_90a and the device is sm_90), and its launch.
+// current device (compiled for sm_90a and the device is sm_90), and its launch
+// (pipelined: the schedule that overlaps a tile's P V with the next softmax).
 bool sm90_usable(int64_t head_dim);
 template <typename T>
-const char* launch_sm90(const PrefillParams<T>& p, int64_t grid, int head_dim, cudaStream_t stream);
+const char* launch_sm90(const PrefillParams<T>& p, int64_t grid, int head_dim, bool pipelined, cudaStream_t stream);
 
 }  // namespace prefill
 }  // namespace fastllm

@@ -9,8 +9,8 @@
  * Why: mma.sync tops out near FA2 speed on an H100 (~330 TFLOP/s at best);
  * wgmma reads its B operand (and A for Q K^T) straight from shared memory,
  * issues a 64 x N x 16 product per warpgroup instruction and runs
- * asynchronously, so the softmax of one warpgroup overlaps the other's
- * products and ldmatrix disappears from the loop.
+ * asynchronously, so the softmax can overlap products on the tensor cores
+ * and ldmatrix disappears from the loop.
  *
  * Algorithm (one CTA = 2 warpgroups = 256 threads, 128 rows, one sequence and
  * KV head, as the mma.sync kernel, so the host sizes one grid for both):
@@ -21,9 +21,19 @@
  *    softmax is the mma.sync kernel's), and P in 16 bits stays in registers as
  *    the A operand of O += P V: BN/16 wgmma.m64n{D}k16 with V (B) read N-major
  *    (imm-trans-b) from its natural [key][dim] layout.
- *  - The P V products of tile t are not waited for: they run on the tensor
- *    cores while the warpgroup crosses the barrier and issues Q K^T of tile
- *    t+1, and one wait covers both (wgmma groups complete in order).
+ *  - Two schedules (template kPipelined; impl 1 and 2 of the launcher):
+ *    plain: per tile, S, then its softmax, then P V, which is not waited for:
+ *    it runs while the warpgroup crosses the barrier and issues Q K^T of the
+ *    next tile, and one wait covers both (wgmma groups complete in order).
+ *    The softmax finds the tensor cores idle: both warpgroups reach it
+ *    together, their loads and barriers keeping them in step.
+ *    pipelined (FA3's intra-warpgroup overlap): per tile, issue S of tile t+1
+ *    and then P V of tile t as two groups, wait for the first only, and run
+ *    the softmax of t+1 while P V of t occupies the tensor cores; then wait,
+ *    rescale O and pack P of t+1. S of t+1, P of t and O are all live through
+ *    the softmax (s 64 + P 32 + O 64 registers at D = 128), and one CTA
+ *    barrier per tile publishes V(t) and K(t+1) together, loaded one tile
+ *    ahead (V(t+1) and K(t+2) fly during tile t).
  *  - Shared memory tiles are stored as 128-byte-swizzled column blocks of 64
  *    elements ([D/64][rows][64]; 16-byte chunk c of row r at
  *    (c / 8) * rows * 128 + r * 128 + ((c % 8) ^ (r % 8)) * 16, bases
@@ -34,14 +44,15 @@
  *    groups, a k16 step is +2048 bytes). The same XOR makes the cp.async
  *    writes conflict-free.
  *  - Loads are the mma.sync kernel's: every thread issues cp.async for Q and
- *    the K/V tiles (double-buffered, K of tile t+1 during S of tile t, V of
- *    t+1 during P V of t), cache slots looked up two tiles ahead into a
- *    3-entry ring. Before a barrier that publishes a tile to wgmma, each thread
- *    waits for its copies and fences them into the async proxy
- *    (fence.proxy.async), which wgmma reads through.
+ *    the K/V tiles (double-buffered; plain: K of tile t+1 during S of tile t,
+ *    V of t+1 during P V of t), cache slots looked up two (pipelined: three)
+ *    tiles ahead into a 3-entry ring. Before a barrier that publishes a
+ *    tile to wgmma, each thread waits for its copies and fences them into
+ *    the async proxy (fence.proxy.async), which wgmma reads through.
  *  - Shared memory: Q 16/32 KB, K and V 2 x 16/32 KB each, slots 1.5 KB:
- *    82 KB (D = 64) or 162 KB (D = 128); ptxas (sm_90a): 168 / 204
- *    registers, no spills: one CTA (8 warps) per SM.
+ *    82 KB (D = 64) or 162 KB (D = 128); ptxas (sm_90a, CUDA 13.0): plain
+ *    167 / 204 registers, pipelined 168 / 202, no spills, no wgmma
+ *    serialisation: one CTA (8 warps) per SM.
  *
  * Traffic: as the mma.sync kernel (Q, K, V, O once from HBM; K/V tiles per
  * 128 rows from L2). Compute: 4 * D flops per row and attended key on
@@ -89,7 +100,10 @@ __device__ __forceinline__ uint32_t sw128(int r, int c, int rows) {
 }
 #endif
 
-template <typename T, int D>
+// kPipelined: P V of tile t runs under the softmax of tile t + 1 (one CTA
+// barrier per tile); otherwise each tile's S, softmax and P V follow in turn
+// (two barriers per tile). See the header comment.
+template <typename T, int D, bool kPipelined>
 __global__ void __launch_bounds__(kThreads, 1) prefill_attention_sm90_kernel(const PrefillParams<T> p) {
 #ifdef FASTLLM_SM90A_DEVICE
   using C = Sm90Cfg<D>;
@@ -148,20 +162,6 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_attention_sm90_kernel(con
     }
   };
 
-  // Prologue: slots of the first two tiles (one thread per key), then group 0
-  // = Q and K of the first tile, group 1 = its V. Tile t uses ring entry t % 3.
-  static_assert(2 * kBN == kThreads, "the prologue looks up two tiles' slots with one thread per key");
-  {
-    const int t = tid / kBN, r = tid % kBN;
-    if (t < ntiles) store_slot(t, r, lookup_slot(p, cta, n_top - t * kBN + r));
-  }
-  __syncthreads();
-  load_q();
-  if (ntiles > 0) load_kv(sK, p.k_cache, 0);
-  mma::cp_async_commit();
-  if (ntiles > 0) load_kv(sV, p.v_cache, 0);
-  mma::cp_async_commit();
-
   // ---- per-thread rows: warp_row0 + g4 (h = 0) and + 8 (h = 1) ----------------
   const int g4 = lane >> 2, t4 = lane & 3;
   int row_pos[2];
@@ -187,33 +187,27 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_attention_sm90_kernel(con
   for (int i = 0; i < kBN / 2; ++i) s[i] = 0.f;
   float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};
   const float sl2 = p.scale_log2;
+  uint32_t pf[NK][4];  // P of a tile in 16 bits: the A operand of its P V
+  float alpha[2];      // what O is rescaled by before the next P V
 
-  // ---- main loop: key tiles from the diagonal down --------------------------
-  int ring1 = 1;  // ring entry of tile it + 1
-  for (int it = 0; it < ntiles; ++it) {
-    const int n0 = n_top - it * kBN;
-    const int buf = it & 1;
-    const uint32_t kbuf = sK + buf * C::KV_BYTES, vbuf = sV + buf * C::KV_BYTES;
-    const int ring2 = ring1 == 2 ? 0 : ring1 + 1;
-
-    mma::cp_async_wait<1>();      // Q and K of this tile landed (this thread's copies)
-    wgmma::fence_proxy_async();   // ... and are visible to wgmma
-    __syncthreads();              // ... for every thread; tile it-1's S products are done
-    if (it + 1 < ntiles) load_kv(sK + (buf ^ 1) * C::KV_BYTES, p.k_cache, ring1);
-    mma::cp_async_commit();
-    const bool do_lookup = tid < kBN && it + 2 < ntiles;
-    const int next_slot = do_lookup ? lookup_slot(p, cta, n0 - 2 * kBN + tid) : -1;
-
-    // S = Q K^T (raw scores, fp32); the first k-step overwrites S.
-    wgmma::fence();
+  // S = Q K^T of the tile in kbuf (raw scores, fp32; the first k-step
+  // overwrites S), issued and committed as one wgmma group.
+  auto issue_s = [&](uint32_t kbuf) {
 #pragma unroll
     for (int ks = 0; ks < KS; ++ks) MmaS::ss(s, q_desc(ks), k_desc(kbuf, ks), ks > 0 ? 1 : 0);
     wgmma::commit();
-    wgmma::wait<0>();  // S of this tile, and P V of the previous one
-    wgmma::fence_operand(s);
-    wgmma::fence_operand(o);
-
-    // Mask the diagonal / window-edge / past-the-end tiles only.
+  };
+  // O += P V of the tile in vbuf, one wgmma group.
+  auto issue_pv = [&](uint32_t vbuf) {
+#pragma unroll
+    for (int kk = 0; kk < NK; ++kk) MmaO::rs(o, pf[kk], v_desc(vbuf, kk));
+    wgmma::commit();
+  };
+  // Mask (diagonal / window-edge / past-the-end tiles only) and online softmax
+  // (base 2) of the S tile of keys n0 .. n0 + kBN - 1: s becomes
+  // p = 2^(s * sl2 - m * sl2), l and m are updated, alpha gets the factor for
+  // O; returns whether O needs it (some row of the warp has a new maximum).
+  auto softmax_tile = [&](int n0) -> bool {
     if (n0 + kBN - 1 > cta.p_min || n0 + kBN > cta.kv_len || n0 <= cta.win_edge) {
 #pragma unroll
       for (int i = 0; i < kBN / 8; ++i) {
@@ -223,9 +217,6 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_attention_sm90_kernel(con
         }
       }
     }
-
-    // Online softmax (base 2); s becomes p = 2^(s * sl2 - m * sl2).
-    float alpha[2];
     bool rescale = false;
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
@@ -248,19 +239,20 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_attention_sm90_kernel(con
       }
       l_run[h] = fmaf(l_run[h], alpha[h], rs);
     }
-    if (__any_sync(0xffffffffu, rescale)) {
+    return __any_sync(0xffffffffu, rescale);
+  };
+  auto rescale_o = [&]() {
 #pragma unroll
-      for (int i = 0; i < D / 8; ++i) {
-        o[4 * i + 0] *= alpha[0];
-        o[4 * i + 1] *= alpha[0];
-        o[4 * i + 2] *= alpha[1];
-        o[4 * i + 3] *= alpha[1];
-      }
+    for (int i = 0; i < D / 8; ++i) {
+      o[4 * i + 0] *= alpha[0];
+      o[4 * i + 1] *= alpha[0];
+      o[4 * i + 2] *= alpha[1];
+      o[4 * i + 3] *= alpha[1];
     }
-
-    // P in 16 bits: accumulator n8 chunks 2kk, 2kk+1 are the A fragment of
-    // k-step kk of P V (per warp the mma.m16n8k16 A layout).
-    uint32_t pf[NK][4];
+  };
+  // Accumulator n8 chunks 2kk, 2kk+1 of S are the A fragment of k-step kk of
+  // P V (per warp the mma.m16n8k16 A layout).
+  auto pack_p = [&]() {
 #pragma unroll
     for (int kk = 0; kk < NK; ++kk) {
       pf[kk][0] = mma::pack2<T>(s[8 * kk + 0], s[8 * kk + 1]);
@@ -268,20 +260,122 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_attention_sm90_kernel(con
       pf[kk][2] = mma::pack2<T>(s[8 * kk + 4], s[8 * kk + 5]);
       pf[kk][3] = mma::pack2<T>(s[8 * kk + 6], s[8 * kk + 7]);
     }
+  };
 
-    if (do_lookup) store_slot(ring2, tid, next_slot);
-    mma::cp_async_wait<1>();      // V of this tile landed (K of the next may still fly)
-    wgmma::fence_proxy_async();
-    __syncthreads();              // every warpgroup is past P V of tile it-1: its V buffer is free
-    if (it + 1 < ntiles) load_kv(sV + (buf ^ 1) * C::KV_BYTES, p.v_cache, ring1);
+  if constexpr (!kPipelined) {
+    // Prologue: slots of the first two tiles (one thread per key), then group 0
+    // = Q and K of the first tile, group 1 = its V. Tile t uses ring entry t % 3.
+    static_assert(2 * kBN == kThreads, "the prologue looks up two tiles' slots with one thread per key");
+    {
+      const int t = tid / kBN, r = tid % kBN;
+      if (t < ntiles) store_slot(t, r, lookup_slot(p, cta, n_top - t * kBN + r));
+    }
+    __syncthreads();
+    load_q();
+    if (ntiles > 0) load_kv(sK, p.k_cache, 0);
     mma::cp_async_commit();
-    ring1 = ring2;
+    if (ntiles > 0) load_kv(sV, p.v_cache, 0);
+    mma::cp_async_commit();
 
-    // O += P V, left running (waited for after the next tile's S).
-    wgmma::fence();  // P and the rescaled O were written by ordinary instructions
-#pragma unroll
-    for (int kk = 0; kk < NK; ++kk) MmaO::rs(o, pf[kk], v_desc(vbuf, kk));
-    wgmma::commit();
+    // ---- main loop: key tiles from the diagonal down ------------------------
+    int ring1 = 1;  // ring entry of tile it + 1
+    for (int it = 0; it < ntiles; ++it) {
+      const int n0 = n_top - it * kBN;
+      const int buf = it & 1;
+      const uint32_t kbuf = sK + buf * C::KV_BYTES, vbuf = sV + buf * C::KV_BYTES;
+      const int ring2 = ring1 == 2 ? 0 : ring1 + 1;
+
+      mma::cp_async_wait<1>();      // Q and K of this tile landed (this thread's copies)
+      wgmma::fence_proxy_async();   // ... and are visible to wgmma
+      __syncthreads();              // ... for every thread; tile it-1's S products are done
+      if (it + 1 < ntiles) load_kv(sK + (buf ^ 1) * C::KV_BYTES, p.k_cache, ring1);
+      mma::cp_async_commit();
+      const bool do_lookup = tid < kBN && it + 2 < ntiles;
+      const int next_slot = do_lookup ? lookup_slot(p, cta, n0 - 2 * kBN + tid) : -1;
+
+      wgmma::fence();
+      issue_s(kbuf);
+      wgmma::wait<0>();  // S of this tile, and P V of the previous one
+      wgmma::fence_operand(s);
+      wgmma::fence_operand(o);
+      if (softmax_tile(n0)) rescale_o();
+      pack_p();
+
+      if (do_lookup) store_slot(ring2, tid, next_slot);
+      mma::cp_async_wait<1>();      // V of this tile landed (K of the next may still fly)
+      wgmma::fence_proxy_async();
+      __syncthreads();              // every warpgroup is past P V of tile it-1: its V buffer is free
+      if (it + 1 < ntiles) load_kv(sV + (buf ^ 1) * C::KV_BYTES, p.v_cache, ring1);
+      mma::cp_async_commit();
+      ring1 = ring2;
+
+      // O += P V, left running (waited for after the next tile's S).
+      wgmma::fence();  // P and the rescaled O were written by ordinary instructions
+      issue_pv(vbuf);
+    }
+  } else {
+    // Prologue: slots of the first three tiles, then group 0 = Q and K(0),
+    // group 1 = V(0) and K(1). Tile t uses ring entry t % 3.
+    for (int e = tid; e < 3 * kBN; e += kThreads) {
+      const int t = e / kBN, r = e - t * kBN;
+      if (t < ntiles) store_slot(t, r, lookup_slot(p, cta, n_top - t * kBN + r));
+    }
+    __syncthreads();
+    load_q();
+    if (ntiles > 0) load_kv(sK, p.k_cache, 0);
+    mma::cp_async_commit();
+    if (ntiles > 0) load_kv(sV, p.v_cache, 0);
+    if (ntiles > 1) load_kv(sK + C::KV_BYTES, p.k_cache, 1);
+    mma::cp_async_commit();
+    if (ntiles > 0) {  // S and P of tile 0 (O is still 0: nothing to rescale)
+      mma::cp_async_wait<1>();
+      wgmma::fence_proxy_async();
+      __syncthreads();
+      wgmma::fence();
+      issue_s(sK);
+      wgmma::wait<0>();
+      wgmma::fence_operand(s);
+      softmax_tile(n_top);
+      pack_p();
+    }
+
+    // ---- main loop: P V of tile it under the softmax of tile it + 1 -----------
+    // (the last tile's P V follows the loop, so that every wgmma here is issued
+    // unconditionally and ptxas sees one pattern of groups and waits)
+    for (int it = 0; it + 1 < ntiles; ++it) {
+      mma::cp_async_wait<0>();      // V(it) and K(it+1) landed (this thread's copies)
+      wgmma::fence_proxy_async();   // ... and are visible to wgmma
+      __syncthreads();              // ... for every thread; and every warpgroup is done with
+                                    // S(it) and P V(it-1): K buffer it&1, V buffer (it+1)&1
+                                    // and slot ring entry it % 3 are free
+      load_kv(sV + ((it + 1) & 1) * C::KV_BYTES, p.v_cache, (it + 1) % 3);
+      if (it + 2 < ntiles) load_kv(sK + (it & 1) * C::KV_BYTES, p.k_cache, (it + 2) % 3);
+      mma::cp_async_commit();
+      const bool do_lookup = tid < kBN && it + 3 < ntiles;
+      const int next_slot = do_lookup ? lookup_slot(p, cta, n_top - (it + 3) * kBN + tid) : -1;
+
+      // Two groups in flight: S(it+1), then P V(it). Waiting for the first
+      // leaves the second running on the tensor cores under the softmax.
+      wgmma::fence();  // P and the rescaled O were written by ordinary instructions
+      issue_s(sK + ((it + 1) & 1) * C::KV_BYTES);
+      issue_pv(sV + (it & 1) * C::KV_BYTES);
+      wgmma::wait<1>();
+      wgmma::fence_operand(s);
+      const bool rescale = softmax_tile(n_top - (it + 1) * kBN);
+      wgmma::wait<0>();  // P V(it): O may be rescaled and P(it) overwritten now
+      wgmma::fence_operand(o);
+      wgmma::fence_operand(pf);
+      if (rescale) rescale_o();
+      pack_p();
+      if (do_lookup) store_slot(it % 3, tid, next_slot);
+    }
+    if (ntiles > 0) {  // P V of the last tile
+      mma::cp_async_wait<0>();
+      wgmma::fence_proxy_async();
+      __syncthreads();
+      wgmma::fence();
+      issue_pv(sV + ((ntiles - 1) & 1) * C::KV_BYTES);
+    }
   }
   wgmma::wait<0>();
   wgmma::fence_operand(o);
@@ -339,9 +433,9 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_attention_sm90_kernel(con
 
 constexpr int kMaxDevices = 64;
 
-template <typename T, int D>
+template <typename T, int D, bool kPipelined>
 const char* launch_typed(const PrefillParams<T>& p, int64_t grid, cudaStream_t stream) {
-  auto kernel = prefill_attention_sm90_kernel<T, D>;
+  auto kernel = prefill_attention_sm90_kernel<T, D, kPipelined>;
   static bool opted_in[kMaxDevices] = {};  // per device and instantiation, outside any capture that follows
   int dev = 0;
   FASTLLM_RETURN_IF_ERROR(cudaGetDevice(&dev));
@@ -374,7 +468,7 @@ bool sm90_usable(int64_t head_dim) {
     cudaFuncAttributes attr{};
     const bool ok = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess &&
                     cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) == cudaSuccess &&
-                    cudaFuncGetAttributes(&attr, prefill_attention_sm90_kernel<__nv_bfloat16, 128>) == cudaSuccess;
+                    cudaFuncGetAttributes(&attr, prefill_attention_sm90_kernel<__nv_bfloat16, 128, false>) == cudaSuccess;
     if (!ok) {
       cudaGetLastError();
       return false;  // not cached: asked again next time
@@ -388,13 +482,17 @@ bool sm90_usable(int64_t head_dim) {
 }
 
 template <typename T>
-const char* launch_sm90(const PrefillParams<T>& p, int64_t grid, int head_dim, cudaStream_t stream) {
+const char* launch_sm90(const PrefillParams<T>& p, int64_t grid, int head_dim, bool pipelined, cudaStream_t stream) {
   if (!sm90_usable(head_dim)) return "the wgmma kernel needs an sm_90 GPU, a build for 90a and head_dim 64 or 128";
-  return head_dim == 64 ? launch_typed<T, 64>(p, grid, stream) : launch_typed<T, 128>(p, grid, stream);
+  if (pipelined) {
+    return head_dim == 64 ? launch_typed<T, 64, true>(p, grid, stream) : launch_typed<T, 128, true>(p, grid, stream);
+  }
+  return head_dim == 64 ? launch_typed<T, 64, false>(p, grid, stream) : launch_typed<T, 128, false>(p, grid, stream);
 }
 
-template const char* launch_sm90<__half>(const PrefillParams<__half>&, int64_t, int, cudaStream_t);
-template const char* launch_sm90<__nv_bfloat16>(const PrefillParams<__nv_bfloat16>&, int64_t, int, cudaStream_t);
+template const char* launch_sm90<__half>(const PrefillParams<__half>&, int64_t, int, bool, cudaStream_t);
+template const char* launch_sm90<__nv_bfloat16>(const PrefillParams<__nv_bfloat16>&, int64_t, int, bool,
+                                                cudaStream_t);
 
 }  // namespace prefill
 }  // namespace fastllm

@@ -39,6 +39,16 @@ __device__ __forceinline__ void fence_operand(float (&d)[N]) {
 #pragma unroll
   for (int i = 0; i < N; ++i) asm volatile("" : "+f"(d[i])::"memory");
 }
+// The same for A fragments in registers: an rs() product reads them until its
+// wait, so they must stay where they are (fenced after the wait) until then.
+template <int N>
+__device__ __forceinline__ void fence_operand(uint32_t (&a)[N][4]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) asm volatile("" : "+r"(a[i][j])::"memory");
+  }
+}
 
 // Shared-memory matrix descriptor, 128-byte swizzle (layout type 1): start
 // address, leading and stride byte offsets, each encoded as (x & 0x3FFFF) >> 4.

@@ -224,9 +224,9 @@ HEAD_DIMS = [64, 80, 96, 128, 256]
 DTYPES = [torch.float16, torch.bfloat16]
 
 
-@pytest.fixture(params=["mma", "wgmma"])
+@pytest.fixture(params=["mma", "wgmma", "wgmma_pipelined"])
 def impl(request):
-    """Every kernel test runs both kernels: mma.sync and the sm_90a wgmma one."""
+    """Every kernel test runs every kernel: mma.sync and the two sm_90a wgmma ones."""
     return request.param
 
 
@@ -235,7 +235,7 @@ def kernel(impl, *head_dims):
     it cannot run (not an sm_90 GPU, no 90a build, other head dims)."""
     from fastllm.ops import cuda
 
-    if impl == "wgmma" and not all(wgmma_usable(d) for d in head_dims):
+    if impl != "mma" and not all(wgmma_usable(d) for d in head_dims):
         pytest.skip(f"the wgmma kernel needs an sm_90 GPU, a 90a build and head dims in (64, 128), got {head_dims}")
     return functools.partial(cuda.prefill_attention, impl=impl)
 
@@ -499,15 +499,17 @@ def test_impl_choice_is_checked():
     assert not wgmma_usable(80) and not wgmma_usable(256)  # never, whatever the GPU
     if not torch.cuda.is_available():
         assert not wgmma_usable(128)
-        with pytest.raises(ValueError, match="sm_90"):
-            _resolve_impl("prefill_attention", "wgmma", 128, torch.device("cpu"))
+        for impl in ("wgmma", "wgmma_pipelined"):
+            with pytest.raises(ValueError, match="sm_90"):
+                _resolve_impl("prefill_attention", impl, 128, torch.device("cpu"))
+        assert _resolve_impl("prefill_attention", None, 128, torch.device("cpu")) == 0  # mma
 
 
 @requires_cuda
 def test_wgmma_chosen_when_enabled_and_usable(monkeypatch):
-    """impl=None: the wgmma kernel once prefill_attention_sm90 is enabled and it
-    can run, mma.sync otherwise (other head dims, other GPUs); impl='wgmma'
-    where it cannot run is a ValueError, not a launch of an empty kernel."""
+    """impl=None: a wgmma kernel once enabled and it can run (the pipelined one
+    first), mma.sync otherwise (other head dims, other GPUs); impl='wgmma' where
+    it cannot run is a ValueError, not a launch of an empty kernel."""
     from fastllm import backend
     from fastllm.ops import cuda
 
@@ -516,16 +518,22 @@ def test_wgmma_chosen_when_enabled_and_usable(monkeypatch):
     monkeypatch.setattr(backend._C, "prefill_attention", lambda *a: (calls.append(a[-1]), real(*a))[1], raising=False)
     for d in (128, 80):
         q, kc, vc, meta = paged_case([9, 3], [20, 3], 8, 2, d, torch.bfloat16, seed=20, device="cuda")
-        monkeypatch.setenv("FASTLLM_KERNELS", "prefill_attention_sm90")
-        backend.reset_settings()
-        out = cuda.prefill_attention(q, kc, vc, meta, 0.1)
-        check_kernel(q, kc, vc, meta, 0.1, None, out)
-        assert calls[-1] == (1 if wgmma_usable(d) else 0)
+        for enabled, code in [
+            ("prefill_attention_sm90", 1),
+            ("prefill_attention_sm90_pipelined", 2),
+            ("prefill_attention_sm90,prefill_attention_sm90_pipelined", 2),
+        ]:
+            monkeypatch.setenv("FASTLLM_KERNELS", enabled)
+            backend.reset_settings()
+            out = cuda.prefill_attention(q, kc, vc, meta, 0.1)
+            check_kernel(q, kc, vc, meta, 0.1, None, out)
+            assert calls[-1] == (code if wgmma_usable(d) else 0)
         monkeypatch.setenv("FASTLLM_KERNELS", "")
         backend.reset_settings()
         cuda.prefill_attention(q, kc, vc, meta, 0.1)
         assert calls[-1] == 0
         if not wgmma_usable(d):
-            with pytest.raises(ValueError, match="wgmma"):
-                cuda.prefill_attention(q, kc, vc, meta, 0.1, impl="wgmma")
+            for impl in ("wgmma", "wgmma_pipelined"):
+                with pytest.raises(ValueError, match="wgmma"):
+                    cuda.prefill_attention(q, kc, vc, meta, 0.1, impl=impl)
     assert not wgmma_usable(80)

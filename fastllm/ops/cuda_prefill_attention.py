@@ -8,11 +8,14 @@ the signature and semantics of ``reference.prefill_attention`` and launches on
 torch's current stream without synchronising, so it can be captured in a CUDA
 graph (the grid is sized from the host-side ``meta.query_lens_host``).
 
-Two kernels compute it: ``mma`` (mma.sync, sm_80+, every head dim) and
+Three kernels compute it: ``mma`` (mma.sync, sm_80+, every head dim),
 ``wgmma`` (csrc/prefill_attention_sm90.cu: Hopper warpgroup MMA, a build for
-90a on an sm_90 GPU, head dims 64 and 128). ``impl=None`` takes ``wgmma``
-where it can run and the backend enables ``prefill_attention_sm90`` (verified
-on a GPU, or opted in with ``FASTLLM_KERNELS``), else ``mma``.
+90a on an sm_90 GPU, head dims 64 and 128) and ``wgmma_pipelined`` (the same
+with each tile's P V left running under the next tile's softmax). Where a
+wgmma kernel can run, ``impl=None`` takes ``wgmma_pipelined`` if the backend
+enables ``prefill_attention_sm90_pipelined`` (verified on a GPU, or opted in
+with ``FASTLLM_KERNELS``), else ``wgmma`` if it enables
+``prefill_attention_sm90``; otherwise ``mma``.
 """
 
 from __future__ import annotations
@@ -28,12 +31,14 @@ from fastllm.ops.cuda_common import DTYPE_CODES, check_tensor, current_stream, e
 
 PREFILL_HEAD_DIMS = (64, 80, 96, 128, 256)
 PREFILL_DTYPES = (torch.float16, torch.bfloat16)
-IMPLS = {"mma": 0, "wgmma": 1}
+IMPLS = {"mma": 0, "wgmma": 1, "wgmma_pipelined": 2}
+# backend kernel names of the wgmma kernels, in the order impl=None prefers them
+WGMMA_KERNELS = {"wgmma_pipelined": "prefill_attention_sm90_pipelined", "wgmma": "prefill_attention_sm90"}
 WGMMA_HEAD_DIMS = (64, 128)
 
 
 def wgmma_usable(head_dim: int, device: torch.device | int | None = None) -> bool:
-    """Whether the wgmma kernel runs for ``head_dim`` on ``device`` (default: the
+    """Whether the wgmma kernels run for ``head_dim`` on ``device`` (default: the
     current one): the extension was built for 90a and the GPU is sm_90."""
     if head_dim not in WGMMA_HEAD_DIMS or not backend.HAS_C or not torch.cuda.is_available():
         return False
@@ -49,13 +54,16 @@ def _wgmma_usable(head_dim: int, device_index: int) -> bool:
 
 def _resolve_impl(op: str, impl: str | None, head_dim: int, device: torch.device) -> int:
     if impl is None:
-        use = backend.kernel_enabled("prefill_attention_sm90") and wgmma_usable(head_dim, device)
-        return IMPLS["wgmma" if use else "mma"]
+        if wgmma_usable(head_dim, device):
+            for name, kernel in WGMMA_KERNELS.items():
+                if backend.kernel_enabled(kernel):
+                    return IMPLS[name]
+        return IMPLS["mma"]
     if impl not in IMPLS:
-        raise ValueError(f"{op}: impl must be None, 'mma' or 'wgmma', got {impl!r}")
-    if impl == "wgmma" and not wgmma_usable(head_dim, device):
+        raise ValueError(f"{op}: impl must be None or one of {sorted(IMPLS)}, got {impl!r}")
+    if impl != "mma" and not wgmma_usable(head_dim, device):
         raise ValueError(
-            f"{op}: impl='wgmma' needs head_dim in {WGMMA_HEAD_DIMS} (got {head_dim}), an sm_90 GPU and an "
+            f"{op}: impl={impl!r} needs head_dim in {WGMMA_HEAD_DIMS} (got {head_dim}), an sm_90 GPU and an "
             "extension built for 90a (FASTLLM_CUDA_ARCHS)"
         )
     return IMPLS[impl]
@@ -136,7 +144,8 @@ def prefill_attention(
     sizes the grid). scale > 0; sliding_window None or >= 1. Returns out
     [N, Hq, D] (and lse [N, Hq] fp32, natural log, with ``return_lse``).
     Tokens after the last sequence's queries get out 0 and lse -inf.
-    impl: None (choose), "mma" or "wgmma" (ValueError where it cannot run).
+    impl: None (choose), "mma", "wgmma" or "wgmma_pipelined" (ValueError where
+    it cannot run).
     """
     op = "prefill_attention"
     if not isinstance(q, Tensor):
