@@ -4,7 +4,8 @@
 #   logs and bench.json land in OUTDIR (<= 8 files); extra arguments select
 #   benchmarks, e.g. `bash bench/run_gpu.sh $OUT bench/bench_rmsnorm.py`.
 #   SKIP_TESTS=1 skips the test phase (a second call after a first full one);
-#   TESTS="python_tests/test_x.py ..." picks test files; FILE_TIMEOUT (s) limits each file.
+#   TESTS="python_tests/test_x.py ..." picks test files; FILE_TIMEOUT (s) limits each file;
+#   TEST_JOBS (default 4) test files run at a time (benchmarks always run alone).
 #   SKIP_E2E=1 skips the closing `fastllm bench` runs on the shipped model.
 #   SANITIZE=1 also runs the kernel test files under compute-sanitizer memcheck
 #   (out-of-bounds and misaligned accesses; slow: SANITIZE_K="-k expr" narrows them).
@@ -38,18 +39,37 @@ python3 -c "import fastllm, json; print(json.dumps(fastllm.backend_info(), inden
 limit=${FILE_TIMEOUT:-240}
 tmp=$(mktemp -d)
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
-  echo "== tests (per file, ${limit}s limit)"
-  : > "$out/tests.log"
+  jobs_n=${TEST_JOBS:-4}
+  echo "== tests (per file, ${limit}s limit, $jobs_n files at a time)"
+  : > "$out/tests.log"; : > "$out/test_summary.txt"
   files=${TESTS:-$(ls python_tests/test_*.py | grep -E 'rmsnorm|silu|rotary|decode|sample|prefill|int8|int4'; \
                    ls python_tests/test_*.py | grep -vE 'rmsnorm|silu|rotary|decode|sample|prefill|int8|int4')}
-  for f in $files; do
-    echo "---- $f" >> "$out/tests.log"
-    FASTLLM_EXPECT_C=1 timeout -k 10 "$limit" pytest "$f" -q -rs -p no:cacheprovider >> "$out/tests.log" 2>&1
+  # Files run side by side (own processes and CUDA contexts; the GPU has room
+  # for several), each into its own log; logs and summary lines are then
+  # gathered in file order.
+  run_file() {  # test file, its index
+    local f=$1 i=$2 rc line
+    FASTLLM_EXPECT_C=1 timeout -k 10 "$limit" pytest "$f" -q -rs -p no:cacheprovider > "$tmp/test_$i.log" 2>&1
     rc=$?
-    line=$(tail -1 "$out/tests.log")
-    [ $rc -eq 124 ] || [ $rc -eq 137 ] && line="TIMEOUT after ${limit}s"
-    [ $rc -ne 0 ] && status=1
-    printf '%-45s rc=%-3s %s\n' "$f" "$rc" "$line" | tee -a "$out/test_summary.txt"
+    line=$(tail -1 "$tmp/test_$i.log")
+    { [ $rc -eq 124 ] || [ $rc -eq 137 ]; } && line="TIMEOUT after ${limit}s"
+    printf '%-45s rc=%-3s %s\n' "$f" "$rc" "$line" > "$tmp/summary_$i.txt"
+    echo "$rc" > "$tmp/rc_$i"
+    cat "$tmp/summary_$i.txt"
+  }
+  i=0
+  for f in $files; do
+    i=$((i + 1))
+    while [ "$(jobs -rp | wc -l)" -ge "$jobs_n" ]; do sleep 1; done
+    run_file "$f" "$i" &
+  done
+  wait
+  i=0
+  for f in $files; do
+    i=$((i + 1))
+    { echo "---- $f"; cat "$tmp/test_$i.log"; } >> "$out/tests.log"
+    cat "$tmp/summary_$i.txt" >> "$out/test_summary.txt"
+    [ "$(cat "$tmp/rc_$i" 2>/dev/null || echo 1)" != 0 ] && status=1
   done
   grep -E "^(FAILED|ERROR)" "$out/tests.log" | head -60
 fi
