@@ -1,13 +1,17 @@
 """Whole-loop generation speed: fastllm beside transformers' generate.
 
 Random-weight checkpoints in the shapes of real models (Llama-3.2-1B, and a
-small one that also runs on CPU), greedy decoding of a fixed number of tokens
-at batch 1, EOS ignored. Reports decode tokens per second in extra_info.
+small one that also runs on CPU; Llama-3-8B with FASTLLM_BENCH_8B=1, ~16 GB
+of GPU memory and disk), greedy decoding of a fixed number of tokens at batch
+1, EOS ignored, fastllm in bf16 and with int8 / int4 weights (GPU only).
+Reports decode tokens per second in extra_info.
 
     pytest bench/bench_generate.py --benchmark-only
 """
 
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
@@ -19,6 +23,8 @@ SHAPES = {
     "small-15M": (384, 1024, 8, 6, 2, 8192),
     "llama-3.2-1B": (2048, 8192, 16, 32, 8, 128256),
 }
+if os.environ.get("FASTLLM_BENCH_8B") == "1":
+    SHAPES["llama-3-8B"] = (4096, 14336, 32, 32, 8, 128256)
 PROMPT_LEN, NEW_TOKENS = 32, 128
 
 
@@ -65,12 +71,15 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+@pytest.mark.parametrize("quant", [None, "int8", "int4"], ids=["bf16", "int8", "int4"])
 @pytest.mark.parametrize("graphs", [False, True], ids=["eager", "cuda-graphs"])
-def test_generate_fastllm(benchmark, checkpoint, graphs):
+def test_generate_fastllm(benchmark, checkpoint, graphs, quant):
     name, path, _, device, dtype = checkpoint
     if graphs and device != "cuda":
         pytest.skip("CUDA graphs need a GPU")
-    model = Model.from_pretrained(path, device=device, dtype=dtype, cuda_graphs=graphs)
+    if quant and device != "cuda":
+        pytest.skip("quantized generation is benchmarked on a GPU (on CPU it is the dequantising reference)")
+    model = Model.from_pretrained(path, device=device, dtype=dtype, cuda_graphs=graphs, quantization=quant)
     prompt = list(range(10, 10 + PROMPT_LEN))
     model.generate(prompt, max_new_tokens=4, ignore_eos=True)  # warm-up (and graph capture)
 
@@ -83,7 +92,7 @@ def test_generate_fastllm(benchmark, checkpoint, graphs):
     assert len(out.token_ids) == NEW_TOKENS
     benchmark.extra_info.update(
         shape=name, device=device, tokens=NEW_TOKENS, tok_per_s=NEW_TOKENS / benchmark.stats.stats.mean,
-        cuda_graphs=graphs,
+        cuda_graphs=graphs, quantization=quant,
     )
 
 

@@ -5,7 +5,9 @@
 #   benchmarks, e.g. `bash bench/run_gpu.sh $OUT bench/bench_rmsnorm.py`.
 #   SKIP_TESTS=1 skips the test phase (a second call after a first full one);
 #   TESTS="python_tests/test_x.py ..." picks test files; FILE_TIMEOUT (s) limits each file;
-#   TEST_JOBS (default 4) test files run at a time (benchmarks always run alone).
+#   TEST_JOBS (default 4) test files run at a time (benchmarks always run alone);
+#   BENCH_TIMEOUT (s, default 360) limits each benchmark file; FASTLLM_BENCH_8B=1 adds
+#   the Llama-3-8B shape to bench_generate.py.
 #   SKIP_E2E=1 skips the closing `fastllm bench` runs on the shipped model.
 #   SANITIZE=1 also runs the kernel test files under compute-sanitizer memcheck
 #   (out-of-bounds and misaligned accesses; slow: SANITIZE_K="-k expr" narrows them).
@@ -90,17 +92,20 @@ if [ "${SANITIZE:-0}" = 1 ]; then
   fi
 fi
 
-echo "== benchmarks (per file, ${limit}s limit)"
+blimit=${BENCH_TIMEOUT:-360}
+echo "== benchmarks (per file, ${blimit}s limit)"
 : > "$out/bench.log"
 bench_files=()
 for a in "${bench_args[@]}"; do
-  if [ -d "$a" ]; then bench_files+=($(ls "$a"/bench_*.py)); else bench_files+=("$a"); fi
+  # kernels first, the whole-loop generation benchmark (the longest) last
+  if [ -d "$a" ]; then bench_files+=($(ls "$a"/bench_*.py | grep -v bench_generate) $(ls "$a"/bench_generate.py));
+  else bench_files+=("$a"); fi
 done
 i=0
 for f in "${bench_files[@]}"; do
   i=$((i + 1))
   echo "---- $f" >> "$out/bench.log"
-  timeout -k 10 "$limit" pytest "$f" --benchmark-only --benchmark-json="$tmp/bench_$i.json" -s -q \
+  timeout -k 10 "$blimit" pytest "$f" --benchmark-only --benchmark-json="$tmp/bench_$i.json" -s -q \
     -p no:cacheprovider >> "$out/bench.log" 2>&1
   rc=$?
   if [ $rc -ne 0 ]; then status=1; echo "$f: rc=$rc" | tee -a "$out/bench.log"; fi
