@@ -7,7 +7,8 @@
 #   TESTS="python_tests/test_x.py ..." picks test files; FILE_TIMEOUT (s) limits each file;
 #   TEST_JOBS (default 4) test files run at a time (benchmarks always run alone);
 #   BENCH_TIMEOUT (s, default 360) limits each benchmark file; FASTLLM_BENCH_8B=1 adds
-#   the Llama-3-8B shape to bench_generate.py.
+#   the Llama-3-8B shape to bench_generate.py. Benchmarks run with FASTLLM_KERNELS=$BENCH_KERNELS
+#   (default all: generation uses every kernel; name only those that passed their tests).
 #   SKIP_E2E=1 skips the closing `fastllm bench` runs on the shipped model.
 #   SANITIZE=1 also runs the kernel test files under compute-sanitizer memcheck
 #   (out-of-bounds and misaligned accesses; slow: SANITIZE_K="-k expr" narrows them).
@@ -105,7 +106,7 @@ i=0
 for f in "${bench_files[@]}"; do
   i=$((i + 1))
   echo "---- $f" >> "$out/bench.log"
-  timeout -k 10 "$blimit" pytest "$f" --benchmark-only --benchmark-json="$tmp/bench_$i.json" -s -q \
+  FASTLLM_KERNELS=${BENCH_KERNELS-all} timeout -k 10 "$blimit" pytest "$f" --benchmark-only --benchmark-json="$tmp/bench_$i.json" -s -q \
     -p no:cacheprovider >> "$out/bench.log" 2>&1
   rc=$?
   if [ $rc -ne 0 ]; then status=1; echo "$f: rc=$rc" | tee -a "$out/bench.log"; fi
@@ -147,7 +148,7 @@ if [ "${SKIP_E2E:-0}" != 1 ]; then
   echo "== fastllm bench (shipped model, bf16)" | tee -a "$out/summary.txt"
   for mode in reference kernels kernels+graphs; do
     kernels=""; graphs=""
-    [ "$mode" != reference ] && kernels=all
+    [ "$mode" != reference ] && kernels=${BENCH_KERNELS-all}
     [ "$mode" = kernels+graphs ] && graphs=--cuda-graphs
     echo "-- $mode" | tee -a "$out/summary.txt"
     # from / so that the installed package (with _C) is imported, not this source tree
