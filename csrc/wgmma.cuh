@@ -8,7 +8,7 @@
  *   rs<T, N>(d, a, desc_b):                d += A B, A 64x16 in registers
  *       (four 32-bit registers per thread, the mma.m16n8k16 A layout per
  *       warp), B 16xN N-major in shared memory (imm-trans-b = 1).
- * Accumulator layout (per warp w of the warpgroup, g = lane / 4, t = lane %% 4):
+ * Accumulator layout (per warp w of the warpgroup, g = lane / 4, t = lane % 4):
  *   d[4i + 0..1] = rows 16w + g,     cols 8i + 2t, 8i + 2t + 1
  *   d[4i + 2..3] = rows 16w + g + 8, same cols.
  * Callers order them with fence() / commit() / wait<N>() and keep the
