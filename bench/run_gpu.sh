@@ -34,7 +34,8 @@ echo "== build (archs $FASTLLM_CUDA_ARCHS)"
 if ! python3 -m pip install --no-build-isolation --no-deps -v . > "$out/build.log" 2>&1; then
   echo "BUILD FAILED"; tail -40 "$out/build.log"; exit 1
 fi
-python3 -c "import fastllm, json; print(json.dumps(fastllm.backend_info(), indent=1))" | tee -a "$out/env.txt"
+# from / so that the installed package (with _C) is imported, not this source tree
+(cd / && python3 -c "import fastllm, json; print(json.dumps(fastllm.backend_info(), indent=1))") 2>&1 | tee -a "$out/env.txt"
 # the wgmma prefill kernels skip their tests where this is False: it must be True on an H100
 (cd / && python3 -c "from fastllm.ops.cuda_prefill_attention import wgmma_usable as u; print('wgmma_usable d64/d128:', u(64), u(128))") 2>&1 | tee -a "$out/env.txt"
 
