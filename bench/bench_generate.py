@@ -81,7 +81,8 @@ def test_generate_fastllm(benchmark, checkpoint, graphs, quant):
         pytest.skip("quantized generation is benchmarked on a GPU (on CPU it is the dequantising reference)")
     model = Model.from_pretrained(path, device=device, dtype=dtype, cuda_graphs=graphs, quantization=quant)
     prompt = list(range(10, 10 + PROMPT_LEN))
-    model.generate(prompt, max_new_tokens=4, ignore_eos=True)  # warm-up (and graph capture)
+    # warm-up at the timed length: graphed decoding sizes its cache and captures its graphs for it
+    model.generate(prompt, max_new_tokens=NEW_TOKENS, ignore_eos=True)
 
     def run():
         out = model.generate(prompt, max_new_tokens=NEW_TOKENS, ignore_eos=True)
@@ -130,10 +131,10 @@ def test_generate_shipped_speculative(benchmark, k):
     if k:
         spec = dict(draft_model=Model.from_pretrained(draft_dir, device=device, dtype=model.dtype),
                     num_speculative_tokens=k)
-    model.generate("ROMEO:\n", max_new_tokens=8, ignore_eos=True, **spec)  # warm-up
+    model.generate("ROMEO:\n", max_new_tokens=8, ignore_eos=True, temperature=0.0, **spec)  # warm-up
 
     def run():
-        out = model.generate("ROMEO:\n", max_new_tokens=NEW_TOKENS, ignore_eos=True, **spec)
+        out = model.generate("ROMEO:\n", max_new_tokens=NEW_TOKENS, ignore_eos=True, temperature=0.0, **spec)
         _sync(device)
         return out
 

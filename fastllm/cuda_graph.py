@@ -138,7 +138,9 @@ class DecodeGraphRunner:
         tables[:n].fill_(self.pad_block)
         for i, seq in enumerate(seqs):
             tables[i, : len(seq.block_table)] = torch.tensor(seq.block_table, dtype=torch.int32)
-        self._longs[:, :n].copy_(longs[:, :n], non_blocking=True)
+        # all of _longs (a few KB): [:, :n] is not contiguous, and a strided
+        # host-to-device copy would stage through pageable memory and block
+        self._longs.copy_(longs, non_blocking=True)
         self._lens[:n].copy_(lens[:n], non_blocking=True)
         self._tables[:n].copy_(tables[:n], non_blocking=True)
         if self._copied is not None:

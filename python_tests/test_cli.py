@@ -35,7 +35,8 @@ def test_generate_streams_same_text_as_api(ckpt, capsys):
 def test_generate_reads_stdin_and_sampling_flags(ckpt, capsys, monkeypatch):
     monkeypatch.setattr(sys, "stdin", io.StringIO("JULIET: O"))
     flags = ["--temperature", "0.8", "--top-k", "20", "--top-p", "0.9", "--min-p", "0.01", "--seed", "5"]
-    assert main(["generate", "--model", str(ckpt), "--max-new-tokens", "9", "--ignore-eos", *flags]) == 0
+    assert main(["generate", "--model", str(ckpt), "--max-new-tokens", "9", "--ignore-eos", "--device", "cpu",
+                 *flags]) == 0
     out = capsys.readouterr().out
     expected = Model.from_pretrained(ckpt, device="cpu").generate(
         "JULIET: O", max_new_tokens=9, ignore_eos=True, temperature=0.8, top_k=20, top_p=0.9, min_p=0.01, seed=5
@@ -45,7 +46,8 @@ def test_generate_reads_stdin_and_sampling_flags(ckpt, capsys, monkeypatch):
 
 def test_chat_repl_from_stdin(ckpt, capsys, monkeypatch):
     monkeypatch.setattr(sys, "stdin", io.StringIO("Hello there\n/reset\nAnd again\n"))
-    assert main(["chat", "--model", str(ckpt), "--max-new-tokens", "6", "--ignore-eos", "--system", "Be kind."]) == 0
+    assert main(["chat", "--model", str(ckpt), "--max-new-tokens", "6", "--ignore-eos", "--system", "Be kind.",
+                 "--device", "cpu"]) == 0
     out = capsys.readouterr().out.splitlines()
     model = Model.from_pretrained(ckpt, device="cpu")
     sys_msg = {"role": "system", "content": "Be kind."}
@@ -55,7 +57,8 @@ def test_chat_repl_from_stdin(ckpt, capsys, monkeypatch):
 
 
 def test_generate_quantized(ckpt, capsys):
-    args = ["generate", "--model", str(ckpt), "ROMEO:", "--max-new-tokens", "5", "--ignore-eos", "-q", "int8"]
+    args = ["generate", "--model", str(ckpt), "ROMEO:", "--max-new-tokens", "5", "--ignore-eos", "--device", "cpu",
+            "-q", "int8"]
     assert main(args) == 0
     expected = Model.from_pretrained(ckpt, device="cpu", quantization="int8")
     assert capsys.readouterr().out == expected.generate("ROMEO:", max_new_tokens=5, ignore_eos=True).text + "\n"

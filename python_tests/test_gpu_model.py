@@ -3,11 +3,13 @@ enabled) against the reference path. Skips without a GPU."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
 from checkpoints import make_checkpoint
-from conftest import requires_cuda
+from conftest import assert_greedy_equal_up_to_ties, requires_cuda
 from fastllm import Model, backend
 
 pytestmark = requires_cuda
@@ -38,7 +40,7 @@ def _with_kernels(monkeypatch, enabled: bool):
 def test_fp32_matches_transformers_on_gpu(ckpt, monkeypatch, kernels):
     path, hf = ckpt
     _with_kernels(monkeypatch, kernels)
-    hf = hf.to("cuda")
+    hf = copy.deepcopy(hf).to("cuda")  # the module-scoped original stays on the CPU whatever happens here
     model = Model.from_pretrained(path, device="cuda", dtype="float32")
     ids = torch.randint(3, 384, (2, 29), device="cuda")
     with torch.no_grad():
@@ -46,7 +48,6 @@ def test_fp32_matches_transformers_on_gpu(ckpt, monkeypatch, kernels):
         greedy = hf.generate(ids[:1, :9], do_sample=False, max_new_tokens=24)[0, 9:].tolist()
     assert _rel(model.forward(ids), ref) < 1e-4
     assert model.generate(ids[0, :9].tolist(), max_new_tokens=24, ignore_eos=True).token_ids == greedy
-    hf.to("cpu")
 
 
 def test_bf16_kernels_within_twice_reference_error(ckpt, monkeypatch):
@@ -69,14 +70,22 @@ def test_sampling_on_gpu_is_seeded(ckpt):
     a = model.generate(["ROMEO:", "JULIET: O"], **kw)
     b = model.generate(["ROMEO:", "JULIET: O"], **kw)
     assert [o.token_ids for o in a] == [o.token_ids for o in b]
-    assert "".join(model.stream("ROMEO:", **kw)) == a[0].text
+    # batch 1 on both sides: cuBLAS may round a 2-row bf16 matmul differently
+    assert "".join(model.stream("ROMEO:", **kw)) == model.generate("ROMEO:", **kw).text
 
 
-@pytest.mark.parametrize("arch", ["llama3", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama3", "qwen2", "shipped"])
 def test_bf16_greedy_generation_with_kernels_matches_reference(tmp_path, monkeypatch, arch):
     """Head dim 64, so the decode-attention kernel (16-bit, d in 64..256) runs;
-    the greedy tokens equal the reference path's."""
-    make_checkpoint(tmp_path, arch, hidden_size=256, head_dim=64, num_attention_heads=4, intermediate_size=384)
+    the greedy tokens equal the reference path's up to near-ties: a first
+    difference is allowed only where the reference's top choices lie within
+    3x the bf16 reference's own logprob error (against fp32) of each other
+    (the kernels may err 2x as much as the reference, flash-attention's rule)."""
+    if arch == "shipped":
+        path = "shakespeare-15m"
+    else:
+        path = tmp_path
+        make_checkpoint(tmp_path, arch, hidden_size=256, head_dim=64, num_attention_heads=4, intermediate_size=384)
     prompts = ["ROMEO: But soft", "JULIET: O Romeo, Romeo, wherefore", "H"]
     outs, calls = {}, {}
     for kernels in (False, True):
@@ -91,8 +100,13 @@ def test_bf16_greedy_generation_with_kernels_matches_reference(tmp_path, monkeyp
                     return _real(*a)
 
                 monkeypatch.setattr(backend._C, name, counting, raising=False)
-        model = Model.from_pretrained(tmp_path, device="cuda", dtype="bfloat16")
-        outs[kernels] = [o.token_ids for o in model.generate(prompts, max_new_tokens=40, ignore_eos=True)]
+        model = Model.from_pretrained(path, device="cuda", dtype="bfloat16")
+        outs[kernels] = model.generate(prompts, max_new_tokens=40, ignore_eos=True, temperature=0.0, logprobs=5)
         calls[kernels] = counted
-    assert outs[True] == outs[False]
+    _with_kernels(monkeypatch, False)
+    ids = torch.tensor([outs[False][0].token_ids], device="cuda")
+    lp = {dt: torch.log_softmax(Model.from_pretrained(path, device="cuda", dtype=dt).forward(ids).float(), -1)
+          for dt in ("float32", "bfloat16")}
+    ref_err = (lp["float32"] - lp["bfloat16"]).abs().max().item()
+    assert_greedy_equal_up_to_ties(outs[False], outs[True], margin=3 * ref_err)
     assert all(calls[True].get(n, 0) > 0 for n in ("decode_attention", "reshape_and_cache", "sample")), calls
