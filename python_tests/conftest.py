@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -53,3 +55,25 @@ def assert_greedy_equal_up_to_ties(want, got, margin: float) -> None:
             f"{g.token_ids[n]}, {best - taken:.4f} nats below it (allowed: {margin}); reference top "
             f"{w.logprobs[n].top}"
         )
+
+
+def logprob_error(path, dtype: str, token_ids: list[int], device: str = "cuda") -> float:
+    """The largest |log_softmax| difference between the checkpoint at ``path``
+    in ``dtype`` (reference ops) and in float32 over ``token_ids``: the scale
+    of ``dtype``'s own rounding, for margins of assert_greedy_equal_up_to_ties."""
+    from fastllm import Model
+
+    ids = torch.tensor([token_ids], device=device)
+    saved = os.environ.get("FASTLLM_BACKEND")
+    os.environ["FASTLLM_BACKEND"] = "torch"
+    backend.reset_settings()
+    try:
+        lp = [torch.log_softmax(Model.from_pretrained(path, device=device, dtype=dt).forward(ids).float(), -1)
+              for dt in ("float32", dtype)]
+    finally:
+        if saved is None:
+            os.environ.pop("FASTLLM_BACKEND")
+        else:
+            os.environ["FASTLLM_BACKEND"] = saved
+        backend.reset_settings()
+    return (lp[0] - lp[1]).abs().max().item()

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from checkpoints import make_checkpoint
-from conftest import assert_greedy_equal_up_to_ties, requires_cuda
+from conftest import assert_greedy_equal_up_to_ties, logprob_error, requires_cuda
 from fastllm import Model, backend
 
 pytestmark = requires_cuda
@@ -103,10 +103,6 @@ def test_bf16_greedy_generation_with_kernels_matches_reference(tmp_path, monkeyp
         model = Model.from_pretrained(path, device="cuda", dtype="bfloat16")
         outs[kernels] = model.generate(prompts, max_new_tokens=40, ignore_eos=True, temperature=0.0, logprobs=5)
         calls[kernels] = counted
-    _with_kernels(monkeypatch, False)
-    ids = torch.tensor([outs[False][0].token_ids], device="cuda")
-    lp = {dt: torch.log_softmax(Model.from_pretrained(path, device="cuda", dtype=dt).forward(ids).float(), -1)
-          for dt in ("float32", "bfloat16")}
-    ref_err = (lp["float32"] - lp["bfloat16"]).abs().max().item()
+    ref_err = logprob_error(path, "bfloat16", outs[False][0].token_ids)
     assert_greedy_equal_up_to_ties(outs[False], outs[True], margin=3 * ref_err)
     assert all(calls[True].get(n, 0) > 0 for n in ("decode_attention", "reshape_and_cache", "sample")), calls
