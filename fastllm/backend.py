@@ -41,11 +41,18 @@ def compiled_kernels() -> list[str]:
 @functools.lru_cache(maxsize=None)
 def _settings() -> tuple[bool, frozenset[str]]:
     """(reference forced, opted-in kernels) from the environment, read once."""
-    forced = os.environ.get("FASTLLM_BACKEND", "").strip().lower() == "torch"
+    backend = os.environ.get("FASTLLM_BACKEND", "").strip().lower()
+    if backend not in ("", "torch"):
+        warnings.warn(f"fastllm: FASTLLM_BACKEND={backend!r} is not understood (only 'torch', which forces the "
+                      "reference ops); ignored", RuntimeWarning, stacklevel=2)
     wanted = {k.strip() for k in os.environ.get("FASTLLM_KERNELS", "").split(",") if k.strip()}
     if "all" in wanted:
         wanted = set(compiled_kernels())
-    return forced, frozenset(wanted)
+    unknown = sorted(wanted - set(compiled_kernels()))
+    if unknown and HAS_C:  # without the extension, warn_once_no_extension says why nothing runs
+        warnings.warn(f"fastllm: FASTLLM_KERNELS names no compiled kernel {unknown}; the compiled ones are "
+                      f"{compiled_kernels()}", RuntimeWarning, stacklevel=2)
+    return backend == "torch", frozenset(wanted)
 
 
 def reset_settings() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 
 import pytest
 
@@ -46,6 +47,26 @@ def test_kernel_selection_follows_environment(monkeypatch):
     monkeypatch.setattr(backend, "VERIFIED_KERNELS", frozenset({"rmsnorm"}))
     backend.reset_settings()
     assert backend.kernel_enabled("rmsnorm")  # verified: on by default
+
+
+def test_misspelt_settings_warn(monkeypatch):
+    """A name in FASTLLM_KERNELS that no compiled kernel has, or a FASTLLM_BACKEND
+    other than 'torch', is said, not silently ignored."""
+    monkeypatch.setattr(backend, "compiled_kernels", lambda: ["rmsnorm", "sample"])
+    monkeypatch.setattr(backend, "HAS_C", True)
+    monkeypatch.setenv("FASTLLM_KERNELS", "rmsnrom,sample")
+    monkeypatch.setenv("FASTLLM_BACKEND", "troch")
+    backend.reset_settings()
+    with pytest.warns(RuntimeWarning) as caught:
+        assert backend.kernel_enabled("sample") and not backend.kernel_enabled("rmsnorm")
+    text = " ".join(str(w.message) for w in caught)
+    assert "rmsnrom" in text and "troch" in text
+    monkeypatch.setenv("FASTLLM_KERNELS", "all")
+    monkeypatch.setenv("FASTLLM_BACKEND", "torch")
+    backend.reset_settings()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not backend.kernel_enabled("sample")  # forced reference, and nothing to warn about
 
 
 def test_cuda_wrapper_rejects_cpu_tensors():
