@@ -468,7 +468,8 @@ bool sm90_usable(int64_t head_dim) {
     cudaFuncAttributes attr{};
     const bool ok = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess &&
                     cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) == cudaSuccess &&
-                    cudaFuncGetAttributes(&attr, prefill_attention_sm90_kernel<__nv_bfloat16, 128, false>) == cudaSuccess;
+                    cudaFuncGetAttributes(&attr, prefill_attention_sm90_kernel<__nv_bfloat16, 128, false>) ==
+                        cudaSuccess;
     if (!ok) {
       cudaGetLastError();
       return false;  // not cached: asked again next time
