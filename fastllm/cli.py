@@ -55,6 +55,8 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--min-p", type=float, default=None)
     p.add_argument("--repetition-penalty", type=float, default=None)
+    p.add_argument("--frequency-penalty", type=float, default=None, help="in [-2, 2], per use in the output")
+    p.add_argument("--presence-penalty", type=float, default=None, help="in [-2, 2], once used in the output")
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     p.add_argument("--stop-token-id", dest="stop_token_ids", type=int, action="append", default=None)
     p.add_argument("--ignore-eos", action="store_true", default=None)
@@ -68,6 +70,8 @@ SAMPLING_KEYS = (
     "top_p",
     "min_p",
     "repetition_penalty",
+    "frequency_penalty",
+    "presence_penalty",
     "stop",
     "stop_token_ids",
     "ignore_eos",

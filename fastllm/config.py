@@ -24,6 +24,10 @@ class GenerationConfig:
     boundary are all kept.
     repetition_penalty: > 0; logits of tokens already in the prompt or output
     are divided by it when positive and multiplied when negative (1 = off).
+    frequency_penalty, presence_penalty: in [-2, 2] (OpenAI's parameters, 0 =
+    off); after the repetition penalty, each token's logit is lowered by
+    ``frequency_penalty * c + presence_penalty * (c > 0)``, c its count in the
+    output so far (not the prompt, as OpenAI and vLLM).
     stop: strings that end generation; the returned text stops before them.
     stop_token_ids: token ids that end generation (besides the model's EOS).
     ignore_eos: keep generating past EOS tokens.
@@ -32,7 +36,7 @@ class GenerationConfig:
     token's log-probability and the k most likely alternatives
     (``GenerationOutput.logprobs``). They are the model's raw next-token
     log-probabilities, ``log_softmax(logits)`` in fp32 over the whole
-    vocabulary, taken before repetition penalty, temperature, top-k, top-p and
+    vocabulary, taken before the penalties, temperature, top-k, top-p and
     min-p (vLLM's default), so they do not depend on the sampling parameters.
     Alternatives are sorted by descending logprob, ties by lower token id.
     """
@@ -43,6 +47,8 @@ class GenerationConfig:
     top_p: float = 1.0
     min_p: float = 0.0
     repetition_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
@@ -70,6 +76,8 @@ class GenerationConfig:
         _check_float("top_p", self.top_p, lo=0.0, hi=1.0, lo_open=True)
         _check_float("min_p", self.min_p, lo=0.0, hi=1.0)
         _check_float("repetition_penalty", self.repetition_penalty, lo=0.0, lo_open=True)
+        _check_float("frequency_penalty", self.frequency_penalty, lo=-2.0, hi=2.0)
+        _check_float("presence_penalty", self.presence_penalty, lo=-2.0, hi=2.0)
         if not isinstance(self.stop, (list, tuple)) or not all(isinstance(s, str) and s for s in self.stop):
             raise ValueError(f"stop must be a string or a list of non-empty strings, got {self.stop!r}")
         if not isinstance(self.stop_token_ids, (list, tuple)):

@@ -44,10 +44,15 @@ class Request:
         """The prompt and the tokens generated so far."""
         return self.prompt_ids + self.output_ids
 
-    def penalty_history(self, extra: list[int] = ()) -> list[int]:
-        """The ids the repetition penalty applies to (``token_ids()`` + ``extra``),
-        empty when the penalty is off (so nothing is copied to the device)."""
-        return self.token_ids() + list(extra) if self.config.repetition_penalty != 1.0 else []
+    def penalty_history(self, extra: list[int] = ()) -> tuple[list[int], list[int]]:
+        """The ids the penalties see with ``extra`` (draft tokens) appended:
+        (prompt + output for the repetition penalty, output for the frequency
+        and presence penalties), each empty when its penalties are off (so
+        nothing is copied to the device)."""
+        c = self.config
+        seen = self.token_ids() + list(extra) if c.repetition_penalty != 1.0 else []
+        counted = self.output_ids + list(extra) if c.frequency_penalty or c.presence_penalty else []
+        return seen, counted
 
     def pending_text(self) -> str:
         """Text that is final and not yet handed out. While running, a tail

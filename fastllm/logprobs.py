@@ -6,7 +6,7 @@ For a row that asked for ``k`` alternatives (``GenerationConfig.logprobs``)::
     logprob = lp[token]
     top = the k pairs (id, lp[id]) with the largest lp, descending, ties by lower id
 
-This is vLLM's default ("raw") mode: repetition penalty, temperature, top-k,
+This is vLLM's default ("raw") mode: the penalties, temperature, top-k,
 top-p and min-p change which token is drawn, not the reported numbers.
 
 Two calls per step: ``raw_logprobs`` before sampling (the logits processors

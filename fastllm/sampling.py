@@ -1,7 +1,7 @@
 """From a step's logits to the next token of each sequence.
 
-The logits processors that need a sequence's history (repetition penalty) run
-here; the draw itself (temperature, top-k, top-p, min-p, seeded) is the
+The logits processors that need a sequence's history (repetition, frequency
+and presence penalties) run here; the draw itself (temperature, top-k, top-p, min-p, seeded) is the
 ``sample`` op of the op table.
 """
 
@@ -15,30 +15,40 @@ from fastllm.cache import to_device
 from fastllm.config import GenerationConfig
 
 
-def apply_repetition_penalty(logits: Tensor, histories: list[list[int]], penalties: list[float]) -> None:
-    """In place, per row b: for every distinct token in ``histories[b]``,
-    ``logit / penalty`` if the logit is positive else ``logit * penalty``
-    (the CTRL rule, as in transformers). logits: [B, V] fp32."""
-    for b, (hist, pen) in enumerate(zip(histories, penalties)):
-        if pen == 1.0 or not hist:
-            continue
-        idx = torch.tensor(sorted(set(hist)), dtype=torch.int64, device=logits.device)
+def apply_penalties(logits: Tensor, histories: list[tuple[list[int], list[int]]],
+                    configs: list[GenerationConfig]) -> None:
+    """In place, per row b with ``(seen, counted) = histories[b]``
+    (``Request.penalty_history``): the repetition penalty over the distinct
+    tokens of ``seen`` (prompt and output), ``logit / p`` if the logit is
+    positive else ``logit * p`` (the CTRL rule, as transformers); then
+    ``logit -= frequency_penalty * c + presence_penalty * (c > 0)`` with c each
+    token's count in ``counted`` (the output; OpenAI's rule, as vLLM).
+    logits: [B, V] fp32."""
+    for b, ((seen, counted), cfg) in enumerate(zip(histories, configs)):
         row = logits[b]
-        vals = row.index_select(0, idx)
-        row.index_copy_(0, idx, torch.where(vals > 0, vals / pen, vals * pen))
+        if cfg.repetition_penalty != 1.0 and seen:
+            pen = cfg.repetition_penalty
+            idx = torch.tensor(sorted(set(seen)), dtype=torch.int64, device=logits.device)
+            vals = row.index_select(0, idx)
+            row.index_copy_(0, idx, torch.where(vals > 0, vals / pen, vals * pen))
+        if (cfg.frequency_penalty or cfg.presence_penalty) and counted:
+            ids = torch.tensor(counted, dtype=torch.int64, device=logits.device)
+            counts = torch.zeros_like(row).index_add_(0, ids, torch.ones_like(ids, dtype=row.dtype))
+            row.sub_(counts * cfg.frequency_penalty + (counts > 0).to(row.dtype) * cfg.presence_penalty)
 
 
 def sample_next(
     logits: Tensor,
     configs: list[GenerationConfig],
-    histories: list[list[int]],
+    histories: list[tuple[list[int], list[int]]],
     seeds: list[int],
     steps: list[int],
 ) -> Tensor:
     """Next token per row. logits: [B, V] fp32 (modified in place by penalties);
     seeds/steps: each row's seed and how many tokens it has drawn so far
-    (the pair fixes the row's random number). Returns [B] int64."""
-    apply_repetition_penalty(logits, histories, [c.repetition_penalty for c in configs])
+    (the pair fixes the row's random number); histories: each row's
+    ``Request.penalty_history()``. Returns [B] int64."""
+    apply_penalties(logits, histories, configs)
     b, dev = len(configs), logits.device
     temperature, top_k, top_p, min_p = row_parameters(configs, dev)
     seeds_offsets = to_device(list(seeds) + list(steps), torch.int64, dev)

@@ -16,7 +16,7 @@ One round, per sequence, with ``k`` proposals:
 The committed tokens then follow the target's distribution exactly (Leviathan
 et al., 2023; Chen et al., 2023), so every round commits between 1 and k + 1
 tokens for one target pass. ``p`` and ``q`` are the distributions after the
-repetition penalty, temperature, top-k, top-p and min-p
+penalties (repetition, frequency, presence), temperature, top-k, top-p and min-p
 (``reference.sampling_mask``), so each sampling parameter keeps its meaning.
 Greedy rows accept ``d_j`` iff it is the target's argmax: the output is the
 target's greedy output token for token.
@@ -45,7 +45,7 @@ from fastllm.generate import Request
 from fastllm.logprobs import raw_logprobs, token_logprobs
 from fastllm.model import Transformer
 from fastllm.ops.reference import philox_u64, sampling_mask
-from fastllm.sampling import apply_repetition_penalty, row_parameters
+from fastllm.sampling import apply_penalties, row_parameters
 
 SPEC_STREAM = 0x73706563  # Philox counter word of the speculative draws ("spec"), apart from the sampler's
 MAX_SPECULATIVE_TOKENS = 16
@@ -79,10 +79,11 @@ def _sample_rows(probs: Tensor, u: list[float]) -> list[int]:
     return idx[:, 0].tolist()
 
 
-def _processed(logits: Tensor, reqs: list[Request], histories: list[list[int]]) -> tuple[Tensor, Tensor | None]:
-    """Repetition penalty in place, then (argmax [R] int64, probs [R, V] fp32) after
+def _processed(logits: Tensor, reqs: list[Request],
+               histories: list[tuple[list[int], list[int]]]) -> tuple[Tensor, Tensor | None]:
+    """Penalties in place, then (argmax [R] int64, probs [R, V] fp32) after
     temperature/top-k/top-p/min-p (None when every row is greedy). Row i belongs to ``reqs[i]``."""
-    apply_repetition_penalty(logits, histories, [r.config.repetition_penalty for r in reqs])
+    apply_penalties(logits, histories, [r.config for r in reqs])
     if all(r.config.temperature == 0 for r in reqs):
         return logits.argmax(dim=-1), None
     _, probs = sampling_mask(logits, *row_parameters([r.config for r in reqs], logits.device))

@@ -94,6 +94,19 @@ def test_top_k_1_is_greedy_and_penalty_changes_output(model):
     assert len(set(penalised)) >= len(set(greedy))
 
 
+def test_frequency_and_presence_penalties_act_on_the_output(model):
+    """Greedy decoding whose logits get -2 per earlier use of a token repeats
+    less; a presence penalty of -2 (a bonus) makes the output reuse its tokens;
+    a prompt token not yet generated is not penalised (output counts only)."""
+    greedy = model.generate(PROMPTS[0], max_new_tokens=30, ignore_eos=True).token_ids
+    spread = model.generate(PROMPTS[0], max_new_tokens=30, ignore_eos=True, frequency_penalty=2.0).token_ids
+    sticky = model.generate(PROMPTS[0], max_new_tokens=30, ignore_eos=True, presence_penalty=-2.0).token_ids
+    assert len(set(spread)) > len(set(greedy)) > len(set(sticky))
+    assert greedy[0] == spread[0] == sticky[0]  # nothing generated yet: the first step is unpenalised
+    streamed = "".join(model.stream(PROMPTS[0], max_new_tokens=30, ignore_eos=True, frequency_penalty=2.0))
+    assert streamed == model.tokenizer.decode(spread)
+
+
 def test_generation_config_object(model):
     cfg = GenerationConfig(max_new_tokens=7, ignore_eos=True)
     assert len(model.generate(PROMPTS[0], cfg).token_ids) == 7
@@ -122,6 +135,9 @@ def test_chat(model):
         (dict(top_p=1.5), ValueError, "top_p"),
         (dict(min_p=-0.5), ValueError, "min_p"),
         (dict(repetition_penalty=0.0), ValueError, "repetition_penalty"),
+        (dict(frequency_penalty=2.5), ValueError, "frequency_penalty"),
+        (dict(presence_penalty=-3), ValueError, "presence_penalty"),
+        (dict(presence_penalty="1"), TypeError, "presence_penalty"),
         (dict(stop=[""]), ValueError, "stop"),
         (dict(stop=[3]), ValueError, "stop"),
         (dict(stop_token_ids=[10**6]), ValueError, "stop_token_ids"),

@@ -168,6 +168,19 @@ def test_seeds_and_n(client, model):
     assert len(chat["choices"]) == 3 and chat["usage"]["prompt_tokens"] == len(model.apply_chat_template(CHAT))
 
 
+def test_frequency_and_presence_penalties(client, model):
+    """OpenAI's penalties reach the engine: the same text as Model.generate with them."""
+    body = {"max_tokens": 24, "temperature": 0.9, "seed": 4, "ignore_eos": True,
+            "frequency_penalty": 1.5, "presence_penalty": 0.5}
+    got = post(client, "/v1/completions", {"prompt": "ROMEO:", **body})["choices"][0]["text"]
+    assert got == want(model, "ROMEO:", **body).text
+    assert got != want(model, "ROMEO:", **{**body, "frequency_penalty": 0, "presence_penalty": 0}).text
+    chat = post(client, "/v1/chat/completions", {"messages": CHAT, **body})
+    assert chat["choices"][0]["message"]["content"] == model.chat(
+        CHAT, max_new_tokens=24, temperature=0.9, seed=4, ignore_eos=True, frequency_penalty=1.5,
+        presence_penalty=0.5).text
+
+
 def test_stop_token_ids_and_harmless_params(client, model):
     out = want(model, "ROMEO:", **GREEDY)
     stop_id = out.token_ids[3]
@@ -203,7 +216,8 @@ BAD = [
     ("/v1/chat/completions", {"messages": CHAT, "top_logprobs": 2}, 400, "logprobs=true"),
     ("/v1/chat/completions", {"messages": CHAT, "logprobs": True, "top_logprobs": 21}, 400, "top_logprobs"),
     ("/v1/chat/completions", {"messages": CHAT, "logprobs": True, "top_logprobs": -1}, 400, "top_logprobs"),
-    ("/v1/chat/completions", {"messages": CHAT, "frequency_penalty": 0.5}, 400, "frequency_penalty"),
+    ("/v1/chat/completions", {"messages": CHAT, "frequency_penalty": 2.5}, 400, "frequency_penalty"),
+    ("/v1/completions", {"prompt": "x", "presence_penalty": -2.1}, 400, "presence_penalty"),
     ("/v1/chat/completions", {"messages": CHAT, "tools": [{"type": "function"}]}, 400, "tools"),
     ("/v1/chat/completions", {"messages": CHAT, "response_format": {"type": "json_object"}}, 400, "response_format"),
     ("/v1/chat/completions", {"messages": CHAT, "logit_bias": {"5": 10}}, 400, "logit_bias"),

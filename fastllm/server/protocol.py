@@ -54,6 +54,8 @@ class _SamplingRequest(BaseModel):
     top_k: Optional[int] = None  # -1 or 0: off (vLLM's convention)
     min_p: Optional[float] = None
     repetition_penalty: Optional[float] = None
+    frequency_penalty: Optional[float] = None
+    presence_penalty: Optional[float] = None
     stop: Optional[Union[str, list[str]]] = None
     stop_token_ids: Optional[list[int]] = None
     ignore_eos: bool = False
@@ -114,8 +116,6 @@ def _neutral(*values: Any) -> Callable[[Any], bool]:
 # accepted only at a value that means "off".
 UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
     "top_logprobs": _neutral(0),  # a chat field; completions take logprobs=k
-    "presence_penalty": _neutral(0, 0.0),
-    "frequency_penalty": _neutral(0, 0.0),
     "logit_bias": _neutral({}),
     "tools": _neutral([]),
     "tool_choice": _neutral("none", "auto"),
@@ -166,7 +166,8 @@ def generation_params(req: _SamplingRequest, max_tokens: int | None, vocab_size:
     params: dict[str, Any] = {}
     if max_tokens is not None:
         params["max_new_tokens"] = max_tokens
-    for name in ("temperature", "top_p", "min_p", "repetition_penalty", "seed"):
+    for name in ("temperature", "top_p", "min_p", "repetition_penalty", "frequency_penalty", "presence_penalty",
+                 "seed"):
         if getattr(req, name) is not None:
             params[name] = getattr(req, name)
     if req.top_k is not None:
