@@ -48,6 +48,16 @@ def _add_model_args(p: argparse.ArgumentParser, draft: bool = True) -> None:
                    help="replay decode steps from CUDA graphs (GPU only, experimental)")
 
 
+def _bias_pair(text: str) -> tuple[int, float]:
+    token, sep, bias = text.partition("=")
+    try:
+        if not sep:
+            raise ValueError
+        return int(token), float(bias)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected TOKEN_ID=BIAS, got {text!r}") from None
+
+
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=None)
     p.add_argument("--temperature", type=float, default=None, help="0 = greedy")
@@ -57,6 +67,8 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repetition-penalty", type=float, default=None)
     p.add_argument("--frequency-penalty", type=float, default=None, help="in [-2, 2], per use in the output")
     p.add_argument("--presence-penalty", type=float, default=None, help="in [-2, 2], once used in the output")
+    p.add_argument("--logit-bias", type=_bias_pair, action="append", default=None, metavar="ID=BIAS",
+                   help="add BIAS in [-100, 100] to token ID's logit (repeatable)")
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     p.add_argument("--stop-token-id", dest="stop_token_ids", type=int, action="append", default=None)
     p.add_argument("--ignore-eos", action="store_true", default=None)
@@ -72,6 +84,7 @@ SAMPLING_KEYS = (
     "repetition_penalty",
     "frequency_penalty",
     "presence_penalty",
+    "logit_bias",
     "stop",
     "stop_token_ids",
     "ignore_eos",
@@ -80,7 +93,10 @@ SAMPLING_KEYS = (
 
 
 def _sampling_params(args: argparse.Namespace) -> dict[str, Any]:
-    return {k: getattr(args, k) for k in SAMPLING_KEYS if getattr(args, k) is not None}
+    params = {k: getattr(args, k) for k in SAMPLING_KEYS if getattr(args, k) is not None}
+    if "logit_bias" in params:
+        params["logit_bias"] = dict(params["logit_bias"])
+    return params
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -28,6 +28,8 @@ class GenerationConfig:
     off); after the repetition penalty, each token's logit is lowered by
     ``frequency_penalty * c + presence_penalty * (c > 0)``, c its count in the
     output so far (not the prompt, as OpenAI and vLLM).
+    logit_bias: {token id: bias in [-100, 100]} added to those logits after the
+    penalties (OpenAI's parameter; -100 in effect bans a token).
     stop: strings that end generation; the returned text stops before them.
     stop_token_ids: token ids that end generation (besides the model's EOS).
     ignore_eos: keep generating past EOS tokens.
@@ -49,6 +51,7 @@ class GenerationConfig:
     repetition_penalty: float = 1.0
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
@@ -66,6 +69,8 @@ class GenerationConfig:
         for key in ("stop", "stop_token_ids"):
             if params.get(key) is None and key in params:
                 params[key] = []
+        if "logit_bias" in params and params["logit_bias"] is None:
+            params["logit_bias"] = {}
         return dataclasses.replace(self, **params)
 
     def validate(self, vocab_size: int | None = None) -> None:
@@ -84,6 +89,11 @@ class GenerationConfig:
             raise TypeError(f"stop_token_ids must be a list of ints, got {type(self.stop_token_ids).__name__}")
         for t in self.stop_token_ids:
             _check_int("stop_token_ids entry", t, lo=0, hi=None if vocab_size is None else vocab_size - 1)
+        if not isinstance(self.logit_bias, dict):
+            raise TypeError(f"logit_bias must be a dict of token id -> bias, got {type(self.logit_bias).__name__}")
+        for t, bias in self.logit_bias.items():
+            _check_int("logit_bias token id", t, lo=0, hi=None if vocab_size is None else vocab_size - 1)
+            _check_float(f"logit_bias[{t}]", bias, lo=-100.0, hi=100.0)
         if not isinstance(self.ignore_eos, bool):
             raise TypeError(f"ignore_eos must be a bool, got {self.ignore_eos!r}")
         if self.seed is not None:

@@ -1,8 +1,9 @@
 """From a step's logits to the next token of each sequence.
 
-The logits processors that need a sequence's history (repetition, frequency
-and presence penalties) run here; the draw itself (temperature, top-k, top-p, min-p, seeded) is the
-``sample`` op of the op table.
+The logit processors (repetition, frequency and presence penalties, which
+need a sequence's history, and logit bias) run here; the draw itself
+(temperature, top-k, top-p, min-p, seeded) is the ``sample`` op of the op
+table.
 """
 
 from __future__ import annotations
@@ -15,15 +16,15 @@ from fastllm.cache import to_device
 from fastllm.config import GenerationConfig
 
 
-def apply_penalties(logits: Tensor, histories: list[tuple[list[int], list[int]]],
-                    configs: list[GenerationConfig]) -> None:
+def apply_logit_processors(logits: Tensor, histories: list[tuple[list[int], list[int]]],
+                           configs: list[GenerationConfig]) -> None:
     """In place, per row b with ``(seen, counted) = histories[b]``
     (``Request.penalty_history``): the repetition penalty over the distinct
     tokens of ``seen`` (prompt and output), ``logit / p`` if the logit is
     positive else ``logit * p`` (the CTRL rule, as transformers); then
     ``logit -= frequency_penalty * c + presence_penalty * (c > 0)`` with c each
-    token's count in ``counted`` (the output; OpenAI's rule, as vLLM).
-    logits: [B, V] fp32."""
+    token's count in ``counted`` (the output; OpenAI's rule, as vLLM); then
+    ``logit_bias`` is added. logits: [B, V] fp32."""
     for b, ((seen, counted), cfg) in enumerate(zip(histories, configs)):
         row = logits[b]
         if cfg.repetition_penalty != 1.0 and seen:
@@ -35,6 +36,9 @@ def apply_penalties(logits: Tensor, histories: list[tuple[list[int], list[int]]]
             ids = torch.tensor(counted, dtype=torch.int64, device=logits.device)
             counts = torch.zeros_like(row).index_add_(0, ids, torch.ones_like(ids, dtype=row.dtype))
             row.sub_(counts * cfg.frequency_penalty + (counts > 0).to(row.dtype) * cfg.presence_penalty)
+        if cfg.logit_bias:
+            ids = torch.tensor(list(cfg.logit_bias), dtype=torch.int64, device=logits.device)
+            row.index_add_(0, ids, torch.tensor(list(cfg.logit_bias.values()), dtype=row.dtype, device=row.device))
 
 
 def sample_next(
@@ -48,7 +52,7 @@ def sample_next(
     seeds/steps: each row's seed and how many tokens it has drawn so far
     (the pair fixes the row's random number); histories: each row's
     ``Request.penalty_history()``. Returns [B] int64."""
-    apply_penalties(logits, histories, configs)
+    apply_logit_processors(logits, histories, configs)
     b, dev = len(configs), logits.device
     temperature, top_k, top_p, min_p = row_parameters(configs, dev)
     seeds_offsets = to_device(list(seeds) + list(steps), torch.int64, dev)

@@ -45,7 +45,7 @@ from fastllm.generate import Request
 from fastllm.logprobs import raw_logprobs, token_logprobs
 from fastllm.model import Transformer
 from fastllm.ops.reference import philox_u64, sampling_mask
-from fastllm.sampling import apply_penalties, row_parameters
+from fastllm.sampling import apply_logit_processors, row_parameters
 
 SPEC_STREAM = 0x73706563  # Philox counter word of the speculative draws ("spec"), apart from the sampler's
 MAX_SPECULATIVE_TOKENS = 16
@@ -81,9 +81,9 @@ def _sample_rows(probs: Tensor, u: list[float]) -> list[int]:
 
 def _processed(logits: Tensor, reqs: list[Request],
                histories: list[tuple[list[int], list[int]]]) -> tuple[Tensor, Tensor | None]:
-    """Penalties in place, then (argmax [R] int64, probs [R, V] fp32) after
+    """Logit processors (penalties, bias) in place, then (argmax [R] int64, probs [R, V] fp32) after
     temperature/top-k/top-p/min-p (None when every row is greedy). Row i belongs to ``reqs[i]``."""
-    apply_penalties(logits, histories, [r.config for r in reqs])
+    apply_logit_processors(logits, histories, [r.config for r in reqs])
     if all(r.config.temperature == 0 for r in reqs):
         return logits.argmax(dim=-1), None
     _, probs = sampling_mask(logits, *row_parameters([r.config for r in reqs], logits.device))

@@ -35,13 +35,13 @@ def test_generate_streams_same_text_as_api(ckpt, capsys):
 def test_generate_reads_stdin_and_sampling_flags(ckpt, capsys, monkeypatch):
     monkeypatch.setattr(sys, "stdin", io.StringIO("JULIET: O"))
     flags = ["--temperature", "0.8", "--top-k", "20", "--top-p", "0.9", "--min-p", "0.01", "--seed", "5",
-             "--frequency-penalty", "0.5", "--presence-penalty", "-0.25"]
+             "--frequency-penalty", "0.5", "--presence-penalty", "-0.25", "--logit-bias", "9=3.5", "--logit-bias", "4=-100"]
     assert main(["generate", "--model", str(ckpt), "--max-new-tokens", "9", "--ignore-eos", "--device", "cpu",
                  *flags]) == 0
     out = capsys.readouterr().out
     expected = Model.from_pretrained(ckpt, device="cpu").generate(
         "JULIET: O", max_new_tokens=9, ignore_eos=True, temperature=0.8, top_k=20, top_p=0.9, min_p=0.01, seed=5,
-        frequency_penalty=0.5, presence_penalty=-0.25,
+        frequency_penalty=0.5, presence_penalty=-0.25, logit_bias={9: 3.5, 4: -100.0},
     )
     assert out == expected.text + "\n"
 
@@ -89,6 +89,11 @@ def test_errors_exit_2(tmp_path, capsys):
 def test_bad_sampling_flag_exit_2(ckpt, capsys):
     assert main(["generate", "--model", str(ckpt), "hi", "--top-p", "2"]) == 2
     assert "top_p" in capsys.readouterr().err
+    assert main(["generate", "--model", str(ckpt), "hi", "--device", "cpu", "--logit-bias", "5=200"]) == 2
+    assert "logit_bias" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "--model", str(ckpt), "hi", "--logit-bias", "five"])
+    assert e.value.code == 2 and "TOKEN_ID=BIAS" in capsys.readouterr().err
 
 
 def test_cuda_graphs_flag_needs_a_gpu(ckpt, capsys):

@@ -107,6 +107,18 @@ def test_frequency_and_presence_penalties_act_on_the_output(model):
     assert streamed == model.tokenizer.decode(spread)
 
 
+def test_logit_bias(model):
+    """-100 bans a token; +100 on one token makes greedy and sampled decoding
+    pick it every step; logprobs stay the model's raw ones."""
+    greedy = model.generate(PROMPTS[0], max_new_tokens=12, ignore_eos=True, logprobs=0)
+    banned = model.generate(PROMPTS[0], max_new_tokens=12, ignore_eos=True, logit_bias={greedy.token_ids[0]: -100})
+    assert greedy.token_ids[0] not in banned.token_ids
+    forced = model.generate(PROMPTS[0], max_new_tokens=12, ignore_eos=True, logit_bias={77: 100.0},
+                            temperature=1.0, seed=1, logprobs=0)
+    assert forced.token_ids == [77] * 12
+    assert forced.logprobs[0].logprob < greedy.logprobs[0].logprob  # raw: the bias is not in it
+
+
 def test_generation_config_object(model):
     cfg = GenerationConfig(max_new_tokens=7, ignore_eos=True)
     assert len(model.generate(PROMPTS[0], cfg).token_ids) == 7
@@ -138,6 +150,10 @@ def test_chat(model):
         (dict(frequency_penalty=2.5), ValueError, "frequency_penalty"),
         (dict(presence_penalty=-3), ValueError, "presence_penalty"),
         (dict(presence_penalty="1"), TypeError, "presence_penalty"),
+        (dict(logit_bias={10**6: 1.0}), ValueError, "logit_bias token id"),
+        (dict(logit_bias={5: 101}), ValueError, "logit_bias"),
+        (dict(logit_bias={"5": 1}), TypeError, "logit_bias token id"),
+        (dict(logit_bias=[5]), TypeError, "logit_bias"),
         (dict(stop=[""]), ValueError, "stop"),
         (dict(stop=[3]), ValueError, "stop"),
         (dict(stop_token_ids=[10**6]), ValueError, "stop_token_ids"),

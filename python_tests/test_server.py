@@ -168,13 +168,16 @@ def test_seeds_and_n(client, model):
     assert len(chat["choices"]) == 3 and chat["usage"]["prompt_tokens"] == len(model.apply_chat_template(CHAT))
 
 
-def test_frequency_and_presence_penalties(client, model):
-    """OpenAI's penalties reach the engine: the same text as Model.generate with them."""
+def test_frequency_and_presence_penalties_and_logit_bias(client, model):
+    """OpenAI's penalties and logit bias reach the engine: the same text as
+    Model.generate with them."""
     body = {"max_tokens": 24, "temperature": 0.9, "seed": 4, "ignore_eos": True,
             "frequency_penalty": 1.5, "presence_penalty": 0.5}
     got = post(client, "/v1/completions", {"prompt": "ROMEO:", **body})["choices"][0]["text"]
     assert got == want(model, "ROMEO:", **body).text
     assert got != want(model, "ROMEO:", **{**body, "frequency_penalty": 0, "presence_penalty": 0}).text
+    biased = post(client, "/v1/completions", {"prompt": "ROMEO:", **body, "logit_bias": {"77": 100}})
+    assert biased["choices"][0]["text"] == want(model, "ROMEO:", **body, logit_bias={77: 100}).text
     chat = post(client, "/v1/chat/completions", {"messages": CHAT, **body})
     assert chat["choices"][0]["message"]["content"] == model.chat(
         CHAT, max_new_tokens=24, temperature=0.9, seed=4, ignore_eos=True, frequency_penalty=1.5,
@@ -220,7 +223,9 @@ BAD = [
     ("/v1/completions", {"prompt": "x", "presence_penalty": -2.1}, 400, "presence_penalty"),
     ("/v1/chat/completions", {"messages": CHAT, "tools": [{"type": "function"}]}, 400, "tools"),
     ("/v1/chat/completions", {"messages": CHAT, "response_format": {"type": "json_object"}}, 400, "response_format"),
-    ("/v1/chat/completions", {"messages": CHAT, "logit_bias": {"5": 10}}, 400, "logit_bias"),
+    ("/v1/chat/completions", {"messages": CHAT, "logit_bias": {"five": 10}}, 400, "logit_bias"),
+    ("/v1/chat/completions", {"messages": CHAT, "logit_bias": {"5": 150}}, 400, "logit_bias"),
+    ("/v1/completions", {"prompt": "x", "logit_bias": {"99999": 1}}, 400, "logit_bias"),
     ("/v1/chat/completions", {"messages": []}, 400, "messages"),
     ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "hi"}]}, 400, "wizard"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400, "text"),

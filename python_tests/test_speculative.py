@@ -14,7 +14,7 @@ from checkpoints import make_checkpoint
 from conftest import assert_greedy_equal_up_to_ties, logprob_error
 from fastllm import GenerationConfig, Model
 from fastllm.ops.reference import sampling_mask
-from fastllm.sampling import apply_penalties
+from fastllm.sampling import apply_logit_processors
 
 PROMPTS = ["ROMEO: But soft", "JULIET: O", "Café 日本"]
 SMALL_VOCAB = 12
@@ -101,8 +101,8 @@ def _exact_joint(model: Model, prompt: list[int], depth: int, params: dict) -> t
         prefixes = list(itertools.product(range(V), repeat=level))
         rows = [prompt + list(p) for p in prefixes]
         logits = model.forward(torch.tensor(rows))[:, -1].clone()  # [V**level, V]; clone: out of inference mode
-        cfg = GenerationConfig(**{k: v for k, v in params.items() if k.endswith("_penalty")})
-        apply_penalties(logits, [(r, list(p)) for r, p in zip(rows, prefixes)], [cfg] * len(rows))
+        cfg = GenerationConfig(**{k: v for k, v in params.items() if k.endswith("_penalty") or k == "logit_bias"})
+        apply_logit_processors(logits, [(r, list(p)) for r, p in zip(rows, prefixes)], [cfg] * len(rows))
         full = lambda v: torch.full((len(rows),), float(v))  # noqa: E731
         _, probs = sampling_mask(logits, full(n), torch.full((len(rows),), params.get("top_k", 0)),
                                  full(params.get("top_p", 1.0)), full(params.get("min_p", 0.0)))
@@ -132,9 +132,9 @@ def _chi2_pvalue(counts: torch.Tensor, probs: torch.Tensor) -> float:
         dict(temperature=1.0, top_k=4),
         dict(temperature=1.2, top_p=0.7, min_p=0.05),
         dict(temperature=1.3, repetition_penalty=1.5),
-        dict(temperature=1.2, frequency_penalty=0.8, presence_penalty=-0.4),
+        dict(temperature=1.2, frequency_penalty=0.8, presence_penalty=-0.4, logit_bias={2: 1.5, 5: -2.0}),
     ],
-    ids=["temperature", "top_k", "top_p-min_p", "penalty", "frequency-presence"],
+    ids=["temperature", "top_k", "top_p-min_p", "penalty", "frequency-presence-bias"],
 )
 def test_sampled_tokens_follow_the_target_distribution(small_vocab, params):
     target, draft = small_vocab

@@ -56,6 +56,7 @@ class _SamplingRequest(BaseModel):
     repetition_penalty: Optional[float] = None
     frequency_penalty: Optional[float] = None
     presence_penalty: Optional[float] = None
+    logit_bias: Optional[dict[str, float]] = None  # token id (a string in JSON) -> bias in [-100, 100]
     stop: Optional[Union[str, list[str]]] = None
     stop_token_ids: Optional[list[int]] = None
     ignore_eos: bool = False
@@ -116,7 +117,6 @@ def _neutral(*values: Any) -> Callable[[Any], bool]:
 # accepted only at a value that means "off".
 UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
     "top_logprobs": _neutral(0),  # a chat field; completions take logprobs=k
-    "logit_bias": _neutral({}),
     "tools": _neutral([]),
     "tool_choice": _neutral("none", "auto"),
     "functions": _neutral([]),
@@ -178,6 +178,12 @@ def generation_params(req: _SamplingRequest, max_tokens: int | None, vocab_size:
         params["stop_token_ids"] = list(req.stop_token_ids)
     if req.ignore_eos:
         params["ignore_eos"] = True
+    if req.logit_bias:
+        try:
+            params["logit_bias"] = {int(t): b for t, b in req.logit_bias.items()}
+        except ValueError:
+            raise bad_request(f"logit_bias keys must be token ids, got {sorted(req.logit_bias)!r}",
+                              "logit_bias") from None
     k = requested_logprobs(req)
     if k is not None:
         params["logprobs"] = k
