@@ -48,7 +48,7 @@ def sample_next(
     seeds: list[int],
     steps: list[int],
 ) -> Tensor:
-    """Next token per row. logits: [B, V] fp32 (modified in place by penalties);
+    """Next token per row. logits: [B, V] fp32 (modified in place by the processors);
     seeds/steps: each row's seed and how many tokens it has drawn so far
     (the pair fixes the row's random number); histories: each row's
     ``Request.penalty_history()``. Returns [B] int64."""
