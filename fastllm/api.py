@@ -379,6 +379,7 @@ class Model:
                     seed=derive_seed(cfg.seed, i),
                     max_new_tokens=min(cfg.max_new_tokens, ctx - len(ids)),
                     decoder=decoder,
+                    eos_ids=self.eos_ids,
                 )
             )
         return reqs

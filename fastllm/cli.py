@@ -60,6 +60,7 @@ def _bias_pair(text: str) -> tuple[int, float]:
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=None)
+    p.add_argument("--min-new-tokens", type=int, default=None, help="no EOS / stop id before this many tokens")
     p.add_argument("--temperature", type=float, default=None, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
@@ -77,6 +78,7 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
 
 SAMPLING_KEYS = (
     "max_new_tokens",
+    "min_new_tokens",
     "temperature",
     "top_k",
     "top_p",

@@ -17,6 +17,9 @@ class GenerationConfig:
     """How to generate. ``temperature == 0`` is greedy decoding.
 
     max_new_tokens: at most this many tokens are generated (>= 1).
+    min_new_tokens: EOS (unless ignore_eos) and stop_token_ids get no
+    probability until this many tokens are generated (0 = off; stop strings
+    still end the text; transformers' min_new_tokens, vLLM's min_tokens).
     temperature: >= 0; logits are divided by it before sampling.
     top_k: keep the k most probable tokens (0 = off). top_p: keep the smallest
     set of most probable tokens whose mass reaches top_p (1 = off). min_p: keep
@@ -44,6 +47,7 @@ class GenerationConfig:
     """
 
     max_new_tokens: int = 128
+    min_new_tokens: int = 0
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
@@ -76,6 +80,7 @@ class GenerationConfig:
     def validate(self, vocab_size: int | None = None) -> None:
         """Raise ValueError/TypeError naming the first parameter out of range."""
         _check_int("max_new_tokens", self.max_new_tokens, lo=1)
+        _check_int("min_new_tokens", self.min_new_tokens, lo=0)
         _check_float("temperature", self.temperature, lo=0.0)
         _check_int("top_k", self.top_k, lo=0)
         _check_float("top_p", self.top_p, lo=0.0, hi=1.0, lo_open=True)
@@ -115,6 +120,8 @@ class GenerationConfig:
         cfg = cls()
         if raw.get("max_new_tokens"):
             cfg.max_new_tokens = int(raw["max_new_tokens"])
+        if raw.get("min_new_tokens"):
+            cfg.min_new_tokens = int(raw["min_new_tokens"])
         if raw.get("do_sample"):
             cfg.temperature = float(raw.get("temperature") or 1.0)
             cfg.top_k = int(raw.get("top_k") or 0)

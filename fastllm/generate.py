@@ -18,7 +18,7 @@ from fastllm.config import GenerationConfig, GenerationOutput, TokenLogprob
 from fastllm.cuda_graph import DecodeGraphRunner
 from fastllm.logprobs import raw_logprobs, token_logprobs
 from fastllm.model import Transformer
-from fastllm.sampling import sample_next
+from fastllm.sampling import LogitContext, sample_next
 
 
 @dataclass
@@ -39,20 +39,25 @@ class Request:
     spec_proposed: int = 0
     spec_accepted: int = 0
     logprobs: list[TokenLogprob] = field(default_factory=list)  # one per output id when config.logprobs is set
+    eos_ids: frozenset[int] = frozenset()  # the model's, for min_new_tokens
 
     def token_ids(self) -> list[int]:
         """The prompt and the tokens generated so far."""
         return self.prompt_ids + self.output_ids
 
-    def penalty_history(self, extra: list[int] = ()) -> tuple[list[int], list[int]]:
-        """The ids the penalties see with ``extra`` (draft tokens) appended:
-        (prompt + output for the repetition penalty, output for the frequency
-        and presence penalties), each empty when its penalties are off (so
-        nothing is copied to the device)."""
+    def logit_context(self, extra: list[int] = ()) -> LogitContext:
+        """What the logit processors need for the next token, with ``extra``
+        (draft tokens) appended to the output: prompt + output for the
+        repetition penalty, the output for the frequency and presence
+        penalties, and the ids min_new_tokens still bans; each empty when
+        unused (so nothing is copied to the device)."""
         c = self.config
         seen = self.token_ids() + list(extra) if c.repetition_penalty != 1.0 else []
         counted = self.output_ids + list(extra) if c.frequency_penalty or c.presence_penalty else []
-        return seen, counted
+        banned: list[int] = []
+        if len(self.output_ids) + len(extra) < c.min_new_tokens:
+            banned = sorted(set(c.stop_token_ids) | (set() if c.ignore_eos else self.eos_ids))
+        return LogitContext(seen, counted, banned)
 
     def pending_text(self) -> str:
         """Text that is final and not yet handed out. While running, a tail
@@ -145,7 +150,7 @@ def sample_requests(logits: Tensor, requests: list[Request]) -> tuple[list[int],
     next_ids = sample_next(
         logits,
         [r.config for r in requests],
-        [r.penalty_history() for r in requests],
+        [r.logit_context() for r in requests],
         [r.seed for r in requests],
         [len(r.output_ids) for r in requests],
     ).tolist()

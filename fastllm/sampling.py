@@ -1,12 +1,15 @@
 """From a step's logits to the next token of each sequence.
 
 The logit processors (repetition, frequency and presence penalties, which
-need a sequence's history, and logit bias) run here; the draw itself
-(temperature, top-k, top-p, min-p, seeded) is the ``sample`` op of the op
-table.
+need a sequence's history, logit bias and min_new_tokens) run here; the draw
+itself (temperature, top-k, top-p, min-p, seeded) is the ``sample`` op of the
+op table.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -16,16 +19,22 @@ from fastllm.cache import to_device
 from fastllm.config import GenerationConfig
 
 
-def apply_logit_processors(logits: Tensor, histories: list[tuple[list[int], list[int]]],
-                           configs: list[GenerationConfig]) -> None:
-    """In place, per row b with ``(seen, counted) = histories[b]``
-    (``Request.penalty_history``): the repetition penalty over the distinct
-    tokens of ``seen`` (prompt and output), ``logit / p`` if the logit is
+class LogitContext(NamedTuple):
+    """A row's history for the logit processors (``Request.logit_context``)."""
+
+    seen: Sequence[int]  # prompt + output: the repetition penalty's tokens
+    counted: Sequence[int]  # output: the frequency / presence penalties' counts
+    banned: Sequence[int] = ()  # no probability (min_new_tokens not reached: EOS, stop ids)
+
+
+def apply_logit_processors(logits: Tensor, contexts: list[LogitContext], configs: list[GenerationConfig]) -> None:
+    """In place, per row b with ``contexts[b]``: the repetition penalty over the
+    distinct ``seen`` tokens (prompt and output), ``logit / p`` if the logit is
     positive else ``logit * p`` (the CTRL rule, as transformers); then
     ``logit -= frequency_penalty * c + presence_penalty * (c > 0)`` with c each
     token's count in ``counted`` (the output; OpenAI's rule, as vLLM); then
-    ``logit_bias`` is added. logits: [B, V] fp32."""
-    for b, ((seen, counted), cfg) in enumerate(zip(histories, configs)):
+    ``logit_bias`` is added; last, ``banned`` tokens get -inf. logits: [B, V] fp32."""
+    for b, ((seen, counted, banned), cfg) in enumerate(zip(contexts, configs)):
         row = logits[b]
         if cfg.repetition_penalty != 1.0 and seen:
             pen = cfg.repetition_penalty
@@ -33,26 +42,28 @@ def apply_logit_processors(logits: Tensor, histories: list[tuple[list[int], list
             vals = row.index_select(0, idx)
             row.index_copy_(0, idx, torch.where(vals > 0, vals / pen, vals * pen))
         if (cfg.frequency_penalty or cfg.presence_penalty) and counted:
-            ids = torch.tensor(counted, dtype=torch.int64, device=logits.device)
+            ids = torch.tensor(list(counted), dtype=torch.int64, device=logits.device)
             counts = torch.zeros_like(row).index_add_(0, ids, torch.ones_like(ids, dtype=row.dtype))
             row.sub_(counts * cfg.frequency_penalty + (counts > 0).to(row.dtype) * cfg.presence_penalty)
         if cfg.logit_bias:
             ids = torch.tensor(list(cfg.logit_bias), dtype=torch.int64, device=logits.device)
             row.index_add_(0, ids, torch.tensor(list(cfg.logit_bias.values()), dtype=row.dtype, device=row.device))
+        if banned:
+            row.index_fill_(0, torch.tensor(list(banned), dtype=torch.int64, device=logits.device), float("-inf"))
 
 
 def sample_next(
     logits: Tensor,
     configs: list[GenerationConfig],
-    histories: list[tuple[list[int], list[int]]],
+    contexts: list[LogitContext],
     seeds: list[int],
     steps: list[int],
 ) -> Tensor:
     """Next token per row. logits: [B, V] fp32 (modified in place by the processors);
     seeds/steps: each row's seed and how many tokens it has drawn so far
-    (the pair fixes the row's random number); histories: each row's
-    ``Request.penalty_history()``. Returns [B] int64."""
-    apply_logit_processors(logits, histories, configs)
+    (the pair fixes the row's random number); contexts: each row's
+    ``Request.logit_context()``. Returns [B] int64."""
+    apply_logit_processors(logits, contexts, configs)
     b, dev = len(configs), logits.device
     temperature, top_k, top_p, min_p = row_parameters(configs, dev)
     seeds_offsets = to_device(list(seeds) + list(steps), torch.int64, dev)

@@ -45,7 +45,7 @@ from fastllm.generate import Request
 from fastllm.logprobs import raw_logprobs, token_logprobs
 from fastllm.model import Transformer
 from fastllm.ops.reference import philox_u64, sampling_mask
-from fastllm.sampling import apply_logit_processors, row_parameters
+from fastllm.sampling import LogitContext, apply_logit_processors, row_parameters
 
 SPEC_STREAM = 0x73706563  # Philox counter word of the speculative draws ("spec"), apart from the sampler's
 MAX_SPECULATIVE_TOKENS = 16
@@ -79,11 +79,10 @@ def _sample_rows(probs: Tensor, u: list[float]) -> list[int]:
     return idx[:, 0].tolist()
 
 
-def _processed(logits: Tensor, reqs: list[Request],
-               histories: list[tuple[list[int], list[int]]]) -> tuple[Tensor, Tensor | None]:
-    """Logit processors (penalties, bias) in place, then (argmax [R] int64, probs [R, V] fp32) after
+def _processed(logits: Tensor, reqs: list[Request], contexts: list[LogitContext]) -> tuple[Tensor, Tensor | None]:
+    """Logit processors (penalties, bias, min_new_tokens) in place, then (argmax [R] int64, probs [R, V] fp32) after
     temperature/top-k/top-p/min-p (None when every row is greedy). Row i belongs to ``reqs[i]``."""
-    apply_logit_processors(logits, histories, [r.config for r in reqs])
+    apply_logit_processors(logits, contexts, [r.config for r in reqs])
     if all(r.config.temperature == 0 for r in reqs):
         return logits.argmax(dim=-1), None
     _, probs = sampling_mask(logits, *row_parameters([r.config for r in reqs], logits.device))
@@ -98,7 +97,7 @@ def _draft_round(net: Transformer, cache: KVCache, props: list[_Proposal]) -> No
         ids, positions, meta, last = prepare_step(cache, [p.draft for p in rows], inputs)
         logits = net(ids, positions, cache.layers(), meta, last)  # [B, V]
         reqs = [p.req for p in rows]
-        argmax, q = _processed(logits, reqs, [p.req.penalty_history(p.tokens) for p in rows])
+        argmax, q = _processed(logits, reqs, [p.req.logit_context(p.tokens) for p in rows])
         greedy = argmax.tolist()
         sampled = [i for i, p in enumerate(rows) if p.req.config.temperature > 0]
         drawn: dict[int, int] = {}
@@ -118,15 +117,15 @@ def _verify(net: Transformer, cache: KVCache,
     of each committed token: exactly what decoding without a draft reports)."""
     inputs = [p.req.token_ids()[p.req.cached.num_cached :] + p.tokens for p in props]
     ids, positions, meta, _ = prepare_step(cache, [p.req.cached for p in props], inputs)
-    rows, owners, histories, end = [], [], [], 0
+    rows, owners, contexts, end = [], [], [], 0
     for p, toks in zip(props, inputs):
         end += len(toks)
         rows.extend(range(end - p.k - 1, end))  # the k + 1 positions that predict d_1..d_k and the bonus
         owners.extend([p.req] * (p.k + 1))
-        histories.extend(p.req.penalty_history(p.tokens[:j]) for j in range(p.k + 1))
+        contexts.extend(p.req.logit_context(p.tokens[:j]) for j in range(p.k + 1))
     logits = net(ids, positions, cache.layers(), meta, to_device(rows, torch.int64, cache.device))  # [R, V]
     raw = raw_logprobs(logits, [r.config.logprobs for r in owners])  # before penalties edit logits
-    argmax, probs = _processed(logits, owners, histories)
+    argmax, probs = _processed(logits, owners, contexts)
     argmax_host = argmax.tolist()
     # p_j(d_j) and q_j(d_j) of the sampled rows, in one gather each.
     spots, start = [], 0

@@ -35,13 +35,14 @@ def test_generate_streams_same_text_as_api(ckpt, capsys):
 def test_generate_reads_stdin_and_sampling_flags(ckpt, capsys, monkeypatch):
     monkeypatch.setattr(sys, "stdin", io.StringIO("JULIET: O"))
     flags = ["--temperature", "0.8", "--top-k", "20", "--top-p", "0.9", "--min-p", "0.01", "--seed", "5",
-             "--frequency-penalty", "0.5", "--presence-penalty", "-0.25", "--logit-bias", "9=3.5", "--logit-bias", "4=-100"]
+             "--frequency-penalty", "0.5", "--presence-penalty", "-0.25", "--logit-bias", "9=3.5", "--logit-bias", "4=-100",
+             "--min-new-tokens", "3"]
     assert main(["generate", "--model", str(ckpt), "--max-new-tokens", "9", "--ignore-eos", "--device", "cpu",
                  *flags]) == 0
     out = capsys.readouterr().out
     expected = Model.from_pretrained(ckpt, device="cpu").generate(
         "JULIET: O", max_new_tokens=9, ignore_eos=True, temperature=0.8, top_k=20, top_p=0.9, min_p=0.01, seed=5,
-        frequency_penalty=0.5, presence_penalty=-0.25, logit_bias={9: 3.5, 4: -100.0},
+        frequency_penalty=0.5, presence_penalty=-0.25, logit_bias={9: 3.5, 4: -100.0}, min_new_tokens=3,
     )
     assert out == expected.text + "\n"
 

@@ -107,6 +107,26 @@ def test_frequency_and_presence_penalties_act_on_the_output(model):
     assert streamed == model.tokenizer.decode(spread)
 
 
+def test_min_new_tokens(model):
+    """EOS (pushed to the top with a logit bias) and stop ids are banned until
+    min_new_tokens tokens exist, then end generation as usual; with ignore_eos
+    EOS is not banned (it ends nothing)."""
+    (eos,) = sorted(model.eos_ids)[:1]
+    forced = dict(logit_bias={eos: 100.0}, max_new_tokens=20)
+    assert model.generate(PROMPTS[0], **forced).token_ids == [eos]
+    out = model.generate(PROMPTS[0], **forced, min_new_tokens=5)
+    assert len(out.token_ids) == 6 and eos not in out.token_ids[:5]
+    assert out.token_ids[5] == eos and out.finish_reason == "stop"
+    assert model.generate(PROMPTS[0], **forced, min_new_tokens=5, ignore_eos=True).token_ids == [eos] * 20
+    greedy = model.generate(PROMPTS[0], max_new_tokens=12, ignore_eos=True).token_ids
+    stop = dict(stop_token_ids=[greedy[2]], ignore_eos=True, max_new_tokens=12)
+    assert model.generate(PROMPTS[0], **stop).token_ids == greedy[:3]
+    late = model.generate(PROMPTS[0], **stop, min_new_tokens=8).token_ids
+    assert len(late) >= 8 and greedy[2] not in late[:8] and late[:2] == greedy[:2]
+    draft = Model.from_pretrained(model.path, device="cpu")  # itself as the draft: same greedy output
+    assert model.generate(PROMPTS[0], **forced, min_new_tokens=5, draft_model=draft).token_ids == out.token_ids
+
+
 def test_logit_bias(model):
     """-100 bans a token; +100 on one token makes greedy and sampled decoding
     pick it every step; logprobs stay the model's raw ones."""
@@ -150,6 +170,8 @@ def test_chat(model):
         (dict(frequency_penalty=2.5), ValueError, "frequency_penalty"),
         (dict(presence_penalty=-3), ValueError, "presence_penalty"),
         (dict(presence_penalty="1"), TypeError, "presence_penalty"),
+        (dict(min_new_tokens=-1), ValueError, "min_new_tokens"),
+        (dict(min_new_tokens=1.5), TypeError, "min_new_tokens"),
         (dict(logit_bias={10**6: 1.0}), ValueError, "logit_bias token id"),
         (dict(logit_bias={5: 101}), ValueError, "logit_bias"),
         (dict(logit_bias={"5": 1}), TypeError, "logit_bias token id"),

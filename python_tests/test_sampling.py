@@ -9,7 +9,7 @@ from scipy import stats
 
 from fastllm.config import GenerationConfig
 from fastllm.ops import reference as ref
-from fastllm.sampling import apply_logit_processors
+from fastllm.sampling import LogitContext, apply_logit_processors
 
 
 def _params(b: int, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0):
@@ -136,25 +136,27 @@ def test_repetition_penalty_matches_transformers():
     logits = torch.randn(2, 30, generator=g)
     hist = [[1, 4, 4, 7, 29], [0, 2]]
     ours = logits.clone()
-    apply_logit_processors(ours, [(h, []) for h in hist], [GenerationConfig(repetition_penalty=1.3)] * 2)
+    apply_logit_processors(ours, [LogitContext(h, []) for h in hist], [GenerationConfig(repetition_penalty=1.3)] * 2)
     theirs = torch.stack(
         [RepetitionPenaltyLogitsProcessor(1.3)(torch.tensor([h]), logits[i : i + 1].clone())[0] for i, h in enumerate(hist)]
     )
     torch.testing.assert_close(ours, theirs)
 
 
-def test_frequency_presence_penalties_and_logit_bias():
+def test_logit_processors_against_a_loop():
     """OpenAI's rule on the output's counts, after the repetition penalty on
-    prompt + output, then the logit bias, against a loop over the vocabulary."""
+    prompt + output, then the logit bias, then the banned tokens, against a
+    loop over the vocabulary."""
     g = torch.Generator().manual_seed(7)
     logits = torch.randn(3, 20, generator=g) * 3
     seen = [[1, 2, 3, 3, 9], [], [4]]
     counted = [[3, 3, 9, 3], [5, 5, 0], []]
+    banned = [[], [0, 7], []]
     configs = [GenerationConfig(repetition_penalty=1.4, frequency_penalty=0.7, presence_penalty=-0.3),
                GenerationConfig(frequency_penalty=-1.5, presence_penalty=2.0, logit_bias={5: -100.0, 19: 2.5}),
                GenerationConfig(frequency_penalty=1.0, presence_penalty=1.0)]  # nothing counted: unchanged
     ours = logits.clone()
-    apply_logit_processors(ours, list(zip(seen, counted)), configs)
+    apply_logit_processors(ours, [LogitContext(a, c, b) for a, c, b in zip(seen, counted, banned)], configs)
     want = logits.clone()
     for b, cfg in enumerate(configs):
         for t in range(20):
@@ -162,7 +164,8 @@ def test_frequency_presence_penalties_and_logit_bias():
             if t in seen[b] and cfg.repetition_penalty != 1.0:
                 x = x / cfg.repetition_penalty if x > 0 else x * cfg.repetition_penalty
             c = counted[b].count(t)
-            want[b, t] = x - cfg.frequency_penalty * c - (cfg.presence_penalty if c else 0.0) + cfg.logit_bias.get(t, 0)
+            x = x - cfg.frequency_penalty * c - (cfg.presence_penalty if c else 0.0) + cfg.logit_bias.get(t, 0)
+            want[b, t] = float("-inf") if t in banned[b] else x
     torch.testing.assert_close(ours, want)
     assert torch.equal(ours[2], logits[2])
 

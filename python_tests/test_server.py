@@ -178,6 +178,10 @@ def test_frequency_and_presence_penalties_and_logit_bias(client, model):
     assert got != want(model, "ROMEO:", **{**body, "frequency_penalty": 0, "presence_penalty": 0}).text
     biased = post(client, "/v1/completions", {"prompt": "ROMEO:", **body, "logit_bias": {"77": 100}})
     assert biased["choices"][0]["text"] == want(model, "ROMEO:", **body, logit_bias={77: 100}).text
+    eos = min(model.eos_ids)
+    late = post(client, "/v1/completions", {"prompt": "ROMEO:", "max_tokens": 24, "logit_bias": {str(eos): 100},
+                                            "min_tokens": 3})
+    assert late["usage"]["completion_tokens"] == 4 and late["choices"][0]["finish_reason"] == "stop"
     chat = post(client, "/v1/chat/completions", {"messages": CHAT, **body})
     assert chat["choices"][0]["message"]["content"] == model.chat(
         CHAT, max_new_tokens=24, temperature=0.9, seed=4, ignore_eos=True, frequency_penalty=1.5,
@@ -221,6 +225,7 @@ BAD = [
     ("/v1/chat/completions", {"messages": CHAT, "logprobs": True, "top_logprobs": -1}, 400, "top_logprobs"),
     ("/v1/chat/completions", {"messages": CHAT, "frequency_penalty": 2.5}, 400, "frequency_penalty"),
     ("/v1/completions", {"prompt": "x", "presence_penalty": -2.1}, 400, "presence_penalty"),
+    ("/v1/completions", {"prompt": "x", "min_tokens": -1}, 400, "min_tokens"),
     ("/v1/chat/completions", {"messages": CHAT, "tools": [{"type": "function"}]}, 400, "tools"),
     ("/v1/chat/completions", {"messages": CHAT, "response_format": {"type": "json_object"}}, 400, "response_format"),
     ("/v1/chat/completions", {"messages": CHAT, "logit_bias": {"five": 10}}, 400, "logit_bias"),

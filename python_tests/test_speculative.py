@@ -14,7 +14,7 @@ from checkpoints import make_checkpoint
 from conftest import assert_greedy_equal_up_to_ties, logprob_error
 from fastllm import GenerationConfig, Model
 from fastllm.ops.reference import sampling_mask
-from fastllm.sampling import apply_logit_processors
+from fastllm.sampling import LogitContext, apply_logit_processors
 
 PROMPTS = ["ROMEO: But soft", "JULIET: O", "Café 日本"]
 SMALL_VOCAB = 12
@@ -102,7 +102,7 @@ def _exact_joint(model: Model, prompt: list[int], depth: int, params: dict) -> t
         rows = [prompt + list(p) for p in prefixes]
         logits = model.forward(torch.tensor(rows))[:, -1].clone()  # [V**level, V]; clone: out of inference mode
         cfg = GenerationConfig(**{k: v for k, v in params.items() if k.endswith("_penalty") or k == "logit_bias"})
-        apply_logit_processors(logits, [(r, list(p)) for r, p in zip(rows, prefixes)], [cfg] * len(rows))
+        apply_logit_processors(logits, [LogitContext(r, list(p)) for r, p in zip(rows, prefixes)], [cfg] * len(rows))
         full = lambda v: torch.full((len(rows),), float(v))  # noqa: E731
         _, probs = sampling_mask(logits, full(n), torch.full((len(rows),), params.get("top_k", 0)),
                                  full(params.get("top_p", 1.0)), full(params.get("min_p", 0.0)))

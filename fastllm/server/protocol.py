@@ -49,6 +49,7 @@ class _SamplingRequest(BaseModel):
 
     model: Optional[str] = None  # None: the served model
     max_tokens: Optional[int] = None
+    min_tokens: Optional[int] = None  # vLLM's: EOS and stop_token_ids banned until this many tokens
     temperature: Optional[float] = None
     top_p: Optional[float] = None
     top_k: Optional[int] = None  # -1 or 0: off (vLLM's convention)
@@ -127,7 +128,6 @@ UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
     "prediction": _neutral(),
     "audio": _neutral(),
     "modalities": _neutral(["text"]),
-    "min_tokens": _neutral(0),
     "use_beam_search": _neutral(False),
     "length_penalty": _neutral(1, 1.0),
     "include_stop_str_in_output": _neutral(False),
@@ -156,7 +156,7 @@ def check_unsupported(req: BaseModel) -> list[str]:
 
 
 # Engine names -> the OpenAI names a client sent, for error messages.
-_OPENAI_NAMES = {"max_new_tokens": "max_tokens"}
+_OPENAI_NAMES = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens"}
 
 
 def generation_params(req: _SamplingRequest, max_tokens: int | None, vocab_size: int,
@@ -166,6 +166,8 @@ def generation_params(req: _SamplingRequest, max_tokens: int | None, vocab_size:
     params: dict[str, Any] = {}
     if max_tokens is not None:
         params["max_new_tokens"] = max_tokens
+    if req.min_tokens is not None:
+        params["min_new_tokens"] = req.min_tokens
     for name in ("temperature", "top_p", "min_p", "repetition_penalty", "frequency_penalty", "presence_penalty",
                  "seed"):
         if getattr(req, name) is not None:
