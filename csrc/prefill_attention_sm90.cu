@@ -51,7 +51,7 @@
  *    the async proxy (fence.proxy.async), which wgmma reads through.
  *  - Shared memory: Q 16/32 KB, K and V 2 x 16/32 KB each, slots 1.5 KB:
  *    82 KB (D = 64) or 162 KB (D = 128); ptxas (sm_90a, CUDA 13.0): plain
- *    167 / 204 registers, pipelined 168 / 202, no spills, no wgmma
+ *    163 / 200 registers, pipelined 168 / 202, no spills, no wgmma
  *    serialisation: one CTA (8 warps) per SM.
  *
  * Traffic: as the mma.sync kernel (Q, K, V, O once from HBM; K/V tiles per
@@ -97,6 +97,16 @@ constexpr float kLn2 = 0.6931471805599453f;
 // 128-byte-swizzled column blocks of 64 elements (see the header comment).
 __device__ __forceinline__ uint32_t sw128(int r, int c, int rows) {
   return static_cast<uint32_t>((c >> 3) * rows * 128 + r * 128 + (((c & 7) ^ (r & 7)) << 4));
+}
+
+// Publishes shared-memory tiles to wgmma: this thread's cp.async groups but
+// the newest N have landed, are fenced into the async proxy that wgmma reads
+// through, and a CTA barrier makes every thread's copies visible.
+template <int N>
+__device__ __forceinline__ void publish_to_wgmma() {
+  mma::cp_async_wait<N>();
+  wgmma::fence_proxy_async();
+  __syncthreads();
 }
 #endif
 
@@ -262,21 +272,23 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_attention_sm90_kernel(con
     }
   };
 
-  if constexpr (!kPipelined) {
-    // Prologue: slots of the first two tiles (one thread per key), then group 0
-    // = Q and K of the first tile, group 1 = its V. Tile t uses ring entry t % 3.
-    static_assert(2 * kBN == kThreads, "the prologue looks up two tiles' slots with one thread per key");
-    {
-      const int t = tid / kBN, r = tid % kBN;
-      if (t < ntiles) store_slot(t, r, lookup_slot(p, cta, n_top - t * kBN + r));
-    }
-    __syncthreads();
-    load_q();
-    if (ntiles > 0) load_kv(sK, p.k_cache, 0);
-    mma::cp_async_commit();
-    if (ntiles > 0) load_kv(sV, p.v_cache, 0);
-    mma::cp_async_commit();
+  // Prologue: the slots of the first tiles (two ahead, pipelined three), then
+  // group 0 = Q and K(0), group 1 = V(0) (pipelined: and K(1)). Tile t uses
+  // slot-ring entry t % 3.
+  constexpr int kTilesAhead = kPipelined ? 3 : 2;
+  for (int e = tid; e < kTilesAhead * kBN; e += kThreads) {
+    const int t = e / kBN, r = e - t * kBN;
+    if (t < ntiles) store_slot(t, r, lookup_slot(p, cta, n_top - t * kBN + r));
+  }
+  __syncthreads();
+  load_q();
+  if (ntiles > 0) load_kv(sK, p.k_cache, 0);
+  mma::cp_async_commit();
+  if (ntiles > 0) load_kv(sV, p.v_cache, 0);
+  if (kPipelined && ntiles > 1) load_kv(sK + C::KV_BYTES, p.k_cache, 1);
+  mma::cp_async_commit();
 
+  if constexpr (!kPipelined) {
     // ---- main loop: key tiles from the diagonal down ------------------------
     int ring1 = 1;  // ring entry of tile it + 1
     for (int it = 0; it < ntiles; ++it) {
@@ -285,9 +297,7 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_attention_sm90_kernel(con
       const uint32_t kbuf = sK + buf * C::KV_BYTES, vbuf = sV + buf * C::KV_BYTES;
       const int ring2 = ring1 == 2 ? 0 : ring1 + 1;
 
-      mma::cp_async_wait<1>();      // Q and K of this tile landed (this thread's copies)
-      wgmma::fence_proxy_async();   // ... and are visible to wgmma
-      __syncthreads();              // ... for every thread; tile it-1's S products are done
+      publish_to_wgmma<1>();  // Q and K of this tile; and tile it-1's S products are done
       if (it + 1 < ntiles) load_kv(sK + (buf ^ 1) * C::KV_BYTES, p.k_cache, ring1);
       mma::cp_async_commit();
       const bool do_lookup = tid < kBN && it + 2 < ntiles;
@@ -302,9 +312,8 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_attention_sm90_kernel(con
       pack_p();
 
       if (do_lookup) store_slot(ring2, tid, next_slot);
-      mma::cp_async_wait<1>();      // V of this tile landed (K of the next may still fly)
-      wgmma::fence_proxy_async();
-      __syncthreads();              // every warpgroup is past P V of tile it-1: its V buffer is free
+      publish_to_wgmma<1>();  // V of this tile (K of the next may still fly); and every
+                              // warpgroup is past P V of tile it-1: its V buffer is free
       if (it + 1 < ntiles) load_kv(sV + (buf ^ 1) * C::KV_BYTES, p.v_cache, ring1);
       mma::cp_async_commit();
       ring1 = ring2;
@@ -314,23 +323,8 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_attention_sm90_kernel(con
       issue_pv(vbuf);
     }
   } else {
-    // Prologue: slots of the first three tiles, then group 0 = Q and K(0),
-    // group 1 = V(0) and K(1). Tile t uses ring entry t % 3.
-    for (int e = tid; e < 3 * kBN; e += kThreads) {
-      const int t = e / kBN, r = e - t * kBN;
-      if (t < ntiles) store_slot(t, r, lookup_slot(p, cta, n_top - t * kBN + r));
-    }
-    __syncthreads();
-    load_q();
-    if (ntiles > 0) load_kv(sK, p.k_cache, 0);
-    mma::cp_async_commit();
-    if (ntiles > 0) load_kv(sV, p.v_cache, 0);
-    if (ntiles > 1) load_kv(sK + C::KV_BYTES, p.k_cache, 1);
-    mma::cp_async_commit();
     if (ntiles > 0) {  // S and P of tile 0 (O is still 0: nothing to rescale)
-      mma::cp_async_wait<1>();
-      wgmma::fence_proxy_async();
-      __syncthreads();
+      publish_to_wgmma<1>();  // Q and K(0)
       wgmma::fence();
       issue_s(sK);
       wgmma::wait<0>();
@@ -343,11 +337,9 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_attention_sm90_kernel(con
     // (the last tile's P V follows the loop, so that every wgmma here is issued
     // unconditionally and ptxas sees one pattern of groups and waits)
     for (int it = 0; it + 1 < ntiles; ++it) {
-      mma::cp_async_wait<0>();      // V(it) and K(it+1) landed (this thread's copies)
-      wgmma::fence_proxy_async();   // ... and are visible to wgmma
-      __syncthreads();              // ... for every thread; and every warpgroup is done with
-                                    // S(it) and P V(it-1): K buffer it&1, V buffer (it+1)&1
-                                    // and slot ring entry it % 3 are free
+      publish_to_wgmma<0>();  // V(it) and K(it+1); and every warpgroup is done with
+                              // S(it) and P V(it-1): K buffer it&1, V buffer (it+1)&1
+                              // and slot ring entry it % 3 are free
       load_kv(sV + ((it + 1) & 1) * C::KV_BYTES, p.v_cache, (it + 1) % 3);
       if (it + 2 < ntiles) load_kv(sK + (it & 1) * C::KV_BYTES, p.k_cache, (it + 2) % 3);
       mma::cp_async_commit();
@@ -370,9 +362,7 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_attention_sm90_kernel(con
       if (do_lookup) store_slot(it % 3, tid, next_slot);
     }
     if (ntiles > 0) {  // P V of the last tile
-      mma::cp_async_wait<0>();
-      wgmma::fence_proxy_async();
-      __syncthreads();
+      publish_to_wgmma<0>();
       wgmma::fence();
       issue_pv(sV + ((ntiles - 1) & 1) * C::KV_BYTES);
     }
