@@ -14,7 +14,7 @@ from torch import Tensor
 from fastllm.cache import CachedSequence, KVCache, blocks_needed, device_scope, prepare_step
 from fastllm.config import GenerationConfig, GenerationOutput, eos_ids_from_model_dir
 from fastllm.cuda_graph import GraphedDecoding
-from fastllm.generate import Request, run, run_leased
+from fastllm.generate import Request, holding, run
 from fastllm.model import Transformer, load_network, parse_dtype, save_weights
 from fastllm.model.config import ModelConfig
 from fastllm.quant import QuantizationConfig
@@ -255,11 +255,16 @@ class Model:
         if draft_model is None:
             lease = self._graphs.acquire(_lengths(requests)) if self._graphs is not None else None
             if lease is not None:
-                return run_leased(self.network, lease, requests, self.eos_ids)
+                return holding(lease, run(self.network, lease.cache, requests, self.eos_ids, lease.runner))
             return run(self.network, self._cache_for(requests), requests, self.eos_ids)
+        # The draft decodes one token per sequence per step: that goes through its graphs, when it has them.
         cache = self._cache_for(requests)
-        draft_cache = draft_model._cache_for(requests)
-        return run_speculative(self.network, cache, draft_model.network, draft_cache, requests, self.eos_ids, k)
+        lease = draft_model._graphs.acquire(_lengths(requests)) if draft_model._graphs is not None else None
+        if lease is None:
+            return run_speculative(self.network, cache, draft_model.network, draft_model._cache_for(requests),
+                                   requests, self.eos_ids, k)
+        return holding(lease, run_speculative(self.network, cache, draft_model.network, lease.cache, requests,
+                                              self.eos_ids, k, lease.runner))
 
     def _check_draft(self, draft_model: "Model | None", k: int) -> None:
         """A draft must be a Model on the same device with the same vocabulary."""

@@ -116,30 +116,41 @@ def measure_throughput(
     max_num_seqs: int = 64,
     max_num_batched_tokens: int = 4096,
     prompt_seed: int = 0,
+    draft_model: Any = None,
+    num_speculative_tokens: int = 4,
     progress: bool = True,
     **params: Any,
 ) -> dict[str, Any]:
     """Throughput of ``num_prompts`` requests through an LLMEngine (see the
-    module docstring). Returns ``output_tok_s``, ``total_tok_s`` (prompt and
-    output tokens), ``requests_s``, ``elapsed_s`` and the setup."""
+    module docstring), speculating with ``draft_model`` when given. Returns
+    ``output_tok_s``, ``total_tok_s`` (prompt and output tokens),
+    ``requests_s``, ``elapsed_s``, with a draft model ``acceptance_rate``, and
+    the setup."""
     from fastllm.engine import LLMEngine
 
     _check_sizes(model, input_len, output_len, num_prompts=num_prompts)
     engine = LLMEngine(model, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-                       enable_prefix_caching=False)  # random prompts share nothing; keep the cache out of it
+                       enable_prefix_caching=False,  # random prompts share nothing; keep the cache out of it
+                       draft_model=draft_model, num_speculative_tokens=num_speculative_tokens)
     sampling = {"temperature": 0.0, **params, "max_new_tokens": output_len, "ignore_eos": True}
     engine.generate(synthetic_prompts(model.config.vocab_size, 1, min(input_len, 8), prompt_seed + 1),
                     **{**sampling, "max_new_tokens": min(output_len, 2)})  # warm-up (graph capture, allocator)
     for i, p in enumerate(synthetic_prompts(model.config.vocab_size, num_prompts, input_len, prompt_seed)):
         engine.add_request(p, seed_index=i, **sampling)
-    tokens = 0
+    tokens = proposed = accepted = 0
     start = time.perf_counter()
     with tqdm(total=num_prompts, desc="bench", unit="req", disable=not progress) as bar:
         while engine.has_unfinished():
             outs = engine.step()
-            tokens += len(outs)
-            bar.update(sum(o.finished for o in outs))
+            tokens += sum(len(o.token_ids) for o in outs)
+            done = [o.output for o in outs if o.finished]
+            proposed += sum(o.num_draft_tokens for o in done)
+            accepted += sum(o.num_accepted_draft_tokens for o in done)
+            bar.update(len(done))
     elapsed = time.perf_counter() - start
+    spec = {}
+    if draft_model is not None:
+        spec = {"num_speculative_tokens": num_speculative_tokens, "acceptance_rate": accepted / max(proposed, 1)}
     return {
         "mode": "throughput",
         "num_prompts": num_prompts,
@@ -153,11 +164,16 @@ def measure_throughput(
         "total_tok_s": (tokens + num_prompts * input_len) / elapsed,
         "requests_s": num_prompts / elapsed,
         "preemptions": engine.num_preemptions,
+        **spec,
     }
 
 
 def format_result(result: dict[str, Any]) -> str:
     """A few human-readable lines of a measure_* result."""
+    spec = []
+    if "acceptance_rate" in result:
+        spec = [f"draft acceptance     {result['acceptance_rate']:10.1%}    "
+                f"({result['num_speculative_tokens']} proposed per round)"]
     if result["mode"] == "latency":
         lines = [
             f"time to first token  {result['ttft_ms']:10.2f} ms   (prefill {result['prefill_tok_s']:,.0f} tok/s)",
@@ -167,13 +183,11 @@ def format_result(result: dict[str, Any]) -> str:
             lines.append(f"inter-token latency  {result['itl_ms']:10.2f} ms   (decode {per_seq:,.1f} tok/s per "
                          f"sequence, {result['decode_tok_s']:,.1f} tok/s in all)")
         lines.append(f"end to end           {result['e2e_s']:10.3f} s")
-        if "acceptance_rate" in result:
-            lines.append(f"draft acceptance     {result['acceptance_rate']:10.1%}    "
-                         f"({result['num_speculative_tokens']} proposed per round)")
-        return "\n".join(lines)
+        return "\n".join(lines + spec)
     return "\n".join([
         f"output tokens        {result['output_tok_s']:10,.1f} tok/s  ({result['output_tokens']} in "
         f"{result['elapsed_s']:.2f} s)",
         f"prompt + output      {result['total_tok_s']:10,.1f} tok/s",
         f"requests             {result['requests_s']:10.2f} req/s  ({result['preemptions']} preemptions)",
+        *spec,
     ])

@@ -114,14 +114,16 @@ class BlockManager:
         seq.block_table.extend(self._take() for _ in range(max(need, 0)))
         return True
 
-    def register(self, seq: SequenceBlocks, tokens: list[int]) -> None:
-        """Register the blocks of ``seq`` that its cached tokens have filled
-        (``tokens``: all of the sequence's tokens so far)."""
+    def register(self, seq: SequenceBlocks, tokens: list[int], num_tokens: int | None = None) -> None:
+        """Register the blocks of ``seq`` that its first ``num_tokens`` cached
+        tokens (default: all of them) have filled (``tokens``: all of the
+        sequence's tokens so far)."""
         if not self.enable_prefix_caching:
             return
         bs = self.block_size
+        upto = seq.num_cached if num_tokens is None else min(num_tokens, seq.num_cached)
         h = seq.hashes[-1] if seq.hashes else None
-        for i in range(len(seq.hashes), seq.num_cached // bs):
+        for i in range(len(seq.hashes), upto // bs):
             h = block_hash(h, tokens[i * bs : (i + 1) * bs])
             seq.hashes.append(h)
             block = seq.block_table[i]

@@ -34,13 +34,12 @@ def shipped_draft_path() -> str | None:
     return None
 
 
-def _add_model_args(p: argparse.ArgumentParser, draft: bool = True) -> None:
+def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", default=None,
                    help="Hugging Face model directory or a shipped model's name (default: the shipped target)")
-    if draft:
-        p.add_argument("--draft-model", default=None,
-                       help="draft model (directory, shipped name, or 'shipped') for speculative decoding")
-        p.add_argument("--num-speculative-tokens", type=int, default=4, help="draft tokens proposed per round")
+    p.add_argument("--draft-model", default=None,
+                   help="draft model (directory, shipped name, or 'shipped') for speculative decoding")
+    p.add_argument("--num-speculative-tokens", type=int, default=4, help="draft tokens proposed per round")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--dtype", default=None, help="float32, float16 or bfloat16")
     p.add_argument("--quantization", "-q", default=None, help="int8, int4, int4-g32 or int4-g64 (at load time)")
@@ -118,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--system", default=None, help="system prompt")
 
     serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server (needs: pip install 'fastllm[server]')")
-    _add_model_args(serve, draft=False)
+    _add_model_args(serve)
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
     serve.add_argument("--served-model-name", default=None,
@@ -175,7 +174,7 @@ def _draft_params(args: argparse.Namespace, model) -> dict[str, Any]:
     path = shipped_draft_path() if args.draft_model == "shipped" else args.draft_model
     if path is None:
         raise ValueError("--draft-model shipped: no draft model is shipped in this installation")
-    draft = Model.from_pretrained(path, device=model.device, dtype=model.dtype)
+    draft = Model.from_pretrained(path, device=model.device, dtype=model.dtype, cuda_graphs=model.cuda_graphs)
     return {"draft_model": draft, "num_speculative_tokens": args.num_speculative_tokens}
 
 
@@ -254,27 +253,27 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from fastllm.server.app import serve
 
     model = _load(args)
-    return serve(model, args.served_model_name or _model_name(args), host=args.host, port=args.port, log_level=args.log_level,
-                 max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens)
+    return serve(model, args.served_model_name or _model_name(args), host=args.host, port=args.port,
+                 log_level=args.log_level, max_num_seqs=args.max_num_seqs,
+                 max_num_batched_tokens=args.max_num_batched_tokens, **_draft_params(args, model))
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from fastllm import benchmark
 
-    if args.engine and args.draft_model is not None:
-        raise ValueError("--draft-model is not supported with --engine (the engine has no speculative decoding)")
     model = _load(args)
     params = {k: getattr(args, k) for k in ("temperature", "top_k", "top_p") if getattr(args, k) is not None}
     params["seed"] = args.seed
     progress = sys.stderr.isatty()
+    draft = _draft_params(args, model)
     if args.engine:
         result = benchmark.measure_throughput(
             model, args.num_prompts, args.input_len, args.output_len, args.max_num_seqs,
-            args.max_num_batched_tokens, prompt_seed=args.seed, progress=progress, **params)
+            args.max_num_batched_tokens, prompt_seed=args.seed, progress=progress, **draft, **params)
     else:
         result = benchmark.measure_latency(
             model, args.batch_size, args.input_len, args.output_len, args.iters, args.warmup, prompt_seed=args.seed,
-            progress=progress, **_draft_params(args, model), **params)
+            progress=progress, **draft, **params)
     result["model"] = _model_name(args)
     result["device"], result["dtype"] = str(model.device), str(model.dtype).replace("torch.", "")
     result["quantization"], result["cuda_graphs"] = args.quantization, model.cuda_graphs

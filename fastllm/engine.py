@@ -15,8 +15,21 @@ Each ``step()`` schedules one forward pass:
 3. the network runs on the packed batch, and every sequence whose tokens are
    now all cached samples its next token.
 
-Sampling is the same per-sequence, seeded draw as ``Model.generate``, so a
-request gets the tokens it would get alone (preemption and batch company do
+With a draft model (``draft_model=``) a sequence speculates instead of
+sampling: the draft proposes the tokens ``Model.generate`` would have it
+propose (up to ``num_speculative_tokens``) and the target verifies them with
+the sequence's uncached tokens in one pass (``fastllm.speculative``),
+committing 1 to k + 1 tokens. A round that does not fit the step's budget or
+the cache waits (or preempts) rather than proposing fewer tokens, so seeded
+draws do not depend on the load. The draft's keys and values live in a cache
+of their own that mirrors the target's block tables (same block ids), so
+prefix caching, preemption and release cover both; earlier prompt chunks go
+through the draft too, so it is level with the target when its sequence
+first speculates. Prompt chunks and rounds run as two target passes of the
+same step.
+
+Sampling is the same per-sequence, seeded draw as ``Model.generate`` (with
+the same draft model, if any), so a request gets the tokens it would get alone (preemption and batch company do
 not change its random numbers; floating-point sums may differ in the last bit
 between batch shapes).
 """
@@ -32,11 +45,12 @@ from typing import Any
 import torch
 
 from fastllm.block_manager import BlockManager, SequenceBlocks
-from fastllm.cache import DEFAULT_BLOCK_SIZE, KVCache, blocks_needed, device_scope
+from fastllm.cache import DEFAULT_BLOCK_SIZE, CachedSequence, KVCache, blocks_needed, device_scope
 from fastllm.config import GenerationConfig, GenerationOutput, TokenLogprob
 from fastllm.cuda_graph import DecodeGraphRunner, graphs_supported
 from fastllm.generate import Request, forward_step, sample_requests
 from fastllm.sampling import derive_seed
+from fastllm.speculative import Proposal, proposals_allowed, speculative_round
 
 DEFAULT_CPU_CACHE_BYTES = 1 << 30
 GPU_CACHE_FRACTION = 0.5  # of the free GPU memory at start
@@ -44,16 +58,17 @@ GPU_CACHE_FRACTION = 0.5  # of the free GPU memory at start
 
 @dataclass
 class StepOutput:
-    """What one request got from a step: its new token and text, the token's
-    TokenLogprob when the request asked for logprobs, and the finished
-    GenerationOutput once it is done."""
+    """What one request got from a step: its new tokens (one, or up to k + 1
+    when it speculated) and their text, their TokenLogprobs when the request
+    asked for logprobs (else empty), and the finished GenerationOutput once it
+    is done."""
 
     request_id: int
-    token_id: int
+    token_ids: list[int]
     text: str
     finished: bool
     output: GenerationOutput | None = None
-    logprobs: TokenLogprob | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
 @dataclass
@@ -61,9 +76,22 @@ class _Seq:
     id: int
     req: Request
     blocks: SequenceBlocks = field(default_factory=SequenceBlocks)
+    draft_cached: int = 0  # tokens whose draft keys and values are in the draft cache (same block table)
 
     def tokens(self) -> list[int]:
         return self.req.token_ids()
+
+
+@dataclass
+class _Work:
+    """A sequence's part of a step: ``n`` target tokens, ``k`` of them draft
+    proposals when it speculates (``spec``: a round that ends its uncached
+    tokens, possibly with no proposals, like ``Model.generate``'s)."""
+
+    seq: _Seq
+    n: int
+    k: int = 0
+    spec: bool = False
 
 
 class LLMEngine:
@@ -85,14 +113,22 @@ class LLMEngine:
         block_size: int = DEFAULT_BLOCK_SIZE,
         enable_prefix_caching: bool = True,
         cuda_graphs: bool | None = None,
+        draft_model: Any | None = None,
+        num_speculative_tokens: int = 4,
     ):
         """cuda_graphs: replay decode-only steps from CUDA graphs (default: as
-        the model was loaded, ``Model.from_pretrained(..., cuda_graphs=...)``)."""
+        the model was loaded, ``Model.from_pretrained(..., cuda_graphs=...)``).
+        draft_model, num_speculative_tokens: speculative decoding, as for
+        ``Model.generate`` (a smaller Model with the same tokenizer)."""
         for name, v in (("max_num_seqs", max_num_seqs), ("max_num_batched_tokens", max_num_batched_tokens),
                         ("block_size", block_size)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
-        self.model = model
+        model._check_draft(draft_model, num_speculative_tokens)
+        if draft_model is not None and max_num_batched_tokens <= num_speculative_tokens:
+            raise ValueError(f"max_num_batched_tokens ({max_num_batched_tokens}) must exceed num_speculative_tokens "
+                             f"({num_speculative_tokens}): a decoding round takes 1 + k tokens")
+        self.model, self.draft_model, self.num_speculative_tokens = model, draft_model, num_speculative_tokens
         cfg = model.config
         self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
         if num_blocks is None:
@@ -107,6 +143,14 @@ class LLMEngine:
             raise ValueError(f"cuda_graphs=True needs a CUDA device, the model is on {model.device}")
         self.runner = (DecodeGraphRunner(model.network, self.cache, max_num_seqs, cfg.max_position_embeddings)
                        if cuda_graphs and graphs_supported(model.network) else None)
+        self.draft_cache = self.draft_runner = None
+        if draft_model is not None:  # the draft's decode steps are what graphs speed up most
+            dc = draft_model.config
+            self.draft_cache = KVCache(dc.num_layers, num_blocks, dc.num_kv_heads, dc.head_dim, draft_model.dtype,
+                                       draft_model.device, block_size, reserved_blocks=1)
+            if cuda_graphs and graphs_supported(draft_model.network):
+                self.draft_runner = DecodeGraphRunner(draft_model.network, self.draft_cache, max_num_seqs,
+                                                      dc.max_position_embeddings)
         self.waiting: deque[_Seq] = deque()
         self.running: list[_Seq] = []
         self._ids = itertools.count()
@@ -114,7 +158,8 @@ class LLMEngine:
 
     def _default_num_blocks(self, block_size: int) -> int:
         cfg, model = self.model.config, self.model
-        per_block = 2 * cfg.num_layers * block_size * cfg.num_kv_heads * cfg.head_dim * model.dtype.itemsize
+        per_block = sum(2 * m.config.num_layers * block_size * m.config.num_kv_heads * m.config.head_dim
+                        * m.dtype.itemsize for m in (model, self.draft_model) if m is not None)
         per_seq = blocks_needed([cfg.max_position_embeddings], block_size)  # one full-context sequence
         if model.device.type == "cuda":
             budget = int(torch.cuda.mem_get_info(model.device)[0] * GPU_CACHE_FRACTION)
@@ -166,60 +211,140 @@ class LLMEngine:
 
     # ---------------------------------------------------------------- stepping
     def step(self) -> list[StepOutput]:
-        """Schedule and run one forward pass; returns the requests that got a token."""
+        """Schedule and run one forward pass (two when some sequences
+        speculate and others do not); returns the requests that got tokens."""
         batch = self._schedule()
-        if not batch:
-            return []
-        seqs = [s for s, _ in batch]
-        new_tokens = [s.tokens()[s.blocks.num_cached : s.blocks.num_cached + n] for s, n in batch]
-        with torch.inference_mode(), device_scope(self.cache.device):
+        plain = [w for w in batch if not w.spec]
+        spec = [w for w in batch if w.spec]
+        with torch.inference_mode():
+            outs = self._plain_step(plain) if plain else []
+            if spec:
+                outs += self._speculative_step(spec)
+        return outs
+
+    def _plain_step(self, batch: list[_Work]) -> list[StepOutput]:
+        """One target pass over ``batch``; the sequences whose tokens are then
+        all cached sample their next token. With a draft, the draft runs over
+        the prompt chunks too, to stay level with the target."""
+        seqs = [w.seq for w in batch]
+        new_tokens = [s.tokens()[s.blocks.num_cached : s.blocks.num_cached + w.n] for s, w in zip(seqs, batch)]
+        with device_scope(self.cache.device):
+            if self.draft_model is not None:
+                self._draft_prefill(batch)
             logits = forward_step(self.model.network, self.cache, [s.blocks for s in seqs], new_tokens,
                                   self.runner)  # [B, V]
             ready = [i for i, s in enumerate(seqs) if s.blocks.num_cached == len(s.tokens())]
             for s in seqs:
-                self.blocks.register(s.blocks, s.tokens())
+                self._register(s)
             if not ready:
                 return []
             next_ids, lps = sample_requests(logits[ready], [seqs[i].req for i in ready])
         outs = []
         for i, tok, lp in zip(ready, next_ids, lps):
-            s = seqs[i]
-            s.req.accept(tok, self.model.eos_ids, lp)
-            done = s.req.finish_reason is not None
-            outs.append(StepOutput(s.id, tok, s.req.pending_text() if s.req.decoder else "", done,
-                                   s.req.output() if done else None, lp))
-            if done:
-                self.running.remove(s)
-                self.blocks.release(s.blocks)
+            seqs[i].req.accept(tok, self.model.eos_ids, lp)
+            outs.append(self._output(seqs[i], [tok]))
         return outs
 
-    def _schedule(self) -> list[tuple[_Seq, int]]:
-        """(sequence, number of its tokens to compute) for this step."""
+    def _draft_prefill(self, batch: list[_Work]) -> None:
+        """Run the draft over the prompt chunks of ``batch`` that leave their
+        sequence unfinished (the last one goes with the first proposals), as
+        far as the draft's context reaches."""
+        ctx = self.draft_model.config.max_position_embeddings
+        rows = [(w.seq, min(w.seq.blocks.num_cached + w.n, ctx)) for w in batch]
+        rows = [(s, end) for s, end in rows if s.draft_cached < end < len(s.tokens())]
+        if not rows:
+            return
+        drafts = [CachedSequence(s.blocks.block_table, s.draft_cached) for s, _ in rows]
+        forward_step(self.draft_model.network, self.draft_cache, drafts,
+                     [s.tokens()[s.draft_cached : end] for s, end in rows])
+        for (s, _), d in zip(rows, drafts):
+            s.draft_cached = d.num_cached
+
+    def _speculative_step(self, batch: list[_Work]) -> list[StepOutput]:
+        """One speculative round over ``batch`` (draft proposals, one target pass)."""
+        props = [Proposal(w.seq.req, w.seq.blocks, CachedSequence(w.seq.blocks.block_table, w.seq.draft_cached),
+                          len(w.seq.tokens()), w.k) for w in batch]
+        speculative_round(self.model.network, self.cache, self.draft_model.network, self.draft_cache, props,
+                          self.model.eos_ids, self.draft_runner)
+        outs = []
+        for w, p in zip(batch, props):
+            s = w.seq
+            s.draft_cached = p.draft.num_cached
+            self._register(s)
+            outs.append(self._output(s, s.req.output_ids[p.base - len(s.req.prompt_ids) :]))
+        return outs
+
+    def _register(self, s: _Seq) -> None:
+        """Register the sequence's full blocks in the prefix cache: those both
+        models have computed, or the target's alone once the draft has filled
+        its whole context (it never reads past it)."""
+        upto = s.blocks.num_cached
+        if self.draft_model is not None and s.draft_cached < self.draft_model.config.max_position_embeddings:
+            upto = min(upto, s.draft_cached)
+        self.blocks.register(s.blocks, s.tokens(), upto)
+
+    def _output(self, s: _Seq, tokens: list[int]) -> StepOutput:
+        """The StepOutput of ``s`` that just accepted ``tokens``; a finished
+        sequence leaves the batch and frees its blocks."""
+        req = s.req
+        done = req.finish_reason is not None
+        lps = req.logprobs[len(req.logprobs) - len(tokens) :] if req.config.logprobs is not None else []
+        if done:
+            self.running.remove(s)
+            self.blocks.release(s.blocks)
+        return StepOutput(s.id, tokens, req.pending_text() if req.decoder else "", done,
+                          req.output() if done else None, lps)
+
+    def _work(self, s: _Seq, cached: int, budget: int) -> _Work | None:
+        """What ``s``, with ``cached`` tokens in the cache, does this step
+        within ``budget`` tokens (None: nothing).
+        With a draft, a round always carries the proposals ``Model.generate``
+        would make (so seeded draws do not depend on the load); what does not
+        fit waits: a prompt chunk stops one token short of the round, and a
+        round that does not fit waits for the next step."""
+        remaining = len(s.tokens()) - cached  # 1 when decoding, more mid-chunked-prefill
+        if self.draft_model is None:
+            return _Work(s, min(remaining, budget))
+        k = proposals_allowed(s.req, self.num_speculative_tokens, self.draft_model.config.max_position_embeddings)
+        if remaining + k <= budget:
+            return _Work(s, remaining + k, k, spec=True)
+        n = min(remaining - 1, budget)
+        return _Work(s, n) if n > 0 else None
+
+    def _schedule(self) -> list[_Work]:
+        """Each scheduled sequence's share of this step."""
         budget, batch = self.max_num_batched_tokens, []
         running = list(self.running)
         while running and budget > 0:
             s = running.pop(0)
-            n = min(len(s.tokens()) - s.blocks.num_cached, budget)  # 1 when decoding, more mid-chunked-prefill
-            while not self.blocks.grow(s.blocks, s.blocks.num_cached + n):
+            w = self._work(s, s.blocks.num_cached, budget)
+            if w is None:
+                continue
+            while not self.blocks.grow(s.blocks, s.blocks.num_cached + w.n):
                 victim = running.pop() if running else s  # the latest admitted goes first
                 self._preempt(victim)
                 if victim is s:
                     break
             else:
-                batch.append((s, n))
-                budget -= n
+                batch.append(w)
+                budget -= w.n
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             s = self.waiting[0]
             tokens = s.tokens()
             plan = self.blocks.plan(tokens)
-            if not self.blocks.can_admit(plan):
+            w = self._work(s, len(plan.reused) * self.blocks.block_size, budget)
+            if w is None:
+                break
+            proposals = self.blocks.blocks_for(len(tokens) + w.k) - self.blocks.blocks_for(len(tokens))
+            if not self.blocks.can_admit(plan, reserve=proposals):
                 break
             self.waiting.popleft()
             self.blocks.admit(s.blocks, plan, len(tokens))
+            self.blocks.grow(s.blocks, s.blocks.num_cached + w.n)  # fits: reserved above
+            s.draft_cached = s.blocks.num_cached  # reused blocks hold the draft's keys too (see _register)
             self.running.append(s)
-            n = min(len(tokens) - s.blocks.num_cached, budget)
-            batch.append((s, n))
-            budget -= n
+            batch.append(w)
+            budget -= w.n
         return batch
 
     def _preempt(self, s: _Seq) -> None:

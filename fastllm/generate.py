@@ -184,8 +184,8 @@ def run(
         new_tokens = [[r.output_ids[-1]] for r in active]
 
 
-def run_leased(network: Transformer, lease, requests: list[Request], eos_ids: frozenset[int]) -> Iterator[list[Request]]:
-    """``run`` over a leased graph cache (``GraphedDecoding.acquire``), giving
-    the lease back when the run ends, fails or is abandoned (generator closed)."""
+def holding(lease, steps: Iterator[list[Request]]) -> Iterator[list[Request]]:
+    """``steps`` (a ``run``) over a leased graph cache (``GraphedDecoding.acquire``),
+    giving the lease back when the run ends, fails or is abandoned (generator closed)."""
     with lease:
-        yield from run(network, lease.cache, requests, eos_ids, lease.runner)
+        yield from steps

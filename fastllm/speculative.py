@@ -41,7 +41,8 @@ from torch import Tensor
 
 from fastllm.cache import CachedSequence, KVCache, device_scope, prepare_step, to_device
 from fastllm.config import TokenLogprob
-from fastllm.generate import Request
+from fastllm.cuda_graph import DecodeGraphRunner
+from fastllm.generate import Request, forward_step
 from fastllm.logprobs import raw_logprobs, token_logprobs
 from fastllm.model import Transformer
 from fastllm.ops.reference import philox_u64, sampling_mask
@@ -52,10 +53,12 @@ MAX_SPECULATIVE_TOKENS = 16
 
 
 @dataclass
-class _Proposal:
-    """One request's state within a round."""
+class Proposal:
+    """One request's state within a round: its target and draft cache entries
+    (the engine gives its own target entry; ``generate`` uses ``req.cached``)."""
 
     req: Request
+    target: CachedSequence
     draft: CachedSequence
     base: int  # committed tokens before the round
     k: int  # proposals this round (0: a plain target step)
@@ -89,13 +92,15 @@ def _processed(logits: Tensor, reqs: list[Request], contexts: list[LogitContext]
     return logits.argmax(dim=-1), probs
 
 
-def _draft_round(net: Transformer, cache: KVCache, props: list[_Proposal]) -> None:
-    """Run the draft ``max k`` steps; fill each proposal's tokens and q."""
+def _draft_round(net: Transformer, cache: KVCache, props: list[Proposal],
+                 runner: DecodeGraphRunner | None = None) -> None:
+    """Run the draft ``max k`` steps (those with one new token per row through
+    ``runner``, CUDA graphs over ``cache``, when given); fill each proposal's
+    tokens and q."""
     for j in range(max((p.k for p in props), default=0)):
         rows = [p for p in props if p.k > j]
         inputs = [p.req.token_ids()[p.draft.num_cached :] if j == 0 else p.tokens[-1:] for p in rows]
-        ids, positions, meta, last = prepare_step(cache, [p.draft for p in rows], inputs)
-        logits = net(ids, positions, cache.layers(), meta, last)  # [B, V]
+        logits = forward_step(net, cache, [p.draft for p in rows], inputs, runner)  # [B, V]
         reqs = [p.req for p in rows]
         argmax, q = _processed(logits, reqs, [p.req.logit_context(p.tokens) for p in rows])
         greedy = argmax.tolist()
@@ -111,12 +116,12 @@ def _draft_round(net: Transformer, cache: KVCache, props: list[_Proposal]) -> No
 
 
 def _verify(net: Transformer, cache: KVCache,
-            props: list[_Proposal]) -> tuple[list[list[int]], list[list[TokenLogprob | None]]]:
+            props: list[Proposal]) -> tuple[list[list[int]], list[list[TokenLogprob | None]]]:
     """One target pass over every proposal; returns the tokens each request
     commits and their logprobs (the target's raw distribution at the position
     of each committed token: exactly what decoding without a draft reports)."""
-    inputs = [p.req.token_ids()[p.req.cached.num_cached :] + p.tokens for p in props]
-    ids, positions, meta, _ = prepare_step(cache, [p.req.cached for p in props], inputs)
+    inputs = [p.req.token_ids()[p.target.num_cached :] + p.tokens for p in props]
+    ids, positions, meta, _ = prepare_step(cache, [p.target for p in props], inputs)
     rows, owners, contexts, end = [], [], [], 0
     for p, toks in zip(props, inputs):
         end += len(toks)
@@ -169,6 +174,39 @@ def _verify(net: Transformer, cache: KVCache,
     return commits, per_commit
 
 
+def proposals_allowed(req: Request, num_speculative_tokens: int, draft_context: int) -> int:
+    """How many tokens the draft may propose for ``req`` this round: none past
+    its last token (the bonus token needs no proposal) or past the draft's
+    context (its inputs must fit)."""
+    base = len(req.prompt_ids) + len(req.output_ids)
+    k = min(num_speculative_tokens, req.max_new_tokens - len(req.output_ids) - 1, draft_context + 1 - base)
+    return max(k, 0)
+
+
+def speculative_round(network: Transformer, cache: KVCache, draft_network: Transformer, draft_cache: KVCache,
+                      props: list[Proposal], eos_ids: frozenset[int],
+                      draft_runner: DecodeGraphRunner | None = None) -> None:
+    """One round for ``props``: the draft proposes (its decode steps through
+    ``draft_runner`` when given), the target verifies, each request accepts its
+    committed tokens (``Request.accept``, stopping at a finish) and both cache
+    entries roll back to the committed prefix."""
+    with device_scope(cache.device):
+        _draft_round(draft_network, draft_cache, props, draft_runner)
+        commits, logprobs = _verify(network, cache, props)
+    for p, toks, lps in zip(props, commits, logprobs):
+        r = p.req
+        r.spec_proposed += p.k
+        accepted = 0
+        for tok, lp in zip(toks, lps):
+            r.accept(tok, eos_ids, lp)
+            accepted += 1
+            if r.finish_reason:
+                break
+        r.spec_accepted += min(accepted, len(toks) - 1)
+        for seq in (p.target, p.draft):  # keep only the committed prefix
+            seq.num_cached = min(seq.num_cached, p.base + len(toks) - 1)
+
+
 @torch.inference_mode()
 def run_speculative(
     network: Transformer,
@@ -178,37 +216,23 @@ def run_speculative(
     requests: list[Request],
     eos_ids: frozenset[int],
     num_speculative_tokens: int,
+    draft_runner: DecodeGraphRunner | None = None,
 ) -> Iterator[list[Request]]:
     """Like ``generate.run`` with a draft model: after each round yield the
-    requests that received tokens (finished ones included, once)."""
+    requests that received tokens (finished ones included, once). The draft's
+    decode steps go through ``draft_runner`` (CUDA graphs over
+    ``draft_cache``) when given."""
     drafts = {id(r): CachedSequence() for r in requests}
     draft_ctx = draft_network.config.max_position_embeddings
     active = list(requests)
     while active:
-        props = []
-        for r in active:
-            base = len(r.prompt_ids) + len(r.output_ids)
-            # The bonus token needs no proposal; the draft's inputs must fit its context.
-            k = min(num_speculative_tokens, r.max_new_tokens - len(r.output_ids) - 1, draft_ctx + 1 - base)
-            props.append(_Proposal(r, drafts[id(r)], base, max(k, 0)))
-        with device_scope(cache.device):
-            _draft_round(draft_network, draft_cache, props)
-            commits, logprobs = _verify(network, cache, props)
-        for p, toks, lps in zip(props, commits, logprobs):
-            r = p.req
-            r.spec_proposed += p.k
-            accepted = 0
-            for tok, lp in zip(toks, lps):
-                r.accept(tok, eos_ids, lp)
-                accepted += 1
-                if r.finish_reason:
-                    break
-            r.spec_accepted += min(accepted, len(toks) - 1)
-            for seq in (r.cached, p.draft):  # keep only the committed prefix
-                seq.num_cached = min(seq.num_cached, p.base + len(toks) - 1)
-            if r.finish_reason:
-                cache.allocator.release(r.cached.block_table)
+        props = [Proposal(r, r.cached, drafts[id(r)], len(r.prompt_ids) + len(r.output_ids),
+                          proposals_allowed(r, num_speculative_tokens, draft_ctx)) for r in active]
+        speculative_round(network, cache, draft_network, draft_cache, props, eos_ids, draft_runner)
+        for p in props:
+            if p.req.finish_reason:
+                cache.allocator.release(p.target.block_table)
                 draft_cache.allocator.release(p.draft.block_table)
-                r.cached.block_table, p.draft.block_table = [], []
+                p.target.block_table, p.draft.block_table = [], []
         yield active
         active = [r for r in active if not r.finish_reason]

@@ -77,3 +77,16 @@ def logprob_error(path, dtype: str, token_ids: list[int], device: str = "cuda") 
             os.environ["FASTLLM_BACKEND"] = saved
         backend.reset_settings()
     return (lp[0] - lp[1]).abs().max().item()
+
+
+@pytest.fixture(scope="session")
+def spec_models(tmp_path_factory):
+    """A target and a draft for speculative decoding: the same tokenizer,
+    different architectures and weights (tiny random checkpoints, CPU)."""
+    from checkpoints import make_checkpoint
+    from fastllm import Model
+
+    root = tmp_path_factory.mktemp("spec")
+    make_checkpoint(root / "target", "llama3")
+    make_checkpoint(root / "draft", "qwen2")
+    return Model.from_pretrained(root / "target", device="cpu"), Model.from_pretrained(root / "draft", device="cpu")

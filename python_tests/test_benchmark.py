@@ -50,6 +50,17 @@ def test_latency_with_a_draft_reports_acceptance():
     assert r["itl_ms"] > 0
 
 
+def test_engine_bench_with_the_shipped_draft(capsys):
+    args = ["bench", "--device", "cpu", "--input-len", "8", "--output-len", "6", "--engine", "--num-prompts", "3",
+            "--draft-model", "shipped", "--num-speculative-tokens", "3"]
+    assert main(args + ["--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["output_tokens"] == 3 * 6 and r["draft_model"] == "shipped"
+    assert r["num_speculative_tokens"] == 3 and 0.0 <= r["acceptance_rate"] <= 1.0
+    assert main(args) == 0
+    assert "draft acceptance" in capsys.readouterr().out
+
+
 def test_throughput_generates_every_token(model):
     r = benchmark.measure_throughput(model, num_prompts=5, input_len=6, output_len=4, max_num_seqs=2,
                                      progress=False)
@@ -82,7 +93,7 @@ def test_bench_command(ckpt, capsys):
     assert main(base + ["--engine", "--num-prompts", "3", "--temperature", "0.7", "--top-p", "0.9"]) == 0
     out = capsys.readouterr().out
     assert "output tokens" in out and "req/s" in out
-    assert main(base + ["--engine", "--draft-model", "shipped"]) == 2
-    assert "not supported with --engine" in capsys.readouterr().err
+    assert main(base + ["--engine", "--draft-model", "shipped"]) == 2  # the shipped draft's vocabulary is not ckpt's
+    assert "vocabulary" in capsys.readouterr().err
     assert main(base + ["--input-len", "0"]) == 2
     assert "input_len must be a positive int" in capsys.readouterr().err

@@ -149,6 +149,30 @@ def test_engine_through_runner_equals_generate(model):
         assert engine.runner.num_steps > 10
 
 
+@pytest.mark.parametrize("params", [
+    dict(max_new_tokens=30, ignore_eos=True),
+    dict(max_new_tokens=30, temperature=0.9, top_p=0.9, seed=3, stop=["e "]),
+])
+def test_speculative_draft_through_runner_equals_eager(path, model, params, tmp_path):
+    """The draft's decode steps go through its runner, in Model.generate (the
+    draft model's own graph cache) and in LLMEngine; the tokens are those of
+    eager speculative decoding."""
+    make_checkpoint(tmp_path, "qwen2")
+    draft = Model.from_pretrained(tmp_path, device="cpu")
+    graphed_draft = Model.from_pretrained(tmp_path, device="cpu")
+    graphed_draft._graphs = GraphedDecoding(graphed_draft.network, use_graphs=False)
+    want = model.generate(PROMPTS, draft_model=draft, num_speculative_tokens=3, **params)
+    got = model.generate(PROMPTS, draft_model=graphed_draft, num_speculative_tokens=3, **params)
+    assert [(o.token_ids, o.text) for o in got] == [(o.token_ids, o.text) for o in want]
+    assert graphed_draft._graphs.runner.num_steps > 10 and not graphed_draft._graphs.busy
+    engine = LLMEngine(model, max_num_seqs=6, draft_model=draft, num_speculative_tokens=3)
+    engine.draft_runner = DecodeGraphRunner(draft.network, engine.draft_cache, 6, draft.config.max_position_embeddings,
+                                            use_graphs=False)
+    got = engine.generate(PROMPTS, **params)
+    assert [(o.token_ids, o.text) for o in got] == [(o.token_ids, o.text) for o in want]
+    assert engine.draft_runner.num_steps > 10
+
+
 def test_cuda_graphs_need_a_gpu(path, model):
     with pytest.raises(ValueError, match="CUDA device"):
         Model.from_pretrained(path, device="cpu", cuda_graphs=True)
@@ -198,3 +222,25 @@ def test_graphs_on_gpu_equal_eager(monkeypatch, kernels, dtype):
     assert tokens(got) == tokens(plain.generate(prompts, max_new_tokens=32, **greedy))
     assert_greedy_equal_up_to_ties(eager.generate(prompts, max_new_tokens=32, **greedy), got, margin)
     assert engine.runner.num_replays > 20 and plain.runner.num_replays == 0
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_graphed_draft_on_gpu(dtype):
+    """Speculative decoding with the shipped draft decoding from real graphs,
+    in Model.generate and LLMEngine: the target's greedy tokens up to near-ties
+    (verify passes of different widths round differently), and the draft's
+    steps were replayed."""
+    margin = 1e-3 if dtype == torch.float32 else 0.25
+    greedy = dict(ignore_eos=True, temperature=0.0, logprobs=5, max_new_tokens=40)
+    target = Model.from_pretrained("shakespeare-15m", device="cuda", dtype=dtype)
+    draft = Model.from_pretrained("shakespeare-draft-2m", device="cuda", dtype=dtype, cuda_graphs=True)
+    prompts = ["ROMEO:", "JULIET: O Romeo, Romeo", "KING HENRY:"]
+    want = target.generate(prompts, **greedy)
+    got = target.generate(prompts, draft_model=draft, num_speculative_tokens=4, **greedy)
+    assert_greedy_equal_up_to_ties(want, got, margin)
+    assert draft._graphs.runner.num_replays > 10
+    engine = LLMEngine(target, max_num_seqs=4, num_blocks=64, draft_model=draft, num_speculative_tokens=4,
+                       cuda_graphs=True)
+    assert_greedy_equal_up_to_ties(want, engine.generate(prompts, **greedy), margin)
+    assert engine.draft_runner.use_graphs and engine.draft_runner.num_replays > 10

@@ -132,3 +132,30 @@ def test_streamed_chat_logprobs_add_up(client, model):
     streamed = [x for c in chunks if c.get("logprobs") for x in c["logprobs"]["content"]]
     assert streamed == whole["logprobs"]["content"]
     assert "".join(c["delta"].get("content", "") for c in chunks) == whole["message"]["content"]
+
+
+# ------------------------------------------------------------ speculative
+def test_server_with_a_draft_model(model):
+    """A server speculating with the shipped draft answers what Model.generate
+    with that draft answers (seeded sampling: the same draws), streams several
+    tokens per chunk with their logprobs, and counts usage as without it."""
+    draft = Model.from_pretrained("shakespeare-draft-2m", device="cpu")
+    with TestClient(create_app(model, max_num_seqs=8, draft_model=draft, num_speculative_tokens=3)) as client:
+        body = {"prompt": "ROMEO:", "logprobs": 2, "n": 2, **SAMPLED}
+        got = post(client, "/v1/completions", body)
+        outs = generate(model, ["ROMEO:", "ROMEO:"], 2, draft_model=draft, num_speculative_tokens=3, **SAMPLED)
+        assert all(o.num_draft_tokens > 0 for o in outs)
+        for choice, out in zip(got["choices"], outs):
+            assert choice["text"] == out.text
+            assert_legacy(model, choice["logprobs"], out, 2)
+        assert got["usage"]["completion_tokens"] == 2 * SAMPLED["max_tokens"]
+        greedy = {"messages": CHAT, "temperature": 0, "max_tokens": 16, "logprobs": True, "top_logprobs": 1}
+        whole = post(client, "/v1/chat/completions", greedy)["choices"][0]
+        assert whole["message"]["content"] == model.chat(CHAT, temperature=0, max_new_tokens=16).text
+        chunks = [e["choices"][0] for e in events(client, "/v1/chat/completions", greedy)]
+        streamed = [x for c in chunks if c.get("logprobs") for x in c["logprobs"]["content"]]
+        want = whole["logprobs"]["content"]  # the prefix cache changes the sums' order: logprobs to rounding
+        assert [x["token"] for x in streamed] == [x["token"] for x in want]
+        assert [x["logprob"] for x in streamed] == pytest.approx([x["logprob"] for x in want], abs=1e-4)
+        assert "".join(c["delta"].get("content", "") for c in chunks) == whole["message"]["content"]
+        assert len(chunks) - 2 < len(want)  # some chunks carried several tokens

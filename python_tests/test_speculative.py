@@ -21,12 +21,8 @@ SMALL_VOCAB = 12
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    """Target and draft with the same tokenizer but different architectures and weights."""
-    root = tmp_path_factory.mktemp("spec")
-    make_checkpoint(root / "target", "llama3")
-    make_checkpoint(root / "draft", "qwen2")
-    return Model.from_pretrained(root / "target", device="cpu"), Model.from_pretrained(root / "draft", device="cpu")
+def models(spec_models):
+    return spec_models
 
 
 @pytest.fixture(scope="module")

@@ -256,8 +256,8 @@ class _Pending:
         self._by_index: dict[int, list[Any]] = {}
 
     def add(self, index: int, out: Any) -> None:
-        if out.logprobs is not None:
-            self._by_index.setdefault(index, []).append(out.logprobs)
+        if out.logprobs:
+            self._by_index.setdefault(index, []).extend(out.logprobs)
 
     def has(self, index: int) -> bool:
         return bool(self._by_index.get(index))
