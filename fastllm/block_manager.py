@@ -122,6 +122,7 @@ class BlockManager:
             return
         bs = self.block_size
         upto = seq.num_cached if num_tokens is None else min(num_tokens, seq.num_cached)
+        upto = min(upto, len(tokens))  # a finished speculative round caches tokens it did not keep
         h = seq.hashes[-1] if seq.hashes else None
         for i in range(len(seq.hashes), upto // bs):
             h = block_hash(h, tokens[i * bs : (i + 1) * bs])

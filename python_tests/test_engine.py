@@ -157,3 +157,16 @@ def test_block_hash_is_sha256_of_the_whole_prefix():
     assert block_hash(a, [4, 5, 6]) == block_hash(block_hash(None, [1, 2, 3]), [4, 5, 6])
     # values Python's int hash folds together (mod 2**61 - 1) stay apart
     assert block_hash(None, [1]) != block_hash(None, [2**61])
+
+
+def test_register_stops_at_the_tokens_kept():
+    """A speculative round that finished early cached tokens the sequence did
+    not keep: only blocks full of kept tokens are registered."""
+    bm = BlockManager(num_blocks=4, block_size=2)
+    a = SequenceBlocks()
+    bm.admit(a, bm.plan([1, 2, 3, 4, 5, 6]), 6)
+    a.num_cached = 6
+    bm.register(a, [1, 2, 3])  # 6 cached, 3 kept
+    assert len(a.hashes) == 1
+    bm.register(a, [1, 2, 3, 4, 5, 6], num_tokens=4)  # at most 4 of them
+    assert len(a.hashes) == 2 and bm.plan([1, 2, 3, 4, 9]).reused == a.block_table[:2]
