@@ -11,15 +11,32 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from tokenizers import Tokenizer as _HFTokenizer
+from tokenizers import decoders
 
 # Tokens of prompt context an incremental decoder starts from (as vLLM does):
 # enough for a sentencepiece leading space or a multi-byte character.
 _CONTEXT_TOKENS = 5
+
+
+_BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # sentencepiece byte fallback
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """Printable character -> the byte it stands for in a byte-level BPE piece
+    (GPT-2's map: printable Latin-1 bytes stand for themselves, the other 68
+    bytes for U+0100 onwards, in order)."""
+    kept = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    moved = [b for b in range(256) if b not in kept]
+    return {**{chr(b): b for b in kept}, **{chr(256 + i): b for i, b in enumerate(moved)}}
+
+
+_BYTE_OF = _byte_level_alphabet()
 
 
 def _read_json(path: Path) -> Any:
@@ -119,6 +136,21 @@ class Tokenizer:
 
     def id_to_token(self, i: int) -> str | None:
         return self._tok.id_to_token(i)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes ``token_id`` contributes to decoded text: the UTF-8 of its
+        text when it decodes to whole characters; else (part of a multi-byte
+        character, which decodes to U+FFFD) its raw bytes, read from a
+        byte-level BPE piece or a ``<0xNN>`` byte-fallback token."""
+        text = self.decode([token_id], skip_special_tokens=False)
+        if "\ufffd" in text:
+            piece = self._tok.id_to_token(token_id) or ""
+            byte = _BYTE_TOKEN.fullmatch(piece)
+            if byte:
+                return bytes([int(byte.group(1), 16)])
+            if isinstance(self._tok.decoder, decoders.ByteLevel) and piece and all(c in _BYTE_OF for c in piece):
+                return bytes(_BYTE_OF[c] for c in piece)
+        return text.encode("utf-8")
 
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)

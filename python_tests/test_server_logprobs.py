@@ -68,11 +68,27 @@ def assert_chat(model, content: list[dict], out, k: int) -> None:
     assert [c["token"] for c in content] == [name(model, t) for t in out.token_ids]
     for c, x in zip(content, out.logprobs):
         assert c["logprob"] == pytest.approx(x.logprob, abs=1e-5)
-        assert c["bytes"] == list(c["token"].encode("utf-8"))
+        assert c["bytes"] == list(model.tokenizer.token_bytes(x.token_id))
         assert len(c["top_logprobs"]) == k
         assert [t["token"] for t in c["top_logprobs"]] == [name(model, t) for t, _ in x.top]
         assert [t["logprob"] for t in c["top_logprobs"]] == pytest.approx([v for _, v in x.top], abs=1e-5)
-        assert all(t["bytes"] == list(t["token"].encode("utf-8")) for t in c["top_logprobs"])
+        assert [t["bytes"] for t in c["top_logprobs"]] == [list(model.tokenizer.token_bytes(t)) for t, _ in x.top]
+
+
+def test_chat_bytes_join_into_the_text(model):
+    """A token holding part of a multi-byte character is named U+FFFD (as
+    OpenAI does) but its bytes are its own, so the bytes join into the text."""
+    from fastllm.config import TokenLogprob
+    from fastllm.server.logprobs import TokenNames, chat_logprobs
+
+    text = "Thou art 日本語 🙂 — ay."
+    ids = model.tokenizer.encode(text, add_special_tokens=False)
+    lps = [TokenLogprob(token_id=i, logprob=-1.0, top=[(i, -1.0)]) for i in ids]
+    content = chat_logprobs(lps, TokenNames(model.tokenizer)).model_dump()["content"]
+    assert any(c["token"] == "\ufffd" for c in content)  # the shipped vocabulary splits these characters
+    assert b"".join(bytes(c["bytes"]) for c in content) == text.encode("utf-8")
+    assert all(c["top_logprobs"][0]["bytes"] == c["bytes"] for c in content)
+    assert TokenNames(None).bytes(7) == list(b"token_id:7")
 
 
 # -------------------------------------------------------------- completions

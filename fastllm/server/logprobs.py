@@ -11,10 +11,12 @@ sampling parameters; see ``GenerationConfig.logprobs``), clamped below at
 - chat: ``{content: [{token, logprob, bytes, top_logprobs: [{token, logprob, bytes}]}]}``.
 
 A token's string is the tokenizer's decoding of that token alone (special
-tokens included); ``bytes`` is its UTF-8 encoding. A token holding part of a
-multi-byte character decodes to U+FFFD, as with OpenAI's ``token`` field; its
-``bytes`` are those of U+FFFD, not the raw byte. ``text_offset`` counts the
-characters of the preceding token strings.
+tokens included). ``bytes`` is what the token adds to the text's UTF-8
+(``Tokenizer.token_bytes``): the encoding of that string, except for a token
+holding part of a multi-byte character, whose string is U+FFFD (as OpenAI's
+``token`` field) and whose ``bytes`` are its raw bytes, so that the bytes of
+consecutive tokens join into the text's. ``text_offset`` counts the characters
+of the preceding token strings.
 """
 
 from __future__ import annotations
@@ -52,11 +54,12 @@ class ChatLogprobs(BaseModel):
 
 class TokenNames:
     """Token id -> its text (``tokenizer.decode([id])``), cached; ``token_id:<id>``
-    without a tokenizer (vLLM's spelling)."""
+    without a tokenizer (vLLM's spelling). ``bytes(id)``: its bytes, cached."""
 
     def __init__(self, tokenizer: Any):
         self.tokenizer = tokenizer
         self._cache: dict[int, str] = {}
+        self._bytes: dict[int, list[int]] = {}
 
     def __call__(self, token_id: int) -> str:
         name = self._cache.get(token_id)
@@ -67,6 +70,16 @@ class TokenNames:
                 name = self.tokenizer.decode([token_id], skip_special_tokens=False)
             self._cache[token_id] = name
         return name
+
+    def bytes(self, token_id: int) -> list[int]:
+        raw = self._bytes.get(token_id)
+        if raw is None:
+            if self.tokenizer is None:
+                raw = list(self(token_id).encode("utf-8"))
+            else:
+                raw = list(self.tokenizer.token_bytes(token_id))
+            self._bytes[token_id] = raw
+        return raw
 
 
 def _clamp(v: float) -> float:
@@ -93,8 +106,7 @@ def completion_logprobs(lps: Sequence[TokenLogprob], names: TokenNames,
 
 
 def _entry(names: TokenNames, token_id: int, logprob: float) -> dict[str, Any]:
-    name = names(token_id)
-    return {"token": name, "logprob": _clamp(logprob), "bytes": list(name.encode("utf-8"))}
+    return {"token": names(token_id), "logprob": _clamp(logprob), "bytes": names.bytes(token_id)}
 
 
 def chat_logprobs(lps: Sequence[TokenLogprob], names: TokenNames) -> ChatLogprobs:
