@@ -15,6 +15,15 @@ requires_cuda = pytest.mark.skipif(
 )
 
 
+def pytest_collection_modifyitems(config, items):
+    """Every test that skips without a GPU (a skipif whose reason names a GPU)
+    gets the ``cuda`` marker, so a GPU round can run just those with
+    ``-m cuda`` (bench/run_gpu.sh); the others run the same on any machine."""
+    for item in items:
+        if any("GPU" in str(m.kwargs.get("reason", "")) for m in item.iter_markers("skipif")):
+            item.add_marker(pytest.mark.cuda)
+
+
 @pytest.fixture(autouse=True)
 def _fresh_backend_settings():
     """Tests that change FASTLLM_* variables see them; others see defaults."""
