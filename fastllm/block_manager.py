@@ -72,12 +72,16 @@ class BlockManager:
         return -(-num_tokens // self.block_size)
 
     # ---------------------------------------------------------------- admission
-    def plan(self, tokens: list[int]) -> BlockPlan:
+    def plan(self, tokens: list[int], max_reused_tokens: int | None = None) -> BlockPlan:
         """The cached prefix blocks of ``tokens`` (never the one holding the last
-        token) and the number of new blocks the rest needs."""
+        token, nor past ``max_reused_tokens`` tokens) and the number of new
+        blocks the rest needs."""
         bs, reused, hashes, h = self.block_size, [], [], None
+        full = (len(tokens) - 1) // bs
+        if max_reused_tokens is not None:
+            full = min(full, max_reused_tokens // bs)
         if self.enable_prefix_caching:
-            for i in range((len(tokens) - 1) // bs):
+            for i in range(full):
                 h = block_hash(h, tokens[i * bs : (i + 1) * bs])
                 block = self._block_of.get(h)
                 if block is None:

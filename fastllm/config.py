@@ -44,6 +44,13 @@ class GenerationConfig:
     vocabulary, taken before the penalties, temperature, top-k, top-p and
     min-p (vLLM's default), so they do not depend on the sampling parameters.
     Alternatives are sorted by descending logprob, ties by lower token id.
+    prompt_logprobs: None (off) or k in [0, MAX_LOGPROBS]: also score the
+    prompt, as OpenAI's ``echo`` with ``logprobs`` (and vLLM's
+    ``prompt_logprobs``): ``GenerationOutput.prompt_logprobs`` holds, for each
+    prompt token after the first, its raw log-probability given the tokens
+    before it and the k most likely alternatives there. It costs one LM-head
+    pass over the prompt, and the engine computes such a prompt instead of
+    taking it from the prefix cache.
     """
 
     max_new_tokens: int = 128
@@ -61,6 +68,7 @@ class GenerationConfig:
     ignore_eos: bool = False
     seed: int | None = None
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
 
     def replace(self, **params: Any) -> "GenerationConfig":
         """A copy with ``params`` changed; unknown names raise TypeError."""
@@ -103,9 +111,10 @@ class GenerationConfig:
             raise TypeError(f"ignore_eos must be a bool, got {self.ignore_eos!r}")
         if self.seed is not None:
             _check_int("seed", self.seed, lo=0)
-        lp = self.logprobs
-        if lp is not None and (isinstance(lp, bool) or not isinstance(lp, int) or not 0 <= lp <= MAX_LOGPROBS):
-            raise ValueError(f"logprobs must be None or an int in [0, {MAX_LOGPROBS}], got {lp!r}")
+        for name in ("logprobs", "prompt_logprobs"):
+            lp = getattr(self, name)
+            if lp is not None and (isinstance(lp, bool) or not isinstance(lp, int) or not 0 <= lp <= MAX_LOGPROBS):
+                raise ValueError(f"{name} must be None or an int in [0, {MAX_LOGPROBS}], got {lp!r}")
 
     @classmethod
     def from_model_dir(cls, path: str | Path) -> "GenerationConfig":
@@ -148,9 +157,10 @@ def eos_ids_from_model_dir(path: str | Path) -> list[int]:
 
 @dataclass
 class TokenLogprob:
-    """One generated token's raw log-probability (see GenerationConfig.logprobs).
+    """One token's raw log-probability (see GenerationConfig.logprobs and
+    prompt_logprobs).
 
-    token_id: the generated token; logprob: ``log_softmax(logits)[token_id]``;
+    token_id: the generated (or prompt) token; logprob: ``log_softmax(logits)[token_id]``;
     top: the k most likely ``(token_id, logprob)`` pairs, descending, ties by
     lower id (empty for k = 0; may or may not contain token_id).
     """
@@ -174,6 +184,10 @@ class GenerationOutput:
     logprobs: with ``GenerationConfig.logprobs`` set, one TokenLogprob per
     entry of token_ids (tokens a stop string cut from the text included);
     None otherwise.
+    prompt_logprobs: with ``GenerationConfig.prompt_logprobs`` set, one entry
+    per entry of prompt_token_ids: None for the first (nothing predicts it),
+    then the TokenLogprob of each prompt token given the ones before it; None
+    otherwise.
     """
 
     text: str | None
@@ -183,6 +197,7 @@ class GenerationOutput:
     num_draft_tokens: int = 0
     num_accepted_draft_tokens: int = 0
     logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 def _check_int(name: str, v: Any, lo: int | None = None, hi: int | None = None) -> None:

@@ -61,7 +61,9 @@ class StepOutput:
     """What one request got from a step: its new tokens (one, or up to k + 1
     when it speculated) and their text, their TokenLogprobs when the request
     asked for logprobs (else empty), and the finished GenerationOutput once it
-    is done."""
+    is done. In a request's first StepOutput: ``prompt_token_ids``, and
+    ``prompt_logprobs`` when it asked for them (as
+    ``GenerationOutput.prompt_logprobs``); None in later ones."""
 
     request_id: int
     token_ids: list[int]
@@ -69,6 +71,8 @@ class StepOutput:
     finished: bool
     output: GenerationOutput | None = None
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+    prompt_token_ids: list[int] | None = None
 
 
 @dataclass
@@ -232,7 +236,7 @@ class LLMEngine:
             if self.draft_model is not None:
                 self._draft_prefill(batch)
             logits = forward_step(self.model.network, self.cache, [s.blocks for s in seqs], new_tokens,
-                                  self.runner)  # [B, V]
+                                  self.runner, [s.req for s in seqs])  # [B, V]
             ready = [i for i, s in enumerate(seqs) if s.blocks.num_cached == len(s.tokens())]
             for s in seqs:
                 self._register(s)
@@ -289,11 +293,16 @@ class LLMEngine:
         req = s.req
         done = req.finish_reason is not None
         lps = req.logprobs[len(req.logprobs) - len(tokens) :] if req.config.logprobs is not None else []
+        prompt_ids = prompt_lps = None
+        if len(req.output_ids) == len(tokens):  # its first tokens
+            prompt_ids = list(req.prompt_ids)
+            if req.config.prompt_logprobs is not None:
+                prompt_lps = [None, *req.prompt_scores]
         if done:
             self.running.remove(s)
             self.blocks.release(s.blocks)
         return StepOutput(s.id, tokens, req.pending_text() if req.decoder else "", done,
-                          req.output() if done else None, lps)
+                          req.output() if done else None, lps, prompt_lps, prompt_ids)
 
     def _work(self, s: _Seq, cached: int, budget: int) -> _Work | None:
         """What ``s``, with ``cached`` tokens in the cache, does this step
@@ -331,7 +340,7 @@ class LLMEngine:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             s = self.waiting[0]
             tokens = s.tokens()
-            plan = self.blocks.plan(tokens)
+            plan = self.blocks.plan(tokens, s.req.reusable_prefix())  # a prompt to score is computed
             w = self._work(s, len(plan.reused) * self.blocks.block_size, budget)
             if w is None:
                 break

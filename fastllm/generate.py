@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from fastllm.cache import CachedSequence, KVCache, device_scope, prepare_step
+from fastllm.cache import CachedSequence, KVCache, device_scope, prepare_step, to_device
 from fastllm.config import GenerationConfig, GenerationOutput, TokenLogprob
 from fastllm.cuda_graph import DecodeGraphRunner
-from fastllm.logprobs import raw_logprobs, token_logprobs
+from fastllm.logprobs import prompt_rows, raw_logprobs, score_prompts, token_logprobs
 from fastllm.model import Transformer
 from fastllm.sampling import LogitContext, sample_next
 
@@ -39,6 +39,7 @@ class Request:
     spec_proposed: int = 0
     spec_accepted: int = 0
     logprobs: list[TokenLogprob] = field(default_factory=list)  # one per output id when config.logprobs is set
+    prompt_scores: list[TokenLogprob] = field(default_factory=list)  # of prompt ids 1.. (config.prompt_logprobs)
     eos_ids: frozenset[int] = frozenset()  # the model's, for min_new_tokens
 
     def token_ids(self) -> list[int]:
@@ -58,6 +59,26 @@ class Request:
         if len(self.output_ids) + len(extra) < c.min_new_tokens:
             banned = sorted(set(c.stop_token_ids) | (set() if c.ignore_eos else self.eos_ids))
         return LogitContext(seen, counted, banned)
+
+    def prompt_positions(self, start: int, n: int) -> range:
+        """The positions among ``[start, start + n)`` whose logits score a
+        prompt token not scored yet (position j scores prompt token j + 1);
+        empty unless ``config.prompt_logprobs`` is set."""
+        if self.config.prompt_logprobs is None:
+            return range(0)
+        lo, hi = len(self.prompt_scores), min(start + n, len(self.prompt_ids) - 1)
+        if lo >= hi:
+            return range(0)
+        if start > lo:
+            raise RuntimeError(f"prompt positions {lo}..{start - 1} were cached before their logits scored the prompt")
+        return range(lo, hi)
+
+    def reusable_prefix(self) -> int | None:
+        """How many leading tokens may at most come from a prefix cache (None:
+        all): none past the first position that still has to score a prompt token."""
+        if self.config.prompt_logprobs is None or len(self.prompt_scores) >= len(self.prompt_ids) - 1:
+            return None
+        return len(self.prompt_scores)
 
     def pending_text(self) -> str:
         """Text that is final and not yet handed out. While running, a tail
@@ -84,6 +105,7 @@ class Request:
             num_draft_tokens=self.spec_proposed,
             num_accepted_draft_tokens=self.spec_accepted,
             logprobs=list(self.logprobs) if self.config.logprobs is not None else None,
+            prompt_logprobs=[None, *self.prompt_scores] if self.config.prompt_logprobs is not None else None,
         )
 
     def accept(self, token: int, eos_ids: frozenset[int], logprob: TokenLogprob | None = None) -> None:
@@ -132,14 +154,42 @@ def forward_step(
     seqs: list[CachedSequence],
     new_tokens: list[list[int]],
     runner: DecodeGraphRunner | None = None,
+    scored: list[Request | None] | None = None,
 ) -> Tensor:
     """Append ``new_tokens`` to ``seqs`` in the cache and return the logits of
     each sequence's last new token [B, V] fp32: through ``runner`` (CUDA graphs)
-    when every sequence adds one token and it fits, else one packed pass."""
-    if runner is not None and all(len(t) == 1 for t in new_tokens) and runner.fits(seqs):
+    when every sequence adds one token and it fits, else one packed pass.
+    scored: per sequence, the Request whose prompt tokens the pass scores
+    (``GenerationConfig.prompt_logprobs``), or None."""
+    return packed_logits(network, cache, seqs, new_tokens, None, scored, runner)
+
+
+def packed_logits(
+    network: Transformer,
+    cache: KVCache,
+    seqs: list[CachedSequence],
+    new_tokens: list[list[int]],
+    rows: list[int] | None = None,
+    scored: list[Request | None] | None = None,
+    runner: DecodeGraphRunner | None = None,
+) -> Tensor:
+    """One pass that appends ``new_tokens`` to ``seqs``: the fp32 logits [R, V]
+    of the packed token indices ``rows`` (default: each sequence's last new
+    token); where ``scored`` gives a sequence's Request, the prompt tokens its
+    new tokens predict are scored too (appended to ``Request.prompt_scores``)."""
+    pr = prompt_rows(scored, [s.num_cached for s in seqs], [len(t) for t in new_tokens]) if scored else None
+    if (pr is None and rows is None and runner is not None and all(len(t) == 1 for t in new_tokens)
+            and runner.fits(seqs)):
         return runner.step(seqs, [t[0] for t in new_tokens])
     ids, positions, meta, last = prepare_step(cache, seqs, new_tokens)
-    return network(ids, positions, cache.layers(), meta, last)
+    idx = last if rows is None else to_device(rows, torch.int64, cache.device)
+    if pr is None:
+        return network(ids, positions, cache.layers(), meta, idx)
+    extra = to_device(pr.rows, torch.int64, cache.device)
+    hidden = network.hidden_states(ids, positions, cache.layers(), meta, torch.cat([idx, extra]))
+    m = idx.shape[0]
+    score_prompts(network.logits, hidden[m:], pr, network.config.vocab_size)
+    return network.logits(hidden[:m])
 
 
 def sample_requests(logits: Tensor, requests: list[Request]) -> tuple[list[int], list[TokenLogprob | None]]:
@@ -172,7 +222,7 @@ def run(
     new_tokens = [r.prompt_ids for r in active]
     while active:
         with device_scope(cache.device):  # kernels launch on the model's GPU, whichever is current
-            logits = forward_step(network, cache, [r.cached for r in active], new_tokens, runner)  # [B, V]
+            logits = forward_step(network, cache, [r.cached for r in active], new_tokens, runner, active)  # [B, V]
             next_ids, lps = sample_requests(logits, active)
         for r, tok, lp in zip(active, next_ids, lps):
             r.accept(tok, eos_ids, lp)

@@ -13,18 +13,27 @@ Two calls per step: ``raw_logprobs`` before sampling (the logits processors
 modify logits in place), ``token_logprobs`` once the tokens are known. Rows
 that did not ask cost nothing; the rows that did go through one batched
 log_softmax, one gather and one top-k.
+
+Prompt logprobs (``GenerationConfig.prompt_logprobs``) are the same numbers
+for the prompt's own tokens: a pass over prompt positions ``j`` keeps their
+hidden states (``prompt_rows``), and ``score_prompts`` turns the hidden state
+at ``j`` into the TokenLogprob of prompt token ``j + 1``, a bounded number of
+rows of logits at a time.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from fastllm.cache import to_device
 from fastllm.config import TokenLogprob
+
+PROMPT_SCORE_FLOATS = 1 << 26  # fp32 logits one prompt-scoring chunk holds (256 MiB)
 
 
 @dataclass
@@ -98,3 +107,43 @@ def _top_alternatives(lp: Tensor, ks: list[int]) -> list[list[tuple[int, float]]
         pairs.sort(key=lambda p: (-p[1], p[0]))
         out.append([(int(i), float(v)) for i, v in pairs[:k]])
     return out
+
+
+@dataclass
+class PromptRows:
+    """Rows of a packed pass that score prompt tokens: the hidden state of
+    packed token ``rows[i]`` predicts ``targets[i]``, a prompt token of
+    ``owners[i]`` (a generate.Request)."""
+
+    rows: list[int]
+    owners: list[Any]
+    targets: list[int]
+
+
+def prompt_rows(scored: Sequence[Any | None], starts: Sequence[int], counts: Sequence[int]) -> PromptRows | None:
+    """The rows of a pass in which sequence ``i`` adds ``counts[i]`` tokens at
+    positions from ``starts[i]`` that score prompt tokens of ``scored[i]`` (a
+    Request, or None); None when there are none."""
+    rows, owners, targets, offset = [], [], [], 0
+    for req, start, n in zip(scored, starts, counts):
+        if req is not None:
+            for pos in req.prompt_positions(start, n):
+                rows.append(offset + pos - start)
+                owners.append(req)
+                targets.append(req.prompt_ids[pos + 1])
+        offset += n
+    return PromptRows(rows, owners, targets) if rows else None
+
+
+def score_prompts(logits_of: Callable[[Tensor], Tensor], hidden: Tensor, pr: PromptRows, vocab_size: int) -> None:
+    """Append each target's TokenLogprob to its owner's ``prompt_scores``, in
+    row order. hidden: [len(pr.rows), H]; ``logits_of`` maps hidden states to
+    fp32 logits (the LM head), applied to chunks of at most
+    PROMPT_SCORE_FLOATS logits."""
+    chunk = max(1, PROMPT_SCORE_FLOATS // vocab_size)
+    for a in range(0, len(pr.rows), chunk):
+        owners, targets = pr.owners[a : a + chunk], pr.targets[a : a + chunk]
+        lp = torch.log_softmax(logits_of(hidden[a : a + chunk]), dim=-1)  # [R, V]
+        step = StepLogprobs(list(range(len(owners))), [o.config.prompt_logprobs for o in owners], lp)
+        for owner, scored in zip(owners, token_logprobs(step, targets)):
+            owner.prompt_scores.append(scored)

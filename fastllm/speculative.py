@@ -39,10 +39,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from fastllm.cache import CachedSequence, KVCache, device_scope, prepare_step, to_device
+from fastllm.cache import CachedSequence, KVCache, device_scope, to_device
 from fastllm.config import TokenLogprob
 from fastllm.cuda_graph import DecodeGraphRunner
-from fastllm.generate import Request, forward_step
+from fastllm.generate import Request, forward_step, packed_logits
 from fastllm.logprobs import raw_logprobs, token_logprobs
 from fastllm.model import Transformer
 from fastllm.ops.reference import philox_u64, sampling_mask
@@ -121,14 +121,13 @@ def _verify(net: Transformer, cache: KVCache,
     commits and their logprobs (the target's raw distribution at the position
     of each committed token: exactly what decoding without a draft reports)."""
     inputs = [p.req.token_ids()[p.target.num_cached :] + p.tokens for p in props]
-    ids, positions, meta, _ = prepare_step(cache, [p.target for p in props], inputs)
     rows, owners, contexts, end = [], [], [], 0
     for p, toks in zip(props, inputs):
         end += len(toks)
         rows.extend(range(end - p.k - 1, end))  # the k + 1 positions that predict d_1..d_k and the bonus
         owners.extend([p.req] * (p.k + 1))
         contexts.extend(p.req.logit_context(p.tokens[:j]) for j in range(p.k + 1))
-    logits = net(ids, positions, cache.layers(), meta, to_device(rows, torch.int64, cache.device))  # [R, V]
+    logits = packed_logits(net, cache, [p.target for p in props], inputs, rows, [p.req for p in props])  # [R, V]
     raw = raw_logprobs(logits, [r.config.logprobs for r in owners])  # before penalties edit logits
     argmax, probs = _processed(logits, owners, contexts)
     argmax_host = argmax.tolist()

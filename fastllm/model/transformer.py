@@ -124,13 +124,29 @@ class Transformer(nn.Module):
     ) -> Tensor:
         """input_ids, positions: [N] int64. Returns fp32 logits [M, V] for the
         rows ``logits_indices`` (all N tokens when None)."""
+        return self.logits(self.hidden_states(input_ids, positions, kv_caches, meta, logits_indices))
+
+    def hidden_states(
+        self,
+        input_ids: Tensor,
+        positions: Tensor,
+        kv_caches: list[tuple[Tensor, Tensor]],
+        meta: AttentionMetadata,
+        indices: Tensor | None = None,
+    ) -> Tensor:
+        """The final-normed hidden states [M, H] of the rows ``indices`` (all N
+        when None): what ``logits`` turns into next-token logits."""
         x = ops.embedding(input_ids, self.embed_tokens.weight)  # [N, H]
         residual = None
         for layer, kv in zip(self.layers, kv_caches):
             x, residual = layer(x, residual, positions, kv, meta, self.cos_sin_cache)
-        if logits_indices is not None:
-            x, residual = x[logits_indices], residual[logits_indices]
+        if indices is not None:
+            x, residual = x[indices], residual[indices]
         x, _ = self.norm(x, residual)
+        return x
+
+    def logits(self, x: Tensor) -> Tensor:
+        """LM head: hidden states [M, H] -> fp32 logits [M, V]."""
         if self.lm_head is None:
             return ops.linear(x, self.embed_tokens.weight).float()
         return self.lm_head(x).float()
