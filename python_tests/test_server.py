@@ -216,7 +216,6 @@ BAD = [
     ("/v1/completions", {"prompt": "x", "logprobs": 21}, 400, "logprobs"),
     ("/v1/completions", {"prompt": "x", "logprobs": -1}, 400, "logprobs"),
     ("/v1/completions", {"prompt": "x", "logprobs": True}, 400, "logprobs"),
-    ("/v1/completions", {"prompt": "x", "logprobs": 2, "echo": True}, 400, "prompt logprobs"),
     ("/v1/completions", {"prompt": "x", "prompt_logprobs": 1}, 400, "prompt_logprobs"),
     ("/v1/completions", {"prompt": "x", "top_logprobs": 2}, 400, "top_logprobs"),
     ("/v1/completions", {"prompt": "x", "suffix": "end"}, 400, "suffix"),

@@ -119,6 +119,84 @@ def test_streamed_completion_logprobs_add_up(client, model, stop):
         assert whole["finish_reason"] == "stop" and len("".join(whole["logprobs"]["tokens"])) > len(whole["text"])
 
 
+# -------------------------------------------------------- echo: prompt logprobs
+def assert_echoed(model, lp: dict, out, k: int) -> None:
+    """completions' logprobs under ``echo``: the prompt's tokens (the first
+    unscored: null) then the generated ones, against a GenerationOutput made
+    with prompt_logprobs=k and logprobs=k."""
+    ids = [*out.prompt_token_ids, *out.token_ids]
+    scored = [*out.prompt_logprobs[1:], *out.logprobs]
+    names = [name(model, t) for t in ids]
+    assert lp["tokens"] == names
+    assert lp["text_offset"] == [sum(len(n) for n in names[:i]) for i in range(len(names))]
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    assert lp["token_logprobs"][1:] == pytest.approx([x.logprob for x in scored], abs=1e-5)
+    for top, x in zip(lp["top_logprobs"][1:], scored, strict=True):
+        want = {name(model, t): v for t, v in reversed(x.top)}
+        want.setdefault(name(model, x.token_id), x.logprob)
+        assert top == pytest.approx(want, abs=1e-5) and len(top) <= k + 1
+
+
+def test_echo_with_logprobs_scores_the_prompt(client, model):
+    body = {"prompt": "ROMEO:", "echo": True, "logprobs": 2, "n": 2, **SAMPLED}
+    got = post(client, "/v1/completions", body)
+    outs = generate(model, ["ROMEO:", "ROMEO:"], 2, prompt_logprobs=2, **SAMPLED)
+    for choice, out in zip(got["choices"], outs, strict=True):
+        assert choice["text"] == "ROMEO:" + out.text
+        assert_echoed(model, choice["logprobs"], out, 2)
+    assert got["usage"]["prompt_tokens"] == len(outs[0].prompt_token_ids)  # n choices share one prompt
+    # streamed: each choice's first chunk is the echo with the prompt's entries
+    chunks = [c for e in events(client, "/v1/completions", body) for c in e["choices"]]
+    for i in range(2):
+        mine = [c for c in chunks if c["index"] == i]
+        assert mine[0]["text"] == "ROMEO:"
+        assert mine[0]["logprobs"]["tokens"] == [name(model, t) for t in outs[i].prompt_token_ids]
+        assert "".join(c["text"] for c in mine) == got["choices"][i]["text"]
+        for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+            streamed = [v for c in mine for v in c["logprobs"][key]]
+            if key in ("token_logprobs", "top_logprobs"):
+                assert streamed[0] is None
+                assert streamed[1:] == pytest.approx(got["choices"][i]["logprobs"][key][1:], abs=1e-5)
+            else:
+                assert streamed == got["choices"][i]["logprobs"][key]
+
+
+def test_echo_without_logprobs_streams_the_prompt_first(client, model):
+    body = {"prompt": "ROMEO:", "echo": True, **SAMPLED}
+    whole = post(client, "/v1/completions", body)["choices"][0]
+    assert whole["logprobs"] is None and whole["text"].startswith("ROMEO:")
+    chunks = [e["choices"][0] for e in events(client, "/v1/completions", body)]
+    assert chunks[0]["text"] == "ROMEO:" and chunks[0]["logprobs"] is None
+    assert "".join(c["text"] for c in chunks) == whole["text"]
+
+
+def test_loglikelihood_as_lm_eval_asks_for_it(client, model):
+    """lm-eval's local-completions scores a continuation by sending context
+    + continuation as token ids with echo, logprobs=1, max_tokens=1 and
+    temperature 0, then sums token_logprobs[ctxlen:-1]: those must be the
+    model's log-softmax at the continuation's tokens, and the argmax check
+    must agree with the model's own argmax."""
+    import torch
+
+    tok = model.tokenizer
+    pairs = [("ROMEO: Wherefore art thou", " Romeo?"), ("First Citizen:", " Speak, speak.")]
+    prompts = [tok.encode(c) + tok.encode(x, add_special_tokens=False) for c, x in pairs]
+    got = post(client, "/v1/completions", {"prompt": prompts, "echo": True, "logprobs": 1, "max_tokens": 1,
+                                           "temperature": 0})
+    for (ctx, _), ids, choice in zip(pairs, prompts, sorted(got["choices"], key=lambda c: c["index"]), strict=True):
+        ctxlen = len(tok.encode(ctx))
+        lp = choice["logprobs"]
+        assert len(lp["tokens"]) == len(ids) + 1
+        with torch.no_grad():
+            logits = model.forward(torch.tensor([ids]))[0].float()
+        want = torch.log_softmax(logits, -1)[torch.arange(len(ids) - 1), torch.tensor(ids[1:])]
+        assert lp["token_logprobs"][ctxlen:-1] == pytest.approx(want[ctxlen - 1:].tolist(), abs=1e-4)
+        greedy = logits[ctxlen - 1:-1].argmax(-1).tolist() == ids[ctxlen:]
+        lm_eval_greedy = all(max(top, key=top.get) == t
+                             for top, t in zip(lp["top_logprobs"][ctxlen:-1], lp["tokens"][ctxlen:-1]))
+        assert lm_eval_greedy == greedy
+
+
 # --------------------------------------------------------------------- chat
 def test_chat_logprobs_equal_model_chat(client, model):
     out = model.chat(CHAT, temperature=0, max_new_tokens=12, logprobs=4)

@@ -7,7 +7,9 @@ sampling parameters; see ``GenerationConfig.logprobs``), clamped below at
 - completions (legacy): ``{tokens, token_logprobs, top_logprobs, text_offset}``;
   ``top_logprobs[i]`` maps the k most likely token strings to their logprob,
   plus the sampled token (up to k + 1 entries, as OpenAI documents); two ids
-  with the same text keep the first (higher) value.
+  with the same text keep the first (higher) value. With ``echo`` the prompt's
+  tokens come first (``GenerationOutput.prompt_logprobs``), the first of them
+  with ``null`` logprob and top_logprobs, as OpenAI answers.
 - chat: ``{content: [{token, logprob, bytes, top_logprobs: [{token, logprob, bytes}]}]}``.
 
 A token's string is the tokenizer's decoding of that token alone (special
@@ -33,8 +35,8 @@ LOGPROB_FLOOR = -9999.0
 
 class CompletionLogprobs(BaseModel):
     tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]]
+    token_logprobs: list[Optional[float]]  # None: the prompt's first token (echo)
+    top_logprobs: list[Optional[dict[str, float]]]
     text_offset: list[int]
 
 
@@ -86,19 +88,29 @@ def _clamp(v: float) -> float:
     return max(v, LOGPROB_FLOOR)  # -inf (a token the model rules out) becomes the floor
 
 
-def completion_logprobs(lps: Sequence[TokenLogprob], names: TokenNames,
+def prompt_entries(prompt_ids: Sequence[int], prompt_lps: Sequence[TokenLogprob | None]) -> list[TokenLogprob | int]:
+    """``completion_logprobs`` entries for a scored prompt: a bare token id
+    where nothing scored the token (the first), else its TokenLogprob."""
+    return [pid if lp is None else lp for pid, lp in zip(prompt_ids, prompt_lps, strict=True)]
+
+
+def completion_logprobs(lps: Sequence[TokenLogprob | int], names: TokenNames,
                         offset: int = 0) -> tuple[CompletionLogprobs, int]:
     """The legacy object for ``lps`` whose first token starts at character
-    ``offset``; returns it and the offset after the last token."""
+    ``offset``; returns it and the offset after the last token. An int entry
+    is a token with no logprob (the prompt's first, under echo): its
+    token_logprobs and top_logprobs entries are None."""
     tokens, values, tops, offsets = [], [], [], []
     for lp in lps:
-        name = names(lp.token_id)
-        top: dict[str, float] = {}
-        for token_id, v in lp.top:
-            top.setdefault(names(token_id), _clamp(v))
-        top.setdefault(name, _clamp(lp.logprob))
+        if isinstance(lp, int):
+            name, value, top = names(lp), None, None
+        else:
+            name, value, top = names(lp.token_id), _clamp(lp.logprob), {}
+            for token_id, v in lp.top:
+                top.setdefault(names(token_id), _clamp(v))
+            top.setdefault(name, value)
         tokens.append(name)
-        values.append(_clamp(lp.logprob))
+        values.append(value)
         tops.append(top)
         offsets.append(offset)
         offset += len(name)

@@ -189,6 +189,8 @@ def generation_params(req: _SamplingRequest, max_tokens: int | None, vocab_size:
     k = requested_logprobs(req)
     if k is not None:
         params["logprobs"] = k
+        if getattr(req, "echo", False):  # completions: the echoed prompt's tokens are scored too
+            params["prompt_logprobs"] = k
     try:
         defaults.replace(**params).validate(vocab_size)
     except (ValueError, TypeError) as e:
@@ -202,8 +204,8 @@ def generation_params(req: _SamplingRequest, max_tokens: int | None, vocab_size:
 
 def requested_logprobs(req: _SamplingRequest) -> int | None:
     """Alternatives per token the request asks for (None: no logprobs).
-    Completions: ``logprobs=k``. Chat: ``logprobs=true`` with ``top_logprobs=k``
-    (default 0). Prompt logprobs (completions ``echo``) are refused."""
+    Completions: ``logprobs=k`` (with ``echo``, for the prompt's tokens too).
+    Chat: ``logprobs=true`` with ``top_logprobs=k`` (default 0)."""
     if isinstance(req, ChatCompletionRequest):
         k = req.top_logprobs
         if k is not None and k != 0 and not req.logprobs:
@@ -211,11 +213,7 @@ def requested_logprobs(req: _SamplingRequest) -> int | None:
         if k is not None and not 0 <= k <= MAX_LOGPROBS:
             raise bad_request(f"top_logprobs must be in [0, {MAX_LOGPROBS}], got {k}", "top_logprobs")
         return (k or 0) if req.logprobs else None
-    k = getattr(req, "logprobs", None)
-    if k is not None and getattr(req, "echo", False):
-        raise bad_request("echo with logprobs would need prompt logprobs, which fastllm's server does not "
-                          "compute; drop echo or logprobs", "echo")
-    return k
+    return getattr(req, "logprobs", None)
 
 
 # ----------------------------------------------------------------- responses

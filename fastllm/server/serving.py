@@ -11,7 +11,10 @@ stop string or an incomplete character, sends no chunk, so its token waits
 for the next one or the final chunk). Chunks therefore carry their tokens'
 entries, but where text was held back a chunk's text and its tokens can be
 offset by a few characters. All chunks together hold one entry per generated
-token, equal to the non-streamed answer's.
+token, equal to the non-streamed answer's. With ``echo``, a choice's echoed
+prompt is its first chunk; with ``logprobs`` too, that chunk carries the
+prompt tokens' entries and is sent once the choice's first step is done (the
+step that scored the prompt), else before anything is generated.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
 
 from fastllm.server.async_engine import AsyncEngine, EngineError, EngineStopped, GenerationStream
-from fastllm.server.logprobs import TokenNames, chat_logprobs, completion_logprobs
+from fastllm.server.logprobs import TokenNames, chat_logprobs, completion_logprobs, prompt_entries
 from fastllm.server.protocol import (
     ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse,
     ChatMessageOut, CompletionChoice, CompletionChunk, CompletionRequest, CompletionResponse, DeltaMessage,
@@ -167,20 +170,28 @@ class OpenAIServing:
         chunk = self._chunker(CompletionChunk, rid, created, req.include_usage)
 
         want_lp = params.get("logprobs") is not None
+        scored = want_lp and req.echo  # the echoed prompt comes with its tokens' logprobs
         if req.stream:
-            head = [chunk([CompletionChoice(index=i, text=t, logprobs=None, finish_reason=None)])
-                    for i, t in enumerate(echo) if t]
+            head = [] if scored else [chunk([CompletionChoice(index=i, text=t, logprobs=None, finish_reason=None)])
+                                      for i, t in enumerate(echo) if t]
             pending, offsets = _Pending(), dict.fromkeys(range(len(echo)), 0)
 
             def chunks(index: int, out: Any) -> list[str]:
+                events = []
+                if scored and out.prompt_logprobs is not None:  # the choice's first output: echo its prompt
+                    lp, offsets[index] = completion_logprobs(
+                        prompt_entries(out.prompt_token_ids, out.prompt_logprobs), self.names)
+                    events.append(chunk([CompletionChoice(index=index, text=echo[index], logprobs=lp,
+                                                          finish_reason=None)]))
                 pending.add(index, out)
                 reason = out.output.finish_reason if out.finished else None
                 if not out.text and reason is None:
-                    return []
+                    return events
                 lp = None
                 if want_lp:
                     lp, offsets[index] = completion_logprobs(pending.take(index), self.names, offsets[index])
-                return [chunk([CompletionChoice(index=index, text=out.text, logprobs=lp, finish_reason=reason)])]
+                events.append(chunk([CompletionChoice(index=index, text=out.text, logprobs=lp, finish_reason=reason)]))
+                return events
 
             events = self._events(stream, head, chunks, chunk if req.include_usage else None, n)
             return StreamingResponse(events, media_type="text/event-stream")
@@ -189,12 +200,18 @@ class OpenAIServing:
         if isinstance(finals, Response):
             return finals
         choices = [CompletionChoice(index=i, text=echo[i] + (o.text or ""), finish_reason=o.finish_reason,
-                                    logprobs=completion_logprobs(o.logprobs, self.names)[0] if want_lp else None)
+                                    logprobs=self._completion_logprobs(o, scored) if want_lp else None)
                    for i, o in sorted(finals.items())]
         usage = self._usage({i: len(o.prompt_token_ids) for i, o in finals.items()},
                             sum(len(o.token_ids) for o in finals.values()), n)
         body = CompletionResponse(id=rid, created=created, model=self.name, choices=choices, usage=usage)
         return JSONResponse(body.model_dump())
+
+    def _completion_logprobs(self, out: Any, scored: bool) -> Any:
+        """A finished choice's legacy logprobs: its echoed prompt's tokens
+        first when ``scored``, then the generated ones."""
+        entries = prompt_entries(out.prompt_token_ids, out.prompt_logprobs) if scored else []
+        return completion_logprobs([*entries, *out.logprobs], self.names)[0]
 
     def _echo_text(self, prompt: str | list[int]) -> str:
         if isinstance(prompt, str):
