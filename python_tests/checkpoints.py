@@ -23,7 +23,7 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
 
-ARCHS = ("llama", "llama3", "mistral", "qwen2", "mixtral")
+ARCHS = ("llama", "llama3", "mistral", "qwen2", "mixtral", "qwen3", "qwen3_moe")
 VOCAB = 384
 
 
@@ -61,6 +61,11 @@ def _config(arch: str, **overrides):
         cfg = tf.Qwen2Config(**common, tie_word_embeddings=True)
     elif arch == "mixtral":
         cfg = tf.MixtralConfig(**common, num_local_experts=4, num_experts_per_tok=2)
+    elif arch == "qwen3":  # head_dim is not hidden / heads
+        cfg = tf.Qwen3Config(**common, head_dim=24, tie_word_embeddings=False)
+    elif arch == "qwen3_moe":  # layer 0 routes (top-2 of 5, not renormalised), layer 1 is dense
+        cfg = tf.Qwen3MoeConfig(**common, head_dim=24, num_experts=5, num_experts_per_tok=2,
+                                moe_intermediate_size=40, mlp_only_layers=[1], norm_topk_prob=False)
     else:
         raise ValueError(arch)
     for k, v in overrides.items():
@@ -100,6 +105,8 @@ def make_checkpoint(out: Path, arch: str, dtype: torch.dtype = torch.float32, to
         "mistral": tf.MistralForCausalLM,
         "qwen2": tf.Qwen2ForCausalLM,
         "mixtral": tf.MixtralForCausalLM,
+        "qwen3": tf.Qwen3ForCausalLM,
+        "qwen3_moe": tf.Qwen3MoeForCausalLM,
     }[arch]
     torch.manual_seed(1234)
     model = cls(_config(arch, **overrides)).to(dtype).eval()
@@ -108,6 +115,11 @@ def make_checkpoint(out: Path, arch: str, dtype: torch.dtype = torch.float32, to
             for layer in model.model.layers:
                 for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
                     proj.bias.normal_(0, 0.5)
+    if arch.startswith("qwen3"):  # the q/k norms start at ones; make them matter
+        with torch.no_grad():
+            for layer in model.model.layers:
+                layer.self_attn.q_norm.weight.uniform_(0.5, 1.5)
+                layer.self_attn.k_norm.weight.uniform_(0.5, 1.5)
     model.generation_config.eos_token_id = 2
     model.save_pretrained(str(out))
     if tokenizer:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -99,3 +101,67 @@ def test_context_limit_finishes_with_length(tmp_path):
         model.generate(list(range(3, 27)), max_new_tokens=5)
     with pytest.raises(ValueError, match="context"):
         model.forward(torch.randint(3, 384, (1, 25)))
+
+
+def _save(tmp_path, hf_config, model_cls):
+    torch.manual_seed(4321)
+    hf = model_cls(hf_config).eval()
+    hf.generation_config.eos_token_id = None
+    hf.save_pretrained(str(tmp_path))
+    return hf
+
+
+def _common(**kw):
+    return dict(vocab_size=384, hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
+                max_position_embeddings=256, initializer_range=0.15, **kw)
+
+
+def _matches_transformers(hf, model, seq=41, prompt=20, new=20):
+    ids = torch.randint(3, 384, (2, seq), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref = hf(ids).logits
+        greedy = hf.generate(ids[:1, :prompt], do_sample=False, max_new_tokens=new)[0, prompt:].tolist()
+    assert _rel(model.forward(ids), ref) < 1e-4
+    assert model.generate(ids[0, :prompt].tolist(), max_new_tokens=new, ignore_eos=True).token_ids == greedy
+
+
+@pytest.mark.parametrize("arch", ["Qwen2", "Qwen3"])
+def test_qwen_sliding_window_only_on_its_layers(tmp_path, arch):
+    """With use_sliding_window, Qwen2/Qwen3 window only the layers from
+    max_window_layers on (transformers' layer_types); the others see everything."""
+    import transformers as tf
+
+    cfg = getattr(tf, arch + "Config")(**_common(num_hidden_layers=3, use_sliding_window=True, sliding_window=6,
+                                                 max_window_layers=1))
+    hf = _save(tmp_path, cfg, getattr(tf, arch + "ForCausalLM"))
+    model = Model.from_pretrained(tmp_path, device="cpu")
+    assert [model.config.layer_window(i) for i in range(3)] == [None, 6, 6]
+    _matches_transformers(hf, model)
+
+
+def test_qwen3_moe_renormalized_and_sparse_step(tmp_path):
+    """norm_topk_prob renormalises the top-k routing weights; with
+    decoder_sparse_step 2 only every second layer routes (the rest are dense)."""
+    import transformers as tf
+
+    cfg = tf.Qwen3MoeConfig(**_common(num_hidden_layers=4, head_dim=16, num_experts=6, num_experts_per_tok=3,
+                                      moe_intermediate_size=32, norm_topk_prob=True, decoder_sparse_step=2))
+    hf = _save(tmp_path, cfg, tf.Qwen3MoeForCausalLM)
+    model = Model.from_pretrained(tmp_path, device="cpu")
+    c = model.config
+    assert (c.dense_layers, c.moe_renormalize, c.num_experts, c.moe_intermediate_size) == ((0, 2), True, 6, 32)
+    _matches_transformers(hf, model)
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("layer_types", ["full_attention", "chunked_attention"], "layer_types"),
+    ("sliding_window", -3, "sliding_window"),
+])
+def test_bad_sliding_config_is_refused(tmp_path, field, value, match):
+    make_checkpoint(tmp_path, "qwen3", tokenizer=False)
+    path = tmp_path / "config.json"
+    raw = json.loads(path.read_text())
+    raw.update({"use_sliding_window": True, "sliding_window": 8, field: value})
+    path.write_text(json.dumps(raw))
+    with pytest.raises(ValueError, match=match):
+        Model.from_pretrained(tmp_path, device="cpu")

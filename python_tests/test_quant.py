@@ -78,7 +78,7 @@ def test_parse_rejects(value):
         QuantizationConfig.parse(value)
 
 
-@pytest.fixture(scope="module", params=["llama", "qwen2", "mixtral"])
+@pytest.fixture(scope="module", params=["llama", "qwen2", "mixtral", "qwen3_moe"])
 def ckpt(request, tmp_path_factory):
     path = tmp_path_factory.mktemp(request.param)
     make_checkpoint(path, request.param, intermediate_size=128)  # K in {64, 128}: groups 32 and 64 fit

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from checkpoints import make_checkpoint
@@ -29,8 +30,6 @@ from fastllm.model.weights import checkpoint_targets
 from fastllm.ops.reference import unpack_int4
 from fastllm.quant import Int4Linear
 
-DENSE = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-         "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 AWQ_PACK_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 IDS = torch.randint(3, 384, (2, 13), generator=torch.Generator().manual_seed(7))
 
@@ -60,18 +59,13 @@ def pack_cols(v: torch.Tensor, order=tuple(range(8))) -> torch.Tensor:
 
 
 def _prefixes(src: Path, experts: bool, lm_head: bool) -> list[str]:
-    cfg = json.loads((src / "config.json").read_text())
-    names = []
-    for i in range(cfg["num_hidden_layers"]):
-        p = f"model.layers.{i}."
-        if "num_local_experts" in cfg:
-            names += [p + proj for proj in DENSE[:4]]
-            if experts:
-                names += [p + f"block_sparse_moe.experts.{e}.{w}" for e in range(cfg["num_local_experts"])
-                          for w in ("w1", "w2", "w3")]
-        else:
-            names += [p + proj for proj in DENSE]
-    return names + (["lm_head"] if lm_head else [])
+    """The projections of a checkpoint a GPTQ/AWQ export quantizes: every 2-D
+    ``.weight`` but the embeddings and MoE routers (experts only if ``experts``,
+    the LM head only if ``lm_head``)."""
+    with safe_open(str(src / "model.safetensors"), "pt") as f:
+        names = [n[: -len(".weight")] for n in f.keys() if n.endswith(".weight") and len(f.get_slice(n).get_shape()) == 2]
+    skip = ("model.embed_tokens", "lm_head") if not lm_head else ("model.embed_tokens",)
+    return sorted(n for n in names if n not in skip and not n.endswith(".gate") and (experts or ".experts." not in n))
 
 
 def write_quantized(src: Path, out: Path, plain: Path, fmt: str, group: int, *, keep=(), experts=True,
@@ -128,9 +122,10 @@ def write_quantized(src: Path, out: Path, plain: Path, fmt: str, group: int, *, 
 def sources(tmp_path_factory):
     """Tiny random transformers checkpoints (K in {64, 128}: groups 32 and 64 fit), by arch."""
     made = {}
-    for arch in ("llama3", "qwen2", "mixtral"):
+    for arch in ("llama3", "qwen2", "mixtral", "qwen3_moe"):
         made[arch] = tmp_path_factory.mktemp(arch)
-        make_checkpoint(made[arch], arch, intermediate_size=128, tokenizer=arch == "qwen2")
+        extra = {"moe_intermediate_size": 64} if arch == "qwen3_moe" else {}
+        make_checkpoint(made[arch], arch, intermediate_size=128, tokenizer=arch == "qwen2", **extra)
     return made.__getitem__
 
 
@@ -188,10 +183,12 @@ def test_load_matches_dequantized_checkpoint(sources, tmp_path, arch, fmt, group
         assert (tmp_path / "saved" / "tokenizer.json").is_file()
 
 
-def test_mixtral_experts_dequantized_and_lm_head_int4(sources, tmp_path):
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
+def test_moe_experts_dequantized_and_lm_head_int4(sources, tmp_path, arch):
     """Quantized MoE experts load dequantized into fastllm's 16-bit expert
     tensors; a quantized (untied) LM head loads as int4."""
-    chosen = write_quantized(sources("mixtral"), tmp_path / "q", tmp_path / "plain", "gptq", 32, lm_head=True)
+    chosen = write_quantized(sources(arch), tmp_path / "q", tmp_path / "plain", "gptq", 32, lm_head=True)
+    assert any(".experts." in p for p in chosen)
     model = Model.from_pretrained(tmp_path / "q", device="cpu")
     assert model.network.quantization.lm_head and isinstance(model.network.lm_head, Int4Linear)
     assert isinstance(model.network.layers[1].self_attn.o_proj, Int4Linear)

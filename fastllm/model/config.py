@@ -14,7 +14,11 @@ SUPPORTED_ARCHITECTURES = (
     "MistralForCausalLM",
     "Qwen2ForCausalLM",
     "MixtralForCausalLM",
+    "Qwen3ForCausalLM",
+    "Qwen3MoeForCausalLM",
 )
+_QWEN = ("Qwen2ForCausalLM", "Qwen3ForCausalLM", "Qwen3MoeForCausalLM")
+_MOE = ("MixtralForCausalLM", "Qwen3MoeForCausalLM")
 
 _DTYPES = {
     "float32": torch.float32,
@@ -70,8 +74,13 @@ class ModelConfig:
     o_bias: bool = False
     mlp_bias: bool = False
     sliding_window: int | None = None
+    sliding_layers: tuple[int, ...] | None = None  # the layers the window applies to (None: all)
+    qk_norm: bool = False  # Qwen3: RMSNorm over each head of q and k before RoPE
     num_experts: int = 0  # 0 = dense MLP
     num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0  # each expert's (Qwen3-MoE; Mixtral: intermediate_size)
+    moe_renormalize: bool = True  # the top-k routing weights sum to 1 (Mixtral; Qwen3-MoE's norm_topk_prob)
+    dense_layers: tuple[int, ...] = ()  # layers of an MoE model with a dense MLP (Qwen3-MoE's mlp_only_layers)
     torch_dtype: torch.dtype | None = None
     bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
@@ -80,7 +89,17 @@ class ModelConfig:
 
     @property
     def is_moe(self) -> bool:
-        return self.num_experts > 0
+        """Whether any layer routes to experts."""
+        return self.num_experts > 0 and len(self.dense_layers) < self.num_layers
+
+    def is_moe_layer(self, i: int) -> bool:
+        return self.num_experts > 0 and i not in self.dense_layers
+
+    def layer_window(self, i: int) -> int | None:
+        """Layer ``i``'s sliding attention window (None: full attention)."""
+        if self.sliding_window is None or (self.sliding_layers is not None and i not in self.sliding_layers):
+            return None
+        return self.sliding_window
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> "ModelConfig":
@@ -109,18 +128,25 @@ class ModelConfig:
         if head_dim % 2:
             raise ValueError(f"head_dim must be even for rotary embeddings, got {head_dim}")
 
-        sliding = raw.get("sliding_window")
-        if arch == "Qwen2ForCausalLM" and not raw.get("use_sliding_window", False):
-            sliding = None  # Qwen2 stores a window but only applies it when asked
-        is_moe = arch == "MixtralForCausalLM"
+        num_layers = int(need("num_hidden_layers"))
+        sliding, sliding_layers = _parse_sliding(arch, raw, num_layers)
+        is_moe = arch in _MOE
+        num_experts = int(raw.get("num_local_experts") or raw.get("num_experts") or 0) if is_moe else 0
+        if is_moe and num_experts < 1:
+            raise ValueError("config.json: a mixture-of-experts model needs num_local_experts (or num_experts) >= 1")
+        top_k = int(raw.get("num_experts_per_tok", 2)) if is_moe else 0
+        if is_moe and not 1 <= top_k <= num_experts:
+            raise ValueError(f"config.json: num_experts_per_tok must be in [1, {num_experts}], got {top_k}")
+        inter = int(need("intermediate_size"))
+        qwen3_moe = arch == "Qwen3MoeForCausalLM"
         eos = raw.get("eos_token_id")
         eos_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
         return cls(
             architecture=arch,
             vocab_size=int(need("vocab_size")),
             hidden_size=hidden,
-            intermediate_size=int(need("intermediate_size")),
-            num_layers=int(need("num_hidden_layers")),
+            intermediate_size=inter,
+            num_layers=num_layers,
             num_heads=heads,
             num_kv_heads=kv_heads,
             head_dim=head_dim,
@@ -128,13 +154,19 @@ class ModelConfig:
             rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
             rope=_parse_rope(raw),
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
-            # Qwen2 always has q/k/v biases and none on o_proj; Llama's attention_bias covers all four.
+            # Qwen2 always has q/k/v biases and none on o_proj; Llama's (and Qwen3's)
+            # attention_bias covers all four.
             qkv_bias=arch == "Qwen2ForCausalLM" or bool(raw.get("attention_bias", False)),
             o_bias=arch != "Qwen2ForCausalLM" and bool(raw.get("attention_bias", False)),
             mlp_bias=bool(raw.get("mlp_bias", False)),
-            sliding_window=int(sliding) if sliding else None,
-            num_experts=int(raw.get("num_local_experts", 0)) if is_moe else 0,
-            num_experts_per_tok=int(raw.get("num_experts_per_tok", 2)) if is_moe else 0,
+            sliding_window=sliding,
+            sliding_layers=sliding_layers,
+            qk_norm=arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM"),
+            num_experts=num_experts,
+            num_experts_per_tok=top_k,
+            moe_intermediate_size=int(raw.get("moe_intermediate_size") or inter) if qwen3_moe else inter,
+            moe_renormalize=bool(raw.get("norm_topk_prob", False)) if qwen3_moe else True,
+            dense_layers=_qwen3_moe_dense_layers(raw, num_layers) if qwen3_moe else (),
             torch_dtype=_config_dtype(raw),
             bos_token_id=raw.get("bos_token_id"),
             eos_token_ids=eos_ids,
@@ -154,6 +186,41 @@ class ModelConfig:
         if not isinstance(raw, dict):
             raise ValueError(f"{path} must hold a JSON object")
         return cls.from_dict(raw)
+
+
+def _parse_sliding(arch: str, raw: dict[str, Any], num_layers: int) -> tuple[int | None, tuple[int, ...] | None]:
+    """The sliding window and the layers it applies to (None: all), as
+    transformers reads them: Qwen models store a window but apply it only with
+    ``use_sliding_window``, and Qwen2/Qwen3 only on the layers ``layer_types``
+    marks ``sliding_attention`` (default: from ``max_window_layers`` on)."""
+    window = raw.get("sliding_window")
+    if arch in _QWEN and not raw.get("use_sliding_window", False):
+        window = None
+    if not window:
+        return None, None
+    if not isinstance(window, int) or isinstance(window, bool) or window < 1:
+        raise ValueError(f"config.json: sliding_window must be a positive int, got {window!r}")
+    if arch not in ("Qwen2ForCausalLM", "Qwen3ForCausalLM"):
+        return window, None
+    types = raw.get("layer_types")
+    if types is None:
+        first = int(raw.get("max_window_layers", 28))
+        types = ["sliding_attention" if i >= first else "full_attention" for i in range(num_layers)]
+    if len(types) != num_layers or not set(types) <= {"sliding_attention", "full_attention"}:
+        raise ValueError(f"config.json: layer_types must list 'full_attention' or 'sliding_attention' for each "
+                         f"of the {num_layers} layers, got {types!r}")
+    return window, tuple(i for i, t in enumerate(types) if t == "sliding_attention")
+
+
+def _qwen3_moe_dense_layers(raw: dict[str, Any], num_layers: int) -> tuple[int, ...]:
+    """Layers of a Qwen3-MoE model with a dense MLP, as transformers picks them:
+    those in ``mlp_only_layers`` and those with ``(i + 1) % decoder_sparse_step != 0``."""
+    step = int(raw.get("decoder_sparse_step") or 1)
+    only = raw.get("mlp_only_layers") or []
+    if step < 1 or not all(isinstance(i, int) for i in only):
+        raise ValueError(f"config.json: decoder_sparse_step must be >= 1 and mlp_only_layers a list of layer "
+                         f"indices, got {step!r} and {only!r}")
+    return tuple(i for i in range(num_layers) if i in only or (i + 1) % step)
 
 
 def _config_dtype(raw: dict[str, Any]) -> torch.dtype | None:

@@ -1,4 +1,4 @@
-"""The decoder-only transformer (Llama, Mistral, Qwen2, Mixtral), over fastllm.ops.
+"""The decoder-only transformer (Llama, Mistral, Qwen2/3, Mixtral, Qwen3-MoE), over fastllm.ops.
 
 Token-major: a step's tokens from all sequences are packed into [N, hidden];
 ``AttentionMetadata`` tells attention which tokens belong together and where
@@ -18,15 +18,18 @@ from fastllm.ops import AttentionMetadata
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, dtype: torch.dtype):
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, layer: int):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.q_size = cfg.num_heads * cfg.head_dim
         self.kv_size = cfg.num_kv_heads * cfg.head_dim
         self.scale = cfg.head_dim**-0.5
-        self.sliding_window = cfg.sliding_window
+        self.sliding_window = cfg.layer_window(layer)
         self.qkv_proj = Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, cfg.qkv_bias, dtype)
         self.o_proj = Linear(self.q_size, cfg.hidden_size, cfg.o_bias, dtype)
+        # Qwen3: each head of q and k RMS-normalised (one weight of head_dim shared by the heads)
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dtype) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dtype) if cfg.qk_norm else None
 
     def forward(
         self, x: Tensor, positions: Tensor, kv: tuple[Tensor, Tensor], meta: AttentionMetadata, cos_sin: Tensor
@@ -36,6 +39,9 @@ class Attention(nn.Module):
         q = qkv[:, : self.q_size].view(n, self.num_heads, self.head_dim)
         k = qkv[:, self.q_size : self.q_size + self.kv_size].view(n, self.num_kv_heads, self.head_dim)
         v = qkv[:, self.q_size + self.kv_size :].view(n, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:  # rows of head_dim; the results are contiguous [N, H, D]
+            q = self.q_norm(q.reshape(-1, self.head_dim)).view(n, self.num_heads, self.head_dim)
+            k = self.k_norm(k.reshape(-1, self.head_dim)).view(n, self.num_kv_heads, self.head_dim)
         ops.rotary_embedding(q, k, positions, cos_sin)
         k_cache, v_cache = kv
         ops.reshape_and_cache(k, v, k_cache, v_cache, meta.slot_mapping)
@@ -62,28 +68,30 @@ class MLP(nn.Module):
 
 
 class SparseMoE(nn.Module):
-    """Mixtral's block: route each token to its top-k experts, weighted sum."""
+    """Mixtral's and Qwen3-MoE's block: route each token to its top-k experts
+    (softmax over all experts, the k largest, renormalised to sum 1 unless the
+    config says not), the weighted sum of their SwiGLU outputs."""
 
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype):
         super().__init__()
-        self.top_k = cfg.num_experts_per_tok
-        e, h, i = cfg.num_experts, cfg.hidden_size, cfg.intermediate_size
+        self.top_k, self.renormalize = cfg.num_experts_per_tok, cfg.moe_renormalize
+        e, h, i = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
         self.gate = Linear(h, e, False, dtype)
         self.w13 = _param(e, 2 * i, h, dtype=dtype)  # per expert: gate (w1) rows, then up (w3)
         self.w2 = _param(e, h, i, dtype=dtype)
 
     def forward(self, x: Tensor) -> Tensor:
-        weights, ids = ops.moe_route(self.gate(x), self.top_k, renormalize=True)
+        weights, ids = ops.moe_route(self.gate(x), self.top_k, renormalize=self.renormalize)
         return ops.fused_moe(x, self.w13, self.w2, weights, ids)
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, dtype: torch.dtype):
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, index: int):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-        self.self_attn = Attention(cfg, dtype)
+        self.self_attn = Attention(cfg, dtype, index)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-        self.mlp = SparseMoE(cfg, dtype) if cfg.is_moe else MLP(cfg, dtype)
+        self.mlp = SparseMoE(cfg, dtype) if cfg.is_moe_layer(index) else MLP(cfg, dtype)
 
     def forward(self, x, residual, positions, kv, meta, cos_sin):
         if residual is None:
@@ -103,7 +111,7 @@ class Transformer(nn.Module):
         self.config = cfg
         self.embed_tokens = nn.Module()
         self.embed_tokens.weight = _param(cfg.vocab_size, cfg.hidden_size, dtype=dtype)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, dtype) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, dtype, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size, False, dtype)
         self.register_buffer("cos_sin_cache", torch.empty(cfg.max_position_embeddings, cfg.head_dim), persistent=False)

@@ -1,8 +1,8 @@
 """Loading Hugging Face safetensors checkpoints into a ``Transformer``.
 
 Every checkpoint tensor name maps to a view of one of our parameters (q/k/v go
-to slices of the fused ``qkv_proj``, gate/up to ``gate_up_proj``, Mixtral's
-per-expert w1/w3/w2 to the stacked ``w13``/``w2``). Loading copies each tensor
+to slices of the fused ``qkv_proj``, gate/up to ``gate_up_proj``, the MoE
+experts' gate/up/down (Mixtral's w1/w3/w2) to the stacked ``w13``/``w2``). Loading copies each tensor
 into its view, converting dtype and device on the way, and fails loudly on a
 missing, unexpected or wrongly shaped tensor. Pickle checkpoints are refused.
 GPTQ/AWQ checkpoints go through a converter (``fastllm.quant_formats``) that
@@ -140,14 +140,23 @@ def linear_parts(cfg: ModelConfig) -> dict[str, list[tuple[str, int, int]]]:
             (p + "self_attn.v_proj", q + kv, q + 2 * kv),
         ]
         parts[m + "self_attn.o_proj"] = [(p + "self_attn.o_proj", 0, cfg.hidden_size)]
-        if cfg.is_moe:
-            parts[m + "mlp.gate"] = [(p + "block_sparse_moe.gate", 0, cfg.num_experts)]
+        if cfg.is_moe_layer(i):
+            parts[m + "mlp.gate"] = [(p + moe_names(cfg)[0] + ".gate", 0, cfg.num_experts)]
         else:
             parts[m + "mlp.gate_up_proj"] = [(p + "mlp.gate_proj", 0, inter), (p + "mlp.up_proj", inter, 2 * inter)]
             parts[m + "mlp.down_proj"] = [(p + "mlp.down_proj", 0, cfg.hidden_size)]
     if not cfg.tie_word_embeddings:
         parts["lm_head"] = [("lm_head", 0, cfg.vocab_size)]
     return parts
+
+
+def moe_names(cfg: ModelConfig) -> tuple[str, str, str, str]:
+    """How a checkpoint names an MoE block and its experts' gate, up and down
+    projections: Mixtral ``block_sparse_moe.experts.E.w1/w3/w2``, Qwen3-MoE
+    ``mlp.experts.E.gate_proj/up_proj/down_proj``."""
+    if cfg.architecture == "MixtralForCausalLM":
+        return "block_sparse_moe", "w1", "w3", "w2"
+    return "mlp", "gate_proj", "up_proj", "down_proj"
 
 
 def _rows(module: nn.Module, parts: list[tuple[str, int, int]], targets: dict[str, Tensor]) -> None:
@@ -171,13 +180,18 @@ def checkpoint_targets(model: Transformer) -> dict[str, Tensor]:
         p = f"model.layers.{i}."
         t[p + "input_layernorm.weight"] = layer.input_layernorm.weight
         t[p + "post_attention_layernorm.weight"] = layer.post_attention_layernorm.weight
-        if cfg.is_moe:
-            moe, inter = layer.mlp, cfg.intermediate_size
+        attn = layer.self_attn
+        if attn.q_norm is not None:
+            t[p + "self_attn.q_norm.weight"] = attn.q_norm.weight
+            t[p + "self_attn.k_norm.weight"] = attn.k_norm.weight
+        if cfg.is_moe_layer(i):
+            moe, inter = layer.mlp, cfg.moe_intermediate_size
+            block, gate, up, down = moe_names(cfg)
             for e in range(cfg.num_experts):
-                ep = p + f"block_sparse_moe.experts.{e}."
-                t[ep + "w1.weight"] = moe.w13[e, :inter]
-                t[ep + "w3.weight"] = moe.w13[e, inter:]
-                t[ep + "w2.weight"] = moe.w2[e]
+                ep = p + f"{block}.experts.{e}."
+                t[ep + f"{gate}.weight"] = moe.w13[e, :inter]
+                t[ep + f"{up}.weight"] = moe.w13[e, inter:]
+                t[ep + f"{down}.weight"] = moe.w2[e]
     return t
 
 
