@@ -293,19 +293,26 @@ class Model:
         messages: list[Message],
         config: GenerationConfig | None = None,
         stream: bool = False,
+        chat_template_kwargs: dict[str, Any] | None = None,
         **params: Any,
     ) -> GenerationOutput | Iterator[str]:
         """Reply to a conversation ``[{"role": ..., "content": ...}, ...]`` using the
         checkpoint's chat template (rendered in a jinja2 sandbox). With
-        ``stream=True`` returns an iterator of text pieces. Other keywords
-        (sampling parameters, draft_model, num_speculative_tokens): as for ``generate``."""
-        ids = self.apply_chat_template(messages)
+        ``stream=True`` returns an iterator of text pieces. chat_template_kwargs:
+        extra variables for the template (e.g. ``{"enable_thinking": False}`` for
+        Qwen3's). Other keywords (sampling parameters, draft_model,
+        num_speculative_tokens): as for ``generate``."""
+        ids = self.apply_chat_template(messages, **_template_kwargs(chat_template_kwargs))
         return self.stream(ids, config, **params) if stream else self.generate(ids, config, **params)
 
-    def apply_chat_template(self, messages: list[Message], add_generation_prompt: bool = True) -> list[int]:
-        """The token ids of a conversation rendered with the chat template."""
+    def apply_chat_template(
+        self, messages: list[Message], add_generation_prompt: bool = True, **template_kwargs: Any
+    ) -> list[int]:
+        """The token ids of a conversation rendered with the chat template;
+        ``template_kwargs`` become template variables (as in transformers)."""
         self._require_tokenizer("chat")
-        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                                  **template_kwargs)
         return self.tokenizer.encode(text, add_special_tokens=False)
 
     # ------------------------------------------------------------------ helpers
@@ -400,3 +407,11 @@ class Model:
 def _lengths(requests: list[Request]) -> list[int]:
     """The most tokens each request can hold in the cache."""
     return [len(r.prompt_ids) + r.max_new_tokens for r in requests]
+
+
+def _template_kwargs(kwargs: dict[str, Any] | None) -> dict[str, Any]:
+    if kwargs is None:
+        return {}
+    if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
+        raise TypeError(f"chat_template_kwargs must be a dict with str keys, got {kwargs!r}")
+    return kwargs

@@ -34,6 +34,16 @@ def shipped_draft_path() -> str | None:
     return None
 
 
+def _json_object(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {e}") from e
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
+    return value
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", default=None,
                    help="Hugging Face model directory or a shipped model's name (default: the shipped target)")
@@ -115,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(chat)
     _add_sampling_args(chat)
     chat.add_argument("--system", default=None, help="system prompt")
+    chat.add_argument("--chat-template-kwargs", type=_json_object, default=None, metavar="JSON",
+                      help='extra chat template variables, e.g. \'{"enable_thinking": false}\'')
 
     serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server (needs: pip install 'fastllm[server]')")
     _add_model_args(serve)
@@ -229,7 +241,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
             reply = []
             if interactive:
                 sys.stdout.write("assistant> ")
-            for piece in model.chat(history, stream=True, **params):
+            for piece in model.chat(history, stream=True, chat_template_kwargs=args.chat_template_kwargs, **params):
                 reply.append(piece)
                 sys.stdout.write(piece)
                 sys.stdout.flush()

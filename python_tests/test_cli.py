@@ -59,6 +59,21 @@ def test_chat_repl_from_stdin(ckpt, capsys, monkeypatch):
     assert "\n".join(out) == f"{first}\n{second}"
 
 
+def test_chat_template_kwargs_flag(ckpt, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Hello there\n"))
+    args = ["chat", "--model", str(ckpt), "--max-new-tokens", "6", "--ignore-eos", "--device", "cpu",
+            "--chat-template-kwargs", '{"bos_token": "<|user|>"}']
+    assert main(args) == 0
+    model = Model.from_pretrained(ckpt, device="cpu")
+    msgs = [{"role": "user", "content": "Hello there"}]
+    want = model.chat(msgs, max_new_tokens=6, ignore_eos=True, chat_template_kwargs={"bos_token": "<|user|>"})
+    assert want.prompt_token_ids != model.apply_chat_template(msgs)
+    assert capsys.readouterr().out == want.text + "\n"
+    with pytest.raises(SystemExit):
+        main(args[:-1] + ["[1, 2]"])
+    assert "expected a JSON object" in capsys.readouterr().err
+
+
 def test_generate_quantized(ckpt, capsys):
     args = ["generate", "--model", str(ckpt), "ROMEO:", "--max-new-tokens", "5", "--ignore-eos", "--device", "cpu",
             "-q", "int8"]

@@ -153,6 +153,13 @@ def test_chat(model):
     out = model.chat(messages, max_new_tokens=15, ignore_eos=True)
     assert out.token_ids == model.generate(ids, max_new_tokens=15, ignore_eos=True).token_ids
     assert "".join(model.chat(messages, stream=True, max_new_tokens=15, ignore_eos=True)) == out.text
+    # chat_template_kwargs are template variables (this template prints bos_token first)
+    bare = model.apply_chat_template(messages, bos_token="")
+    assert bare == ids[1:] and ids[0] == model.tokenizer.bos_token_id
+    out = model.chat(messages, max_new_tokens=15, ignore_eos=True, chat_template_kwargs={"bos_token": ""})
+    assert out.prompt_token_ids == bare
+    with pytest.raises(TypeError, match="chat_template_kwargs"):
+        model.chat(messages, chat_template_kwargs=["bos_token"])
 
 
 @pytest.mark.parametrize(

@@ -123,6 +123,20 @@ def test_chat_equals_model_chat(client, model):
     assert evs[-1]["choices"][0]["finish_reason"] == out.finish_reason
 
 
+def test_chat_template_kwargs_reach_the_template(client, model):
+    """vLLM's chat_template_kwargs become template variables (here: the shipped
+    template's bos_token, dropped), as Model.chat(chat_template_kwargs=) does."""
+    extra = {"bos_token": ""}
+    out = model.chat(CHAT, temperature=0, max_new_tokens=12, chat_template_kwargs=extra)
+    got = post(client, "/v1/chat/completions", {"messages": CHAT, "chat_template_kwargs": extra, **GREEDY})
+    assert got["choices"][0]["message"]["content"] == out.text
+    assert got["usage"]["prompt_tokens"] == len(model.apply_chat_template(CHAT)) - 1 == len(out.prompt_token_ids)
+    for bad in ({"chat_template": "{{ messages }}"}, {"messages": []}):
+        err = post(client, "/v1/chat/completions", {"messages": CHAT, "chat_template_kwargs": bad, **GREEDY}, 400)
+        assert "chat_template_kwargs" in err["error"]["message"]
+    post(client, "/v1/chat/completions", {"messages": CHAT, "chat_template_kwargs": ["x"], **GREEDY}, 400)
+
+
 def test_text_parts_and_token_prompts(client, model):
     parts = [{"role": "user", "content": [{"type": "text", "text": "Who art"}, {"type": "text", "text": "thou?"}]}]
     flat = [{"role": "user", "content": "Who art\nthou?"}]

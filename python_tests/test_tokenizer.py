@@ -35,6 +35,25 @@ CHATML_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
+# Qwen3's template features: a namespace set in a reversed loop, string
+# methods, reasoning split from earlier assistant turns, enable_thinking.
+QWEN3_STYLE_TEMPLATE = (
+    "{%- set ns = namespace(last_user=messages|length - 1) %}"
+    "{%- for m in messages[::-1] %}{%- if m.role == 'user' and ns.last_user == messages|length - 1 %}"
+    "{%- set ns.last_user = messages|length - 1 - loop.index0 %}{%- endif %}{%- endfor %}"
+    "{%- for m in messages %}"
+    "{%- if m.role == 'assistant' and '</think>' in m.content %}"
+    "{%- set content = m.content.split('</think>')[-1].lstrip('\\n') %}"
+    "{%- set thought = m.content.split('</think>')[0].split('<think>')[-1].strip('\\n') %}"
+    "{%- else %}{%- set content = m.content %}{%- set thought = '' %}{%- endif %}"
+    "{{- '<|im_start|>' + m.role + '\\n' }}"
+    "{%- if thought and loop.index0 > ns.last_user %}{{- '<think>\\n' + thought + '\\n</think>\\n\\n' }}{%- endif %}"
+    "{{- content + '<|im_end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}"
+    "{%- endif %}"
+)
 
 
 def _metaspace_tokenizer(out):
@@ -59,7 +78,7 @@ def _metaspace_tokenizer(out):
     ).save_pretrained(str(out))
 
 
-def _chatml_tokenizer(out):
+def _chatml_tokenizer(out, template=CHATML_TEMPLATE):
     """A Qwen2-style byte-level BPE with no BOS and ChatML special tokens."""
     from tokenizers import Tokenizer as T
     from tokenizers import decoders, models, pre_tokenizers, trainers
@@ -77,7 +96,7 @@ def _chatml_tokenizer(out):
         ),
     )
     PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", chat_template=CHATML_TEMPLATE
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", chat_template=template
     ).save_pretrained(str(out))
 
 
@@ -86,7 +105,12 @@ def _llama3_tokenizer(out):
     (out / "chat_template.jinja").write_text(LLAMA3_TEMPLATE)
 
 
-BUILDERS = {"bytelevel-bos": _llama3_tokenizer, "metaspace": _metaspace_tokenizer, "chatml": _chatml_tokenizer}
+def _qwen3_tokenizer(out):
+    _chatml_tokenizer(out, QWEN3_STYLE_TEMPLATE)
+
+
+BUILDERS = {"bytelevel-bos": _llama3_tokenizer, "metaspace": _metaspace_tokenizer, "chatml": _chatml_tokenizer,
+            "qwen3": _qwen3_tokenizer}
 
 
 @pytest.fixture(scope="module", params=list(BUILDERS))
@@ -140,11 +164,28 @@ def test_chat_template_matches_transformers(pair):
             {"role": "assistant", "content": "Well met."},
             {"role": "user", "content": "  Café 日本  "},
         ],
+        [
+            {"role": "user", "content": "Sum 2 and 2"},
+            {"role": "assistant", "content": "<think>\nsmall numbers\n</think>\n\nFour."},
+        ],
     ]
     for messages in conversations:
         for gen in (True, False):
             expect = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen)
             assert ours.apply_chat_template(messages, add_generation_prompt=gen) == expect
+            for thinking in (True, False):  # a template variable, as transformers passes its extra kwargs
+                expect = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen,
+                                                enable_thinking=thinking)
+                assert ours.apply_chat_template(messages, add_generation_prompt=gen, enable_thinking=thinking) == expect
+
+
+def test_qwen3_style_template_thinking_switch(tmp_path):
+    _qwen3_tokenizer(tmp_path)
+    tok = Tokenizer.from_pretrained(tmp_path)
+    msgs = [{"role": "user", "content": "hi"}]
+    assert tok.apply_chat_template(msgs) == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    off = tok.apply_chat_template(msgs, enable_thinking=False)
+    assert off == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
 
 
 def _check_stream(tok: Tokenizer, prompt: list[int], gen: list[int]) -> None:

@@ -106,6 +106,7 @@ class ChatCompletionRequest(_SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: Optional[int] = None
     add_generation_prompt: bool = True
+    chat_template_kwargs: Optional[dict[str, Any]] = None  # vLLM's: extra chat template variables
     logprobs: Optional[bool] = None
     top_logprobs: Optional[StrictInt] = None  # needs logprobs=true
 

@@ -225,8 +225,13 @@ class OpenAIServing:
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         params = self._check(req, max_tokens)
         messages = [m.for_template(i) for i, m in enumerate(req.messages)]
+        extra = req.chat_template_kwargs or {}
+        reserved = sorted({"chat_template", "messages", "add_generation_prompt"} & set(extra))
+        if reserved:
+            raise bad_request(f"chat_template_kwargs may not set {reserved} (the template and its messages are "
+                              "the server's and the request's own fields)", "chat_template_kwargs")
         try:
-            ids = self.model.apply_chat_template(messages, add_generation_prompt=req.add_generation_prompt)
+            ids = self.model.apply_chat_template(messages, add_generation_prompt=req.add_generation_prompt, **extra)
         except (ValueError, TypeError) as e:
             raise bad_request(str(e), "messages") from e
         n, want_lp = req.n, params.get("logprobs") is not None
