@@ -57,8 +57,8 @@ def test_unknown_architecture(copy):
 
 
 def test_unsupported_rope_and_activation(copy):
-    _edit_config(copy, rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0})
-    with pytest.raises(ValueError, match="rope type 'yarn'"):
+    _edit_config(copy, rope_parameters={"rope_type": "longrope", "rope_theta": 1e4, "factor": 4.0})
+    with pytest.raises(ValueError, match="rope type 'longrope'"):
         Model.from_pretrained(copy)
     _edit_config(copy, rope_parameters={"rope_type": "default", "rope_theta": 1e4}, hidden_act="gelu")
     with pytest.raises(ValueError, match="hidden_act"):

@@ -165,3 +165,36 @@ def test_bad_sliding_config_is_refused(tmp_path, field, value, match):
     path.write_text(json.dumps(raw))
     with pytest.raises(ValueError, match=match):
         Model.from_pretrained(tmp_path, device="cpu")
+
+
+@pytest.mark.parametrize("rope", [
+    {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32},
+    {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 16, "beta_fast": 16, "beta_slow": 2,
+     "mscale": 1.0, "mscale_all_dim": 0.5},
+    {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 24, "attention_factor": 1.3,
+     "truncate": False},
+    {"rope_type": "linear", "factor": 2.5},
+])
+def test_rope_scaling_matches_transformers(tmp_path, rope):
+    """YaRN (Qwen's long-context configs) and linear scaling, past the original context."""
+    import transformers as tf
+
+    cfg = tf.Qwen2Config(**_common(num_hidden_layers=2, rope_parameters={"rope_theta": 10000.0, **rope}))
+    hf = _save(tmp_path, cfg, tf.Qwen2ForCausalLM)
+    model = Model.from_pretrained(tmp_path, device="cpu")
+    assert model.config.rope.type == rope["rope_type"]
+    _matches_transformers(hf, model, seq=90, prompt=50, new=20)
+
+
+@pytest.mark.parametrize("rope, match", [
+    ({"rope_type": "dynamic", "factor": 2.0}, "unsupported rope type"),
+    ({"rope_type": "yarn", "factor": -1.0, "original_max_position_embeddings": 32}, "factor"),
+])
+def test_bad_rope_is_refused(tmp_path, rope, match):
+    make_checkpoint(tmp_path, "llama", tokenizer=False)
+    path = tmp_path / "config.json"
+    raw = json.loads(path.read_text())
+    raw["rope_parameters"] = {"rope_theta": 10000.0, **rope}
+    path.write_text(json.dumps(raw))
+    with pytest.raises(ValueError, match=match):
+        Model.from_pretrained(tmp_path, device="cpu")

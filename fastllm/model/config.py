@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,11 +50,18 @@ class RopeConfig:
     """Rotary embedding parameters (HF ``rope_parameters`` / ``rope_scaling``)."""
 
     theta: float = 10000.0
-    type: str = "default"  # default | linear | llama3
+    type: str = "default"  # default | linear | llama3 | yarn
     factor: float = 1.0
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
+    # yarn: the ramp between interpolated and original frequencies, and the cos/sin scale
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    truncate: bool = True
+    attention_factor: float | None = None  # None: from factor (and mscale / mscale_all_dim)
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
 
 
 @dataclass
@@ -238,15 +246,30 @@ def _parse_rope(raw: dict[str, Any]) -> RopeConfig:
     merged = {**scaling, **params}
     theta = float(merged.get("rope_theta", raw.get("rope_theta", 10000.0)))
     rtype = merged.get("rope_type", merged.get("type", "default")) or "default"
-    if rtype not in ("default", "linear", "llama3"):
-        raise ValueError(f"unsupported rope type {rtype!r}; fastllm implements default, linear and llama3")
+    if rtype not in ("default", "linear", "llama3", "yarn"):
+        raise ValueError(f"unsupported rope type {rtype!r}; fastllm implements default, linear, llama3 and yarn")
+    max_pos = raw.get("max_position_embeddings") or 8192
+    original = int(merged.get("original_max_position_embeddings") or max_pos)
+    factor = merged.get("factor")
+    if factor is None:  # yarn without a factor (DeepSeek's convention): the context's growth
+        factor = max_pos / original if rtype == "yarn" else 1.0
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 0 < factor < math.inf:
+        raise ValueError(f"config.json: the rope scaling factor must be a positive number, got {factor!r}")
+
+    def opt(key: str) -> float | None:
+        return None if merged.get(key) is None else float(merged[key])
+
     return RopeConfig(
         theta=theta,
         type=rtype,
-        factor=float(merged.get("factor", 1.0)),
+        factor=float(factor),
         low_freq_factor=float(merged.get("low_freq_factor", 1.0)),
         high_freq_factor=float(merged.get("high_freq_factor", 4.0)),
-        original_max_position_embeddings=int(
-            merged.get("original_max_position_embeddings", raw.get("max_position_embeddings") or 8192)
-        ),
+        original_max_position_embeddings=original,
+        beta_fast=float(merged.get("beta_fast") or 32.0),
+        beta_slow=float(merged.get("beta_slow") or 1.0),
+        truncate=bool(merged.get("truncate", True)),
+        attention_factor=opt("attention_factor"),
+        mscale=opt("mscale"),
+        mscale_all_dim=opt("mscale_all_dim"),
     )
