@@ -137,6 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-num-seqs", type=int, default=64, help="most requests decoded together")
     serve.add_argument("--max-num-batched-tokens", type=int, default=4096, help="token budget of one step")
     serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    serve.add_argument("--api-key", default=None,
+                       help="require 'Authorization: Bearer KEY' on every route but /health, /metrics and /version "
+                            "(default: $FASTLLM_API_KEY, else no key)")
 
     bench = sub.add_parser("bench", help="latency (one batch) or throughput (--engine) on synthetic prompts")
     _add_model_args(bench)
@@ -265,8 +268,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from fastllm.server.app import serve
 
     model = _load(args)
+    api_key = args.api_key or os.environ.get("FASTLLM_API_KEY") or None
     return serve(model, args.served_model_name or _model_name(args), host=args.host, port=args.port,
-                 log_level=args.log_level, max_num_seqs=args.max_num_seqs,
+                 log_level=args.log_level, api_key=api_key, max_num_seqs=args.max_num_seqs,
                  max_num_batched_tokens=args.max_num_batched_tokens, **_draft_params(args, model))
 
 

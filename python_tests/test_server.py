@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -353,7 +354,9 @@ def test_fastllm_serve_subprocess(model):
     pytest.importorskip("uvicorn")
     port = _free_port()
     root = str(Path(__file__).resolve().parents[1])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]),
+           "FASTLLM_API_KEY": "sk-sub"}  # the key guards the routes; streaming and disconnects work through it
+    auth = {"Content-Type": "application/json", "Authorization": "Bearer sk-sub"}
     cmd = [sys.executable, "-m", "fastllm.cli", "serve", "--port", str(port), "--device", "cpu",
            "--served-model-name", "bard"]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -374,14 +377,18 @@ def test_fastllm_serve_subprocess(model):
                 assert time.monotonic() < deadline, "server did not come up in 60 s"
                 time.sleep(0.2)
         body = json.dumps({"model": "bard", "prompt": "ROMEO:", **GREEDY}).encode()
-        req = urllib.request.Request(base + "/v1/completions", body, {"Content-Type": "application/json"})
+        keyless = urllib.request.Request(base + "/v1/completions", body, {"Content-Type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(keyless, timeout=30)
+        assert refused.value.code == 401
+        req = urllib.request.Request(base + "/v1/completions", body, auth)
         with urllib.request.urlopen(req, timeout=30) as r:
             got = json.loads(r.read())
         assert got["model"] == "bard" and got["choices"][0]["text"] == want(model, "ROMEO:", **GREEDY).text
         # a streaming client that hangs up: its request leaves the engine at once
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
         conn.request("POST", "/v1/completions", json.dumps({"prompt": "ROMEO:", "max_tokens": 400, "ignore_eos": True,
-                                                            "stream": True}), {"Content-Type": "application/json"})
+                                                            "stream": True}), auth)
         resp = conn.getresponse()
         assert resp.status == 200 and resp.fp.readline()
         assert get("/health")["num_unfinished_requests"] == 1

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import logging
+import secrets
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, AsyncIterator
@@ -18,8 +19,10 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fastllm.server.async_engine import AsyncEngine
+from fastllm.server.metrics import CONTENT_TYPE, create_metrics
 from fastllm.server.protocol import (
-    ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, OpenAIError, now,
+    ChatCompletionRequest, CompletionRequest, DetokenizeRequest, ModelCard, ModelList, OpenAIError, TokenizeRequest,
+    bad_request, now,
 )
 from fastllm.server.serving import OpenAIServing
 
@@ -70,14 +73,42 @@ def _add_error_handlers(app: FastAPI) -> None:
         return _error_response(OpenAIError(500, f"internal error: {type(exc).__name__}: {exc}", "server_error"))
 
 
+PUBLIC_PATHS = ("/health", "/metrics", "/version")  # answered without the API key
+
+
+class _RequireApiKey:
+    """ASGI middleware: every HTTP route but PUBLIC_PATHS needs
+    ``Authorization: Bearer <api_key>`` (compared in constant time); others get
+    OpenAI's 401. Pure ASGI, so streaming and disconnect detection pass through
+    untouched."""
+
+    def __init__(self, app: Any, api_key: str):
+        self.app, self.expected = app, f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"] not in PUBLIC_PATHS:
+            given = dict(scope.get("headers") or []).get(b"authorization", b"")
+            if not secrets.compare_digest(given, self.expected):
+                error = OpenAIError(401, "Incorrect API key provided; send it as 'Authorization: Bearer <key>'.",
+                                    code="invalid_api_key")
+                await _error_response(error)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 def create_app(model: Any, served_model_name: str | None = None, max_num_seqs: int = 64,
-               max_num_batched_tokens: int = 4096, **engine_kwargs: Any) -> FastAPI:
+               max_num_batched_tokens: int = 4096, api_key: str | None = None, **engine_kwargs: Any) -> FastAPI:
     """An OpenAI-compatible app serving ``model`` under ``served_model_name``
     (default: its directory's name). The LLMEngine is built here (bad engine
-    arguments raise now); its thread runs while the app's lifespan does."""
+    arguments raise now); its thread runs while the app's lifespan does. With
+    ``api_key``, requests must carry it as a bearer token (but /health,
+    /metrics and /version)."""
+    if api_key is not None and (not isinstance(api_key, str) or not api_key):
+        raise ValueError("api_key must be a non-empty string (or None for no key)")
     name = served_model_name or default_served_name(model)
-    engine = AsyncEngine(model, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-                         **engine_kwargs)
+    metrics = create_metrics(name)
+    engine = AsyncEngine(model, metrics=metrics, max_num_seqs=max_num_seqs,
+                         max_num_batched_tokens=max_num_batched_tokens, **engine_kwargs)
     serving = OpenAIServing(model, engine, name)
 
     @asynccontextmanager
@@ -91,7 +122,10 @@ def create_app(model: Any, served_model_name: str | None = None, max_num_seqs: i
     app = FastAPI(title="fastllm", summary="OpenAI-compatible API over fastllm's LLMEngine", lifespan=lifespan)
     app.state.engine = engine
     app.state.serving = serving
+    app.state.metrics = metrics
     _add_error_handlers(app)
+    if api_key is not None:
+        app.add_middleware(_RequireApiKey, api_key=api_key)
 
     @app.get("/health")
     async def health() -> JSONResponse:
@@ -121,15 +155,63 @@ def create_app(model: Any, served_model_name: str | None = None, max_num_seqs: i
     async def chat_completions(req: ChatCompletionRequest, raw: Request) -> Response:
         return await serving.chat(req, raw)
 
+    @app.post("/tokenize")
+    async def tokenize(req: TokenizeRequest) -> JSONResponse:
+        """vLLM's: a prompt's (or conversation's) token ids, their count and the context length."""
+        serving.check_model(req.model)
+        if (req.prompt is None) == (req.messages is None):
+            raise bad_request("give exactly one of prompt and messages", "prompt")
+        if req.messages is not None:
+            ids = serving.chat_prompt(req.messages, req.add_generation_prompt, req.chat_template_kwargs,
+                                      bool(req.add_special_tokens))
+        else:
+            tok = _tokenizer(model)
+            ids = tok.encode(req.prompt, add_special_tokens=req.add_special_tokens is not False)
+        body: dict[str, Any] = {"count": len(ids), "max_model_len": model.config.max_position_embeddings,
+                                "tokens": ids}
+        if req.return_token_strs:
+            body["token_strs"] = [model.tokenizer.id_to_token(i) for i in ids]
+        return JSONResponse(body)
+
+    @app.post("/detokenize")
+    async def detokenize(req: DetokenizeRequest) -> JSONResponse:
+        """vLLM's: the text of token ids (special tokens kept)."""
+        serving.check_model(req.model)
+        vocab = model.config.vocab_size
+        bad = [i for i in req.tokens if not 0 <= i < vocab]
+        if bad:
+            raise bad_request(f"token ids must be in [0, {vocab}), got {bad[:5]}", "tokens")
+        return JSONResponse({"prompt": _tokenizer(model).decode(req.tokens, skip_special_tokens=False)})
+
+    @app.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        """Prometheus text format (see fastllm.server.metrics)."""
+        if metrics is None:
+            raise OpenAIError(404, "metrics need prometheus_client: pip install 'fastllm[server]'",
+                              code="not_found")
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.get("/version")
+    async def version() -> JSONResponse:
+        from fastllm import __version__
+
+        return JSONResponse({"version": __version__})
+
     return app
 
 
+def _tokenizer(model: Any) -> Any:
+    if model.tokenizer is None:
+        raise bad_request("this model has no tokenizer", "prompt")
+    return model.tokenizer
+
+
 def serve(model: Any, served_model_name: str | None = None, host: str = "127.0.0.1", port: int = 8000,
-          log_level: str = "info", **engine_kwargs: Any) -> int:
+          log_level: str = "info", api_key: str | None = None, **engine_kwargs: Any) -> int:
     """Run the server until interrupted (Ctrl-C / SIGTERM); returns 0."""
     import uvicorn
 
-    app = create_app(model, served_model_name, **engine_kwargs)
+    app = create_app(model, served_model_name, api_key=api_key, **engine_kwargs)
     log.info("serving %s as %r", getattr(model, "path", None), app.state.serving.name)
     uvicorn.run(app, host=host, port=port, log_level=log_level)
     return 0

@@ -23,6 +23,7 @@ import asyncio
 import concurrent.futures
 import logging
 import threading
+import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
@@ -71,6 +72,8 @@ class _Job:
     future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
     request_id: int | None = None  # set by the engine thread
     cancelled: bool = False
+    arrival: float = field(default_factory=time.monotonic)  # when submitted
+    first_token: float | None = None  # when its first token came (engine thread)
 
 
 class GenerationStream:
@@ -116,8 +119,9 @@ class AsyncEngine:
     >>> engine.stop()
     """
 
-    def __init__(self, model: Any, **engine_kwargs: Any):
+    def __init__(self, model: Any, metrics: Any = None, **engine_kwargs: Any):
         self.model = model
+        self.metrics = metrics  # a fastllm.server.metrics.EngineMetrics, or None
         self._engine_kwargs = engine_kwargs
         self.engine = LLMEngine(model, **engine_kwargs)  # bad kwargs raise here, in the caller
         self._cond = threading.Condition()
@@ -201,9 +205,13 @@ class AsyncEngine:
                 self._drop(aborts)
                 if self.engine.has_unfinished():
                     self._deliver(self.engine.step())
+                if self.metrics is not None:
+                    self.metrics.observe_state(self.engine)
             except Exception as e:  # noqa: BLE001 - one bad step must not take the server down
                 log.exception("engine step failed; failing %d request(s)", len(self._live))
                 self.num_failures += 1
+                if self.metrics is not None:
+                    self.metrics.step_failures.inc()
                 if not self._recover(e):
                     self._shut_down([])
                     return
@@ -231,12 +239,19 @@ class AsyncEngine:
 
     def _deliver(self, outs: list[StepOutput]) -> None:
         by_sink: dict[_Sink, list[Any]] = defaultdict(list)
+        now = time.monotonic()
         for out in outs:
             job = self._live.get(out.request_id)
             if job is None:
                 continue
+            if job.first_token is None and out.token_ids:
+                job.first_token = now
+                if self.metrics is not None:
+                    self.metrics.ttft.observe(now - job.arrival)
             if out.finished:
                 del self._live[out.request_id]
+                if self.metrics is not None and out.output is not None:
+                    self.metrics.observe_finished(out.output, job.arrival, job.first_token or now, now)
             by_sink[job.sink].append((job.index, out))
         for sink, items in by_sink.items():
             sink.put(items)

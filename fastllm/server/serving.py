@@ -33,7 +33,7 @@ from fastllm.server.async_engine import AsyncEngine, EngineError, EngineStopped,
 from fastllm.server.logprobs import TokenNames, chat_logprobs, completion_logprobs, prompt_entries
 from fastllm.server.protocol import (
     ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse,
-    ChatMessageOut, CompletionChoice, CompletionChunk, CompletionRequest, CompletionResponse, DeltaMessage,
+    ChatMessage, ChatMessageOut, CompletionChoice, CompletionChunk, CompletionRequest, CompletionResponse, DeltaMessage,
     OpenAIError, Usage, bad_request, check_unsupported, generation_params, new_id, now,
 )
 
@@ -89,10 +89,32 @@ class OpenAIServing:
         self.names = TokenNames(model.tokenizer)
 
     # ---------------------------------------------------------------- common
-    def _check(self, req: CompletionRequest | ChatCompletionRequest, max_tokens: int | None) -> dict[str, Any]:
-        if req.model is not None and req.model != self.name:
-            raise OpenAIError(404, f"The model `{req.model}` does not exist. This server serves `{self.name}`.",
+    def check_model(self, model: str | None) -> None:
+        """A request naming another model gets OpenAI's 404."""
+        if model is not None and model != self.name:
+            raise OpenAIError(404, f"The model `{model}` does not exist. This server serves `{self.name}`.",
                               param="model", code="model_not_found")
+
+    def chat_prompt(self, messages: list[ChatMessage], add_generation_prompt: bool,
+                    template_kwargs: dict[str, Any] | None, add_special_tokens: bool = False) -> list[int]:
+        """The token ids of a conversation rendered with the chat template (as
+        Model.apply_chat_template), ``template_kwargs`` as template variables."""
+        extra = template_kwargs or {}
+        reserved = sorted({"chat_template", "messages", "add_generation_prompt"} & set(extra))
+        if reserved:
+            raise bad_request(f"chat_template_kwargs may not set {reserved} (the template and its messages are "
+                              "the server's and the request's own fields)", "chat_template_kwargs")
+        flat = [m.for_template(i) for i, m in enumerate(messages)]
+        if self.model.tokenizer is None:
+            raise bad_request("this model has no tokenizer, so it cannot render chat messages", "messages")
+        try:
+            text = self.model.tokenizer.apply_chat_template(flat, add_generation_prompt=add_generation_prompt, **extra)
+        except (ValueError, TypeError) as e:
+            raise bad_request(str(e), "messages") from e
+        return self.model.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+
+    def _check(self, req: CompletionRequest | ChatCompletionRequest, max_tokens: int | None) -> dict[str, Any]:
+        self.check_model(req.model)
         ignored = check_unsupported(req)
         if ignored:
             log.info("ignoring request fields fastllm does not use: %s", ", ".join(sorted(ignored)))
@@ -224,16 +246,7 @@ class OpenAIServing:
     async def chat(self, req: ChatCompletionRequest, raw: Request) -> Response:
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         params = self._check(req, max_tokens)
-        messages = [m.for_template(i) for i, m in enumerate(req.messages)]
-        extra = req.chat_template_kwargs or {}
-        reserved = sorted({"chat_template", "messages", "add_generation_prompt"} & set(extra))
-        if reserved:
-            raise bad_request(f"chat_template_kwargs may not set {reserved} (the template and its messages are "
-                              "the server's and the request's own fields)", "chat_template_kwargs")
-        try:
-            ids = self.model.apply_chat_template(messages, add_generation_prompt=req.add_generation_prompt, **extra)
-        except (ValueError, TypeError) as e:
-            raise bad_request(str(e), "messages") from e
+        ids = self.chat_prompt(req.messages, req.add_generation_prompt, req.chat_template_kwargs)
         n, want_lp = req.n, params.get("logprobs") is not None
         stream = await self._submit([ids] * n, params)
         rid, created = new_id("chatcmpl"), now()
