@@ -20,6 +20,7 @@ from fastllm.model.config import ModelConfig
 from fastllm.quant import QuantizationConfig
 from fastllm.sampling import derive_seed
 from fastllm.speculative import MAX_SPECULATIVE_TOKENS, run_speculative
+from fastllm.structured import as_structured_output, matcher_for
 
 DEFAULT_SPECULATIVE_TOKENS = 4
 Prompt = Union[str, Sequence[int], Tensor]
@@ -217,7 +218,7 @@ class Model:
         Returns a GenerationOutput (with ``logprobs`` when asked), or a list of them for a batch."""
         prompts, batched = self._prompts(prompt)
         requests = self._requests(prompts, self._config(config, params))
-        self._check_draft(draft_model, num_speculative_tokens)
+        self._check_draft(draft_model, num_speculative_tokens, requests)
         for _ in self._run(requests, draft_model, num_speculative_tokens):
             pass
         outputs = [r.output() for r in requests]
@@ -241,7 +242,7 @@ class Model:
         if batched:
             raise ValueError("stream takes one prompt; use generate for a batch")
         requests = self._requests(prompts, self._config(config, params))
-        self._check_draft(draft_model, num_speculative_tokens)
+        self._check_draft(draft_model, num_speculative_tokens, requests)
         return self._stream(requests, draft_model, num_speculative_tokens)  # validated above, run lazily below
 
     def _stream(self, requests: list[Request], draft_model: "Model | None", k: int) -> Iterator[str]:
@@ -266,10 +267,13 @@ class Model:
         return holding(lease, run_speculative(self.network, cache, draft_model.network, lease.cache, requests,
                                               self.eos_ids, k, lease.runner))
 
-    def _check_draft(self, draft_model: "Model | None", k: int) -> None:
-        """A draft must be a Model on the same device with the same vocabulary."""
+    def _check_draft(self, draft_model: "Model | None", k: int, requests: Sequence[Request] = ()) -> None:
+        """A draft must be a Model on the same device with the same vocabulary
+        (and the requests must not constrain their output)."""
         if draft_model is None:
             return
+        if any(r.matcher is not None for r in requests):
+            raise ValueError("structured_output does not work with a draft model (speculative decoding)")
         if not isinstance(draft_model, Model):
             raise TypeError(f"draft_model must be a fastllm.Model, got {type(draft_model).__name__}")
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_SPECULATIVE_TOKENS:
@@ -320,6 +324,8 @@ class Model:
         if config is not None and not isinstance(config, GenerationConfig):
             raise TypeError(f"config must be a GenerationConfig, got {type(config).__name__}")
         cfg = (config or self.generation_config).replace(**params)
+        if isinstance(cfg.structured_output, dict):
+            cfg = cfg.replace(structured_output=as_structured_output(cfg.structured_output))
         cfg.validate(self.config.vocab_size)
         if cfg.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer; this checkpoint has no tokenizer.json")
@@ -392,6 +398,7 @@ class Model:
                     max_new_tokens=min(cfg.max_new_tokens, ctx - len(ids)),
                     decoder=decoder,
                     eos_ids=self.eos_ids,
+                    matcher=matcher_for(cfg, self.tokenizer, self.config.vocab_size, self.eos_ids),
                 )
             )
         return reqs

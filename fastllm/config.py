@@ -51,6 +51,9 @@ class GenerationConfig:
     before it and the k most likely alternatives there. It costs one LM-head
     pass over the prompt, and the engine computes such a prompt instead of
     taking it from the prefix cache.
+    structured_output: None, or a ``fastllm.StructuredOutput`` (a dict of its
+    fields works too): the output follows a JSON schema, regex, choice list or
+    grammar (see fastllm.structured; needs llguidance). Not with a draft model.
     """
 
     max_new_tokens: int = 128
@@ -69,6 +72,7 @@ class GenerationConfig:
     seed: int | None = None
     logprobs: int | None = None
     prompt_logprobs: int | None = None
+    structured_output: Any = None  # a fastllm.StructuredOutput (or a dict of its fields)
 
     def replace(self, **params: Any) -> "GenerationConfig":
         """A copy with ``params`` changed; unknown names raise TypeError."""
@@ -111,6 +115,10 @@ class GenerationConfig:
             raise TypeError(f"ignore_eos must be a bool, got {self.ignore_eos!r}")
         if self.seed is not None:
             _check_int("seed", self.seed, lo=0)
+        if self.structured_output is not None:
+            from fastllm.structured import as_structured_output
+
+            as_structured_output(self.structured_output).validate()
         for name in ("logprobs", "prompt_logprobs"):
             lp = getattr(self, name)
             if lp is not None and (isinstance(lp, bool) or not isinstance(lp, int) or not 0 <= lp <= MAX_LOGPROBS):

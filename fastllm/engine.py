@@ -187,6 +187,8 @@ class LLMEngine:
             raise ValueError("add_request takes one prompt; call it once per prompt")
         rid = next(self._ids)
         (req,) = self.model._requests(prompts, self.model._config(config, params))
+        if req.matcher is not None and self.draft_model is not None:
+            raise ValueError("structured_output does not work with a draft model (speculative decoding)")
         need = self.blocks.blocks_for(len(req.prompt_ids) + req.max_new_tokens)
         if need > self.blocks.num_blocks:
             raise ValueError(f"request needs {need} KV blocks at its longest, the cache has {self.blocks.num_blocks}")

@@ -41,6 +41,7 @@ class Request:
     logprobs: list[TokenLogprob] = field(default_factory=list)  # one per output id when config.logprobs is set
     prompt_scores: list[TokenLogprob] = field(default_factory=list)  # of prompt ids 1.. (config.prompt_logprobs)
     eos_ids: frozenset[int] = frozenset()  # the model's, for min_new_tokens
+    matcher: object | None = None  # a fastllm.structured.GrammarMatcher (config.structured_output)
 
     def token_ids(self) -> list[int]:
         """The prompt and the tokens generated so far."""
@@ -58,6 +59,10 @@ class Request:
         banned: list[int] = []
         if len(self.output_ids) + len(extra) < c.min_new_tokens:
             banned = sorted(set(c.stop_token_ids) | (set() if c.ignore_eos else self.eos_ids))
+        if self.matcher is not None:
+            if extra:
+                raise RuntimeError("structured output cannot score draft tokens")
+            return LogitContext(seen, counted, banned, self.matcher)
         return LogitContext(seen, counted, banned)
 
     def prompt_positions(self, start: int, n: int) -> range:
@@ -116,6 +121,8 @@ class Request:
             if logprob is None or logprob.token_id != token:
                 raise RuntimeError(f"request asked for logprobs but token {token} came with {logprob!r}")
             self.logprobs.append(logprob)
+        if self.matcher is not None:
+            self.matcher.consume(token)
         stop_ids = set(self.config.stop_token_ids) | (set() if self.config.ignore_eos else eos_ids)
         if token in stop_ids:
             self._finish("stop")
@@ -125,7 +132,9 @@ class Request:
             self.text += self.decoder.feed(token)
             if self._cut_at_stop_string(before):
                 return
-        if len(self.output_ids) >= self.max_new_tokens:
+        if self.matcher is not None and self.matcher.done:
+            self._finish("stop")  # the grammar is complete
+        elif len(self.output_ids) >= self.max_new_tokens:
             self._finish("length")
 
     def _finish(self, reason: str) -> None:

@@ -25,6 +25,7 @@ class LogitContext(NamedTuple):
     seen: Sequence[int]  # prompt + output: the repetition penalty's tokens
     counted: Sequence[int]  # output: the frequency / presence penalties' counts
     banned: Sequence[int] = ()  # no probability (min_new_tokens not reached: EOS, stop ids)
+    grammar: object | None = None  # structured output: a GrammarMatcher, whose disallowed tokens get -inf
 
 
 def apply_logit_processors(logits: Tensor, contexts: list[LogitContext], configs: list[GenerationConfig]) -> None:
@@ -33,8 +34,9 @@ def apply_logit_processors(logits: Tensor, contexts: list[LogitContext], configs
     positive else ``logit * p`` (the CTRL rule, as transformers); then
     ``logit -= frequency_penalty * c + presence_penalty * (c > 0)`` with c each
     token's count in ``counted`` (the output; OpenAI's rule, as vLLM); then
-    ``logit_bias`` is added; last, ``banned`` tokens get -inf. logits: [B, V] fp32."""
-    for b, ((seen, counted, banned), cfg) in enumerate(zip(contexts, configs)):
+    ``logit_bias`` is added; last, ``banned`` tokens and those the row's
+    grammar (structured output) does not allow get -inf. logits: [B, V] fp32."""
+    for b, ((seen, counted, banned, grammar), cfg) in enumerate(zip(contexts, configs)):
         row = logits[b]
         if cfg.repetition_penalty != 1.0 and seen:
             pen = cfg.repetition_penalty
@@ -50,6 +52,8 @@ def apply_logit_processors(logits: Tensor, contexts: list[LogitContext], configs
             row.index_add_(0, ids, torch.tensor(list(cfg.logit_bias.values()), dtype=row.dtype, device=row.device))
         if banned:
             row.index_fill_(0, torch.tensor(list(banned), dtype=torch.int64, device=logits.device), float("-inf"))
+        if grammar is not None:
+            row.masked_fill_(~grammar.allowed(logits.device), float("-inf"))
 
 
 def sample_next(

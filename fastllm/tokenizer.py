@@ -152,6 +152,11 @@ class Tokenizer:
                 return bytes(_BYTE_OF[c] for c in piece)
         return text.encode("utf-8")
 
+    def backend_json(self) -> str:
+        """The underlying ``tokenizers`` tokenizer serialised as tokenizer.json
+        text (added tokens included)."""
+        return self._tok.to_str()
+
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
 
