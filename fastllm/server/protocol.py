@@ -144,7 +144,6 @@ UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
     "tool_choice": _neutral("none", "auto"),
     "functions": _neutral([]),
     "function_call": _neutral("none", "auto"),
-    "response_format": _neutral({"type": "text"}),
     "suffix": _neutral(""),
     "best_of": _neutral(1),
     "prediction": _neutral(),
@@ -156,11 +155,6 @@ UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
     "skip_special_tokens": _neutral(True),
     "prompt_logprobs": _neutral(),
     "truncate_prompt_tokens": _neutral(),
-    "guided_json": _neutral(),
-    "guided_regex": _neutral(),
-    "guided_choice": _neutral(),
-    "guided_grammar": _neutral(),
-    "structured_outputs": _neutral(),
 }
 
 
@@ -169,6 +163,8 @@ def check_unsupported(req: BaseModel) -> list[str]:
     return the names of the other unknown fields (ignored)."""
     ignored = []
     for name, value in (req.model_extra or {}).items():
+        if name in STRUCTURED_FIELDS:  # read by requested_structure
+            continue
         neutral = UNSUPPORTED.get(name)
         if neutral is None:
             ignored.append(name)
@@ -208,6 +204,9 @@ def generation_params(req: _SamplingRequest, max_tokens: int | None, vocab_size:
         except ValueError:
             raise bad_request(f"logit_bias keys must be token ids, got {sorted(req.logit_bias)!r}",
                               "logit_bias") from None
+    structure = requested_structure(req)
+    if structure is not None:
+        params["structured_output"] = structure
     k = requested_logprobs(req)
     if k is not None:
         params["logprobs"] = k
@@ -222,6 +221,46 @@ def generation_params(req: _SamplingRequest, max_tokens: int | None, vocab_size:
         param = message.split(" ", 1)[0]
         raise bad_request(message, param if param.isidentifier() else None) from e
     return params
+
+
+_GUIDED = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice", "guided_grammar": "grammar"}
+STRUCTURED_FIELDS = frozenset({"response_format", "structured_outputs", *_GUIDED})
+
+
+def requested_structure(req: _SamplingRequest) -> dict[str, Any] | None:
+    """The request's structured output as ``StructuredOutput`` fields (None:
+    free text): OpenAI's ``response_format`` (``json_object``, or
+    ``json_schema`` with its ``schema``), vLLM's ``structured_outputs``
+    object or its older ``guided_json`` / ``guided_regex`` / ``guided_choice``
+    / ``guided_grammar`` fields; at most one of these."""
+    extra = req.model_extra or {}
+    found: list[tuple[str, dict[str, Any]]] = []
+    fmt = extra.get("response_format")
+    if fmt is not None and fmt != {"type": "text"}:
+        kind = fmt.get("type") if isinstance(fmt, dict) else None
+        if kind == "json_object":
+            found.append(("response_format", {"json_object": True}))
+        elif kind == "json_schema":
+            spec = fmt.get("json_schema")
+            schema = spec.get("schema") if isinstance(spec, dict) else None
+            if not isinstance(schema, dict):
+                raise bad_request("response_format json_schema needs json_schema.schema, a JSON schema object",
+                                  "response_format")
+            found.append(("response_format", {"json": schema}))
+        else:
+            raise bad_request(f"response_format type must be text, json_object or json_schema, got {fmt!r}",
+                              "response_format")
+    so = extra.get("structured_outputs")
+    if so is not None:
+        if not isinstance(so, dict):
+            raise bad_request("structured_outputs must be an object", "structured_outputs")
+        found.append(("structured_outputs", {k: v for k, v in so.items() if v is not None and v is not False}))
+    for name, field_name in _GUIDED.items():
+        if extra.get(name) is not None:
+            found.append((name, {field_name: extra[name]}))
+    if len(found) > 1:
+        raise bad_request(f"give one structured output request, got {[n for n, _ in found]}", found[1][0])
+    return found[0][1] if found else None
 
 
 def requested_logprobs(req: _SamplingRequest) -> int | None:
