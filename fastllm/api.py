@@ -314,10 +314,14 @@ class Model:
     ) -> list[int]:
         """The token ids of a conversation rendered with the chat template;
         ``template_kwargs`` become template variables (as in transformers)."""
-        self._require_tokenizer("chat")
-        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
-                                                  **template_kwargs)
+        text = self.render_chat(messages, add_generation_prompt, **template_kwargs)
         return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def render_chat(self, messages: list[Message], add_generation_prompt: bool = True, **template_kwargs: Any) -> str:
+        """The text of a conversation rendered with the chat template (sandboxed)."""
+        self._require_tokenizer("chat")
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                                  **template_kwargs)
 
     # ------------------------------------------------------------------ helpers
     def _config(self, config: GenerationConfig | None, params: dict[str, Any]) -> GenerationConfig:

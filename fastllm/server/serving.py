@@ -105,10 +105,8 @@ class OpenAIServing:
             raise bad_request(f"chat_template_kwargs may not set {reserved} (the template and its messages are "
                               "the server's and the request's own fields)", "chat_template_kwargs")
         flat = [m.for_template(i) for i, m in enumerate(messages)]
-        if self.model.tokenizer is None:
-            raise bad_request("this model has no tokenizer, so it cannot render chat messages", "messages")
         try:
-            text = self.model.tokenizer.apply_chat_template(flat, add_generation_prompt=add_generation_prompt, **extra)
+            text = self.model.render_chat(flat, add_generation_prompt, **extra)
         except (ValueError, TypeError) as e:
             raise bad_request(str(e), "messages") from e
         return self.model.tokenizer.encode(text, add_special_tokens=add_special_tokens)
