@@ -40,8 +40,9 @@ class StructuredOutput:
     """Exactly one constraint: ``json`` (a JSON schema, as a dict or its JSON
     text), ``regex`` (the whole output matches it; Rust regex syntax),
     ``choice`` (the output is one of these strings), ``grammar`` (a Lark
-    grammar in llguidance's dialect, rule ``start``) or ``json_object=True``
-    (any JSON object)."""
+    grammar in llguidance's dialect, rule ``start``, or a GBNF grammar as
+    llama.cpp and vLLM's xgrammar take it, rule ``root``, converted to Lark)
+    or ``json_object=True`` (any JSON object)."""
 
     json: dict[str, Any] | str | None = None
     regex: str | None = None
@@ -84,7 +85,18 @@ class StructuredOutput:
             return LLMatcher.grammar_from_regex(self.regex)
         if self.choice is not None:  # Lark string literals take JSON's escapes
             return LLMatcher.grammar_from_lark("start: " + " | ".join(json.dumps(c) for c in self.choice))
-        return LLMatcher.grammar_from_lark(self.grammar)
+        return LLMatcher.grammar_from_lark(_as_lark(self.grammar))
+
+
+def _as_lark(grammar: str) -> str:
+    """``grammar`` in Lark: itself if it is Lark (a ``start:`` rule or a
+    ``%llguidance`` header), else converted from GBNF (``root ::= ...``)."""
+    from llguidance.gbnf_to_lark import any_to_lark
+
+    try:
+        return any_to_lark(grammar)
+    except Exception as e:  # the converter raises GbnfToLarkError, or a bare Exception for an unknown rule
+        raise ValueError(f"structured_output.grammar is neither Lark (a 'start:' rule) nor valid GBNF: {e}") from e
 
 
 def as_structured_output(value: Any) -> StructuredOutput | None:

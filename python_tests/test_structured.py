@@ -46,6 +46,12 @@ def test_regex_choice_grammar_and_json_object(model):
     out = model.generate("KING:", max_new_tokens=30, temperature=0,
                          structured_output=StructuredOutput(grammar='start: ("ay" | "no") ", my lord"'))
     assert out.text in ("ay, my lord", "no, my lord")
+    gbnf = 'root ::= answer ", " title\nanswer ::= "ay" | "no"\ntitle ::= [A-Z] [a-z]+'
+    for seed in range(3):
+        out = model.generate("KING:", max_new_tokens=30, temperature=1.0, seed=seed,
+                             structured_output=StructuredOutput(grammar=gbnf))
+        assert re.fullmatch(r"(ay|no), [A-Z][a-z]+", out.text) or (
+            out.finish_reason == "length" and re.fullmatch(r"(ay|no), [A-Z][a-z]*", out.text)), out.text
     out = model.generate("KING:", max_new_tokens=80, temperature=0, structured_output={"json_object": True})
     if out.finish_reason == "stop":
         assert isinstance(json.loads(out.text), dict)
@@ -73,6 +79,8 @@ def test_unconstrained_model_differs_and_stream_engine_agree(model):
     ({"json": 3}, TypeError, "JSON schema"),
     ({"bogus": 1}, TypeError, "structured_output"),
     ({"grammar": "start: missing_rule"}, ValueError, "structured_output"),
+    ({"grammar": "root ::= missing"}, ValueError, "neither Lark"),
+    ({"grammar": 'root ::= "a" ('}, ValueError, "neither Lark"),
 ])
 def test_bad_constraints(model, so, err, match):
     with pytest.raises(err, match=match):
