@@ -10,9 +10,11 @@ from fastllm.backend import backend_info
 from fastllm.config import GenerationConfig, GenerationOutput, TokenLogprob
 from fastllm.engine import LLMEngine, StepOutput
 from fastllm.structured import StructuredOutput
+from fastllm.tools import ToolCall
 
 __version__ = "0.1.0"
 __all__ = [
-    "GenerationConfig", "GenerationOutput", "LLMEngine", "Model", "StepOutput", "StructuredOutput", "TokenLogprob", "backend_info",
+    "GenerationConfig", "GenerationOutput", "LLMEngine", "Model", "StepOutput", "StructuredOutput", "TokenLogprob", "ToolCall",
+    "backend_info",
     "__version__",
 ]

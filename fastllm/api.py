@@ -21,6 +21,7 @@ from fastllm.quant import QuantizationConfig
 from fastllm.sampling import derive_seed
 from fastllm.speculative import MAX_SPECULATIVE_TOKENS, run_speculative
 from fastllm.structured import as_structured_output, matcher_for
+from fastllm.tools import plan_tools
 
 DEFAULT_SPECULATIVE_TOKENS = 4
 Prompt = Union[str, Sequence[int], Tensor]
@@ -298,16 +299,42 @@ class Model:
         config: GenerationConfig | None = None,
         stream: bool = False,
         chat_template_kwargs: dict[str, Any] | None = None,
+        tools: list[dict[str, Any]] | None = None,
+        tool_choice: str | dict[str, Any] | None = None,
+        tool_parser: str = "auto",
+        parallel_tool_calls: bool = True,
         **params: Any,
     ) -> GenerationOutput | Iterator[str]:
         """Reply to a conversation ``[{"role": ..., "content": ...}, ...]`` using the
         checkpoint's chat template (rendered in a jinja2 sandbox). With
         ``stream=True`` returns an iterator of text pieces. chat_template_kwargs:
         extra variables for the template (e.g. ``{"enable_thinking": False}`` for
-        Qwen3's). Other keywords (sampling parameters, draft_model,
-        num_speculative_tokens): as for ``generate``."""
-        ids = self.apply_chat_template(messages, **_template_kwargs(chat_template_kwargs))
-        return self.stream(ids, config, **params) if stream else self.generate(ids, config, **params)
+        Qwen3's). tools, tool_choice ("auto", "none", "required" or
+        ``{"type": "function", "function": {"name": ...}}``), tool_parser
+        ("auto" or a name in ``fastllm.tools.PARSERS``), parallel_tool_calls:
+        OpenAI's function calling (see fastllm.tools); the output's
+        ``tool_calls`` holds the calls. Other keywords (sampling parameters,
+        draft_model, num_speculative_tokens): as for ``generate``."""
+        variables = _template_kwargs(chat_template_kwargs)
+        plan = None
+        if tools is not None or tool_choice is not None:
+            self._require_tokenizer("chat")
+            if "tools" in variables:
+                raise ValueError("give tools as chat(tools=...), not in chat_template_kwargs")
+            forced = params.get("structured_output", config.structured_output if config is not None else None)
+            plan = plan_tools(tools, tool_choice, self.tokenizer.template_for(tools), tool_parser,
+                              has_structured_output=forced is not None, parallel_tool_calls=parallel_tool_calls)
+        if plan is not None:
+            if stream and plan.mode != "none":
+                raise ValueError("chat(stream=True) with tools is not supported (the calls are parsed from the "
+                                 "whole output); use stream=False, tool_choice='none', or the server's streaming")
+            variables = {**variables, "tools": plan.tools}
+            params = {**params, **plan.params()}
+        ids = self.apply_chat_template(messages, **variables)
+        if stream:
+            return self.stream(ids, config, **params)
+        out = self.generate(ids, config, **params)
+        return plan.apply(out) if plan is not None else out
 
     def apply_chat_template(
         self, messages: list[Message], add_generation_prompt: bool = True, **template_kwargs: Any
@@ -393,7 +420,7 @@ class Model:
                 )
             decoder = None
             if self.tokenizer is not None:
-                decoder = self.tokenizer.incremental_decoder(skip_special_tokens=True, prompt_ids=ids)
+                decoder = self.tokenizer.incremental_decoder(cfg.skip_special_tokens, prompt_ids=ids)
             reqs.append(
                 Request(
                     prompt_ids=ids,

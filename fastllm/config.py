@@ -54,6 +54,8 @@ class GenerationConfig:
     structured_output: None, or a ``fastllm.StructuredOutput`` (a dict of its
     fields works too): the output follows a JSON schema, regex, choice list or
     grammar (see fastllm.structured; needs llguidance). Not with a draft model.
+    skip_special_tokens: leave special tokens (``<|im_end|>``, ``[TOOL_CALLS]``...)
+    out of the decoded text (True, the default) or keep them (vLLM's parameter).
     """
 
     max_new_tokens: int = 128
@@ -73,6 +75,7 @@ class GenerationConfig:
     logprobs: int | None = None
     prompt_logprobs: int | None = None
     structured_output: Any = None  # a fastllm.StructuredOutput (or a dict of its fields)
+    skip_special_tokens: bool = True
 
     def replace(self, **params: Any) -> "GenerationConfig":
         """A copy with ``params`` changed; unknown names raise TypeError."""
@@ -111,8 +114,9 @@ class GenerationConfig:
         for t, bias in self.logit_bias.items():
             _check_int("logit_bias token id", t, lo=0, hi=None if vocab_size is None else vocab_size - 1)
             _check_float(f"logit_bias[{t}]", bias, lo=-100.0, hi=100.0)
-        if not isinstance(self.ignore_eos, bool):
-            raise TypeError(f"ignore_eos must be a bool, got {self.ignore_eos!r}")
+        for name in ("ignore_eos", "skip_special_tokens"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if self.seed is not None:
             _check_int("seed", self.seed, lo=0)
         if self.structured_output is not None:
@@ -182,7 +186,8 @@ class TokenLogprob:
 class GenerationOutput:
     """One generated completion.
 
-    text: the decoded completion (special tokens skipped, cut before a stop
+    text: the decoded completion (special tokens skipped unless
+    skip_special_tokens=False; cut before a stop
     string), or None for a model loaded without a tokenizer.
     token_ids: the generated ids, including the one that ended generation.
     finish_reason: "stop" (EOS, stop token or stop string) or "length"
@@ -196,6 +201,9 @@ class GenerationOutput:
     per entry of prompt_token_ids: None for the first (nothing predicts it),
     then the TokenLogprob of each prompt token given the ones before it; None
     otherwise.
+    tool_calls: for ``Model.chat(..., tools=...)``, the ``fastllm.ToolCall``s
+    found in (or forced on) the output, and ``text`` is then the reply
+    without them; None for a request without tools.
     """
 
     text: str | None
@@ -206,6 +214,7 @@ class GenerationOutput:
     num_accepted_draft_tokens: int = 0
     logprobs: list[TokenLogprob] | None = None
     prompt_logprobs: list[TokenLogprob | None] | None = None
+    tool_calls: list[Any] | None = None  # fastllm.ToolCall
 
 
 def _check_int(name: str, v: Any, lo: int | None = None, hi: int | None = None) -> None:

@@ -56,9 +56,11 @@ def _token_text(value: Any) -> str | None:
 class Tokenizer:
     """Text <-> token ids for one checkpoint."""
 
-    def __init__(self, tok: _HFTokenizer, config: dict[str, Any], chat_template: str | None):
+    def __init__(self, tok: _HFTokenizer, config: dict[str, Any], chat_template: str | None,
+                 named_chat_templates: dict[str, str] | None = None):
         self._tok = tok
         self.chat_template = chat_template
+        self.named_chat_templates = dict(named_chat_templates or {})  # e.g. Hermes 2 Pro's "tool_use"
         self._clean_up_spaces = bool(config.get("clean_up_tokenization_spaces", False))
         self.special_tokens: dict[str, str] = {}
         for key in ("bos_token", "eos_token", "pad_token", "unk_token"):
@@ -98,7 +100,9 @@ class Tokenizer:
                 if not isinstance(data, dict):
                     raise ValueError(f"{path / name} must hold a JSON object")
                 config.update(data)
-        return cls(tok, config, _find_chat_template(path, config))
+        named = _find_chat_templates(path, config)
+        default = named.pop("default", None) or next(iter(named.values()), None)
+        return cls(tok, config, default, named)
 
     # ---------------------------------------------------------------- encoding
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
@@ -166,6 +170,14 @@ class Tokenizer:
         return IncrementalDecoder(self, skip_special_tokens, prompt_ids)
 
     # ----------------------------------------------------------- chat template
+    def template_for(self, tools: Any = None) -> str | None:
+        """The chat template to render with: the "tool_use" one, when the
+        checkpoint names one and there are tools (as transformers picks), else
+        the default."""
+        if tools and "tool_use" in self.named_chat_templates:
+            return self.named_chat_templates["tool_use"]
+        return self.chat_template
+
     def apply_chat_template(
         self,
         messages: list[dict[str, Any]],
@@ -181,7 +193,7 @@ class Tokenizer:
         """
         from fastllm.chat_template import render
 
-        template = chat_template or self.chat_template
+        template = chat_template or self.template_for(kwargs.get("tools"))
         if template is None:
             raise ValueError("this checkpoint has no chat template; pass chat_template= to apply_chat_template")
         _check_messages(messages)
@@ -230,16 +242,17 @@ class IncrementalDecoder:
         return full[len(prefix) :]
 
 
-def _find_chat_template(path: Path, config: dict[str, Any]) -> str | None:
+def _find_chat_templates(path: Path, config: dict[str, Any]) -> dict[str, str]:
+    """The checkpoint's chat templates by name ("default" for an unnamed one)."""
     if (path / "chat_template.jinja").is_file():
-        return (path / "chat_template.jinja").read_text(encoding="utf-8")
+        return {"default": (path / "chat_template.jinja").read_text(encoding="utf-8")}
     template = config.get("chat_template")
     if template is None and (path / "chat_template.json").is_file():
         template = _read_json(path / "chat_template.json").get("chat_template")
-    if isinstance(template, list):  # named templates: use "default"
-        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
-        template = named.get("default") or next(iter(named.values()), None)
-    return template if isinstance(template, str) else None
+    if isinstance(template, list):  # named templates, e.g. "default" and "tool_use"
+        return {t["name"]: t["template"] for t in template
+                if isinstance(t, dict) and isinstance(t.get("name"), str) and isinstance(t.get("template"), str)}
+    return {"default": template} if isinstance(template, str) else {}
 
 
 def _check_messages(messages: Any) -> None:
@@ -249,6 +262,8 @@ def _check_messages(messages: Any) -> None:
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
             raise ValueError(f"message {i} must be a dict with a str 'role', got {m!r}")
         content = m.get("content")
+        if content is None and m.get("tool_calls"):  # an assistant turn that only calls tools
+            continue
         parts_ok = isinstance(content, list) and all(
             isinstance(p, dict) and isinstance(p.get("type"), str) for p in content
         )

@@ -139,6 +139,20 @@ def test_logit_bias(model):
     assert forced.logprobs[0].logprob < greedy.logprobs[0].logprob  # raw: the bias is not in it
 
 
+def test_skip_special_tokens(model):
+    """Special tokens leave the text by default and stay in it with
+    skip_special_tokens=False (the tokens are the same either way)."""
+    special = sorted(model.tokenizer.all_special_ids - model.eos_ids)
+    assert special, "the test checkpoint needs a non-EOS special token"
+    params = dict(max_new_tokens=3, ignore_eos=True, logit_bias={special[0]: 100.0})
+    skipped = model.generate(PROMPTS[0], **params)
+    kept = model.generate(PROMPTS[0], skip_special_tokens=False, **params)
+    assert skipped.token_ids == kept.token_ids == [special[0]] * 3
+    name = model.tokenizer.decode([special[0]], skip_special_tokens=False)
+    assert skipped.text == "" and kept.text == name * 3 and name
+    assert "".join(model.stream(PROMPTS[0], skip_special_tokens=False, **params)) == kept.text
+
+
 def test_generation_config_object(model):
     cfg = GenerationConfig(max_new_tokens=7, ignore_eos=True)
     assert len(model.generate(PROMPTS[0], cfg).token_ids) == 7
@@ -188,6 +202,7 @@ def test_chat(model):
         (dict(stop_token_ids=[10**6]), ValueError, "stop_token_ids"),
         (dict(seed=-1), ValueError, "seed"),
         (dict(ignore_eos="yes"), TypeError, "ignore_eos"),
+        (dict(skip_special_tokens=0), TypeError, "skip_special_tokens"),
         (dict(tempreature=0.5), TypeError, "unknown generation parameter"),
     ],
 )

@@ -61,6 +61,7 @@ class _SamplingRequest(BaseModel):
     stop: Optional[Union[str, list[str]]] = None
     stop_token_ids: Optional[list[int]] = None
     ignore_eos: bool = False
+    skip_special_tokens: bool = True  # vLLM's
     seed: Optional[int] = None
     n: int = Field(1, ge=1, le=MAX_N)
     stream: bool = False
@@ -152,7 +153,6 @@ UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
     "use_beam_search": _neutral(False),
     "length_penalty": _neutral(1, 1.0),
     "include_stop_str_in_output": _neutral(False),
-    "skip_special_tokens": _neutral(True),
     "prompt_logprobs": _neutral(),
     "truncate_prompt_tokens": _neutral(),
 }
@@ -198,6 +198,8 @@ def generation_params(req: _SamplingRequest, max_tokens: int | None, vocab_size:
         params["stop_token_ids"] = list(req.stop_token_ids)
     if req.ignore_eos:
         params["ignore_eos"] = True
+    if not req.skip_special_tokens:
+        params["skip_special_tokens"] = False
     if req.logit_bias:
         try:
             params["logit_bias"] = {int(t): b for t, b in req.logit_bias.items()}
