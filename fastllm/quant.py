@@ -17,10 +17,11 @@ Formats (the canonical, on-disk layout; kernels may repack at load time):
   zero up to 127).
 
 ``quantize_network`` replaces the decoder layers' projections (q/k/v, o,
-gate/up, down) by quantized modules; embeddings, the LM head (unless asked),
-norms, the MoE router and MoE experts stay in 16-bit, and so do the
-projections named in ``QuantizationConfig.skip_modules`` (set when a GPTQ/AWQ
-checkpoint leaves some of them unquantized).
+gate/up, down; Qwen2-MoE's shared expert's gate/up and down too) by quantized
+modules; embeddings, the LM head (unless asked), norms, the MoE router, the
+shared expert's one-logit gate and the routed MoE experts stay in 16-bit, and
+so do the projections named in ``QuantizationConfig.skip_modules`` (set when a
+GPTQ/AWQ checkpoint leaves some of them unquantized).
 """
 
 from __future__ import annotations
@@ -212,15 +213,17 @@ def quantize_linear(linear: Linear, cfg: QuantizationConfig) -> nn.Module:
 
 def projection_slots(network: nn.Module, lm_head: bool = False) -> list[tuple[str, nn.Module, str]]:
     """(path, parent, attribute) of every projection quantization can apply to:
-    each layer's qkv_proj and o_proj, gate_up_proj and down_proj (dense MLPs),
-    and the untied LM head when ``lm_head``."""
+    each layer's qkv_proj and o_proj, gate_up_proj and down_proj (dense MLPs and
+    Qwen2-MoE's shared expert), and the untied LM head when ``lm_head``."""
     found = []
     for i, layer in enumerate(network.layers):
         found += [(f"layers.{i}.self_attn.qkv_proj", layer.self_attn, "qkv_proj")]
         found += [(f"layers.{i}.self_attn.o_proj", layer.self_attn, "o_proj")]
-        if hasattr(layer.mlp, "gate_up_proj"):
-            found += [(f"layers.{i}.mlp.gate_up_proj", layer.mlp, "gate_up_proj")]
-            found += [(f"layers.{i}.mlp.down_proj", layer.mlp, "down_proj")]
+        mlp, path = layer.mlp, f"layers.{i}.mlp"
+        if getattr(mlp, "shared_expert", None) is not None:  # Qwen2-MoE: quantized as a dense MLP
+            mlp, path = mlp.shared_expert, path + ".shared_expert"
+        if hasattr(mlp, "gate_up_proj"):
+            found += [(f"{path}.gate_up_proj", mlp, "gate_up_proj"), (f"{path}.down_proj", mlp, "down_proj")]
     if lm_head and network.lm_head is not None:
         found.append(("lm_head", network, "lm_head"))
     return found

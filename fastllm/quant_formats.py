@@ -38,9 +38,10 @@ Which projections are quantized is read from the tensors: a projection stored
 as ``<prefix>.qweight`` is quantized, one stored as ``<prefix>.weight`` (what
 ``modules_to_not_convert`` and GPTQ's unquantized modules produce) is not. A
 fastllm module becomes int4 when every projection it fuses is quantized (q/k/v
-into qkv_proj, gate/up into gate_up_proj); otherwise it stays 16-bit, and so do
-MoE experts: quantized parts that land in a 16-bit tensor are dequantized
-(``(q - z) * s`` in fp32, then the model dtype) at load.
+into qkv_proj, gate/up into gate_up_proj, Qwen2-MoE's shared expert's too);
+otherwise it stays 16-bit, and so do routed MoE experts: quantized parts that
+land in a 16-bit tensor are dequantized (``(q - z) * s`` in fp32, then the
+model dtype) at load.
 
 Refused with a ValueError: bits other than 4, group sizes other than 32/64/128
 (per-channel -1 included), GPTQ act-order (a g_idx other than ``k // g``),

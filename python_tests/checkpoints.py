@@ -23,7 +23,7 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
 
-ARCHS = ("llama", "llama3", "mistral", "qwen2", "mixtral", "qwen3", "qwen3_moe")
+ARCHS = ("llama", "llama3", "mistral", "qwen2", "mixtral", "qwen3", "qwen3_moe", "qwen2_moe")
 VOCAB = 384
 
 
@@ -66,6 +66,10 @@ def _config(arch: str, **overrides):
     elif arch == "qwen3_moe":  # layer 0 routes (top-2 of 5, not renormalised), layer 1 is dense
         cfg = tf.Qwen3MoeConfig(**common, head_dim=24, num_experts=5, num_experts_per_tok=2,
                                 moe_intermediate_size=40, mlp_only_layers=[1], norm_topk_prob=False)
+    elif arch == "qwen2_moe":  # layer 0 routes (top-3 of 6, not renormalised) beside the gated shared expert,
+        # layer 1 is dense (intermediate_size); q/k/v biases
+        cfg = tf.Qwen2MoeConfig(**common, num_experts=6, num_experts_per_tok=3, moe_intermediate_size=40,
+                                shared_expert_intermediate_size=48, mlp_only_layers=[1], norm_topk_prob=False)
     else:
         raise ValueError(arch)
     for k, v in overrides.items():
@@ -107,10 +111,11 @@ def make_checkpoint(out: Path, arch: str, dtype: torch.dtype = torch.float32, to
         "mixtral": tf.MixtralForCausalLM,
         "qwen3": tf.Qwen3ForCausalLM,
         "qwen3_moe": tf.Qwen3MoeForCausalLM,
+        "qwen2_moe": tf.Qwen2MoeForCausalLM,
     }[arch]
     torch.manual_seed(1234)
     model = cls(_config(arch, **overrides)).to(dtype).eval()
-    if arch == "qwen2":  # biases are zero-initialised; make them matter
+    if arch in ("qwen2", "qwen2_moe"):  # biases are zero-initialised; make them matter
         with torch.no_grad():
             for layer in model.model.layers:
                 for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):

@@ -39,6 +39,17 @@ def graphed(path):
     return m
 
 
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe"])
+def test_moe_models_decode_eagerly(tmp_path, arch):
+    """An MoE layer's routing reads token counts on the host: no graphs, a warning."""
+    from fastllm.cuda_graph import graphs_supported
+
+    make_checkpoint(tmp_path, arch, tokenizer=False)
+    network = Model.from_pretrained(tmp_path, device="cpu").network
+    with pytest.warns(RuntimeWarning, match="mixture-of-experts"):
+        assert not graphs_supported(network)
+
+
 def test_batch_buckets():
     assert batch_buckets(1) == [1]
     assert batch_buckets(3) == [1, 2, 3]

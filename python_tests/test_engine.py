@@ -51,6 +51,20 @@ def test_greedy_outputs_equal_model_generate(model, setting):
         assert engine.prefix_cache_hit_rate == 0
 
 
+@pytest.mark.parametrize("arch", ["qwen3_moe", "qwen2_moe"])
+def test_moe_models_in_the_engine_equal_model_generate(tmp_path, arch):
+    """Mixture-of-experts models (Qwen2-MoE with its shared expert) batch,
+    chunk and preempt in the engine like the dense ones."""
+    make_checkpoint(tmp_path, arch)
+    moe = Model.from_pretrained(tmp_path, device="cpu")
+    want = [o.token_ids for o in moe.generate(PROMPTS, max_new_tokens=24, ignore_eos=True)]
+    for setting in ("preempting", "chunked"):
+        engine = LLMEngine(moe, **SETTINGS[setting])
+        assert [o.token_ids for o in engine.generate(PROMPTS, max_new_tokens=24, ignore_eos=True)] == want, setting
+        assert not engine.has_unfinished() and engine.blocks.num_free == engine.blocks.num_blocks
+        assert engine.num_preemptions > 0 if setting == "preempting" else engine.prefix_cache_hit_rate > 0.2
+
+
 def test_seeded_sampling_survives_preemption(model):
     params = dict(max_new_tokens=30, temperature=0.9, top_k=40, seed=5, stop=["e "])
     want = model.generate(PROMPTS, **params)

@@ -15,7 +15,7 @@ from fastllm import Model, backend
 pytestmark = requires_cuda
 
 
-@pytest.fixture(scope="module", params=["llama3", "qwen2", "mixtral", "qwen3"])
+@pytest.fixture(scope="module", params=["llama3", "qwen2", "mixtral", "qwen3", "qwen2_moe"])
 def ckpt(request, tmp_path_factory):
     path = tmp_path_factory.mktemp(request.param)
     hf = make_checkpoint(path, request.param)

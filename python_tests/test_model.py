@@ -9,6 +9,7 @@ import torch
 
 from checkpoints import ARCHS, make_checkpoint
 from fastllm import Model
+from fastllm.model.config import ModelConfig
 
 
 @pytest.fixture(scope="module", params=ARCHS)
@@ -151,6 +152,74 @@ def test_qwen3_moe_renormalized_and_sparse_step(tmp_path):
     c = model.config
     assert (c.dense_layers, c.moe_renormalize, c.num_experts, c.moe_intermediate_size) == ((0, 2), True, 6, 32)
     _matches_transformers(hf, model)
+
+
+def _qwen2_moe_config(**kw):
+    import transformers as tf
+
+    return tf.Qwen2MoeConfig(**_common(num_experts=6, num_experts_per_tok=3, moe_intermediate_size=32,
+                                       shared_expert_intermediate_size=40, **kw))
+
+
+def test_qwen2_moe_renormalized_sparse_step_no_qkv_bias(tmp_path):
+    """Qwen2-MoE with norm_topk_prob (renormalised top-k), decoder_sparse_step 2
+    (layers 0 and 2 dense, with intermediate_size) and qkv_bias false."""
+    import transformers as tf
+
+    hf = _save(tmp_path, _qwen2_moe_config(num_hidden_layers=4, norm_topk_prob=True, decoder_sparse_step=2,
+                                           qkv_bias=False), tf.Qwen2MoeForCausalLM)
+    model = Model.from_pretrained(tmp_path, device="cpu")
+    c = model.config
+    assert (c.dense_layers, c.moe_renormalize, c.num_experts, c.num_experts_per_tok) == ((0, 2), True, 6, 3)
+    assert (c.moe_intermediate_size, c.shared_expert_intermediate_size, c.qkv_bias, c.o_bias) == (32, 40, False, False)
+    assert model.network.layers[1].mlp.shared_expert.down_proj.in_features == 40
+    _matches_transformers(hf, model)
+
+
+def test_qwen2_moe_sliding_window_layers(tmp_path):
+    """Qwen2-MoE windows the layers its layer_types mark; without layer_types
+    transformers' default is the even layers below max_window_layers."""
+    import transformers as tf
+
+    cfg = _qwen2_moe_config(num_hidden_layers=4, use_sliding_window=True, sliding_window=6, max_window_layers=3)
+    hf = _save(tmp_path, cfg, tf.Qwen2MoeForCausalLM)
+    model = Model.from_pretrained(tmp_path, device="cpu")
+    assert [model.config.layer_window(i) for i in range(4)] == [6, None, 6, None]
+    _matches_transformers(hf, model)
+    raw = json.loads((tmp_path / "config.json").read_text())
+    del raw["layer_types"]
+    again = ModelConfig.from_dict(raw)
+    assert [again.layer_window(i) for i in range(4)] == [6, None, 6, None]
+
+
+@pytest.mark.parametrize("value, match", [
+    (None, "missing the required field 'shared_expert_intermediate_size'"),
+    (0, "shared_expert_intermediate_size must be a positive int, got 0"),
+    (-8, "shared_expert_intermediate_size must be a positive int"),
+    ("48", "shared_expert_intermediate_size must be a positive int, got '48'"),
+])
+def test_qwen2_moe_bad_shared_expert_is_refused(tmp_path, value, match):
+    make_checkpoint(tmp_path, "qwen2_moe", tokenizer=False)
+    path = tmp_path / "config.json"
+    raw = json.loads(path.read_text())
+    if value is None:
+        del raw["shared_expert_intermediate_size"]
+    else:
+        raw["shared_expert_intermediate_size"] = value
+    path.write_text(json.dumps(raw))
+    with pytest.raises(ValueError, match=match):
+        Model.from_pretrained(tmp_path, device="cpu")
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("moe_intermediate_size", 0, "moe_intermediate_size must be a positive int"),
+    ("qkv_bias", "yes", "qkv_bias must be true or false"),
+    ("num_experts_per_tok", 7, r"num_experts_per_tok must be in \[1, 6\]"),
+])
+def test_qwen2_moe_bad_fields_are_refused(field, value, match):
+    raw = {**_qwen2_moe_config(num_hidden_layers=2).to_dict(), "architectures": ["Qwen2MoeForCausalLM"], field: value}
+    with pytest.raises(ValueError, match=match):
+        ModelConfig.from_dict(raw)
 
 
 @pytest.mark.parametrize("field, value, match", [

@@ -156,3 +156,18 @@ def test_silu_and_mul_and_rmsnorm_formulas():
     y = x[:, :33]
     expect = y / torch.sqrt((y * y).mean(-1, keepdim=True) + 1e-6) * w
     torch.testing.assert_close(ref.rmsnorm(y, w, 1e-6), expect)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sigmoid_gated_add_matches_qwen2_moe_formula(dtype):
+    """``x + sigmoid(gate) * y`` as transformers' Qwen2MoeSparseMoeBlock adds its shared expert."""
+    g = torch.Generator().manual_seed(11)
+    x, y, gate = (torch.randn(7, 33, generator=g), torch.randn(7, 33, generator=g), torch.randn(7, 1, generator=g) * 3)
+    out = ref.sigmoid_gated_add(x.to(dtype), y.to(dtype), gate.to(dtype))
+    assert out.dtype == dtype and out.shape == (7, 33)
+    want = x.to(dtype).float() + F.sigmoid(gate.to(dtype).float()) * y.to(dtype).float()
+    torch.testing.assert_close(out.float(), want, rtol=0 if dtype == torch.float32 else 1e-2, atol=1e-6)
+    with pytest.raises(ValueError, match="gate"):
+        ref.sigmoid_gated_add(x, y, gate.view(1, 7))
+    with pytest.raises(ValueError, match="must match"):
+        ref.sigmoid_gated_add(x, y[:, :32], gate)

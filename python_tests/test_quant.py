@@ -10,7 +10,16 @@ import torch
 from checkpoints import make_checkpoint
 from fastllm import Model
 from fastllm.ops import reference as ref
-from fastllm.quant import QuantizationConfig, quantizable_linears, quantize_int4, quantize_int8
+from fastllm.model.layers import Linear
+from fastllm.quant import (
+    Int4Linear,
+    Int8Linear,
+    QuantizationConfig,
+    projection_slots,
+    quantizable_linears,
+    quantize_int4,
+    quantize_int8,
+)
 
 
 def test_int8_roundtrip_error_is_half_a_step():
@@ -78,10 +87,11 @@ def test_parse_rejects(value):
         QuantizationConfig.parse(value)
 
 
-@pytest.fixture(scope="module", params=["llama", "qwen2", "mixtral", "qwen3_moe"])
+@pytest.fixture(scope="module", params=["llama", "qwen2", "mixtral", "qwen3_moe", "qwen2_moe"])
 def ckpt(request, tmp_path_factory):
     path = tmp_path_factory.mktemp(request.param)
-    make_checkpoint(path, request.param, intermediate_size=128)  # K in {64, 128}: groups 32 and 64 fit
+    extra = {"shared_expert_intermediate_size": 64} if request.param == "qwen2_moe" else {}
+    make_checkpoint(path, request.param, intermediate_size=128, **extra)  # K in {64, 128}: groups 32 and 64 fit
     return path
 
 
@@ -119,6 +129,22 @@ def test_quantized_model_computes_with_dequantized_weights(ckpt):
     # fewer bits or coarser groups cost accuracy (random weights, large init: errors compound)
     assert 0 < errs["int8"] < 0.05, errs
     assert errs["int8"] * 3 < errs["int4-g32"] <= errs["int4-g64"] * 1.05, errs
+
+
+@pytest.mark.parametrize("q", ["int8", "int4-g32"])
+def test_qwen2_moe_shared_expert_quantized_like_a_dense_mlp(tmp_path, q):
+    """The shared expert's gate/up and down are quantized; its one-logit gate,
+    the router and the routed experts stay 16-bit; the dense layer's MLP too is quantized."""
+    make_checkpoint(tmp_path, "qwen2_moe", tokenizer=False, intermediate_size=128, shared_expert_intermediate_size=64)
+    model = Model.from_pretrained(tmp_path, device="cpu", quantization=q)
+    kind = Int8Linear if q == "int8" else Int4Linear
+    moe, dense = model.network.layers[0].mlp, model.network.layers[1].mlp
+    assert isinstance(moe.shared_expert.gate_up_proj, kind) and isinstance(moe.shared_expert.down_proj, kind)
+    assert isinstance(moe.shared_expert_gate, Linear) and isinstance(moe.gate, Linear)
+    assert moe.w13.is_floating_point() and isinstance(dense.down_proj, kind)
+    paths = {path for path, _, _ in projection_slots(model.network)}
+    assert {"layers.0.mlp.shared_expert.gate_up_proj", "layers.0.mlp.shared_expert.down_proj"} <= paths
+    assert not any("shared_expert_gate" in p or p.endswith("mlp.gate") for p in paths)
 
 
 @pytest.mark.parametrize("q", ["int8", "int4-g32"])

@@ -60,12 +60,13 @@ def pack_cols(v: torch.Tensor, order=tuple(range(8))) -> torch.Tensor:
 
 def _prefixes(src: Path, experts: bool, lm_head: bool) -> list[str]:
     """The projections of a checkpoint a GPTQ/AWQ export quantizes: every 2-D
-    ``.weight`` but the embeddings and MoE routers (experts only if ``experts``,
-    the LM head only if ``lm_head``)."""
+    ``.weight`` but the embeddings, MoE routers and Qwen2-MoE's one-row shared
+    expert gates (experts only if ``experts``, the LM head only if ``lm_head``)."""
     with safe_open(str(src / "model.safetensors"), "pt") as f:
         names = [n[: -len(".weight")] for n in f.keys() if n.endswith(".weight") and len(f.get_slice(n).get_shape()) == 2]
     skip = ("model.embed_tokens", "lm_head") if not lm_head else ("model.embed_tokens",)
-    return sorted(n for n in names if n not in skip and not n.endswith(".gate") and (experts or ".experts." not in n))
+    return sorted(n for n in names if n not in skip and not n.endswith((".gate", ".shared_expert_gate"))
+                  and (experts or ".experts." not in n))
 
 
 def write_quantized(src: Path, out: Path, plain: Path, fmt: str, group: int, *, keep=(), experts=True,
@@ -122,9 +123,11 @@ def write_quantized(src: Path, out: Path, plain: Path, fmt: str, group: int, *, 
 def sources(tmp_path_factory):
     """Tiny random transformers checkpoints (K in {64, 128}: groups 32 and 64 fit), by arch."""
     made = {}
-    for arch in ("llama3", "qwen2", "mixtral", "qwen3_moe"):
+    for arch in ("llama3", "qwen2", "mixtral", "qwen3_moe", "qwen2_moe"):
         made[arch] = tmp_path_factory.mktemp(arch)
-        extra = {"moe_intermediate_size": 64} if arch == "qwen3_moe" else {}
+        extra = {"moe_intermediate_size": 64} if arch.endswith("_moe") else {}
+        if arch == "qwen2_moe":
+            extra["shared_expert_intermediate_size"] = 64
         make_checkpoint(made[arch], arch, intermediate_size=128, tokenizer=arch == "qwen2", **extra)
     return made.__getitem__
 
@@ -183,15 +186,21 @@ def test_load_matches_dequantized_checkpoint(sources, tmp_path, arch, fmt, group
         assert (tmp_path / "saved" / "tokenizer.json").is_file()
 
 
-@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe", "qwen2_moe"])
 def test_moe_experts_dequantized_and_lm_head_int4(sources, tmp_path, arch):
     """Quantized MoE experts load dequantized into fastllm's 16-bit expert
-    tensors; a quantized (untied) LM head loads as int4."""
+    tensors; a quantized (untied) LM head loads as int4, and so does
+    Qwen2-MoE's quantized shared expert (its gate stays 16-bit)."""
     chosen = write_quantized(sources(arch), tmp_path / "q", tmp_path / "plain", "gptq", 32, lm_head=True)
     assert any(".experts." in p for p in chosen)
     model = Model.from_pretrained(tmp_path / "q", device="cpu")
     assert model.network.quantization.lm_head and isinstance(model.network.lm_head, Int4Linear)
+    assert model.network.quantization.skip_modules == ()
     assert isinstance(model.network.layers[1].self_attn.o_proj, Int4Linear)
+    if arch == "qwen2_moe":
+        moe = model.network.layers[0].mlp
+        assert any(".shared_expert." in p for p in chosen)
+        assert isinstance(moe.shared_expert.gate_up_proj, Int4Linear) and isinstance(moe.shared_expert_gate, Linear)
     _check_tensors(model, chosen)
     logits = model.forward(IDS)
     assert _rel(logits, Model.from_pretrained(tmp_path / "plain", device="cpu").forward(IDS)) < 1e-5

@@ -17,9 +17,12 @@ SUPPORTED_ARCHITECTURES = (
     "MixtralForCausalLM",
     "Qwen3ForCausalLM",
     "Qwen3MoeForCausalLM",
+    "Qwen2MoeForCausalLM",
 )
-_QWEN = ("Qwen2ForCausalLM", "Qwen3ForCausalLM", "Qwen3MoeForCausalLM")
-_MOE = ("MixtralForCausalLM", "Qwen3MoeForCausalLM")
+_QWEN = ("Qwen2ForCausalLM", "Qwen3ForCausalLM", "Qwen3MoeForCausalLM", "Qwen2MoeForCausalLM")
+_MOE = ("MixtralForCausalLM", "Qwen3MoeForCausalLM", "Qwen2MoeForCausalLM")
+_QWEN2 = ("Qwen2ForCausalLM", "Qwen2MoeForCausalLM")  # q/k/v biases, none on o_proj
+_QWEN_MOE = ("Qwen3MoeForCausalLM", "Qwen2MoeForCausalLM")  # moe_intermediate_size, norm_topk_prob, dense layers
 
 _DTYPES = {
     "float32": torch.float32,
@@ -86,9 +89,10 @@ class ModelConfig:
     qk_norm: bool = False  # Qwen3: RMSNorm over each head of q and k before RoPE
     num_experts: int = 0  # 0 = dense MLP
     num_experts_per_tok: int = 0
-    moe_intermediate_size: int = 0  # each expert's (Qwen3-MoE; Mixtral: intermediate_size)
-    moe_renormalize: bool = True  # the top-k routing weights sum to 1 (Mixtral; Qwen3-MoE's norm_topk_prob)
-    dense_layers: tuple[int, ...] = ()  # layers of an MoE model with a dense MLP (Qwen3-MoE's mlp_only_layers)
+    moe_intermediate_size: int = 0  # each expert's (Qwen2/3-MoE; Mixtral: intermediate_size)
+    moe_renormalize: bool = True  # the top-k routing weights sum to 1 (Mixtral; Qwen2/3-MoE's norm_topk_prob)
+    dense_layers: tuple[int, ...] = ()  # layers of an MoE model with a dense MLP (Qwen-MoE's mlp_only_layers)
+    shared_expert_intermediate_size: int = 0  # Qwen2-MoE's sigmoid-gated shared expert (0: none)
     torch_dtype: torch.dtype | None = None
     bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
@@ -138,15 +142,7 @@ class ModelConfig:
 
         num_layers = int(need("num_hidden_layers"))
         sliding, sliding_layers = _parse_sliding(arch, raw, num_layers)
-        is_moe = arch in _MOE
-        num_experts = int(raw.get("num_local_experts") or raw.get("num_experts") or 0) if is_moe else 0
-        if is_moe and num_experts < 1:
-            raise ValueError("config.json: a mixture-of-experts model needs num_local_experts (or num_experts) >= 1")
-        top_k = int(raw.get("num_experts_per_tok", 2)) if is_moe else 0
-        if is_moe and not 1 <= top_k <= num_experts:
-            raise ValueError(f"config.json: num_experts_per_tok must be in [1, {num_experts}], got {top_k}")
         inter = int(need("intermediate_size"))
-        qwen3_moe = arch == "Qwen3MoeForCausalLM"
         eos = raw.get("eos_token_id")
         eos_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
         return cls(
@@ -162,19 +158,15 @@ class ModelConfig:
             rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
             rope=_parse_rope(raw),
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
-            # Qwen2 always has q/k/v biases and none on o_proj; Llama's (and Qwen3's)
-            # attention_bias covers all four.
-            qkv_bias=arch == "Qwen2ForCausalLM" or bool(raw.get("attention_bias", False)),
-            o_bias=arch != "Qwen2ForCausalLM" and bool(raw.get("attention_bias", False)),
+            # Qwen2 always has q/k/v biases and none on o_proj, Qwen2-MoE too unless its
+            # qkv_bias says not; Llama's (and Qwen3's) attention_bias covers all four.
+            qkv_bias=_qkv_bias(arch, raw),
+            o_bias=arch not in _QWEN2 and bool(raw.get("attention_bias", False)),
             mlp_bias=bool(raw.get("mlp_bias", False)),
             sliding_window=sliding,
             sliding_layers=sliding_layers,
             qk_norm=arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM"),
-            num_experts=num_experts,
-            num_experts_per_tok=top_k,
-            moe_intermediate_size=int(raw.get("moe_intermediate_size") or inter) if qwen3_moe else inter,
-            moe_renormalize=bool(raw.get("norm_topk_prob", False)) if qwen3_moe else True,
-            dense_layers=_qwen3_moe_dense_layers(raw, num_layers) if qwen3_moe else (),
+            **_parse_moe(arch, raw, num_layers, inter),
             torch_dtype=_config_dtype(raw),
             bos_token_id=raw.get("bos_token_id"),
             eos_token_ids=eos_ids,
@@ -199,8 +191,9 @@ class ModelConfig:
 def _parse_sliding(arch: str, raw: dict[str, Any], num_layers: int) -> tuple[int | None, tuple[int, ...] | None]:
     """The sliding window and the layers it applies to (None: all), as
     transformers reads them: Qwen models store a window but apply it only with
-    ``use_sliding_window``, and Qwen2/Qwen3 only on the layers ``layer_types``
-    marks ``sliding_attention`` (default: from ``max_window_layers`` on)."""
+    ``use_sliding_window``, and Qwen2/Qwen3/Qwen2-MoE only on the layers
+    ``layer_types`` marks ``sliding_attention`` (default: Qwen2/Qwen3 from
+    ``max_window_layers`` on; Qwen2-MoE the even layers below it)."""
     window = raw.get("sliding_window")
     if arch in _QWEN and not raw.get("use_sliding_window", False):
         window = None
@@ -208,20 +201,71 @@ def _parse_sliding(arch: str, raw: dict[str, Any], num_layers: int) -> tuple[int
         return None, None
     if not isinstance(window, int) or isinstance(window, bool) or window < 1:
         raise ValueError(f"config.json: sliding_window must be a positive int, got {window!r}")
-    if arch not in ("Qwen2ForCausalLM", "Qwen3ForCausalLM"):
+    if arch not in ("Qwen2ForCausalLM", "Qwen3ForCausalLM", "Qwen2MoeForCausalLM"):
         return window, None
     types = raw.get("layer_types")
     if types is None:
         first = int(raw.get("max_window_layers", 28))
-        types = ["sliding_attention" if i >= first else "full_attention" for i in range(num_layers)]
+        if arch == "Qwen2MoeForCausalLM":  # transformers' Qwen2MoeConfig default
+            slides = [i % 2 == 0 and i < first for i in range(num_layers)]
+        else:
+            slides = [i >= first for i in range(num_layers)]
+        types = ["sliding_attention" if s else "full_attention" for s in slides]
     if len(types) != num_layers or not set(types) <= {"sliding_attention", "full_attention"}:
         raise ValueError(f"config.json: layer_types must list 'full_attention' or 'sliding_attention' for each "
                          f"of the {num_layers} layers, got {types!r}")
     return window, tuple(i for i, t in enumerate(types) if t == "sliding_attention")
 
 
-def _qwen3_moe_dense_layers(raw: dict[str, Any], num_layers: int) -> tuple[int, ...]:
-    """Layers of a Qwen3-MoE model with a dense MLP, as transformers picks them:
+def _qkv_bias(arch: str, raw: dict[str, Any]) -> bool:
+    """Whether q/k/v have biases: always for Qwen2, by ``qkv_bias`` (default
+    true) for Qwen2-MoE, by ``attention_bias`` for the others."""
+    if arch == "Qwen2ForCausalLM":
+        return True
+    if arch == "Qwen2MoeForCausalLM":
+        value = raw.get("qkv_bias", True)
+        if not isinstance(value, bool):
+            raise ValueError(f"config.json: qkv_bias must be true or false, got {value!r}")
+        return value
+    return bool(raw.get("attention_bias", False))
+
+
+def _positive_int(raw: dict[str, Any], key: str, default: int | None = None) -> int:
+    """``raw[key]`` (``default`` when absent or null), checked to be an int >= 1."""
+    value = default if raw.get(key) is None else raw[key]
+    if value is None:
+        raise ValueError(f"config.json is missing the required field {key!r}")
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"config.json: {key} must be a positive int, got {value!r}")
+    return value
+
+
+def _parse_moe(arch: str, raw: dict[str, Any], num_layers: int, inter: int) -> dict[str, Any]:
+    """ModelConfig's mixture-of-experts fields: the experts, how many each
+    token gets, their width, whether the top-k weights are renormalised, the
+    dense layers and (Qwen2-MoE) the shared expert's width."""
+    if arch not in _MOE:
+        return dict(moe_intermediate_size=inter)
+    num_experts = int(raw.get("num_local_experts") or raw.get("num_experts") or 0)
+    if num_experts < 1:
+        raise ValueError("config.json: a mixture-of-experts model needs num_local_experts (or num_experts) >= 1")
+    top_k = int(raw.get("num_experts_per_tok", 2))
+    if not 1 <= top_k <= num_experts:
+        raise ValueError(f"config.json: num_experts_per_tok must be in [1, {num_experts}], got {top_k}")
+    fields: dict[str, Any] = dict(num_experts=num_experts, num_experts_per_tok=top_k, moe_intermediate_size=inter)
+    if arch in _QWEN_MOE:
+        fields.update(
+            moe_intermediate_size=_positive_int(raw, "moe_intermediate_size", inter),
+            moe_renormalize=bool(raw.get("norm_topk_prob", False)),
+            dense_layers=_qwen_moe_dense_layers(raw, num_layers),
+        )
+    if arch == "Qwen2MoeForCausalLM":
+        fields["shared_expert_intermediate_size"] = _positive_int(raw, "shared_expert_intermediate_size")
+    return fields
+
+
+def _qwen_moe_dense_layers(raw: dict[str, Any], num_layers: int) -> tuple[int, ...]:
+    """Layers of a Qwen2/Qwen3-MoE model with a dense MLP, as transformers picks them:
     those in ``mlp_only_layers`` and those with ``(i + 1) % decoder_sparse_step != 0``."""
     step = int(raw.get("decoder_sparse_step") or 1)
     only = raw.get("mlp_only_layers") or []

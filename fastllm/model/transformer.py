@@ -1,4 +1,4 @@
-"""The decoder-only transformer (Llama, Mistral, Qwen2/3, Mixtral, Qwen3-MoE), over fastllm.ops.
+"""The decoder-only transformer (Llama, Mistral, Qwen2/3, Mixtral, Qwen2/3-MoE), over fastllm.ops.
 
 Token-major: a step's tokens from all sequences are packed into [N, hidden];
 ``AttentionMetadata`` tells attention which tokens belong together and where
@@ -56,21 +56,25 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """SwiGLU: ``down(silu(gate x) * up x)`` with gate and up fused."""
+    """SwiGLU: ``down(silu(gate x) * up x)`` with gate and up fused; of width
+    ``intermediate_size`` (default: the config's)."""
 
-    def __init__(self, cfg: ModelConfig, dtype: torch.dtype):
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, intermediate_size: int | None = None):
         super().__init__()
-        self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, cfg.mlp_bias, dtype)
-        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, cfg.mlp_bias, dtype)
+        inter = cfg.intermediate_size if intermediate_size is None else intermediate_size
+        self.gate_up_proj = Linear(cfg.hidden_size, 2 * inter, cfg.mlp_bias, dtype)
+        self.down_proj = Linear(inter, cfg.hidden_size, cfg.mlp_bias, dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.down_proj(ops.silu_and_mul(self.gate_up_proj(x)))
 
 
 class SparseMoE(nn.Module):
-    """Mixtral's and Qwen3-MoE's block: route each token to its top-k experts
+    """Mixtral's and Qwen2/3-MoE's block: route each token to its top-k experts
     (softmax over all experts, the k largest, renormalised to sum 1 unless the
-    config says not), the weighted sum of their SwiGLU outputs."""
+    config says not), the weighted sum of their SwiGLU outputs. Qwen2-MoE adds
+    a shared expert every token goes through, gated per token:
+    ``routed + sigmoid(shared_expert_gate x) * shared_expert(x)``."""
 
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype):
         super().__init__()
@@ -79,10 +83,16 @@ class SparseMoE(nn.Module):
         self.gate = Linear(h, e, False, dtype)
         self.w13 = _param(e, 2 * i, h, dtype=dtype)  # per expert: gate (w1) rows, then up (w3)
         self.w2 = _param(e, h, i, dtype=dtype)
+        shared = cfg.shared_expert_intermediate_size
+        self.shared_expert = MLP(cfg, dtype, shared) if shared else None
+        self.shared_expert_gate = Linear(h, 1, False, dtype) if shared else None
 
     def forward(self, x: Tensor) -> Tensor:
         weights, ids = ops.moe_route(self.gate(x), self.top_k, renormalize=self.renormalize)
-        return ops.fused_moe(x, self.w13, self.w2, weights, ids)
+        out = ops.fused_moe(x, self.w13, self.w2, weights, ids)  # [N, H]
+        if self.shared_expert is None:
+            return out
+        return ops.sigmoid_gated_add(out, self.shared_expert(x), self.shared_expert_gate(x))
 
 
 class DecoderLayer(nn.Module):

@@ -1,10 +1,11 @@
 """Loading Hugging Face safetensors checkpoints into a ``Transformer``.
 
 Every checkpoint tensor name maps to a view of one of our parameters (q/k/v go
-to slices of the fused ``qkv_proj``, gate/up to ``gate_up_proj``, the MoE
-experts' gate/up/down (Mixtral's w1/w3/w2) to the stacked ``w13``/``w2``). Loading copies each tensor
-into its view, converting dtype and device on the way, and fails loudly on a
-missing, unexpected or wrongly shaped tensor. Pickle checkpoints are refused.
+to slices of the fused ``qkv_proj``, gate/up to ``gate_up_proj`` (Qwen2-MoE's
+shared expert's too), the MoE experts' gate/up/down (Mixtral's w1/w3/w2) to the
+stacked ``w13``/``w2``). Loading copies each tensor into its view, converting
+dtype and device on the way, and fails loudly on a missing, unexpected or
+wrongly shaped tensor. Pickle checkpoints are refused.
 GPTQ/AWQ checkpoints go through a converter (``fastllm.quant_formats``) that
 rewrites their packed tensors into fastllm's own before they are copied.
 """
@@ -142,18 +143,31 @@ def linear_parts(cfg: ModelConfig) -> dict[str, list[tuple[str, int, int]]]:
         parts[m + "self_attn.o_proj"] = [(p + "self_attn.o_proj", 0, cfg.hidden_size)]
         if cfg.is_moe_layer(i):
             parts[m + "mlp.gate"] = [(p + moe_names(cfg)[0] + ".gate", 0, cfg.num_experts)]
+            shared = cfg.shared_expert_intermediate_size
+            if shared:  # Qwen2-MoE: a dense SwiGLU expert under a one-logit sigmoid gate
+                parts.update(_mlp_parts(m + "mlp.shared_expert.", p + "mlp.shared_expert.", shared, cfg.hidden_size))
+                parts[m + "mlp.shared_expert_gate"] = [(p + "mlp.shared_expert_gate", 0, 1)]
         else:
-            parts[m + "mlp.gate_up_proj"] = [(p + "mlp.gate_proj", 0, inter), (p + "mlp.up_proj", inter, 2 * inter)]
-            parts[m + "mlp.down_proj"] = [(p + "mlp.down_proj", 0, cfg.hidden_size)]
+            parts.update(_mlp_parts(m + "mlp.", p + "mlp.", inter, cfg.hidden_size))
     if not cfg.tie_word_embeddings:
         parts["lm_head"] = [("lm_head", 0, cfg.vocab_size)]
     return parts
 
 
+def _mlp_parts(module: str, hf: str, inter: int, hidden: int) -> dict[str, list[tuple[str, int, int]]]:
+    """A SwiGLU MLP's fused gate_up_proj and its down_proj (network paths under
+    ``module``) from the checkpoint's gate/up/down projections under ``hf``."""
+    return {
+        module + "gate_up_proj": [(hf + "gate_proj", 0, inter), (hf + "up_proj", inter, 2 * inter)],
+        module + "down_proj": [(hf + "down_proj", 0, hidden)],
+    }
+
+
 def moe_names(cfg: ModelConfig) -> tuple[str, str, str, str]:
     """How a checkpoint names an MoE block and its experts' gate, up and down
-    projections: Mixtral ``block_sparse_moe.experts.E.w1/w3/w2``, Qwen3-MoE
-    ``mlp.experts.E.gate_proj/up_proj/down_proj``."""
+    projections: Mixtral ``block_sparse_moe.experts.E.w1/w3/w2``, Qwen2/3-MoE
+    ``mlp.experts.E.gate_proj/up_proj/down_proj`` (as transformers saves them;
+    it fuses them into 3-D tensors only in memory)."""
     if cfg.architecture == "MixtralForCausalLM":
         return "block_sparse_moe", "w1", "w3", "w2"
     return "mlp", "gate_proj", "up_proj", "down_proj"

@@ -30,6 +30,7 @@ __all__ = [
     "rmsnorm",
     "rotary_embedding",
     "sample",
+    "sigmoid_gated_add",
     "silu_and_mul",
 ]
 
@@ -81,6 +82,7 @@ reshape_and_cache = _op("reshape_and_cache")
 attention = _op("attention")
 moe_route = _op("moe_route")
 fused_moe = _op("fused_moe")
+sigmoid_gated_add = _op("sigmoid_gated_add")
 sample = _op("sample")
 decode_attention = _op("decode_attention")
 prefill_attention = _op("prefill_attention")

@@ -288,6 +288,18 @@ def fused_moe(x: Tensor, w13: Tensor, w2: Tensor, weights: Tensor, expert_ids: T
     return out.to(x.dtype)
 
 
+def sigmoid_gated_add(x: Tensor, y: Tensor, gate: Tensor) -> Tensor:
+    """``x + sigmoid(gate) * y``: Qwen2-MoE's shared expert output ``y`` added to
+    the routed output ``x`` under its per-token gate.
+
+    x, y: [N, H]; gate: [N, 1] (one logit per token). fp32 inside; returns [N, H] in x.dtype.
+    """
+    if x.shape != y.shape or gate.shape != (*x.shape[:-1], 1):
+        raise ValueError(f"sigmoid_gated_add: x {tuple(x.shape)} and y {tuple(y.shape)} must match and gate "
+                         f"{tuple(gate.shape)} be {(*x.shape[:-1], 1)}")
+    return (x.float() + torch.sigmoid(gate.float()) * y.float()).to(x.dtype)
+
+
 # --------------------------------------------------------------------------- #
 # Sampling
 # --------------------------------------------------------------------------- #
