@@ -203,10 +203,10 @@ class AsyncEngine:
             try:
                 self._admit(new)
                 self._drop(aborts)
-                if self.engine.has_unfinished():
-                    self._deliver(self.engine.step())
-                if self.metrics is not None:
-                    self.metrics.observe_state(self.engine)
+                outs = self.engine.step() if self.engine.has_unfinished() else []
+                if self.metrics is not None:  # before delivering: a caller woken by its last token
+                    self.metrics.observe_state(self.engine)  # must find the gauges already updated
+                self._deliver(outs)
             except Exception as e:  # noqa: BLE001 - one bad step must not take the server down
                 log.exception("engine step failed; failing %d request(s)", len(self._live))
                 self.num_failures += 1
