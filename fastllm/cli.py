@@ -10,6 +10,7 @@ from typing import Any
 
 from fastllm.api import SHIPPED_MODELS_DIR as ASSETS  # noqa: F401 (re-exported)
 from fastllm.api import shipped_model_dirs
+from fastllm.tools import PARSERS
 
 
 def default_model_path() -> str | None:
@@ -140,6 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--api-key", default=None,
                        help="require 'Authorization: Bearer KEY' on every route but /health, /metrics and /version "
                             "(default: $FASTLLM_API_KEY, else no key)")
+    serve.add_argument("--tool-call-parser", default="auto", choices=["auto", *sorted(PARSERS)],
+                       help="the model's tool-call format, for tool_choice 'auto' (default: read from the chat "
+                            "template)")
 
     bench = sub.add_parser("bench", help="latency (one batch) or throughput (--engine) on synthetic prompts")
     _add_model_args(bench)
@@ -270,7 +274,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     model = _load(args)
     api_key = args.api_key or os.environ.get("FASTLLM_API_KEY") or None
     return serve(model, args.served_model_name or _model_name(args), host=args.host, port=args.port,
-                 log_level=args.log_level, api_key=api_key, max_num_seqs=args.max_num_seqs,
+                 log_level=args.log_level, api_key=api_key, tool_call_parser=args.tool_call_parser,
+                 max_num_seqs=args.max_num_seqs,
                  max_num_batched_tokens=args.max_num_batched_tokens, **_draft_params(args, model))
 
 

@@ -360,7 +360,7 @@ def test_fastllm_serve_subprocess(model):
            "FASTLLM_API_KEY": "sk-sub"}  # the key guards the routes; streaming and disconnects work through it
     auth = {"Content-Type": "application/json", "Authorization": "Bearer sk-sub"}
     cmd = [sys.executable, "-m", "fastllm.cli", "serve", "--port", str(port), "--device", "cpu",
-           "--served-model-name", "bard"]
+           "--served-model-name", "bard", "--tool-call-parser", "hermes"]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
 
@@ -387,6 +387,11 @@ def test_fastllm_serve_subprocess(model):
         with urllib.request.urlopen(req, timeout=30) as r:
             got = json.loads(r.read())
         assert got["model"] == "bard" and got["choices"][0]["text"] == want(model, "ROMEO:", **GREEDY).text
+        # the shipped template shows no tool format: tool_choice auto works only with the flag's parser
+        tools = [{"type": "function", "function": {"name": "get_time"}}]
+        body = json.dumps({"messages": CHAT, "tools": tools, "max_tokens": 2}).encode()
+        with urllib.request.urlopen(urllib.request.Request(base + "/v1/chat/completions", body, auth), timeout=30) as r:
+            assert "tool_calls" not in json.loads(r.read())["choices"][0]["message"]
         # a streaming client that hangs up: its request leaves the engine at once
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
         conn.request("POST", "/v1/completions", json.dumps({"prompt": "ROMEO:", "max_tokens": 400, "ignore_eos": True,

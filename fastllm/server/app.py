@@ -25,6 +25,7 @@ from fastllm.server.protocol import (
     bad_request, now,
 )
 from fastllm.server.serving import OpenAIServing
+from fastllm.tools import PARSERS
 
 log = logging.getLogger("fastllm.server")
 
@@ -97,19 +98,23 @@ class _RequireApiKey:
 
 
 def create_app(model: Any, served_model_name: str | None = None, max_num_seqs: int = 64,
-               max_num_batched_tokens: int = 4096, api_key: str | None = None, **engine_kwargs: Any) -> FastAPI:
+               max_num_batched_tokens: int = 4096, api_key: str | None = None, tool_call_parser: str = "auto",
+               **engine_kwargs: Any) -> FastAPI:
     """An OpenAI-compatible app serving ``model`` under ``served_model_name``
     (default: its directory's name). The LLMEngine is built here (bad engine
     arguments raise now); its thread runs while the app's lifespan does. With
     ``api_key``, requests must carry it as a bearer token (but /health,
-    /metrics and /version)."""
+    /metrics and /version). tool_call_parser: how tool_choice "auto" finds
+    calls ("auto": from the chat template; see fastllm.tools)."""
     if api_key is not None and (not isinstance(api_key, str) or not api_key):
         raise ValueError("api_key must be a non-empty string (or None for no key)")
     name = served_model_name or default_served_name(model)
+    if tool_call_parser not in ("auto", *PARSERS):
+        raise ValueError(f"tool_call_parser must be 'auto' or one of {sorted(PARSERS)}, got {tool_call_parser!r}")
     metrics = create_metrics(name)
     engine = AsyncEngine(model, metrics=metrics, max_num_seqs=max_num_seqs,
                          max_num_batched_tokens=max_num_batched_tokens, **engine_kwargs)
-    serving = OpenAIServing(model, engine, name)
+    serving = OpenAIServing(model, engine, name, tool_call_parser)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -207,11 +212,12 @@ def _tokenizer(model: Any) -> Any:
 
 
 def serve(model: Any, served_model_name: str | None = None, host: str = "127.0.0.1", port: int = 8000,
-          log_level: str = "info", api_key: str | None = None, **engine_kwargs: Any) -> int:
-    """Run the server until interrupted (Ctrl-C / SIGTERM); returns 0."""
+          log_level: str = "info", api_key: str | None = None, **app_kwargs: Any) -> int:
+    """Run the server until interrupted (Ctrl-C / SIGTERM); returns 0.
+    app_kwargs: create_app's (engine arguments, tool_call_parser)."""
     import uvicorn
 
-    app = create_app(model, served_model_name, api_key=api_key, **engine_kwargs)
+    app = create_app(model, served_model_name, api_key=api_key, **app_kwargs)
     log.info("serving %s as %r", getattr(model, "path", None), app.state.serving.name)
     uvicorn.run(app, host=host, port=port, log_level=log_level)
     return 0

@@ -9,11 +9,12 @@ change the result (``UNSUPPORTED``) and ignored when they would not (``user``,
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from typing import Any, Callable, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, model_serializer
 
 from fastllm.config import MAX_LOGPROBS, GenerationConfig
 from fastllm.server.logprobs import ChatLogprobs, CompletionLogprobs
@@ -84,10 +85,14 @@ class ChatMessage(BaseModel):
     role: str
     content: Optional[Union[str, list[dict[str, Any]]]] = None
     name: Optional[str] = None
+    tool_calls: Optional[list[dict[str, Any]]] = None  # an assistant turn's calls
+    tool_call_id: Optional[str] = None  # a tool turn: the call it answers
 
     def for_template(self, index: int) -> dict[str, Any]:
         """The message as the chat template sees it: content parts of type
-        text joined into one string (other parts are refused)."""
+        text joined into one string (other parts are refused); tool calls'
+        arguments as objects (templates write them with tojson, as
+        transformers expects), not OpenAI's JSON text."""
         content = self.content
         if isinstance(content, list):
             texts = []
@@ -100,7 +105,25 @@ class ChatMessage(BaseModel):
         out = {"role": self.role, "content": content or ""}
         if self.name is not None:
             out["name"] = self.name
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        if self.tool_calls:
+            out["tool_calls"] = [_template_call(c, f"messages[{index}].tool_calls[{j}]")
+                                 for j, c in enumerate(self.tool_calls)]
         return out
+
+
+def _template_call(call: dict[str, Any], where: str) -> dict[str, Any]:
+    fn = call.get("function")
+    if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+        raise bad_request(f"{where} must be {{'type': 'function', 'function': {{'name', 'arguments'}}}}", "messages")
+    args = fn.get("arguments", {})
+    if isinstance(args, str):
+        try:
+            args = json.loads(args) if args.strip() else {}
+        except json.JSONDecodeError as e:
+            raise bad_request(f"{where}.function.arguments is not JSON: {e}", "messages") from None
+    return {**call, "function": {**fn, "arguments": args}}
 
 
 class ChatCompletionRequest(_SamplingRequest):
@@ -110,6 +133,9 @@ class ChatCompletionRequest(_SamplingRequest):
     chat_template_kwargs: Optional[dict[str, Any]] = None  # vLLM's: extra chat template variables
     logprobs: Optional[bool] = None
     top_logprobs: Optional[StrictInt] = None  # needs logprobs=true
+    tools: Optional[list[Any]] = None
+    tool_choice: Optional[Union[str, dict[str, Any]]] = None  # default: "auto" with tools, else "none"
+    parallel_tool_calls: StrictBool = True
 
 
 class TokenizeRequest(BaseModel):
@@ -141,8 +167,6 @@ def _neutral(*values: Any) -> Callable[[Any], bool]:
 # accepted only at a value that means "off".
 UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
     "top_logprobs": _neutral(0),  # a chat field; completions take logprobs=k
-    "tools": _neutral([]),
-    "tool_choice": _neutral("none", "auto"),
     "functions": _neutral([]),
     "function_call": _neutral("none", "auto"),
     "suffix": _neutral(""),
@@ -299,7 +323,7 @@ class Usage(BaseModel):
                    total_tokens=prompt_tokens + completion_tokens)
 
 
-FinishReason = Optional[Literal["stop", "length"]]
+FinishReason = Optional[Literal["stop", "length", "tool_calls"]]
 
 
 class CompletionChoice(BaseModel):
@@ -318,9 +342,32 @@ class CompletionResponse(BaseModel):
     usage: Optional[Usage] = None
 
 
+class FunctionOut(BaseModel):
+    name: str
+    arguments: str  # JSON text
+
+
+class ToolCallOut(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionOut
+
+
+class ToolCallDelta(ToolCallOut):
+    index: int
+
+
 class ChatMessageOut(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: Optional[str]  # None when the reply is only tool calls
+    tool_calls: Optional[list[ToolCallOut]] = None  # left out of the JSON when there are none
+
+    @model_serializer(mode="wrap")
+    def _without_empty_calls(self, handler: Any) -> dict[str, Any]:
+        out = handler(self)
+        if out.get("tool_calls") is None:
+            out.pop("tool_calls", None)
+        return out
 
 
 class ChatChoice(BaseModel):
@@ -342,6 +389,7 @@ class ChatCompletionResponse(BaseModel):
 class DeltaMessage(BaseModel):
     role: Optional[Literal["assistant"]] = None
     content: Optional[str] = None
+    tool_calls: Optional[list[ToolCallDelta]] = None
 
 
 class ChatChunkChoice(BaseModel):

@@ -34,8 +34,9 @@ from fastllm.server.logprobs import TokenNames, chat_logprobs, completion_logpro
 from fastllm.server.protocol import (
     ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse,
     ChatMessage, ChatMessageOut, CompletionChoice, CompletionChunk, CompletionRequest, CompletionResponse, DeltaMessage,
-    OpenAIError, Usage, bad_request, check_unsupported, generation_params, new_id, now,
+    OpenAIError, ToolCallDelta, ToolCallOut, Usage, bad_request, check_unsupported, generation_params, new_id, now,
 )
+from fastllm.tools import ToolPlan, plan_tools
 
 log = logging.getLogger("fastllm.server")
 
@@ -84,8 +85,8 @@ async def cancel_on_disconnect(request: Request, work: Awaitable[T]) -> T | Resp
 class OpenAIServing:
     """State shared by the handlers: the model, its engine and its name."""
 
-    def __init__(self, model: Any, engine: AsyncEngine, served_model_name: str):
-        self.model, self.engine, self.name = model, engine, served_model_name
+    def __init__(self, model: Any, engine: AsyncEngine, served_model_name: str, tool_parser: str = "auto"):
+        self.model, self.engine, self.name, self.tool_parser = model, engine, served_model_name, tool_parser
         self.names = TokenNames(model.tokenizer)
 
     # ---------------------------------------------------------------- common
@@ -96,17 +97,19 @@ class OpenAIServing:
                               param="model", code="model_not_found")
 
     def chat_prompt(self, messages: list[ChatMessage], add_generation_prompt: bool,
-                    template_kwargs: dict[str, Any] | None, add_special_tokens: bool = False) -> list[int]:
+                    template_kwargs: dict[str, Any] | None, add_special_tokens: bool = False,
+                    tools: list[dict[str, Any]] | None = None) -> list[int]:
         """The token ids of a conversation rendered with the chat template (as
-        Model.apply_chat_template), ``template_kwargs`` as template variables."""
+        Model.apply_chat_template), ``template_kwargs`` as template variables
+        (and ``tools`` as the template's ``tools``)."""
         extra = template_kwargs or {}
-        reserved = sorted({"chat_template", "messages", "add_generation_prompt"} & set(extra))
+        reserved = sorted({"chat_template", "messages", "add_generation_prompt", "tools"} & set(extra))
         if reserved:
-            raise bad_request(f"chat_template_kwargs may not set {reserved} (the template and its messages are "
-                              "the server's and the request's own fields)", "chat_template_kwargs")
+            raise bad_request(f"chat_template_kwargs may not set {reserved} (the template, its messages and "
+                              "tools are the server's and the request's own fields)", "chat_template_kwargs")
         flat = [m.for_template(i) for i, m in enumerate(messages)]
         try:
-            text = self.model.render_chat(flat, add_generation_prompt, **extra)
+            text = self.model.render_chat(flat, add_generation_prompt, **extra, **({"tools": tools} if tools else {}))
         except (ValueError, TypeError) as e:
             raise bad_request(str(e), "messages") from e
         return self.model.tokenizer.encode(text, add_special_tokens=add_special_tokens)
@@ -241,10 +244,25 @@ class OpenAIServing:
         return self.model.tokenizer.decode(prompt)
 
     # ------------------------------------------------------------------ chat
+    def tool_plan(self, req: ChatCompletionRequest, params: dict[str, Any]) -> ToolPlan | None:
+        """The request's use of its tools (None without); adds the plan's
+        generation parameters to ``params``."""
+        try:
+            plan = plan_tools(req.tools, req.tool_choice, self.model.tokenizer.template_for(req.tools),
+                              self.tool_parser, "structured_output" in params, req.parallel_tool_calls)
+        except (ValueError, TypeError) as e:
+            message = str(e)
+            raise bad_request(message, "tool_choice" if "tool_choice" in message else "tools") from e
+        if plan is not None:
+            params.update(plan.params())
+        return plan
+
     async def chat(self, req: ChatCompletionRequest, raw: Request) -> Response:
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         params = self._check(req, max_tokens)
-        ids = self.chat_prompt(req.messages, req.add_generation_prompt, req.chat_template_kwargs)
+        plan = self.tool_plan(req, params)
+        ids = self.chat_prompt(req.messages, req.add_generation_prompt, req.chat_template_kwargs,
+                               tools=plan.tools if plan is not None else None)
         n, want_lp = req.n, params.get("logprobs") is not None
         stream = await self._submit([ids] * n, params)
         rid, created = new_id("chatcmpl"), now()
@@ -254,6 +272,7 @@ class OpenAIServing:
             head = [chunk([ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""),
                                            logprobs=None, finish_reason=None)]) for i in range(n)]
             pending = _Pending()
+            splitters = {i: plan.streamer() for i in range(n)} if plan is not None else {}
 
             def choice_chunk(index: int, delta: DeltaMessage, reason: str | None) -> str:
                 lp = chat_logprobs(pending.take(index), self.names) if want_lp and pending.has(index) else None
@@ -261,11 +280,20 @@ class OpenAIServing:
 
             def chunks(index: int, out: Any) -> list[str]:
                 pending.add(index, out)
+                splitter = splitters.get(index)
+                text = splitter.feed(out.text) if splitter is not None else out.text
+                calls = []
+                if out.finished and splitter is not None:
+                    rest, calls = splitter.finish()
+                    text += rest
                 events = []
-                if out.text:
-                    events.append(choice_chunk(index, DeltaMessage(content=out.text), None))
+                if text:
+                    events.append(choice_chunk(index, DeltaMessage(content=text), None))
+                if calls:
+                    deltas = [ToolCallDelta(**c.to_openai(j)) for j, c in enumerate(calls)]
+                    events.append(choice_chunk(index, DeltaMessage(tool_calls=deltas), None))
                 if out.finished:
-                    events.append(choice_chunk(index, DeltaMessage(), out.output.finish_reason))
+                    events.append(choice_chunk(index, DeltaMessage(), _finish_reason(plan, calls, out.output)))
                 return events
 
             events = self._events(stream, head, chunks, chunk if req.include_usage else None, n)
@@ -274,12 +302,24 @@ class OpenAIServing:
         finals = await cancel_on_disconnect(raw, self._collect(stream))
         if isinstance(finals, Response):
             return finals
-        choices = [ChatChoice(index=i, message=ChatMessageOut(content=o.text or ""), finish_reason=o.finish_reason,
-                              logprobs=chat_logprobs(o.logprobs, self.names) if want_lp else None)
-                   for i, o in sorted(finals.items())]
+        choices = []
+        for i, o in sorted(finals.items()):
+            content, calls = plan.extract(o.text or "") if plan is not None else (o.text or "", [])
+            message = ChatMessageOut(content=content if content or not calls else None,
+                                     tool_calls=[ToolCallOut(**c.to_openai()) for c in calls] or None)
+            choices.append(ChatChoice(index=i, message=message, finish_reason=_finish_reason(plan, calls, o),
+                                      logprobs=chat_logprobs(o.logprobs, self.names) if want_lp else None))
         usage = Usage.of(len(ids), sum(len(o.token_ids) for o in finals.values()))
         body = ChatCompletionResponse(id=rid, created=created, model=self.name, choices=choices, usage=usage)
         return JSONResponse(body.model_dump())
+
+
+def _finish_reason(plan: ToolPlan | None, calls: list[Any], out: Any) -> str:
+    """OpenAI's: "tool_calls" when the model chose to call (tool_choice auto or
+    required), else the output's ("stop" for a named function's call)."""
+    if calls and plan.mode in ("auto", "required") and out.finish_reason == "stop":
+        return "tool_calls"
+    return out.finish_reason
 
 
 class _Pending:
