@@ -174,12 +174,14 @@ class TokenLogprob:
 
     token_id: the generated (or prompt) token; logprob: ``log_softmax(logits)[token_id]``;
     top: the k most likely ``(token_id, logprob)`` pairs, descending, ties by
-    lower id (empty for k = 0; may or may not contain token_id).
+    lower id (empty for k = 0; may or may not contain token_id); rank: 1 + the
+    number of tokens with a larger logprob (vLLM's; 1 for the argmax).
     """
 
     token_id: int
     logprob: float
     top: list[tuple[int, float]] = field(default_factory=list)
+    rank: int | None = None
 
 
 @dataclass

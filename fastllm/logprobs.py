@@ -4,6 +4,7 @@ For a row that asked for ``k`` alternatives (``GenerationConfig.logprobs``)::
 
     lp = log_softmax(logits, dim=-1)        # [V] fp32, before any logits processor
     logprob = lp[token]
+    rank = 1 + (lp > logprob).sum()
     top = the k pairs (id, lp[id]) with the largest lp, descending, ties by lower id
 
 This is vLLM's default ("raw") mode: the penalties, temperature, top-k,
@@ -76,10 +77,11 @@ def token_logprobs(step: StepLogprobs | None, tokens: Sequence[int | None]) -> l
     ks = [min(step.ks[i], lp.shape[-1]) for i in keep]
     rows = [step.rows[i] for i in keep]
     picked = to_device([tokens[b] for b in rows], torch.int64, lp.device)
-    chosen = lp.gather(1, picked[:, None])[:, 0].tolist()
+    chosen = lp.gather(1, picked[:, None])  # [R', 1]
+    ranks = ((lp > chosen).sum(dim=-1) + 1).tolist()
     tops = _top_alternatives(lp, ks)
-    for b, token_lp, top in zip(rows, chosen, tops):
-        out[b] = TokenLogprob(int(tokens[b]), token_lp, top)
+    for b, token_lp, top, rank in zip(rows, chosen[:, 0].tolist(), tops, ranks):
+        out[b] = TokenLogprob(int(tokens[b]), token_lp, top, int(rank))
     return out
 
 

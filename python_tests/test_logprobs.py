@@ -40,6 +40,7 @@ def assert_matches_reference(out, ref: torch.Tensor, k: int, atol: float = 1e-4)
     for lp, tok, row in zip(out.logprobs, out.token_ids, ref):
         assert isinstance(lp, TokenLogprob) and lp.token_id == tok
         assert lp.logprob == pytest.approx(row[tok].item(), abs=atol)
+        assert lp.rank == 1 + int((row > row[tok]).sum())  # the checkpoint's logits have no ties
         assert len(lp.top) == k
         values = [v for _, v in lp.top]
         assert values == sorted(values, reverse=True)
@@ -207,6 +208,7 @@ def assert_prompt_matches(out, ref: torch.Tensor, k: int, atol: float = 1e-4) ->
     for lp, tok, row in zip(lps[1:], ids[1:], ref):
         assert isinstance(lp, TokenLogprob) and lp.token_id == tok
         assert lp.logprob == pytest.approx(row[tok].item(), abs=atol)
+        assert lp.rank == 1 + int((row > row[tok]).sum())
         want = row.topk(k)
         assert [i for i, _ in lp.top] == want.indices.tolist()
         assert [v for _, v in lp.top] == pytest.approx(want.values.tolist(), abs=atol)
