@@ -10,8 +10,8 @@
  * (see quant_linear.cuh for why the row-major layout works as is).
  * - CTA = 4 warps; BN = 64 (M <= 8) or 128 weight rows, all M tokens, a K range
  *   (all of K unless split-K). 4-stage cp.async pipeline of K tiles (BK = 256,
- *   or 128 for M > 16 so that the x tiles fit): the raw packed weights (evict-first
- *   in L2) and the x rows, both in swizzled shared memory.
+ *   or 128 for M > 16 so that the x tiles fit): the raw packed weights and
+ *   the x rows, both in swizzled shared memory.
  * - Lane (g, t) takes one 16-byte run (32 columns) of rows g and g + 8 per
  *   128-column k-block: 4 words of 8 nibbles. Nibbles i and i + 4 of a word go
  *   to the two halves of an A register by one mask-or into the exponent of
@@ -85,7 +85,6 @@ __global__ void __launch_bounds__(Int4Cfg<TT>::THREADS) int4_mma_kernel(const In
   const int kt0 = static_cast<int>(static_cast<int64_t>(blockIdx.y) * k_tiles / p.splits);
   const int kt1 = static_cast<int>(static_cast<int64_t>(blockIdx.y + 1) * k_tiles / p.splits);
   const T* __restrict__ x = static_cast<const T*>(p.x);
-  const uint64_t policy = evict_first_policy();
 
   // Token rows past M stay zero in every stage (cp.async never writes them).
   if (mrows < C::BM) {
@@ -130,7 +129,7 @@ __global__ void __launch_bounds__(Int4Cfg<TT>::THREADS) int4_mma_kernel(const In
       const int n = n0 + r, kc = k0 + c * 32;
       const bool ok = n < p.N && kc < p.K;  // K % 32 == 0: a chunk is all in or all out
       const uint8_t* src = ok ? p.qweight + static_cast<int64_t>(n) * (p.K / 2) + kc / 2 : p.qweight;
-      cp_async16_stream(dw + r * C::W_ROW + w_chunk<C::W_ROW>(r, c) * 16, src, ok, policy);
+      cp_async16(dw + r * C::W_ROW + w_chunk<C::W_ROW>(r, c) * 16, src, ok);
     }
     uint8_t* const dx = sx + slot * C::X_STAGE;
     constexpr int XC = C::X_ROW / 16;  // 8 columns per chunk

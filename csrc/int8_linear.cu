@@ -9,7 +9,7 @@
  * - CTA = 4 warps; BN = 64 (M <= 8) or 128 weight rows, all M tokens, a K range
  *   (all of K unless split-K). cp.async pipeline of K tiles (4 stages of 256
  *   columns for M <= 8, else of 128; 3 stages for M > 32 so that the x tiles
- *   fit twice per SM): the int8 weights (evict-first in L2) and the x rows, in
+ *   fit twice per SM): the int8 weights and the x rows, in
  *   swizzled shared memory.
  * - Lane (g, t) takes one 16-byte run (16 columns) of rows g and g + 8 per
  *   64-column k-block; each word (4 columns) is one m16n8k16 step, pairs
@@ -107,7 +107,6 @@ __global__ void __launch_bounds__(Int8Cfg<TT>::THREADS) int8_mma_kernel(const In
   const int kt0 = static_cast<int>(static_cast<int64_t>(blockIdx.y) * k_tiles / p.splits);
   const int kt1 = static_cast<int>(static_cast<int64_t>(blockIdx.y + 1) * k_tiles / p.splits);
   const T* __restrict__ x = static_cast<const T*>(p.x);
-  const uint64_t policy = evict_first_policy();
 
   // Token rows past M stay zero in every stage (cp.async never writes them).
   if (mrows < C::BM) {
@@ -132,7 +131,7 @@ __global__ void __launch_bounds__(Int8Cfg<TT>::THREADS) int8_mma_kernel(const In
       const int n = n0 + r, kc = k0 + c * 16;
       const bool ok = n < p.N && kc < p.K;  // K % 16 == 0 on this path: a chunk is all in or all out
       const int8_t* src = ok ? p.qweight + static_cast<int64_t>(n) * p.K + kc : p.qweight;
-      cp_async16_stream(dw + r * C::W_ROW + w_chunk<C::W_ROW>(r, c) * 16, src, ok, policy);
+      cp_async16(dw + r * C::W_ROW + w_chunk<C::W_ROW>(r, c) * 16, src, ok);
     }
     uint8_t* const dx = sx + slot * C::X_STAGE;
     constexpr int XC = C::X_ROW / 16;  // 8 columns per chunk

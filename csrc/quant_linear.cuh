@@ -63,19 +63,13 @@ __device__ __forceinline__ void cp_async16(void* dst, const void* src, bool vali
                : "memory");
 }
 
-// The weights are read exactly once: mark them evict-first so they do not push
-// the activations and scales (re-read by every CTA) out of L2.
-__device__ __forceinline__ uint64_t evict_first_policy() {
-  uint64_t policy;
-  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(policy));
-  return policy;
-}
-
-__device__ __forceinline__ void cp_async16_stream(void* dst, const void* src, bool valid, uint64_t policy) {
-  asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2, %3;\n" ::"r"(smem_u32(dst)), "l"(src),
-               "r"(valid ? 16 : 0), "l"(policy)
-               : "memory");
-}
+// No L2 cache hint on the weight loads: the evict-first policy they had
+// (createpolicy.fractional + cp.async ... L2::cache_hint) runs into a ptxas 13.x
+// miscompile of fractional policies on cp.async (Triton disabled them for the
+// same reason, triton-lang/triton#11660; fixed in ptxas 13.4): on an H200 with
+// nvcc 13.0 every launch of both quantized kernels stopped with "an illegal
+// instruction was encountered" (2026-12-04). The weights stream through L2 once
+// anyway; the hint only protected x and the scales, which are small.
 
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 

@@ -30,8 +30,12 @@ except ImportError as e:  # pure-Python install, or a broken build
         _C_ERROR = (f"no fastllm._C in {_pkg}: a pure-Python install (no nvcc at build time), "
                     "or a source tree imported instead of the installed package")
 
-# Kernels that have passed their tests on an H100 (bench/RESULTS.md).
-VERIFIED_KERNELS: frozenset[str] = frozenset()
+# Kernels that have passed their tests on a Hopper GPU (an H200, 2026-12-04;
+# bench/RESULTS.md): on by default for CUDA tensors.
+VERIFIED_KERNELS: frozenset[str] = frozenset({
+    "rmsnorm", "silu_and_mul", "rotary_embedding", "reshape_and_cache", "decode_attention", "sample",
+    "prefill_attention", "prefill_attention_sm90", "prefill_attention_sm90_pipelined",
+})
 
 
 def compiled_kernels() -> list[str]:

@@ -446,6 +446,7 @@ def test_kernel_bad_input():
 def test_op_table_uses_kernel_when_enabled(monkeypatch):
     from fastllm import backend, ops
 
+    monkeypatch.setattr(backend, "VERIFIED_KERNELS", frozenset())  # on only when opted in
     q, kc, vc, meta = paged_case([9, 3], [20, 3], 8, 2, 128, torch.bfloat16, seed=15, device="cuda")
     calls = []
     monkeypatch.setenv("FASTLLM_KERNELS", "prefill_attention")
@@ -513,6 +514,7 @@ def test_wgmma_chosen_when_enabled_and_usable(monkeypatch):
     from fastllm import backend
     from fastllm.ops import cuda
 
+    monkeypatch.setattr(backend, "VERIFIED_KERNELS", frozenset())  # on only when opted in
     calls = []
     real = backend._C.prefill_attention
     monkeypatch.setattr(backend._C, "prefill_attention", lambda *a: (calls.append(a[-1]), real(*a))[1], raising=False)
