@@ -191,12 +191,15 @@ import json, sys
 data = json.load(open(sys.argv[1]))
 if not data["benchmarks"]:
     sys.exit("no benchmark ran")
-print(f"{'benchmark':70s} {'us/call':>10s} {'GB/s':>8s} {'TFLOP/s':>8s} {'tok/s':>8s}")
+# us/call: cold L2, from a graph (bench/conftest.py); hot: back-to-back in a graph;
+# eager: back-to-back Python calls; GB/s and TFLOP/s from us/call
+nan = float("nan")
+print(f"{'benchmark':64s} {'us/call':>9s} {'hot':>8s} {'eager':>8s} {'GB/s':>7s} {'TFLOP/s':>7s} {'tok/s':>7s}")
 for b in data["benchmarks"]:
     e = b.get("extra_info", {})
     us = e.get("us_per_call", b["stats"]["median"] * 1e6)
-    print(f"{b['name'][:70]:70s} {us:10.2f} {e.get('GBps', float('nan')):8.1f} {e.get('TFLOPs', float('nan')):8.1f} "
-          f"{e.get('tok_per_s', float('nan')):8.1f}")
+    print(f"{b['name'][:64]:64s} {us:9.2f} {e.get('us_hot', nan):8.2f} {e.get('us_eager', nan):8.2f} "
+          f"{e.get('GBps', nan):7.0f} {e.get('TFLOPs', nan):7.1f} {e.get('tok_per_s', nan):7.1f}")
 PY
 
 # End to end on the shipped model (fastllm bench), bf16: the reference ops,
