@@ -67,7 +67,7 @@ def cold_times_us(call: Callable[[], object], n: int) -> list[float]:
     buf, sink = _flush_buffer()
     events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(n)]
     for start, end in events:
-        torch.sum(buf, out=sink)  # reads (no dirty lines to write back during the call)
+        torch.sum(buf, dim=0, out=sink)  # reads (no dirty lines to write back during the call)
         start.record()
         call()
         end.record()
