@@ -3,7 +3,7 @@
 Each kernel benchmark reports two times per call, both from CUDA events:
 
 - ``us_per_call`` (cold): each call alone, replayed from a CUDA graph right after
-  a 256 MB read that evicts the call's inputs from L2 (50 MB on an H100/H200) and
+  a 256 MB read that evicts the call's inputs from L2 (50 MB on an H100, 60 MB on an H200) and
   keeps the GPU busy while the host queues the call (as ``triton.testing.do_bench``
   flushes L2). This is what a call costs inside a real decode step, where the
   weights and the KV cache of one layer are not in L2 and launches come from a

@@ -54,6 +54,7 @@ def test_misspelt_settings_warn(monkeypatch):
     other than 'torch', is said, not silently ignored."""
     monkeypatch.setattr(backend, "compiled_kernels", lambda: ["rmsnorm", "sample"])
     monkeypatch.setattr(backend, "HAS_C", True)
+    monkeypatch.setattr(backend, "VERIFIED_KERNELS", frozenset())  # on only when named
     monkeypatch.setenv("FASTLLM_KERNELS", "rmsnrom,sample")
     monkeypatch.setenv("FASTLLM_BACKEND", "troch")
     backend.reset_settings()
