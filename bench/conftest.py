@@ -1,6 +1,6 @@
 """Timing helpers for the GPU benchmarks.
 
-Each kernel benchmark reports two times per call, both from CUDA events:
+Each kernel benchmark reports three times per call, all from CUDA events:
 
 - ``us_per_call`` (cold): each call alone, replayed from a CUDA graph right after
   a 256 MB read that evicts the call's inputs from L2 (50 MB on an H100, 60 MB on an H200) and
