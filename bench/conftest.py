@@ -94,7 +94,10 @@ def gpu_bench(benchmark):
         one, many = capture(fn), capture(fn, inner)
         cold: list[float] = []
         benchmark.pedantic(lambda: cold.extend(cold_times_us(one or fn, inner)), rounds=rounds, iterations=1)
-        hot = median([cuda_time_us(many or fn, 1 if many else inner) / (inner if many else 1) for _ in range(rounds)])
+        if many:  # one replay runs `inner` calls
+            hot = median([cuda_time_us(many, 1) / inner for _ in range(rounds)])
+        else:
+            hot = median([cuda_time_us(fn, inner) for _ in range(rounds)])
         eager = median([cuda_time_us(fn, inner) for _ in range(max(3, rounds // 4))])
         us = median(cold)
         benchmark.extra_info.update(us_per_call=us, us_hot=hot, us_eager=eager, graph=one is not None)

@@ -32,6 +32,13 @@ def _fresh_backend_settings():
     backend.reset_settings()
 
 
+@pytest.fixture
+def only_named_kernels(monkeypatch):
+    """No kernel is on by default (VERIFIED_KERNELS empty): only those FASTLLM_KERNELS
+    names run, so a test can compare a named kernel against the reference ops."""
+    monkeypatch.setattr(backend, "VERIFIED_KERNELS", frozenset())
+
+
 def poison_cuda_allocator(device: str = "cuda") -> None:
     """Fill free memory in torch's caching allocator with NaN so that a kernel
     that leaves part of its output unwritten fails the comparison."""

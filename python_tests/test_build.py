@@ -49,12 +49,11 @@ def test_kernel_selection_follows_environment(monkeypatch):
     assert backend.kernel_enabled("rmsnorm")  # verified: on by default
 
 
-def test_misspelt_settings_warn(monkeypatch):
+def test_misspelt_settings_warn(monkeypatch, only_named_kernels):
     """A name in FASTLLM_KERNELS that no compiled kernel has, or a FASTLLM_BACKEND
     other than 'torch', is said, not silently ignored."""
     monkeypatch.setattr(backend, "compiled_kernels", lambda: ["rmsnorm", "sample"])
     monkeypatch.setattr(backend, "HAS_C", True)
-    monkeypatch.setattr(backend, "VERIFIED_KERNELS", frozenset())  # on only when named
     monkeypatch.setenv("FASTLLM_KERNELS", "rmsnrom,sample")
     monkeypatch.setenv("FASTLLM_BACKEND", "troch")
     backend.reset_settings()

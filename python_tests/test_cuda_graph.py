@@ -196,7 +196,7 @@ def test_cuda_graphs_need_a_gpu(path, model):
 @requires_cuda
 @pytest.mark.parametrize("kernels", ["", "all"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_graphs_on_gpu_equal_eager(monkeypatch, kernels, dtype):
+def test_graphs_on_gpu_equal_eager(monkeypatch, only_named_kernels, kernels, dtype):
     """Real graphs on the shipped model (reference ops, then every compiled
     kernel), in Model.generate and LLMEngine: replays give exactly the greedy
     tokens of the same padded static-buffer steps run eagerly
@@ -205,7 +205,6 @@ def test_graphs_on_gpu_equal_eager(monkeypatch, kernels, dtype):
     rounding; the shipped model's bf16 logprobs err ~0.07 nats against fp32)."""
     if kernels and dtype == torch.float32:
         pytest.skip("the kernels take 16-bit activations")
-    monkeypatch.setattr(backend, "VERIFIED_KERNELS", frozenset())  # "": the reference ops, "all": every kernel
     monkeypatch.setenv("FASTLLM_KERNELS", kernels)
     backend.reset_settings()
     margin = 1e-3 if dtype == torch.float32 else 0.25

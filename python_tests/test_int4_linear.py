@@ -258,14 +258,13 @@ def test_op_table_uses_kernel_when_enabled(monkeypatch):
 
 @requires_cuda
 @pytest.mark.parametrize("quantization", ["int4-g32", "int8"])
-def test_quantized_model_with_kernels_matches_reference_path(tmp_path, monkeypatch, quantization):
+def test_quantized_model_with_kernels_matches_reference_path(tmp_path, monkeypatch, only_named_kernels, quantization):
     from checkpoints import make_checkpoint
     from fastllm import Model
 
     make_checkpoint(tmp_path, "qwen2", intermediate_size=128)  # q/k/v biases
     ids = torch.randint(3, 384, (2, 13), device="cuda", generator=torch.Generator(device="cuda").manual_seed(0))
     logits = {}
-    monkeypatch.setattr(backend, "VERIFIED_KERNELS", frozenset())  # the quantized linears on only when named
     for kernels in (False, True):
         monkeypatch.setenv("FASTLLM_KERNELS", "int8_linear,int4_linear" if kernels else "")
         backend.reset_settings()

@@ -443,10 +443,9 @@ def test_kernel_bad_input():
 
 
 @requires_cuda
-def test_op_table_uses_kernel_when_enabled(monkeypatch):
+def test_op_table_uses_kernel_when_enabled(monkeypatch, only_named_kernels):
     from fastllm import backend, ops
 
-    monkeypatch.setattr(backend, "VERIFIED_KERNELS", frozenset())  # on only when opted in
     q, kc, vc, meta = paged_case([9, 3], [20, 3], 8, 2, 128, torch.bfloat16, seed=15, device="cuda")
     calls = []
     monkeypatch.setenv("FASTLLM_KERNELS", "prefill_attention")
@@ -507,14 +506,13 @@ def test_impl_choice_is_checked():
 
 
 @requires_cuda
-def test_wgmma_chosen_when_enabled_and_usable(monkeypatch):
+def test_wgmma_chosen_when_enabled_and_usable(monkeypatch, only_named_kernels):
     """impl=None: a wgmma kernel once enabled and it can run (the pipelined one
     first), mma.sync otherwise (other head dims, other GPUs); impl='wgmma' where
     it cannot run is a ValueError, not a launch of an empty kernel."""
     from fastllm import backend
     from fastllm.ops import cuda
 
-    monkeypatch.setattr(backend, "VERIFIED_KERNELS", frozenset())  # on only when opted in
     calls = []
     real = backend._C.prefill_attention
     monkeypatch.setattr(backend._C, "prefill_attention", lambda *a: (calls.append(a[-1]), real(*a))[1], raising=False)
