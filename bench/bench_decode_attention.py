@@ -1,5 +1,6 @@
 """Decode attention over the paged KV cache beside torch SDPA (bf16, 32q/8kv heads, d=128).
 
+``fastllm_combine2`` is the experimental combine of the splits (``_variant=1``).
 Reports microseconds per call and the effective bandwidth of the K/V read
 (B * L * Hk * D * 2 tensors * 2 bytes): the kernel's floor is HBM bandwidth.
     pytest bench/bench_decode_attention.py --benchmark-only
@@ -21,15 +22,17 @@ def _kv_bytes(b: int, length: int) -> int:
     return b * length * HK * D * 2 * 2
 
 
-@pytest.mark.parametrize("impl", ["fastllm", "torch_sdpa"])
+@pytest.mark.parametrize("impl", ["fastllm", "fastllm_combine2", "torch_sdpa"])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"B{c[0]}xL{c[1]}")
 def test_decode_attention(gpu_bench, benchmark, case, impl):
     b, length = case
     q = torch.randn(b, HQ, D, device="cuda", dtype=torch.bfloat16)
-    if impl == "fastllm":
+    if impl.startswith("fastllm"):
         if not backend.HAS_C:
             pytest.skip("extension not built")
         from fastllm.ops import cuda
+
+        variant = 1 if impl == "fastllm_combine2" else 0  # the experimental split combine
 
         blocks = -(-length // BLOCK)
         k_cache = torch.randn(b * blocks, BLOCK, HK, D, device="cuda", dtype=torch.bfloat16)
@@ -39,7 +42,8 @@ def test_decode_attention(gpu_bench, benchmark, case, impl):
         lens = torch.full((b,), length, dtype=torch.int32, device="cuda")
 
         def fn():
-            return cuda.decode_attention(q, k_cache, v_cache, tables, lens, D**-0.5, max_seq_len=length)
+            return cuda.decode_attention(q, k_cache, v_cache, tables, lens, D**-0.5, max_seq_len=length,
+                                         _variant=variant)
     else:
         k = torch.randn(b, HK, length, D, device="cuda", dtype=torch.bfloat16)
         v = torch.randn_like(k)
@@ -51,4 +55,4 @@ def test_decode_attention(gpu_bench, benchmark, case, impl):
     us = gpu_bench(fn)
     gbps = _kv_bytes(b, length) / (us * 1e-6) / 1e9
     benchmark.extra_info.update(op="decode_attention", impl=impl, batch=b, ctx=length, GBps=gbps)
-    print(f"\ndecode_attention {impl:10s} B={b:<3d} L={length:<6d}: {us:8.2f} us  {gbps:7.1f} GB/s (KV read)")
+    print(f"\ndecode_attention {impl:16s} B={b:<3d} L={length:<6d}: {us:8.2f} us  {gbps:7.1f} GB/s (KV read)")

@@ -48,6 +48,9 @@
  *    normalised output directly; otherwise each CTA writes its partial
  *    (m, l, acc) to the workspace, and decode_combine_kernel (one CTA per
  *    sequence and query head) merges the splits with log-sum-exp weights.
+ *    Variant 1 (opt-in until timed on a GPU): decode_combine2_kernel, the same
+ *    merge with all partials in flight at once, launched with programmatic
+ *    dependent launch on sm_90.
  *
  * Memory traffic: each K and V row of the attended range is read exactly once
  * (B * L * Hk * D * 2 elements, 16-byte coalesced accesses, ~256 KB per 4096
@@ -190,6 +193,7 @@ struct DecodeParams {
   int num_q_heads, group, head_groups, heads_per_cta;
   int max_blocks, log2_block, num_blocks, max_len, window, num_splits;
   float scale_log2;
+  int trigger;  // variant 1 on sm_90: let the PDL-launched combine start once every CTA is past its main loop
 };
 
 __device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, bool fill) {
@@ -209,6 +213,21 @@ __device__ __forceinline__ float fast_exp2(float x) {
   float y;
   asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
   return y;
+}
+
+// Programmatic dependent launch (sm_90+; no-ops elsewhere and when the kernel
+// was not launched with the attribute). wait: block until the preceding kernel
+// has completed and its writes are visible; launch_dependents: allow the next
+// kernel (if PDL-launched) to be scheduled once every CTA has called it or exited.
+__device__ __forceinline__ void grid_dependency_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void grid_dependency_launch() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
 }
 
 template <typename T>
@@ -381,6 +400,8 @@ __global__ void __launch_bounds__(kThreads) decode_split_kernel(const DecodePara
     }
   }
 
+  if (p.trigger) grid_dependency_launch();  // uniform over the CTA
+
   // Merge the row groups: the ring becomes the reduction area.
   cp_async_wait<0>();
   __syncthreads();
@@ -479,6 +500,126 @@ __global__ void __launch_bounds__(kCombineThreads)
 #pragma unroll 4
     for (int s = 0; s < n; ++s) a = fmaf(weight[s], src[static_cast<int64_t>(s) * head_dim], a);
     out[(static_cast<int64_t>(b) * num_q_heads + h) * head_dim + d] = from_float<T>(a * inv);
+  }
+}
+
+// Variant 1 of the combine (experimental until timed on a GPU; variant 0 above
+// is the default): the same log-sum-exp merge with every partial in flight at
+// once. Variant 0 walks the splits in a loop with 4 loads in flight, i.e.
+// about n / 4 dependent L2 round trips (16 for the 64 splits of B = 1 x 4096);
+// here warp w takes splits w, w + 8, ... and a lane a float4 of the row, so up
+// to 64 splits are one round trip, issued before the weights are computed.
+// Launched with programmatic dependent launch on sm_90 (its CTAs are scheduled
+// while the split kernel's last CTAs finish); every CTA waits for the split
+// kernel before anything else, so its completion still implies the split
+// kernel's (the next kernel in the stream may read out at once).
+constexpr int kCombine2Threads = 256;
+constexpr int kCombine2PerPass = 8;  // splits per warp per pass: partial rows in flight per thread
+static_assert(kCombine2Threads >= kMaxSplits, "one (m, l) pair per thread");
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kCombine2Threads)
+    decode_combine2_kernel(T* __restrict__ out, const float* __restrict__ ws_acc, const float* __restrict__ ws_ml,
+                           const int32_t* __restrict__ seq_lens, int num_q_heads, int num_splits, int tile,
+                           int max_len, int window) {
+  constexpr int W = kCombine2Threads / 32;
+  constexpr int C4 = D / 4;            // float4 chunks of a row
+  constexpr int NL = (C4 + 31) / 32;   // chunks per lane (2 for D = 256)
+  constexpr int PER = kCombine2PerPass;
+  static_assert(D % 4 == 0, "rows are read as float4");
+  __shared__ float s_w[kMaxSplits];
+  __shared__ float s_red[2][W];
+  __shared__ float4 s_acc[W][C4];
+
+  grid_dependency_wait();  // first, before any early exit (see above)
+  const int h = blockIdx.x, b = blockIdx.y;
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const SplitRange r = split_range(__ldg(seq_lens + b), max_len, window, num_splits, tile, 0);
+  if (r.n_active <= 1) return;  // the split kernel wrote this output directly
+  const int n = r.n_active;
+  const int64_t part0 = (static_cast<int64_t>(b) * num_q_heads + h) * num_splits;
+  const float4* acc4 = reinterpret_cast<const float4*>(ws_acc + part0 * D);
+
+  float4 v[PER][NL];
+  auto load_pass = [&](int pass) {
+#pragma unroll
+    for (int i = 0; i < PER; ++i) {
+      const int s = (pass * PER + i) * W + warp;
+#pragma unroll
+      for (int c = 0; c < NL; ++c) {
+        const int chunk = lane + 32 * c;
+        v[i][c] = s < n && chunk < C4 ? acc4[static_cast<int64_t>(s) * C4 + chunk] : make_float4(0.f, 0.f, 0.f, 0.f);
+      }
+    }
+  };
+  load_pass(0);  // in flight while the weights are computed
+
+  float ms = -INFINITY, ls = 0.f;
+  if (tid < n) {
+    const float2 ml = reinterpret_cast<const float2*>(ws_ml)[part0 + tid];
+    ms = ml.x;
+    ls = ml.y;
+  }
+  float mx = ms;
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+  if (lane == 0) s_red[0][warp] = mx;
+  __syncthreads();
+  mx = s_red[0][0];
+#pragma unroll
+  for (int i = 1; i < W; ++i) mx = fmaxf(mx, s_red[0][i]);
+  const float w = tid < n && ms != -INFINITY ? fast_exp2(ms - mx) : 0.f;
+  if (tid < n) s_w[tid] = w;
+  const float part_sum = warp_reduce_sum(w * ls);
+  if (lane == 0) s_red[1][warp] = part_sum;
+  __syncthreads();  // s_w and s_red[1] complete
+  float total = 0.f;
+#pragma unroll
+  for (int i = 0; i < W; ++i) total += s_red[1][i];
+
+  float4 a[NL];
+#pragma unroll
+  for (int c = 0; c < NL; ++c) a[c] = make_float4(0.f, 0.f, 0.f, 0.f);
+  for (int pass = 0; pass * PER * W < n; ++pass) {
+    if (pass > 0) load_pass(pass);
+#pragma unroll
+    for (int i = 0; i < PER; ++i) {
+      const int s = (pass * PER + i) * W + warp;
+      if (s < n) {
+        const float ws = s_w[s];
+#pragma unroll
+        for (int c = 0; c < NL; ++c) {
+          a[c].x = fmaf(ws, v[i][c].x, a[c].x);
+          a[c].y = fmaf(ws, v[i][c].y, a[c].y);
+          a[c].z = fmaf(ws, v[i][c].z, a[c].z);
+          a[c].w = fmaf(ws, v[i][c].w, a[c].w);
+        }
+      }
+    }
+  }
+#pragma unroll
+  for (int c = 0; c < NL; ++c) {
+    const int chunk = lane + 32 * c;
+    if (chunk < C4) s_acc[warp][chunk] = a[c];
+  }
+  __syncthreads();
+  const float inv = total > 0.f ? 1.f / total : 0.f;
+  T* const dst = out + (static_cast<int64_t>(b) * num_q_heads + h) * D;
+  for (int chunk = tid; chunk < C4; chunk += kCombine2Threads) {
+    float4 t = s_acc[0][chunk];
+#pragma unroll
+    for (int i = 1; i < W; ++i) {  // a fixed order: the result does not depend on timing
+      t.x += s_acc[i][chunk].x;
+      t.y += s_acc[i][chunk].y;
+      t.z += s_acc[i][chunk].z;
+      t.w += s_acc[i][chunk].w;
+    }
+    Vec<T, 4> o;
+    o.v[0] = from_float<T>(t.x * inv);
+    o.v[1] = from_float<T>(t.y * inv);
+    o.v[2] = from_float<T>(t.z * inv);
+    o.v[3] = from_float<T>(t.w * inv);
+    o.store(dst + 4 * chunk);
   }
 }
 
@@ -586,15 +727,50 @@ const char* num_splits_typed(int64_t* splits, int64_t batch, int64_t num_q_heads
   });
 }
 
+// Whether the current device takes programmatic dependent launch (sm_90+).
+bool device_has_pdl() {
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) return false;
+  static int cached[64] = {};  // 0 unknown, 1 no, 2 yes
+  if (dev >= 0 && dev < 64 && cached[dev] != 0) return cached[dev] == 2;
+  int major = 0;
+  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess) {
+    cudaGetLastError();
+    major = 0;
+  }
+  if (dev >= 0 && dev < 64) cached[dev] = major >= 9 ? 2 : 1;
+  return major >= 9;
+}
+
+template <typename T, int D>
+const char* launch_combine2(const DecodeParams<T>& p, int64_t batch, bool pdl, cudaStream_t stream) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(static_cast<unsigned>(p.num_q_heads), static_cast<unsigned>(batch));
+  cfg.blockDim = dim3(kCombine2Threads);
+  cfg.dynamicSmemBytes = 0;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = pdl ? 1 : 0;
+  FASTLLM_RETURN_IF_ERROR(cudaLaunchKernelEx(&cfg, decode_combine2_kernel<T, D>, p.out,
+                                             static_cast<const float*>(p.ws_acc), static_cast<const float*>(p.ws_ml),
+                                             p.seq_lens, p.num_q_heads, p.num_splits, tile_rows(D), p.max_len,
+                                             p.window));
+  return nullptr;
+}
+
 template <typename T>
 const char* decode_typed(const DecodeParams<T>& p, int64_t batch, int64_t num_kv_heads, int64_t head_dim, int gmax,
-                         cudaStream_t stream) {
+                         int variant, bool pdl, cudaStream_t stream) {
   return dispatch_decode(head_dim, gmax, [&](auto d, auto g) -> const char* {
     constexpr int D = decltype(d)::value, GMAX = decltype(g)::value;
     const dim3 grid(static_cast<unsigned>(p.num_splits), static_cast<unsigned>(num_kv_heads * p.head_groups),
                     static_cast<unsigned>(batch));
     decode_split_kernel<T, D, GMAX><<<grid, kThreads, decode_smem_bytes<D, GMAX>(), stream>>>(p);
     FASTLLM_CHECK_LAUNCH();
+    if (p.num_splits > 1 && variant == 1) return launch_combine2<T, D>(p, batch, pdl, stream);
     if (p.num_splits > 1) {
       decode_combine_kernel<T><<<dim3(static_cast<unsigned>(p.num_q_heads), static_cast<unsigned>(batch)),
                                  kCombineThreads, 0, stream>>>(p.out, p.ws_acc, p.ws_ml, p.seq_lens, p.num_q_heads, D,
@@ -654,8 +830,9 @@ const char* launch_decode_attention(void* out, void* workspace, const void* q, c
                                     int64_t batch, int64_t num_q_heads, int64_t num_kv_heads, int64_t head_dim,
                                     int64_t q_token_stride, int64_t q_head_stride, int64_t num_blocks,
                                     int64_t block_size, int64_t max_blocks, float scale, int64_t sliding_window,
-                                    int64_t num_splits, int dtype, void* stream) {
+                                    int64_t num_splits, int64_t variant, int dtype, void* stream) {
   if (const char* err = check_decode_shapes(batch, num_q_heads, num_kv_heads, head_dim, dtype)) return err;
+  if (variant != 0 && variant != 1) return "variant must be 0 (default) or 1 (experimental combine)";
   if (batch == 0) return nullptr;
   if (block_size <= 0 || (block_size & (block_size - 1)) != 0 || block_size > (1 << 20))
     return "block_size must be a power of two in [1, 2^20]";
@@ -700,7 +877,10 @@ const char* launch_decode_attention(void* out, void* workspace, const void* q, c
     p.window = static_cast<int>(sliding_window);
     p.num_splits = static_cast<int>(num_splits);
     p.scale_log2 = scale * kLog2e;
-    return decode_typed<T>(p, batch, num_kv_heads, head_dim, hs.gmax, static_cast<cudaStream_t>(stream));
+    const bool pdl = variant == 1 && num_splits > 1 && device_has_pdl();
+    p.trigger = pdl ? 1 : 0;
+    return decode_typed<T>(p, batch, num_kv_heads, head_dim, hs.gmax, static_cast<int>(variant), pdl,
+                           static_cast<cudaStream_t>(stream));
   };
   if (dtype == static_cast<int>(DType::kFloat16)) return fill(static_cast<__half*>(out));
   return fill(static_cast<__nv_bfloat16*>(out));

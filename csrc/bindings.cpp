@@ -51,6 +51,7 @@ PYBIND11_MODULE(_C, m) {
             "rotary_embedding",
             "reshape_and_cache",
             "decode_attention",
+            "decode_attention_combine2",  // decode_attention's experimental split combine (variant 1)
             "sample",
             "prefill_attention",
             "prefill_attention_sm90",            // the wgmma variants prefill_attention picks when
@@ -159,22 +160,25 @@ PYBIND11_MODULE(_C, m) {
          std::uintptr_t v_cache, std::uintptr_t block_tables, std::uintptr_t seq_lens, std::int64_t batch,
          std::int64_t num_q_heads, std::int64_t num_kv_heads, std::int64_t head_dim, std::int64_t q_token_stride,
          std::int64_t q_head_stride, std::int64_t num_blocks, std::int64_t block_size, std::int64_t max_blocks,
-         float scale, std::int64_t sliding_window, std::int64_t num_splits, int dtype, std::uintptr_t stream) {
+         float scale, std::int64_t sliding_window, std::int64_t num_splits, int dtype, std::uintptr_t stream,
+         std::int64_t variant) {
         check("decode_attention",
               fastllm::launch_decode_attention(ptr(out), ptr(workspace), ptr(q), ptr(k_cache), ptr(v_cache),
                                                ptr(block_tables), ptr(seq_lens), batch, num_q_heads, num_kv_heads,
                                                head_dim, q_token_stride, q_head_stride, num_blocks, block_size,
-                                               max_blocks, scale, sliding_window, num_splits, dtype, ptr(stream)));
+                                               max_blocks, scale, sliding_window, num_splits, variant, dtype,
+                                               ptr(stream)));
       },
       py::arg("out"), py::arg("workspace"), py::arg("q"), py::arg("k_cache"), py::arg("v_cache"),
       py::arg("block_tables"), py::arg("seq_lens"), py::arg("batch"), py::arg("num_q_heads"),
       py::arg("num_kv_heads"), py::arg("head_dim"), py::arg("q_token_stride"), py::arg("q_head_stride"),
       py::arg("num_blocks"), py::arg("block_size"), py::arg("max_blocks"), py::arg("scale"),
       py::arg("sliding_window"), py::arg("num_splits"), py::arg("dtype"), py::arg("stream"),
+      py::arg("variant") = 0,
       "out [batch, Hq, D] = softmax(q k^T * scale) v for one query token per sequence over its cached keys "
       "[max(0, L - window), L), L = seq_lens[b] (int32, device), slots from int32 block_tables [batch, max_blocks] "
       "(device); caches [num_blocks, block_size, Hk, D]; fp16/bf16 (dtype 1/2); sliding_window 0 = none; "
-      "workspace and num_splits from decode_attention_plan.");
+      "workspace and num_splits from decode_attention_plan; variant 0 (default) or 1 (experimental combine).");
 
   m.def(
       "prefill_attention",

@@ -53,12 +53,14 @@ const char* decode_attention_plan(int64_t* num_splits, int64_t* workspace_floats
 // element strides; caches [num_blocks, block_size, Hk, D] contiguous; fp16/bf16;
 // D in {64, 80, 96, 128, 256}; block_size a power of two; sliding_window 0 = none.
 // workspace: decode_attention_plan's fp32 floats (may be null when num_splits == 1).
+// variant: 0 the default kernels; 1 the experimental split combine (one round
+// trip for the partials, launched with programmatic dependent launch on sm_90).
 const char* launch_decode_attention(void* out, void* workspace, const void* q, const void* k_cache,
                                     const void* v_cache, const void* block_tables, const void* seq_lens,
                                     int64_t batch, int64_t num_q_heads, int64_t num_kv_heads, int64_t head_dim,
                                     int64_t q_token_stride, int64_t q_head_stride, int64_t num_blocks,
                                     int64_t block_size, int64_t max_blocks, float scale, int64_t sliding_window,
-                                    int64_t num_splits, int dtype, void* stream);
+                                    int64_t num_splits, int64_t variant, int dtype, void* stream);
 
 // One token per row of logits [rows, vocab] (dtype code) into out (int64 [rows]):
 // softmax(logits / temperature) filtered by top-k (int32), top-p and min-p (fp32,

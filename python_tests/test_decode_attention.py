@@ -66,7 +66,12 @@ def check_close(out, expect_fp32, peer):
     assert err <= 2 * peer_err + 1e-4, (err, peer_err)
 
 
-def run_case(lens, hq, hk, d, dtype, block_size=16, window=None, num_splits=None, seed=0, q=None):
+# 0: the verified kernels; 1: the experimental split combine (csrc/attention.cu,
+# decode_combine2_kernel), tested here until it is timed and made the default.
+VARIANTS = [0, 1]
+
+
+def run_case(lens, hq, hk, d, dtype, block_size=16, window=None, num_splits=None, seed=0, q=None, variant=0):
     from fastllm.ops import cuda
 
     k_cache, v_cache, tables, seq_lens = paged_cache(lens, hk, d, dtype, block_size, seed)
@@ -75,7 +80,8 @@ def run_case(lens, hq, hk, d, dtype, block_size=16, window=None, num_splits=None
         q = (q * 1.5).to(dtype)
     scale = d**-0.5
     poison_cuda_allocator()
-    out = cuda.decode_attention(q, k_cache, v_cache, tables, seq_lens, scale, window, num_splits=num_splits)
+    out = cuda.decode_attention(q, k_cache, v_cache, tables, seq_lens, scale, window, num_splits=num_splits,
+                                _variant=variant)
     assert out.shape == q.shape and out.dtype == dtype
     expect = ref.decode_attention(q.float(), k_cache.float(), v_cache.float(), tables, seq_lens, scale, window)
     check_close(out, expect, torch_peer(q, k_cache, v_cache, tables, seq_lens, scale, window))
@@ -83,49 +89,75 @@ def run_case(lens, hq, hk, d, dtype, block_size=16, window=None, num_splits=None
 
 
 @requires_cuda
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("d", [64, 80, 96, 128, 256])
 @pytest.mark.parametrize("heads", [(32, 8), (8, 8), (16, 1), (12, 4), (40, 4)], ids=lambda h: f"{h[0]}q{h[1]}kv")
-def test_matches_reference(heads, d, dtype):
+def test_matches_reference(heads, d, dtype, variant):
     hq, hk = heads
-    run_case([1, 17, 300, 1000, 5], hq, hk, d, dtype)
+    run_case([1, 17, 300, 1000, 5], hq, hk, d, dtype, variant=variant)
 
 
 @requires_cuda
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("batch", [1, 7, 33])
 @pytest.mark.parametrize("block_size", [8, 16, 32, 128])
-def test_batches_of_mixed_lengths(batch, block_size):
+def test_batches_of_mixed_lengths(batch, block_size, variant):
     g = torch.Generator().manual_seed(batch)
     lens = torch.randint(1, 2500, (batch,), generator=g).tolist()
-    run_case(lens, 32, 8, 128, torch.bfloat16, block_size=block_size, seed=batch)
+    run_case(lens, 32, 8, 128, torch.bfloat16, block_size=block_size, seed=batch, variant=variant)
 
 
 @requires_cuda
-@pytest.mark.parametrize("num_splits", [1, 2, 3, 7, 64, 256])
-def test_forced_splits(num_splits):
-    """Any split count gives the same answer, including more splits than tiles."""
-    run_case([4096, 33, 1], 32, 8, 128, torch.bfloat16, num_splits=num_splits)
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("num_splits", [1, 2, 3, 7, 64, 65, 256])
+def test_forced_splits(num_splits, variant):
+    """Any split count gives the same answer, including more splits than tiles
+    (65 and 256: more than one pass of variant 1's combine)."""
+    run_case([4096, 33, 1], 32, 8, 128, torch.bfloat16, num_splits=num_splits, variant=variant)
+    run_case([8192, 2048], 8, 1, 256, torch.float16, num_splits=num_splits, variant=variant)
 
 
 @requires_cuda
-def test_long_context_single_sequence():
-    run_case([32768], 32, 8, 128, torch.bfloat16)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_long_context_single_sequence(variant):
+    run_case([32768], 32, 8, 128, torch.bfloat16, variant=variant)
 
 
 @requires_cuda
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("window", [1, 16, 100, 4096])
-def test_sliding_window(window):
-    run_case([1, 50, 700, 3000], 16, 4, 64, torch.float16, window=window)
+def test_sliding_window(window, variant):
+    run_case([1, 50, 700, 3000], 16, 4, 64, torch.float16, window=window, variant=variant)
 
 
 @requires_cuda
-def test_empty_sequence_gives_zeros():
+def test_short_sequences_with_many_splits_are_read_right_after():
+    """Every sequence fits one split, so no combine CTA has work and all exit at
+    once; variant 1's combine is launched early (PDL) and must still complete
+    only after the split kernel wrote the outputs that the next kernel reads."""
+    from fastllm.ops import cuda
+
+    k_cache, v_cache, tables, lens = paged_cache([5, 40, 64], 8, 128, torch.bfloat16)
+    q = torch.randn(3, 32, 128, device="cuda", dtype=torch.bfloat16)
+    expect = ref.decode_attention(q.float(), k_cache.float(), v_cache.float(), tables, lens, 0.1)
+    peer = torch_peer(q, k_cache, v_cache, tables, lens, 0.1)
+    for _ in range(20):
+        poison_cuda_allocator()
+        out = cuda.decode_attention(q, k_cache, v_cache, tables, lens, 0.1, num_splits=64, _variant=1)
+        snapshot = out.clone()  # the very next kernel on the stream
+        check_close(snapshot, expect, peer)
+
+
+@requires_cuda
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_empty_sequence_gives_zeros(variant):
     from fastllm.ops import cuda
 
     k_cache, v_cache, tables, lens = paged_cache([5, 1, 9], 2, 64, torch.float16)
     lens[1] = 0
     q = torch.randn(3, 4, 64, device="cuda", dtype=torch.float16)
-    out = cuda.decode_attention(q, k_cache, v_cache, tables, lens, 0.125)
+    out = cuda.decode_attention(q, k_cache, v_cache, tables, lens, 0.125, num_splits=4, _variant=variant)
     assert torch.equal(out[1], torch.zeros_like(out[1]))
     expect = ref.decode_attention(q.float(), k_cache.float(), v_cache.float(), tables, lens, 0.125)
     torch.testing.assert_close(out.float(), expect, atol=2e-3, rtol=2e-3)
@@ -157,9 +189,10 @@ def test_max_seq_len_bound_only_sizes_the_grid():
 
 
 @requires_cuda
-def test_under_cuda_graph():
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_under_cuda_graph(variant):
     """Lengths and block tables are read on the device: a captured step
-    replays correctly after they change."""
+    replays correctly after they change (variant 1: its PDL launch captured)."""
     from fastllm.ops import cuda
 
     k_cache, v_cache, tables, lens = paged_cache([500, 900], 8, 128, torch.bfloat16)
@@ -168,17 +201,19 @@ def test_under_cuda_graph():
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        cuda.decode_attention(q, k_cache, v_cache, tables, lens, 0.1, max_seq_len=bound)
+        cuda.decode_attention(q, k_cache, v_cache, tables, lens, 0.1, max_seq_len=bound, _variant=variant)
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = cuda.decode_attention(q, k_cache, v_cache, tables, lens, 0.1, max_seq_len=bound)
+        out = cuda.decode_attention(q, k_cache, v_cache, tables, lens, 0.1, max_seq_len=bound, _variant=variant)
+        after = out.float() * 2  # a kernel right after, inside the graph
     lens.copy_(torch.tensor([20, 901], dtype=torch.int32))
     q.normal_()
     graph.replay()
     torch.cuda.synchronize()
     expect = ref.decode_attention(q.float(), k_cache.float(), v_cache.float(), tables, lens, 0.1)
     check_close(out, expect, torch_peer(q, k_cache, v_cache, tables, lens, 0.1))
+    assert torch.equal(after, out.float() * 2)
 
 
 @requires_cuda
@@ -212,6 +247,29 @@ def test_bad_input():
         cuda.decode_attention(q, k_cache, v_cache, tables, lens, 0.1, num_splits=1000)
     with pytest.raises(ValueError, match="sliding_window"):
         cuda.decode_attention(q, k_cache, v_cache, tables, lens, 0.1, 0)
+    with pytest.raises(ValueError, match="_variant"):
+        cuda.decode_attention(q, k_cache, v_cache, tables, lens, 0.1, _variant=2)
+
+
+@requires_cuda
+def test_combine2_is_opt_in(monkeypatch):
+    """The experimental combine runs only when named in FASTLLM_KERNELS (until
+    it is verified on a GPU and timed faster)."""
+    from fastllm import backend
+    from fastllm.ops import cuda
+
+    k_cache, v_cache, tables, lens = paged_cache([3000, 9], 2, 64, torch.bfloat16)
+    q = torch.randn(2, 4, 64, device="cuda", dtype=torch.bfloat16)
+    variants = []
+    real = backend._C.decode_attention
+    monkeypatch.setattr(backend._C, "decode_attention", lambda *a: (variants.append(a[-1]), real(*a))[1],
+                        raising=False)
+    for setting, want in (("", 0), ("decode_attention_combine2", 1)):
+        monkeypatch.setenv("FASTLLM_KERNELS", setting)
+        backend.reset_settings()
+        cuda.decode_attention(q, k_cache, v_cache, tables, lens, 0.1)
+        assert variants[-1] == want
+    backend.reset_settings()
 
 
 @requires_cuda

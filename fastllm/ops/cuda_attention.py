@@ -14,12 +14,14 @@ import math
 import torch
 from torch import Tensor
 
+from fastllm import backend
 from fastllm.ops.cuda_common import DTYPE_CODES, check_tensor, current_stream, ext
 
 DECODE_HEAD_DIMS = (64, 80, 96, 128, 256)
 DECODE_DTYPES = (torch.float16, torch.bfloat16)
 MAX_SPLITS = 256
 FLOAT32_MAX = torch.finfo(torch.float32).max
+COMBINE2_KERNEL = "decode_attention_combine2"  # the experimental split combine (_variant=1)
 
 
 def _check_rows(op: str, name: str, t: Tensor, dims: int) -> None:
@@ -132,6 +134,7 @@ def decode_attention(
     *,
     max_seq_len: int | None = None,
     num_splits: int | None = None,
+    _variant: int | None = None,
 ) -> Tensor:
     """CUDA decode attention over the paged cache; see ``reference.decode_attention``.
 
@@ -147,7 +150,11 @@ def decode_attention(
     only sizes the grid: a smaller bound costs speed, never correctness. When
     None it is read with one ``seq_lens.max().item()`` (a host sync: pass it
     when capturing). ``num_splits`` forces the number of key splits (1..256;
-    tests and tuning); None lets the kernel choose.
+    tests and tuning); None lets the kernel choose. ``_variant`` 1 runs the
+    experimental combine of the splits (csrc/attention.cu: one round trip for
+    the partials, programmatic dependent launch on sm_90), 0 the verified one;
+    None picks 1 when the kernel ``decode_attention_combine2`` is enabled
+    (``FASTLLM_KERNELS``; it is not yet in ``backend.VERIFIED_KERNELS``).
     """
     op = "decode_attention"
     _check_rows(op, "q", q, 3)
@@ -181,6 +188,10 @@ def decode_attention(
         raise ValueError(f"{op}: sliding_window must be None or an int >= 1, got {sliding_window!r}")
     if num_splits is not None and (not isinstance(num_splits, int) or not 1 <= num_splits <= MAX_SPLITS):
         raise ValueError(f"{op}: num_splits must be None or an int in [1, {MAX_SPLITS}], got {num_splits!r}")
+    if _variant is None:
+        _variant = 1 if backend.kernel_enabled(COMBINE2_KERNEL) else 0
+    if _variant not in (0, 1):
+        raise ValueError(f"{op}: _variant must be 0 (default) or 1 (experimental combine), got {_variant!r}")
     if b == 0:
         return torch.empty_like(q)
     qs = _strides(q)
@@ -204,6 +215,6 @@ def decode_attention(
             out.data_ptr(), workspace.data_ptr() if workspace is not None else 0, q.data_ptr(),
             k_cache.data_ptr(), v_cache.data_ptr(), block_tables.data_ptr(), seq_lens.data_ptr(),
             b, hq, hk, d, qs[0], qs[1], num_blocks, block_size, block_tables.shape[1],
-            float(scale), window, splits, dtype, current_stream(device),
+            float(scale), window, splits, dtype, current_stream(device), _variant,
         )
     return out
