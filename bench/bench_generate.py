@@ -116,22 +116,28 @@ def test_generate_transformers(benchmark, checkpoint):
     )
 
 
+@pytest.mark.parametrize("graphs", [False, None], ids=["eager", "default"])
 @pytest.mark.parametrize("k", [0, 4], ids=["plain", "draft-k4"])
-def test_generate_shipped_speculative(benchmark, k):
+def test_generate_shipped_speculative(benchmark, k, graphs):
     """The shipped target alone and with the shipped draft (k proposals per
-    round), batch 1, greedy, from the same prompt: tokens/s and acceptance."""
+    round), batch 1, greedy, from the same prompt: tokens/s and acceptance;
+    eagerly and as loaded by default (CUDA graphs on a GPU: the target's plain
+    steps and the draft's steps replay)."""
     from fastllm.cli import default_model_path, shipped_draft_path
 
     target_dir, draft_dir = default_model_path(), shipped_draft_path()
     if target_dir is None or draft_dir is None:
         pytest.skip("no shipped target/draft pair")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = Model.from_pretrained(target_dir, device=device)
+    if graphs is None and device != "cuda":
+        pytest.skip("the default is eager without a GPU")
+    model = Model.from_pretrained(target_dir, device=device, cuda_graphs=graphs)
     spec = {}
     if k:
-        spec = dict(draft_model=Model.from_pretrained(draft_dir, device=device, dtype=model.dtype),
+        spec = dict(draft_model=Model.from_pretrained(draft_dir, device=device, dtype=model.dtype, cuda_graphs=graphs),
                     num_speculative_tokens=k)
-    model.generate("ROMEO:\n", max_new_tokens=8, ignore_eos=True, temperature=0.0, **spec)  # warm-up
+    # warm-up at the timed length (graphed decoding sizes its cache and captures its graphs for it)
+    model.generate("ROMEO:\n", max_new_tokens=NEW_TOKENS, ignore_eos=True, temperature=0.0, **spec)
 
     def run():
         out = model.generate("ROMEO:\n", max_new_tokens=NEW_TOKENS, ignore_eos=True, temperature=0.0, **spec)
@@ -142,14 +148,15 @@ def test_generate_shipped_speculative(benchmark, k):
     assert len(out.token_ids) == NEW_TOKENS
     benchmark.extra_info.update(
         device=device, tokens=NEW_TOKENS, tok_per_s=NEW_TOKENS / benchmark.stats.stats.mean,
-        acceptance=out.num_accepted_draft_tokens / out.num_draft_tokens if k else None,
+        acceptance=out.num_accepted_draft_tokens / out.num_draft_tokens if k else None, cuda_graphs=model.cuda_graphs,
     )
 
 
 @pytest.mark.parametrize("engine", [False, True], ids=["model-generate", "llm-engine"])
 def test_batch_throughput(benchmark, checkpoint, engine):
     """32 prompts x 64 greedy tokens: one Model.generate batch, or the
-    continuous-batching engine; output tokens per second."""
+    continuous-batching engine, as loaded by default (CUDA graphs on a GPU);
+    output tokens per second."""
     from fastllm import LLMEngine
 
     name, path, _, device, dtype = checkpoint
@@ -157,7 +164,7 @@ def test_batch_throughput(benchmark, checkpoint, engine):
     prompts = [list(range(10 + i, 10 + i + PROMPT_LEN)) for i in range(32)]
     params = dict(max_new_tokens=64, ignore_eos=True)
     runner = LLMEngine(model, max_num_seqs=32) if engine else model
-    runner.generate(prompts[:2], max_new_tokens=4, ignore_eos=True)  # warm-up
+    runner.generate(prompts, **params)  # warm-up at the timed sizes (graph capture)
 
     def run():
         outs = runner.generate(prompts, **params)
@@ -166,4 +173,5 @@ def test_batch_throughput(benchmark, checkpoint, engine):
 
     outs = benchmark.pedantic(run, rounds=2, iterations=1)
     assert all(len(o.token_ids) == 64 for o in outs)
-    benchmark.extra_info.update(shape=name, device=device, tok_per_s=32 * 64 / benchmark.stats.stats.mean)
+    benchmark.extra_info.update(shape=name, device=device, tok_per_s=32 * 64 / benchmark.stats.stats.mean,
+                                cuda_graphs=model.cuda_graphs)

@@ -83,14 +83,14 @@ class Model:
         generation_config: GenerationConfig,
         eos_ids: list[int],
         path: Path | None = None,
-        cuda_graphs: bool = False,
+        cuda_graphs: bool | None = None,
     ):
         self.network = network
         self.path = path
         self.tokenizer = tokenizer
         self.generation_config = generation_config
         self.eos_ids = frozenset(eos_ids)
-        self._graphs = GraphedDecoding.for_network(network) if cuda_graphs else None
+        self._graphs = GraphedDecoding.for_network(network, cuda_graphs)
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -101,7 +101,7 @@ class Model:
         dtype: str | torch.dtype | None = None,
         progress: bool | None = None,
         quantization: str | QuantizationConfig | None = None,
-        cuda_graphs: bool = False,
+        cuda_graphs: bool | None = None,
     ) -> "Model":
         """Load a Hugging Face directory (config.json, *.safetensors, tokenizer
         files, generation_config.json), or the name of a shipped model
@@ -113,7 +113,9 @@ class Model:
         applied at load time; a checkpoint saved quantized loads as it was saved,
         4-bit GPTQ and AWQ (gemm) checkpoints repacked into fastllm's int4
         (see fastllm.quant_formats). cuda_graphs: replay decode steps from CUDA
-        graphs (GPU only; experimental, see fastllm.cuda_graph)."""
+        graphs (see fastllm.cuda_graph): None (the default) does on a GPU for
+        every model that can (not mixture-of-experts ones), True asks for them
+        (an error on the CPU, a warning for MoE models), False never does."""
         path = _resolve_model_dir(path)
         try:
             dev = torch.device(device) if device is not None else default_device()
@@ -125,6 +127,8 @@ class Model:
             raise ValueError(f"device {dev} requested but torch sees {torch.cuda.device_count()} GPU(s)")
         if dev.type not in ("cpu", "cuda"):
             raise ValueError(f"unsupported device {dev}; use 'cpu' or 'cuda'")
+        if cuda_graphs is not None and not isinstance(cuda_graphs, bool):
+            raise TypeError(f"cuda_graphs must be None, True or False, got {cuda_graphs!r}")
         if cuda_graphs and dev.type != "cuda":
             raise ValueError(f"cuda_graphs=True needs a CUDA device, the model goes to {dev}")
         cfg = ModelConfig.from_file(path / "config.json")

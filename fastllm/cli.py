@@ -54,8 +54,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--dtype", default=None, help="float32, float16 or bfloat16")
     p.add_argument("--quantization", "-q", default=None, help="int8, int4, int4-g32 or int4-g64 (at load time)")
-    p.add_argument("--cuda-graphs", action="store_true",
-                   help="replay decode steps from CUDA graphs (GPU only, experimental)")
+    p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
+                   help="replay decode steps from CUDA graphs (default: on a GPU, for models that can; "
+                        "--no-cuda-graphs decodes eagerly)")
 
 
 def _bias_pair(text: str) -> tuple[int, float]:

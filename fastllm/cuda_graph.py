@@ -18,8 +18,9 @@ replays fixed addresses and shapes, so:
   on the device lengths. A mixture-of-experts layer's reference synchronises,
   so MoE models decode eagerly.
 
-Without a GPU (and in tests) the runner runs the same padded static-buffer
-step eagerly (``use_graphs=False``).
+Models loaded on a GPU decode this way by default (``cuda_graphs=None``;
+``False`` turns it off). Without a GPU (and in tests) the runner runs the same
+padded static-buffer step eagerly (``use_graphs=False``).
 """
 
 from __future__ import annotations
@@ -198,30 +199,60 @@ class GraphedDecoding:
         self.busy = False
 
     @classmethod
-    def for_network(cls, network: torch.nn.Module) -> "GraphedDecoding | None":
-        """Graphed decoding for ``network``, None where it cannot be captured."""
-        return cls(network) if graphs_supported(network) else None
+    def for_network(cls, network: torch.nn.Module, cuda_graphs: bool | None = True) -> "GraphedDecoding | None":
+        """Graphed decoding for ``network``, or None: when ``cuda_graphs`` is
+        False; when it is None (automatic) and the network is not on a GPU or
+        cannot be captured; when it is True and the network cannot be captured
+        (with a warning, see ``graphs_supported``)."""
+        if cuda_graphs is None:
+            on_gpu = network.embed_tokens.weight.device.type == "cuda"
+            return cls(network) if on_gpu and not network.config.is_moe else None
+        return cls(network) if cuda_graphs and graphs_supported(network) else None
 
     def acquire(self, lengths: list[int]) -> "_Lease | None":
         """A lease on a cache (and runner) for sequences that reach ``lengths``."""
         if self.busy:
             return None
-        cfg, bs = self.network.config, DEFAULT_BLOCK_SIZE
-        blocks = blocks_needed(lengths, bs)
+        blocks = blocks_needed(lengths, DEFAULT_BLOCK_SIZE)
         longest, batch = max(lengths), len(lengths)
         r = self.runner
         if r is None or blocks > self.cache.num_blocks or longest > r.max_seq_len or batch > r.max_batch_size:
             if r is not None:  # grow to cover the old sizes too, so that calls alternating between sizes settle
                 blocks, longest = max(blocks, self.cache.num_blocks), max(longest, r.max_seq_len)
                 batch = max(batch, r.max_batch_size)
-            self.cache = self.runner = None  # free the old cache before taking the new one
-            emb = self.network.embed_tokens.weight
-            self.cache = KVCache(cfg.num_layers, blocks, cfg.num_kv_heads, cfg.head_dim, emb.dtype, emb.device,
-                                 bs, reserved_blocks=1)
-            self.runner = DecodeGraphRunner(self.network, self.cache, batch, longest, self.use_graphs)
+            self._rebuild(blocks, longest, batch)
         self.cache.reset()
         self.busy = True
         return _Lease(self)
+
+
+    def _rebuild(self, blocks: int, longest: int, batch: int) -> None:
+        """A new cache and runner for at least ``blocks`` blocks, ``batch``
+        sequences and ``longest`` tokens. Each size is rounded up to a power of
+        two (lengths to at least 256, not past the model's context unless asked),
+        so that calls of growing sizes (a chat whose context grows) rebuild and
+        capture again a logarithmic number of times, not at every call; when the
+        rounded cache does not fit in memory, the exact one is tried."""
+        cfg = self.network.config
+        rounded = (_pow2_at_least(blocks),
+                   max(longest, min(_pow2_at_least(max(longest, 256)), cfg.max_position_embeddings)),
+                   _pow2_at_least(batch))
+        emb = self.network.embed_tokens.weight
+        for n_blocks, n_tokens, n_seqs in (rounded, (blocks, longest, batch)):
+            self.cache = self.runner = None  # free the old cache before taking the new one
+            try:
+                self.cache = KVCache(cfg.num_layers, n_blocks, cfg.num_kv_heads, cfg.head_dim, emb.dtype,
+                                     emb.device, DEFAULT_BLOCK_SIZE, reserved_blocks=1)
+            except torch.cuda.OutOfMemoryError:
+                if n_blocks == blocks:
+                    raise
+                continue
+            self.runner = DecodeGraphRunner(self.network, self.cache, n_seqs, n_tokens, self.use_graphs)
+            return
+
+
+def _pow2_at_least(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
 
 
 class _Lease:

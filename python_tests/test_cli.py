@@ -115,6 +115,8 @@ def test_bad_sampling_flag_exit_2(ckpt, capsys):
 def test_cuda_graphs_flag_needs_a_gpu(ckpt, capsys):
     assert main(["generate", "--model", str(ckpt), "hi", "--device", "cpu", "--cuda-graphs"]) == 2
     assert "cuda_graphs=True needs a CUDA device" in capsys.readouterr().err
+    assert main(["generate", "--model", str(ckpt), "hi", "--device", "cpu", "--no-cuda-graphs",
+                 "--max-new-tokens", "2"]) == 0
 
 
 def test_info_json(capsys):

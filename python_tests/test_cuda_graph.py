@@ -91,6 +91,52 @@ def test_graph_cache_grows_and_is_reused(model, graphed):
     assert again.token_ids == model.generate(PROMPTS[1], max_new_tokens=10, ignore_eos=True).token_ids
 
 
+def test_graph_cache_grows_geometrically(model, graphed):
+    """Sizes round up to powers of two (lengths to 256 at least, at most the
+    context), so growing calls rebuild the cache and graphs rarely; a rebuild
+    still covers what came before."""
+    g, tok = graphed._graphs, graphed.tokenizer
+    prompt = PROMPTS[0]
+    n = len(tok.encode(prompt))
+    graphed.generate(prompt, max_new_tokens=40 - n, ignore_eos=True)  # 40 tokens: 3 blocks of 16
+    first = g.runner
+    assert first.max_seq_len == 256 == model.config.max_position_embeddings  # 40 -> 256, capped by the context
+    assert g.cache.num_blocks == 4 and first.max_batch_size == 1
+    graphed.generate(prompt, max_new_tokens=64 - n, ignore_eos=True)  # 4 blocks: fits
+    assert g.runner is first
+    graphed.generate(prompt, max_new_tokens=65 - n, ignore_eos=True)  # 5 blocks: grows to 8
+    assert g.runner is not first and g.cache.num_blocks == 8 and g.runner.max_batch_size == 1
+    second = g.runner
+    out = graphed.generate(PROMPTS[:3], max_new_tokens=8, ignore_eos=True)  # 3 sequences: room for 4
+    assert g.runner is not second and g.runner.max_batch_size == 4 and g.cache.num_blocks == 8
+    third = g.runner
+    graphed.generate(PROMPTS[:4], max_new_tokens=8, ignore_eos=True)
+    assert g.runner is third
+    assert [o.token_ids for o in out] == [
+        o.token_ids for o in model.generate(PROMPTS[:3], max_new_tokens=8, ignore_eos=True)
+    ]
+
+
+def test_automatic_graphs_follow_the_device_and_skip_moe_quietly():
+    """cuda_graphs=None: graphs on a GPU for a dense model, none on the CPU,
+    and none (without the warning an explicit True gives) for an MoE model."""
+    import warnings
+    from types import SimpleNamespace
+
+    def network(device, moe):
+        return SimpleNamespace(embed_tokens=SimpleNamespace(weight=SimpleNamespace(device=torch.device(device))),
+                               config=SimpleNamespace(is_moe=moe))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert isinstance(GraphedDecoding.for_network(network("cuda", False), None), GraphedDecoding)
+        assert GraphedDecoding.for_network(network("cpu", False), None) is None
+        assert GraphedDecoding.for_network(network("cuda", True), None) is None
+        assert GraphedDecoding.for_network(network("cuda", False), False) is None
+    with pytest.warns(RuntimeWarning, match="mixture-of-experts"):
+        assert GraphedDecoding.for_network(network("cuda", True), True) is None
+
+
 def test_interleaved_and_abandoned_streams(model, graphed):
     params = dict(max_new_tokens=20, ignore_eos=True)
     s1 = graphed.stream(PROMPTS[0], **params)
@@ -189,7 +235,9 @@ def test_cuda_graphs_need_a_gpu(path, model):
         Model.from_pretrained(path, device="cpu", cuda_graphs=True)
     with pytest.raises(ValueError, match="CUDA device"):
         LLMEngine(model, cuda_graphs=True)
-    assert not model.cuda_graphs and LLMEngine(model).runner is None
+    assert not model.cuda_graphs and LLMEngine(model).runner is None  # the default: graphs only on a GPU
+    with pytest.raises(TypeError, match="cuda_graphs"):
+        Model.from_pretrained(path, device="cpu", cuda_graphs="yes")
 
 
 # ---------------------------------------------------------------------- GPU
@@ -213,8 +261,9 @@ def test_graphs_on_gpu_equal_eager(monkeypatch, only_named_kernels, kernels, dty
     def tokens(outs):
         return [o.token_ids for o in outs]
 
-    eager = Model.from_pretrained("shakespeare-15m", device="cuda", dtype=dtype)
-    graphed = Model.from_pretrained("shakespeare-15m", device="cuda", dtype=dtype, cuda_graphs=True)
+    eager = Model.from_pretrained("shakespeare-15m", device="cuda", dtype=dtype, cuda_graphs=False)
+    graphed = Model.from_pretrained("shakespeare-15m", device="cuda", dtype=dtype)  # the default on a GPU
+    assert graphed.cuda_graphs and not eager.cuda_graphs
     unreplayed = Model.from_pretrained("shakespeare-15m", device="cuda", dtype=dtype, cuda_graphs=True)
     unreplayed._graphs.use_graphs = False  # its runner steps eagerly
     prompts = ["ROMEO:", "JULIET: O Romeo, Romeo", "KING HENRY:"]
