@@ -30,6 +30,8 @@
  * from L2 (M*K*2 bytes per CTA, <= the CTA's weight bytes for M <= BN/4).
  * 4096 x 14336 at M = 1: 29.4 MB of weights, ~10 us at 3 TB/s.
  */
+#include <type_traits>
+
 #include "quant_linear.cuh"
 
 namespace fastllm {
@@ -69,7 +71,18 @@ struct Int4Params {
 // set separates them, and flipping bit 1 on odd rows separates rows g and g+1.
 __device__ __forceinline__ int x_chunk(int row, int c) { return c ^ ((c >> 3) & 1) ^ ((row & 1) << 1); }
 
-template <typename T, int TT, bool G128>
+// Loop-invariant parts of one thread's tile copies (the lean variant): where
+// each of its 16-byte chunks comes from (at K tile 0) and goes to (in stage 0),
+// and the chunk's column within a K tile (-1: nothing to copy, a weight row
+// past N or a token row past M).
+template <int J>
+struct CopyPlan {
+  const uint8_t* src[J];
+  uint32_t dst[J];
+  int col[J];
+};
+
+template <typename T, int TT, bool G128, bool LEAN>
 __global__ void __launch_bounds__(Int4Cfg<TT>::THREADS) int4_mma_kernel(const Int4Params p) {
   using C = Int4Cfg<TT>;
   constexpr int R = C::R, KBLK = C::KBLK, STAGES = C::STAGES;
@@ -117,7 +130,71 @@ __global__ void __launch_bounds__(Int4Cfg<TT>::THREADS) int4_mma_kernel(const In
     }
   }
 
+  // LEAN (variant 1, opt-in until timed on a GPU): the copies' addresses and
+  // the scale/zero rows are computed once here; the default variant
+  // recomputes them every K tile, which is about two thirds of its main loop's
+  // instructions (SASS of the M <= 8 kernel: ~720 per tile for 16 mma).
+  constexpr int WC = C::W_ROW / 16, XC = C::X_ROW / 16;
+  constexpr int WJ = C::BN * WC / C::THREADS, XJ = C::BM * XC / C::THREADS;
+  static_assert((C::BM * XC) % C::THREADS == 0, "x tile chunks must divide among the threads");
+  CopyPlan<WJ> wplan;
+  CopyPlan<XJ> xplan;
+  const unsigned short* s_row[R][2];
+  const uint8_t* z_row[R][2];
+  bool row_ok[R][2];
+  if constexpr (LEAN) {
+#pragma unroll
+    for (int j = 0; j < WJ; ++j) {
+      const int i = tid + j * C::THREADS, r = i / WC, c = i % WC, n = n0 + r;
+      wplan.src[j] = p.qweight + static_cast<int64_t>(n < p.N ? n : 0) * (p.K / 2) + kt0 * (C::BK / 2) + c * 16;
+      wplan.dst[j] = smem_u32(sw + r * C::W_ROW + w_chunk<C::W_ROW>(r, c) * 16);
+      wplan.col[j] = n < p.N ? c * 32 : -1;
+    }
+#pragma unroll
+    for (int j = 0; j < XJ; ++j) {
+      const int i = tid + j * C::THREADS, r = i / XC, c = i % XC;
+      xplan.src[j] = reinterpret_cast<const uint8_t*>(x + static_cast<int64_t>(m0 + (r < mrows ? r : 0)) * p.K +
+                                                      kt0 * C::BK + c * 8);
+      xplan.dst[j] = smem_u32(sx + r * C::X_ROW + x_chunk(r, c) * 16);
+      xplan.col[j] = r < mrows ? c * 8 : -1;
+    }
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int n = n0 + warp * R * 16 + r * 16 + h * 8 + g;
+        row_ok[r][h] = n < p.N;
+        const int64_t base = static_cast<int64_t>(n < p.N ? n : 0) * p.groups;
+        s_row[r][h] = p.scales + base;
+        z_row[r][h] = p.zeros + base;
+      }
+  }
+
+  // Tiles are requested in order (kt0, kt0 + 1, ...), so the sources advance
+  // by one tile per call. A chunk past K copies nothing (src-size 0) and
+  // zero-fills; its source address is never read.
+  auto load_tile_lean = [&](int slot, int kt) {
+    const int left = p.K - kt * C::BK;  // columns of K from this tile's first on
+    const uint32_t wo = slot * C::W_STAGE, xo = slot * C::X_STAGE;
+#pragma unroll
+    for (int j = 0; j < WJ; ++j) {
+      // K % 32 == 0: a chunk is all in or all out; col -1 (a row past N): never
+      cp_async16_to(wplan.dst[j] + wo, wplan.src[j], static_cast<unsigned>(wplan.col[j]) < static_cast<unsigned>(left));
+      wplan.src[j] += C::BK / 2;
+    }
+#pragma unroll
+    for (int j = 0; j < XJ; ++j) {
+      if (xplan.col[j] >= 0)  // token rows past M stay zero
+        cp_async16_to(xplan.dst[j] + xo, xplan.src[j], xplan.col[j] < left);
+      xplan.src[j] += C::BK * 2;
+    }
+  };
+
   auto load_tile = [&](int slot, int kt) {
+    if constexpr (LEAN) {
+      load_tile_lean(slot, kt);
+      return;
+    }
     const int k0 = kt * C::BK;
     uint8_t* const dw = sw + slot * C::W_STAGE;
     constexpr int WC = C::W_ROW / 16;  // 16-byte chunks (32 columns) per weight row
@@ -144,6 +221,21 @@ __global__ void __launch_bounds__(Int4Cfg<TT>::THREADS) int4_mma_kernel(const In
 
   // Per lane, k-block and row: scale bits (low 16) | zero << 16, for K tile kt.
   auto load_sz = [&](uint32_t (&sz)[R][2][KBLK], int kt) {
+    if constexpr (LEAN) {
+#pragma unroll
+      for (int j = 0; j < KBLK; ++j) {
+        const int k = kt * C::BK + j * 128 + t * 32;
+        const int gi = k >> p.group_shift;
+#pragma unroll
+        for (int r = 0; r < R; ++r)
+#pragma unroll
+          for (int h = 0; h < 2; ++h)
+            sz[r][h][j] = row_ok[r][h] && k < p.K ? static_cast<uint32_t>(__ldg(s_row[r][h] + gi)) |
+                                                        (static_cast<uint32_t>(__ldg(z_row[r][h] + gi)) << 16)
+                                                  : 0u;
+      }
+      return;
+    }
 #pragma unroll
     for (int r = 0; r < R; ++r)
 #pragma unroll
@@ -173,10 +265,11 @@ __global__ void __launch_bounds__(Int4Cfg<TT>::THREADS) int4_mma_kernel(const In
     const uint8_t* const tw = sw + slot * C::W_STAGE;
     const uint8_t* const tx = sx + slot * C::X_STAGE;
     constexpr uint32_t kMagic2 = Pair<T>::kMagic * 0x10001u;
+    const uint32_t sixteenth2 = Pair<T>::bits_of(0.0625f) * 0x10001u;  // 1/16 in both halves
 #pragma unroll
     for (int j = 0; j < KBLK; ++j) {
       uint4 wq[R][2];
-      uint32_t zero2[R][2], scale2[R][2];
+      uint32_t zero2[R][2], scale2[R][2], zero_hi2[R][2];
       float scale[R][2];
 #pragma unroll
       for (int r = 0; r < R; ++r)
@@ -186,6 +279,8 @@ __global__ void __launch_bounds__(Int4Cfg<TT>::THREADS) int4_mma_kernel(const In
           wq[r][h] = lds128(tw + row * C::W_ROW + w_chunk<C::W_ROW>(row, 4 * j + t) * 16);
           const uint32_t v = sz[r][h][j];
           zero2[r][h] = (Pair<T>::kMagic + (v >> 16)) * 0x10001u;  // (magic + zero) in both halves
+          if constexpr (LEAN && std::is_same_v<T, __half>)  // -(magic / 16 + zero) in both halves: high nibbles
+            zero_hi2[r][h] = Pair<T>::bits_of(-(Pair<T>::kMagicValue / 16.f + static_cast<float>(v >> 16))) * 0x10001u;
           scale2[r][h] = (v & 0xFFFFu) * 0x10001u;
           scale[r][h] = Pair<T>::bits_to_float(v & 0xFFFFu);
         }
@@ -216,6 +311,28 @@ __global__ void __launch_bounds__(Int4Cfg<TT>::THREADS) int4_mma_kernel(const In
 #pragma unroll
           for (int h = 0; h < 2; ++h) {
             const uint32_t q = word_of(wq[r][h], w);
+            if constexpr (LEAN) {
+              // One LOP3 per pair: nibble i of each half, or-ed into the magic.
+              // fp16 (10 mantissa bits; Marlin's dequantisation): pairs 1 and 3
+              // are taken in place, in the high nibble, i.e. magic + 16 q,
+              // which one fma by 1/16 turns into q - zero directly (exact:
+              // every value is a small integer). bf16 has 7 mantissa bits, so
+              // a high nibble would reach the exponent: shift it down first.
+              const uint32_t q8 = q >> 8;
+              uint32_t v[4];
+              v[0] = Pair<T>::sub(and_or(q, 0x000F000Fu, kMagic2), zero2[r][h]);
+              v[2] = Pair<T>::sub(and_or(q8, 0x000F000Fu, kMagic2), zero2[r][h]);
+              if constexpr (std::is_same_v<T, __half>) {
+                v[1] = Pair<T>::fma(and_or(q, 0x00F000F0u, kMagic2), sixteenth2, zero_hi2[r][h]);
+                v[3] = Pair<T>::fma(and_or(q8, 0x00F000F0u, kMagic2), sixteenth2, zero_hi2[r][h]);
+              } else {
+                v[1] = Pair<T>::sub(and_or(q >> 4, 0x000F000Fu, kMagic2), zero2[r][h]);
+                v[3] = Pair<T>::sub(and_or(q >> 12, 0x000F000Fu, kMagic2), zero2[r][h]);
+              }
+#pragma unroll
+              for (int i = 0; i < 4; ++i) a[h][i] = G128 ? v[i] : Pair<T>::mul(v[i], scale2[r][h]);
+              continue;
+            }
 #pragma unroll
             for (int i = 0; i < 4; ++i) {
               uint32_t v = Pair<T>::sub(((q >> (4 * i)) & 0x000F000Fu) | kMagic2, zero2[r][h]);
@@ -358,40 +475,50 @@ int shift_of(int64_t group) { return group == 32 ? 5 : group == 64 ? 6 : 7; }
 
 // Opts every variant of T in at its first launch, so that a variant first used
 // inside CUDA-graph capture makes no cudaFuncSetAttribute call there.
-template <typename T>
-const char* opt_in_all() {
+template <typename T, bool LEAN>
+const char* opt_in_variant() {
   const char* err = nullptr;
-  if (!err) err = opt_in_smem<int4_mma_kernel<T, 1, true>>(Int4Cfg<1>::SMEM);
-  if (!err) err = opt_in_smem<int4_mma_kernel<T, 1, false>>(Int4Cfg<1>::SMEM);
-  if (!err) err = opt_in_smem<int4_mma_kernel<T, 2, true>>(Int4Cfg<2>::SMEM);
-  if (!err) err = opt_in_smem<int4_mma_kernel<T, 2, false>>(Int4Cfg<2>::SMEM);
-  if (!err) err = opt_in_smem<int4_mma_kernel<T, 4, false>>(Int4Cfg<4>::SMEM);
-  if (!err) err = opt_in_smem<int4_mma_kernel<T, 8, false>>(Int4Cfg<8>::SMEM);
+  if (!err) err = opt_in_smem<int4_mma_kernel<T, 1, true, LEAN>>(Int4Cfg<1>::SMEM);
+  if (!err) err = opt_in_smem<int4_mma_kernel<T, 1, false, LEAN>>(Int4Cfg<1>::SMEM);
+  if (!err) err = opt_in_smem<int4_mma_kernel<T, 2, true, LEAN>>(Int4Cfg<2>::SMEM);
+  if (!err) err = opt_in_smem<int4_mma_kernel<T, 2, false, LEAN>>(Int4Cfg<2>::SMEM);
+  if (!err) err = opt_in_smem<int4_mma_kernel<T, 4, false, LEAN>>(Int4Cfg<4>::SMEM);
+  if (!err) err = opt_in_smem<int4_mma_kernel<T, 8, false, LEAN>>(Int4Cfg<8>::SMEM);
   return err;
 }
 
-template <typename T, int TT, bool G128>
+template <typename T>
+const char* opt_in_all() {
+  const char* err = opt_in_variant<T, false>();
+  return err != nullptr ? err : opt_in_variant<T, true>();
+}
+
+template <typename T, int TT, bool G128, bool LEAN>
 const char* run_mma(const Int4Params& p, cudaStream_t stream) {
   using Cfg = Int4Cfg<TT>;
   if (const char* err = opt_in_all<T>()) return err;
   const unsigned token_blocks = static_cast<unsigned>(ceil_div(p.M, kMaxTokensPerCta));
   const dim3 grid(static_cast<unsigned>(ceil_div(p.N, Cfg::BN)), static_cast<unsigned>(p.splits), token_blocks);
-  int4_mma_kernel<T, TT, G128><<<grid, Cfg::THREADS, Cfg::SMEM, stream>>>(p);
+  int4_mma_kernel<T, TT, G128, LEAN><<<grid, Cfg::THREADS, Cfg::SMEM, stream>>>(p);
   FASTLLM_CHECK_LAUNCH();
   return nullptr;
 }
 
-template <typename T>
-const char* launch_typed(const Int4Params& p, int group, cudaStream_t stream) {
+template <typename T, bool LEAN>
+const char* run_tiles(const Int4Params& p, int group, cudaStream_t stream) {
   const int tiles = token_tiles(p.M);
   const bool g128 = group == 128 && tiles <= 2;
-  const char* err = nullptr;
   switch (tiles) {
-    case 1: err = g128 ? run_mma<T, 1, true>(p, stream) : run_mma<T, 1, false>(p, stream); break;
-    case 2: err = g128 ? run_mma<T, 2, true>(p, stream) : run_mma<T, 2, false>(p, stream); break;
-    case 4: err = run_mma<T, 4, false>(p, stream); break;
-    default: err = run_mma<T, 8, false>(p, stream); break;
+    case 1: return g128 ? run_mma<T, 1, true, LEAN>(p, stream) : run_mma<T, 1, false, LEAN>(p, stream);
+    case 2: return g128 ? run_mma<T, 2, true, LEAN>(p, stream) : run_mma<T, 2, false, LEAN>(p, stream);
+    case 4: return run_mma<T, 4, false, LEAN>(p, stream);
+    default: return run_mma<T, 8, false, LEAN>(p, stream);
   }
+}
+
+template <typename T>
+const char* launch_typed(const Int4Params& p, int group, int variant, cudaStream_t stream) {
+  const char* err = variant == 1 ? run_tiles<T, true>(p, group, stream) : run_tiles<T, false>(p, group, stream);
   if (err != nullptr) return err;
   if (p.splits > 1)
     return launch_splitk_reduce<T>(static_cast<T*>(p.out), p.ws, static_cast<const T*>(p.bias), p.M, p.N, p.splits,
@@ -462,10 +589,11 @@ const char* int4_linear_plan(int64_t* num_splits, int64_t* workspace_floats, int
 
 const char* launch_int4_linear(void* out, void* workspace, const void* x, const void* qweight, const void* scales,
                                const void* zeros, const void* bias, int64_t m, int64_t n, int64_t k, int64_t group,
-                               int64_t num_splits, int dtype, void* stream) {
+                               int64_t num_splits, int64_t variant, int dtype, void* stream) {
   if (const char* err = check_shapes(m, n, k, group)) return err;
   if (dtype != static_cast<int>(DType::kFloat16) && dtype != static_cast<int>(DType::kBFloat16))
     return "activations must be float16 or bfloat16";
+  if (variant != 0 && variant != 1) return "variant must be 0 (default) or 1 (lean main loop)";
   if (m == 0) return nullptr;
   const cudaStream_t st = static_cast<cudaStream_t>(stream);
   const int shift = shift_of(group);
@@ -494,8 +622,8 @@ const char* launch_int4_linear(void* out, void* workspace, const void* x, const 
                static_cast<int>(groups),
                shift,
                static_cast<int>(num_splits)};
-  return half ? launch_typed<__half>(p, static_cast<int>(group), st)
-              : launch_typed<__nv_bfloat16>(p, static_cast<int>(group), st);
+  return half ? launch_typed<__half>(p, static_cast<int>(group), static_cast<int>(variant), st)
+              : launch_typed<__nv_bfloat16>(p, static_cast<int>(group), static_cast<int>(variant), st);
 }
 
 const char* launch_int4_dequantize(void* out, const void* qweight, const void* scales, const void* zeros, int64_t n,

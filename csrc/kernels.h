@@ -122,7 +122,7 @@ const char* int4_linear_plan(int64_t* num_splits, int64_t* workspace_floats, int
                              int64_t group, int64_t num_sms, int64_t requested_splits);
 const char* launch_int4_linear(void* out, void* workspace, const void* x, const void* qweight, const void* scales,
                                const void* zeros, const void* bias, int64_t m, int64_t n, int64_t k, int64_t group,
-                               int64_t num_splits, int dtype, void* stream);
+                               int64_t num_splits, int64_t variant, int dtype, void* stream);
 const char* launch_int4_dequantize(void* out, const void* qweight, const void* scales, const void* zeros, int64_t n,
                                    int64_t k, int64_t group, int dtype, void* stream);
 

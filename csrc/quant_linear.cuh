@@ -63,6 +63,12 @@ __device__ __forceinline__ void cp_async16(void* dst, const void* src, bool vali
                : "memory");
 }
 
+// The same copy to a shared-memory address already converted (smem_u32 once, outside the main loop).
+__device__ __forceinline__ void cp_async16_to(uint32_t dst, const void* src, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0)
+               : "memory");
+}
+
 // No L2 cache hint on the weight loads: the evict-first policy they had
 // (createpolicy.fractional + cp.async ... L2::cache_hint) runs into a ptxas 13.x
 // miscompile of fractional policies on cp.async (Triton disabled them for the
@@ -131,6 +137,13 @@ struct Pair<__half> {
   __device__ static __forceinline__ float bits_to_float(uint32_t bits) {
     return __half2float(__ushort_as_half(static_cast<unsigned short>(bits)));
   }
+  static constexpr float kMagicValue = 1024.f;
+  __device__ static __forceinline__ uint32_t fma(uint32_t a, uint32_t b, uint32_t c) {
+    __half2 r = __hfma2(*reinterpret_cast<__half2*>(&a), *reinterpret_cast<__half2*>(&b),
+                        *reinterpret_cast<__half2*>(&c));
+    return *reinterpret_cast<uint32_t*>(&r);
+  }
+  __device__ static __forceinline__ uint32_t bits_of(float x) { return __half_as_ushort(__float2half_rn(x)); }
 };
 
 template <>
@@ -147,7 +160,22 @@ struct Pair<__nv_bfloat16> {
   __device__ static __forceinline__ float bits_to_float(uint32_t bits) {
     return __bfloat162float(__ushort_as_bfloat16(static_cast<unsigned short>(bits)));
   }
+  static constexpr float kMagicValue = 128.f;
+  __device__ static __forceinline__ uint32_t fma(uint32_t a, uint32_t b, uint32_t c) {
+    __nv_bfloat162 r = __hfma2(*reinterpret_cast<__nv_bfloat162*>(&a), *reinterpret_cast<__nv_bfloat162*>(&b),
+                               *reinterpret_cast<__nv_bfloat162*>(&c));
+    return *reinterpret_cast<uint32_t*>(&r);
+  }
+  __device__ static __forceinline__ uint32_t bits_of(float x) { return __bfloat16_as_ushort(__float2bfloat16_rn(x)); }
 };
+
+// (a & b) | c in one LOP3 (the compiler splits it in two when b and c are both
+// immediates: an instruction takes one).
+__device__ __forceinline__ uint32_t and_or(uint32_t a, uint32_t b, uint32_t c) {
+  uint32_t d;
+  asm("lop3.b32 %0, %1, %2, %3, 0xea;\n" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+  return d;
+}
 
 // Weight tile rows of >= 128 bytes: lanes (g, t) read 16-byte chunk t (+ 4j) of
 // rows g and g+1 in the same quarter-warp phase; flipping chunk bit 2 on odd

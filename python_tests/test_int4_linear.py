@@ -48,6 +48,18 @@ def _x(shape, dtype, seed: int = 1):
     return torch.randn(*shape, generator=g, device="cuda").to(dtype)
 
 
+@pytest.fixture(params=[0, 1], ids=["default", "lean"])
+def variant(request, monkeypatch):
+    """Runs a test with the verified main loop and with the lean one
+    (int4_linear_lean, opt-in until timed on a GPU), chosen the way the op
+    table chooses it: by FASTLLM_KERNELS."""
+    monkeypatch.setenv("FASTLLM_KERNELS", "int4_linear_lean" if request.param else "")
+    backend.reset_settings()
+    yield request.param
+    monkeypatch.undo()
+    backend.reset_settings()
+
+
 def _check(out, x, q, s, z, group, b):
     """out against fp64 on the same inputs; torch in out's dtype is the yardstick."""
     assert out.dtype == x.dtype and out.shape == (*x.shape[:-1], q.shape[0])
@@ -65,7 +77,7 @@ def _check(out, x, q, s, z, group, b):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("m", TOKENS)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}g{s[2]}")
-def test_kernel_matches_reference(shape, m, dtype, bias):
+def test_kernel_matches_reference(shape, m, dtype, bias, variant):
     from fastllm.ops import cuda
 
     k, n, group = shape
@@ -80,7 +92,7 @@ def test_kernel_matches_reference(shape, m, dtype, bias):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("m", [1, 5, 16, 17, 32, 64])
 @pytest.mark.parametrize("group", [32, 64, 128])
-def test_every_group_size(group, m, dtype):
+def test_every_group_size(group, m, dtype, variant):
     """Each group size on every token-tile variant (g = 128 has its own when M <= 16)."""
     from fastllm.ops import cuda
 
@@ -95,7 +107,7 @@ def test_every_group_size(group, m, dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("m", [1, 16, 33])
 @pytest.mark.parametrize("group", [32, 128])
-def test_zeros_past_15(group, m, dtype):
+def test_zeros_past_15(group, m, dtype, variant):
     """GPTQ v1 checkpoints repacked by fastllm.quant_formats can hold zero 16, and
     the format allows zeros up to 127: the kernel's magic-number subtraction
     (1024 + zero in fp16, 128 + zero in bf16) must stay exact there, on the
@@ -116,7 +128,7 @@ def test_zeros_past_15(group, m, dtype):
 
 @requires_cuda
 @pytest.mark.parametrize("k", [32, 96, 160, 288])
-def test_k_not_a_multiple_of_the_tile(k):
+def test_k_not_a_multiple_of_the_tile(k, variant):
     """K only a multiple of the group: partial K tiles and partial 128-column k-blocks."""
     from fastllm.ops import cuda
 
@@ -128,7 +140,7 @@ def test_k_not_a_multiple_of_the_tile(k):
 
 @requires_cuda
 @pytest.mark.parametrize("m", [65, 130, 200])
-def test_fused_kernel_past_64_tokens(m):
+def test_fused_kernel_past_64_tokens(m, variant):
     """The wrapper dequantizes + cuBLAS there; the fused kernel itself loops 64-token blocks."""
     from fastllm.ops import cuda_quant
 
@@ -141,7 +153,7 @@ def test_fused_kernel_past_64_tokens(m):
 @requires_cuda
 @pytest.mark.parametrize("splits", [2, 3, 16])
 @pytest.mark.parametrize("m", [1, 16, 33])
-def test_split_k(m, splits):
+def test_split_k(m, splits, variant):
     from fastllm.ops import cuda_quant
 
     q, s, z, b = _weights(4096, 1000, 128, torch.bfloat16)
@@ -215,10 +227,32 @@ def test_bad_input():
         cuda.int4_linear(x, q, s, z, 64, b[:3])
     with pytest.raises(ValueError, match="contiguous"):
         cuda.int4_linear(x, q, s, z, 64, torch.randn(64, device="cuda", dtype=torch.float16)[::2])
+    from fastllm.ops import cuda_quant
+
+    with pytest.raises(ValueError, match="_variant"):
+        cuda_quant._int4_fused(x, q, s, z, 64, _variant=2)
 
 
 @requires_cuda
-def test_under_cuda_graph():
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("m", [1, 7, 16, 33, 64])
+@pytest.mark.parametrize("group", [32, 64, 128])
+def test_lean_main_loop_is_bitwise_the_default(group, m, dtype):
+    """The lean main loop feeds the tensor cores the very same dequantized
+    values in the same order (every value it forms is an exact small integer),
+    so it must agree with the verified loop bit for bit, split-K included."""
+    from fastllm.ops import cuda_quant
+
+    q, s, z, b = _weights(2176, 4104, group, dtype)  # K: 8.5 tiles of 256 columns (17 of 128)
+    x = _x((m, 2176), dtype)
+    for splits in (0, 3):
+        want = cuda_quant._int4_fused(x, q, s, z, group, b, splits=splits, _variant=0)
+        got = cuda_quant._int4_fused(x, q, s, z, group, b, splits=splits, _variant=1)
+        assert torch.equal(got, want)
+
+
+@requires_cuda
+def test_under_cuda_graph(variant):
     from fastllm.ops import cuda
 
     q, s, z, b = _weights(4096, 1024, 128, torch.bfloat16)

@@ -18,12 +18,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fastllm import backend
 from fastllm.ops.cuda_common import DTYPE_CODES, check_tensor, current_stream, ext
 
 ACT_DTYPES = (torch.float16, torch.bfloat16)
 INT4_GROUP_SIZES = (32, 64, 128)
 # Tokens up to which the fused kernel runs; beyond, dequantize + cuBLAS.
 FUSED_MAX_TOKENS = 64
+# int4_linear's experimental lean main loop (variant 1): opt-in by this name in
+# FASTLLM_KERNELS until it is timed on a GPU.
+INT4_LEAN_KERNEL = "int4_linear_lean"
 
 
 @functools.lru_cache(maxsize=None)
@@ -208,10 +212,17 @@ def int4_linear(
 
 def _int4_fused(
     x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, group_size: int, bias: Tensor | None = None,
-    splits: int = 0,
+    splits: int = 0, _variant: int | None = None,
 ) -> Tensor:
-    """The fused kernel for any number of tokens; ``splits`` 0 = automatic split-K."""
+    """The fused kernel for any number of tokens; ``splits`` 0 = automatic split-K.
+    ``_variant``: 0 the verified main loop, 1 the lean one (addresses computed
+    once, one LOP3 per dequantized pair); None picks 1 when ``int4_linear_lean``
+    is enabled (FASTLLM_KERNELS)."""
     n, k = _check_int4(x, qweight, scales, zeros, group_size, bias)
+    if _variant is None:
+        _variant = 1 if backend.kernel_enabled(INT4_LEAN_KERNEL) else 0
+    if _variant not in (0, 1):
+        raise ValueError(f"int4_linear: _variant must be 0 (default) or 1 (lean main loop), got {_variant!r}")
     m = x.numel() // k
     out = _out(x, n)
     if m == 0:
@@ -222,7 +233,7 @@ def _int4_fused(
         ext().int4_linear(
             out.data_ptr(), ws_ptr, x.data_ptr(), qweight.data_ptr(), scales.data_ptr(), zeros.data_ptr(),
             bias.data_ptr() if bias is not None else 0, m, n, k, group_size, num_splits, DTYPE_CODES[x.dtype],
-            current_stream(x.device),
+            current_stream(x.device), _variant,
         )
     return out
 
