@@ -1,6 +1,7 @@
 """Decode attention over the paged KV cache beside torch SDPA (bf16, 32q/8kv heads, d=128).
 
-``fastllm_combine2`` is the experimental combine of the splits (``_variant=1``).
+``fastllm_combine2`` is the experimental combine of the splits (``_variant=1``),
+``fastllm_tc`` the experimental tensor-core split kernel before it (``_variant=2``).
 Reports microseconds per call and the effective bandwidth of the K/V read
 (B * L * Hk * D * 2 tensors * 2 bytes): the kernel's floor is HBM bandwidth.
     pytest bench/bench_decode_attention.py --benchmark-only
@@ -22,7 +23,7 @@ def _kv_bytes(b: int, length: int) -> int:
     return b * length * HK * D * 2 * 2
 
 
-@pytest.mark.parametrize("impl", ["fastllm", "fastllm_combine2", "torch_sdpa"])
+@pytest.mark.parametrize("impl", ["fastllm", "fastllm_combine2", "fastllm_tc", "torch_sdpa"])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"B{c[0]}xL{c[1]}")
 def test_decode_attention(gpu_bench, benchmark, case, impl):
     b, length = case
@@ -32,7 +33,7 @@ def test_decode_attention(gpu_bench, benchmark, case, impl):
             pytest.skip("extension not built")
         from fastllm.ops import cuda
 
-        variant = 1 if impl == "fastllm_combine2" else 0  # the experimental split combine
+        variant = {"fastllm": 0, "fastllm_combine2": 1, "fastllm_tc": 2}[impl]  # the verified kernels, or experimental
 
         blocks = -(-length // BLOCK)
         k_cache = torch.randn(b * blocks, BLOCK, HK, D, device="cuda", dtype=torch.bfloat16)

@@ -50,7 +50,9 @@
  *    sequence and query head) merges the splits with log-sum-exp weights.
  *    Variant 1 (opt-in until timed on a GPU): decode_combine2_kernel, the same
  *    merge with all partials in flight at once, launched with programmatic
- *    dependent launch on sm_90.
+ *    dependent launch on sm_90. Variant 2 (likewise): decode_split_tc_kernel,
+ *    the split kernel on tensor cores (mma.sync; see there), then variant 1's
+ *    combine.
  *
  * Memory traffic: each K and V row of the attended range is read exactly once
  * (B * L * Hk * D * 2 elements, 16-byte coalesced accesses, ~256 KB per 4096
@@ -60,6 +62,7 @@
  * percent of the KV bytes. The aim is HBM bandwidth: ~3 TB/s on an H100.
  */
 #include "common.cuh"
+#include "mma.cuh"
 
 #include <climits>
 #include <cmath>
@@ -503,6 +506,252 @@ __global__ void __launch_bounds__(kCombineThreads)
   }
 }
 
+// --------------------------------------------------------------------------- //
+// decode_attention variant 2 (experimental until timed on a GPU): the split
+// kernel on tensor cores.
+//
+// Why: the kernel above spends ~780 instructions per warp on every 4 KB of
+// K/V (SASS, D = 128, 4 heads per KV head): 256 FMAs, 64 shuffles and their
+// adds to reduce each dot product over 16 lanes, and a softmax repeated on all
+// of them. That is close to the issue rate of an SM at HBM speed. Here Q K^T
+// and P V run as mma.sync m16n8k16 (the query heads of one KV head are the 16
+// rows of A, at most 8 of them real), about 190 instructions per 8 KB.
+//
+// Layout: 4 warps per CTA, each on its own 16 keys of every 64-key tile, with
+// its own cp.async ring of K/V rows (swizzled, ldmatrix-ready) and its own
+// online-softmax state; no barrier in the main loop. A lane (g, t) holds the
+// scores of head g for keys 2t, 2t+1 and 8+2t, 9+2t, and the output of head g
+// at d = 8j + 2t, +1. The warps' (m, l, O) merge in shared memory at the end
+// exactly as the row groups do above, and the partials go to the same
+// workspace, so both combine kernels serve it (with this kernel's tile).
+// Head dims 64, 128, 256 (rows of a multiple of 128 bytes); the others run
+// the kernel above.
+// --------------------------------------------------------------------------- //
+constexpr int kTcWarps = 4;
+constexpr int kTcKeys = 16;                  // keys per warp per tile
+constexpr int kTcTile = kTcWarps * kTcKeys;  // keys per CTA tile: split_range's unit here
+constexpr int kTcRows = 8;                   // real rows of A: a CTA has at most kMaxHeadsPerCta heads
+static_assert(kMaxHeadsPerCta <= kTcRows, "the heads of a CTA are rows g < 8 of the mma");
+
+__host__ __device__ constexpr bool tc_head_dim(int d) { return d == 64 || d == 128 || d == 256; }
+template <int D>
+constexpr int tc_stages() {
+  return D >= 256 ? 2 : D >= 128 ? 3 : 4;
+}
+template <int D>
+constexpr int tc_stage_bytes() {
+  return 2 * kTcKeys * D * 2;  // K and V rows of one warp's 16 keys
+}
+template <int D>
+constexpr int tc_smem_bytes() {
+  constexpr int ring = kTcWarps * tc_stages<D>() * tc_stage_bytes<D>();
+  constexpr int merge = (kTcWarps * kTcRows * D + 3 * kTcWarps * kTcRows + 2 * kTcRows) * 4;
+  return ring > merge ? ring : merge;
+}
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kTcWarps * 32) decode_split_tc_kernel(const DecodeParams<T> p) {
+  constexpr int KS = D / 16;                 // k-steps of Q K^T
+  constexpr int NT = D / 8;                  // n-tiles (8 columns of d) of P V
+  constexpr int STAGES = tc_stages<D>();
+  constexpr int ROW = D * 2;                 // bytes of a K/V row in shared memory
+  constexpr int CH = D / 8;                  // 16-byte chunks per row
+  constexpr int LPR = CH < 32 ? CH : 32;     // lanes per row of a copy
+  constexpr int RPI = 32 / LPR;              // rows per copy step
+  constexpr int STAGE = tc_stage_bytes<D>();
+  static_assert(ROW % 128 == 0 && CH == LPR, "rows of 128, 256 or 512 bytes: one chunk per lane per row");
+  extern __shared__ __align__(16) unsigned char smem_raw[];  // 16-byte chunks; the swizzle needs no more
+
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
+  const int split = blockIdx.x, b = blockIdx.z;
+  const int kvh = blockIdx.y / p.head_groups;
+  const int hg = blockIdx.y - kvh * p.head_groups;
+  const int h0 = kvh * p.group + hg * p.heads_per_cta;
+  const int nheads = min(p.heads_per_cta, p.group - hg * p.heads_per_cta);
+
+  const SplitRange r = split_range(__ldg(p.seq_lens + b), p.max_len, p.window, p.num_splits, kTcTile, split);
+  if (split >= r.n_active) return;  // uniform over the CTA
+  const int begin = r.begin, end = r.end;
+  const int ntiles = end > begin ? ceil_div(end - begin, kTcTile) : 0;
+
+  const uint32_t ring = mma::smem_u32(smem_raw) + warp * STAGES * STAGE;  // this warp's ring: [slot][K rows, V rows]
+  const int32_t* table = p.block_tables + static_cast<int64_t>(b) * p.max_blocks;
+  const int in_block = (1 << p.log2_block) - 1;
+  const int chunk = lane % LPR;
+  const T* k_base = p.k_cache + kvh * D + chunk * 8;
+  const T* v_base = p.v_cache + kvh * D + chunk * 8;
+
+  const uint32_t slot_bytes = static_cast<uint32_t>(p.kv_slot_stride) * sizeof(T);  // Hk * D * 2 < 2^29
+  const unsigned char* k_bytes = reinterpret_cast<const unsigned char*>(k_base);
+  const unsigned char* v_bytes = reinterpret_cast<const unsigned char*>(v_base);
+
+  // Lane r < 16 looks up the cache slot of key r of this warp's 16 (lanes
+  // 16-31 repeat it; -1: past the end, or a block id outside the cache, which
+  // reads zeros and never faults). Lane L then copies chunk L % LPR of rows
+  // L / LPR + RPI * i, their slots shuffled from the lanes that found them.
+  // Slots fit an int: the launcher runs this kernel only for caches of fewer
+  // than 2^31 slots.
+  auto load_tile = [&](int tile) {
+    const uint32_t stage = ring + (tile % STAGES) * STAGE;
+    const int j = begin + tile * kTcTile + warp * kTcKeys + (lane & 15);
+    const int jc = min(j, end - 1);  // a valid table index even past the end (end > begin here)
+    const int blk = __ldg(table + (jc >> p.log2_block));
+    const bool found = j < end && static_cast<unsigned>(blk) < static_cast<unsigned>(p.num_blocks);
+    const int my_slot = found ? (blk << p.log2_block) | (jc & in_block) : -1;
+#pragma unroll
+    for (int i = 0; i < kTcKeys / RPI; ++i) {
+      const int row = lane / LPR + RPI * i;
+      const int slot = __shfl_sync(0xffffffffu, my_slot, row);
+      const bool ok = slot >= 0;
+      const uint64_t offset = static_cast<uint64_t>(static_cast<uint32_t>(ok ? slot : 0)) * slot_bytes;
+      const uint32_t dst = stage + mma::swizzle(row, chunk, ROW);
+      mma::cp_async_16(dst, k_bytes + offset, ok);  // zero past the end: 0 * 0, never 0 * NaN
+      mma::cp_async_16(dst + kTcKeys * ROW, v_bytes + offset, ok);
+    }
+  };
+
+#pragma unroll
+  for (int s = 0; s < STAGES - 1; ++s) {
+    if (s < ntiles) load_tile(s);
+    mma::cp_async_commit();  // empty groups keep the group count uniform
+  }
+
+  // A of Q K^T: row g = query head h0 + g (zero past nheads), rows g + 8 zero.
+  uint32_t qa[KS][2];  // (a0, a2) per k-step; a1 = a3 = 0
+  {
+    const T* qrow = p.q + b * p.q_token_stride + (h0 + min(g, nheads - 1)) * p.q_head_stride + 2 * t;
+#pragma unroll
+    for (int ks = 0; ks < KS; ++ks) {
+      qa[ks][0] = g < nheads ? *reinterpret_cast<const uint32_t*>(qrow + 16 * ks) : 0u;
+      qa[ks][1] = g < nheads ? *reinterpret_cast<const uint32_t*>(qrow + 16 * ks + 8) : 0u;
+    }
+  }
+
+  float m = -INFINITY, l = 0.f;  // head g's running max (base 2, scaled) and this lane's share of the sum
+  float o[NT][4];
+#pragma unroll
+  for (int j = 0; j < NT; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.f;
+
+  for (int tile = 0; tile < ntiles; ++tile) {
+    __syncwarp();  // every lane is done reading the slot refilled next
+    if (tile + STAGES - 1 < ntiles) load_tile(tile + STAGES - 1);
+    mma::cp_async_commit();
+    mma::cp_async_wait<STAGES - 1>();  // this lane's copies of `tile` landed
+    __syncwarp();                      // and every other lane's
+    const uint32_t k_tile = ring + (tile % STAGES) * STAGE;
+    const uint32_t v_tile = k_tile + kTcKeys * ROW;
+
+    // S = Q K^T for keys 0-7 (n-tile 0) and 8-15 (n-tile 1) of this warp.
+    float s[2][4];
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt) {
+      s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+#pragma unroll
+      for (int kp = 0; kp < KS / 2; ++kp) {
+        uint32_t bk[4];  // b0, b1 of k-steps 2kp and 2kp + 1
+        mma::ldmatrix_x4(bk, k_tile + mma::swizzle(8 * nt + (lane & 7), 4 * kp + (lane >> 3), ROW));
+        const uint32_t a0[4] = {qa[2 * kp][0], 0u, qa[2 * kp][1], 0u};
+        const uint32_t a1[4] = {qa[2 * kp + 1][0], 0u, qa[2 * kp + 1][1], 0u};
+        mma::mma_16816<T>(s[nt], a0, bk[0], bk[1]);
+        mma::mma_16816<T>(s[nt], a1, bk[2], bk[3]);
+      }
+    }
+
+    // Online softmax of head g over the 16 keys (4 per lane, 4 lanes per head).
+    const int key0 = begin + tile * kTcTile + warp * kTcKeys + 2 * t;
+    float x[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int key = key0 + (i >> 1) * 8 + (i & 1);
+      x[i] = key < end ? s[i >> 1][i & 1] * p.scale_log2 : -INFINITY;
+    }
+    float mt = fmaxf(fmaxf(x[0], x[1]), fmaxf(x[2], x[3]));
+    mt = fmaxf(mt, __shfl_xor_sync(0xffffffffu, mt, 1));
+    mt = fmaxf(mt, __shfl_xor_sync(0xffffffffu, mt, 2));
+    const float m_new = fmaxf(m, mt);
+    const float base = m_new == -INFINITY ? 0.f : m_new;  // nothing seen yet: avoid inf - inf
+    const float alpha = fast_exp2(m - base);
+    float pr[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) pr[i] = fast_exp2(x[i] - base);
+    l = fmaf(l, alpha, (pr[0] + pr[1]) + (pr[2] + pr[3]));
+    m = m_new;
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {  // rows g + 8 (c2, c3) stay zero: no rescale
+      o[j][0] *= alpha;
+      o[j][1] *= alpha;
+    }
+
+    // O += P V: A = P (row g: keys 2t, 2t+1 | 8+2t, 9+2t), B = V by ldmatrix.trans.
+    const uint32_t pa[4] = {mma::pack2<T>(pr[0], pr[1]), 0u, mma::pack2<T>(pr[2], pr[3]), 0u};
+#pragma unroll
+    for (int jp = 0; jp < NT / 2; ++jp) {
+      uint32_t bv[4];  // (keys 0-7 | 8-15) x (d chunk 2jp | 2jp + 1)
+      mma::ldmatrix_x4_trans(bv, v_tile + mma::swizzle(((lane >> 3) & 1) * 8 + (lane & 7), 2 * jp + (lane >> 4), ROW));
+      mma::mma_16816<T>(o[2 * jp], pa, bv[0], bv[1]);
+      mma::mma_16816<T>(o[2 * jp + 1], pa, bv[2], bv[3]);
+    }
+  }
+  if (p.trigger) grid_dependency_launch();  // uniform over the CTA
+
+  // Merge the warps (log-sum-exp), as the row groups of the kernel above.
+  mma::cp_async_wait<0>();
+  __syncthreads();
+  l += __shfl_xor_sync(0xffffffffu, l, 1);
+  l += __shfl_xor_sync(0xffffffffu, l, 2);
+  float* red_acc = reinterpret_cast<float*>(smem_raw);  // [warps][8][D]
+  float* red_m = red_acc + kTcWarps * kTcRows * D;      // [warps][8]
+  float* red_l = red_m + kTcWarps * kTcRows;
+  float* red_w = red_l + kTcWarps * kTcRows;
+  float* red_big_l = red_w + kTcWarps * kTcRows;        // [8]
+  float* red_big_m = red_big_l + kTcRows;
+  {
+    float* row = red_acc + (warp * kTcRows + g) * D + 2 * t;
+#pragma unroll
+    for (int j = 0; j < NT; ++j) *reinterpret_cast<float2*>(row + 8 * j) = make_float2(o[j][0], o[j][1]);
+    if (t == 0) {
+      red_m[warp * kTcRows + g] = m;
+      red_l[warp * kTcRows + g] = l;
+    }
+  }
+  __syncthreads();
+  if (tid < kTcRows) {
+    const int h = tid;
+    float big_m = -INFINITY;
+#pragma unroll
+    for (int i = 0; i < kTcWarps; ++i) big_m = fmaxf(big_m, red_m[i * kTcRows + h]);
+    float big_l = 0.f;
+#pragma unroll
+    for (int i = 0; i < kTcWarps; ++i) {
+      const float mi = red_m[i * kTcRows + h];
+      const float w = mi == -INFINITY ? 0.f : fast_exp2(mi - big_m);
+      red_w[i * kTcRows + h] = w;
+      big_l = fmaf(w, red_l[i * kTcRows + h], big_l);
+    }
+    red_big_l[h] = big_l;
+    red_big_m[h] = big_m;
+  }
+  __syncthreads();
+  for (int idx = tid; idx < nheads * D; idx += kTcWarps * 32) {
+    const int h = idx / D, d = idx - h * D;
+    float a = 0.f;
+#pragma unroll
+    for (int i = 0; i < kTcWarps; ++i) a = fmaf(red_w[i * kTcRows + h], red_acc[(i * kTcRows + h) * D + d], a);
+    const int64_t head_row = static_cast<int64_t>(b) * p.num_q_heads + h0 + h;
+    if (r.n_active == 1) {
+      const float big_l = red_big_l[h];
+      p.out[head_row * D + d] = from_float<T>(big_l > 0.f ? a / big_l : 0.f);
+    } else {
+      const int64_t part = head_row * p.num_splits + split;
+      p.ws_acc[part * D + d] = a;
+      if (d == 0) {
+        p.ws_ml[part * 2] = red_big_m[h];
+        p.ws_ml[part * 2 + 1] = red_big_l[h];
+      }
+    }
+  }
+}
+
 // Variant 1 of the combine (experimental until timed on a GPU; variant 0 above
 // is the default): the same log-sum-exp merge with every partial in flight at
 // once. Variant 0 walks the splits in a loop with 4 loads in flight, i.e.
@@ -708,18 +957,59 @@ int split_kernel_occupancy() {
   return blocks;
 }
 
+// The tensor-core split kernel takes more than the default 48 KB of dynamic
+// shared memory: opted in once per device (and head dim, dtype), before its
+// occupancy is queried or it is first launched.
+template <typename T, int D>
+const char* tc_opt_in() {
+  int dev = 0;
+  FASTLLM_RETURN_IF_ERROR(cudaGetDevice(&dev));
+  static bool done[64] = {};
+  if (dev >= 0 && dev < 64 && done[dev]) return nullptr;
+  FASTLLM_RETURN_IF_ERROR(cudaFuncSetAttribute(decode_split_tc_kernel<T, D>,
+                                               cudaFuncAttributeMaxDynamicSharedMemorySize, tc_smem_bytes<D>()));
+  if (dev >= 0 && dev < 64) done[dev] = true;
+  return nullptr;
+}
+
+template <typename T, int D>
+int tc_kernel_occupancy() {
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) dev = 0;
+  static int cached[64] = {};
+  if (dev >= 0 && dev < 64 && cached[dev] > 0) return cached[dev];
+  int blocks = 0;
+  if (tc_opt_in<T, D>() != nullptr ||
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, decode_split_tc_kernel<T, D>, kTcWarps * 32,
+                                                    tc_smem_bytes<D>()) != cudaSuccess ||
+      blocks <= 0) {
+    cudaGetLastError();  // a failed query must not be reported by the next launch check
+    blocks = 1;
+  }
+  if (dev >= 0 && dev < 64) cached[dev] = blocks;
+  return blocks;
+}
+
+// Whether variant 2 (the tensor-core split kernel) covers this head dim.
+bool uses_tc(int variant, int64_t head_dim) { return variant == 2 && tc_head_dim(static_cast<int>(head_dim)); }
+
 template <typename T>
 const char* num_splits_typed(int64_t* splits, int64_t batch, int64_t num_q_heads, int64_t num_kv_heads,
-                             int64_t head_dim, int64_t max_seq_len, int64_t sliding_window) {
+                             int64_t head_dim, int64_t max_seq_len, int64_t sliding_window, int variant) {
   const HeadSplit hs = head_split(num_q_heads / num_kv_heads);
   return dispatch_decode(head_dim, hs.gmax, [&](auto d, auto g) -> const char* {
     constexpr int D = decltype(d)::value, GMAX = decltype(g)::value;
     const int64_t ctas_per_split = batch * num_kv_heads * hs.head_groups;
-    const int64_t wave = static_cast<int64_t>(device_sm_count()) * split_kernel_occupancy<T, D, GMAX>();
+    int occupancy = 0, tile = tile_rows(D);
+    if constexpr (tc_head_dim(D)) {
+      if (uses_tc(variant, D)) occupancy = tc_kernel_occupancy<T, D>(), tile = kTcTile;
+    }
+    if (occupancy == 0) occupancy = split_kernel_occupancy<T, D, GMAX>();
+    const int64_t wave = static_cast<int64_t>(device_sm_count()) * occupancy;
     int64_t n = ctas_per_split > 0 ? wave / ctas_per_split : 1;  // fill one wave, never more
     int64_t keys = max_seq_len;
     if (sliding_window > 0 && sliding_window < keys) keys = sliding_window;
-    const int64_t by_length = keys / (2 * tile_rows(D));  // at least two tiles per split
+    const int64_t by_length = keys / (2 * tile);  // at least two tiles per split
     if (n > by_length) n = by_length;
     if (n > kMaxSplits) n = kMaxSplits;
     *splits = n < 1 ? 1 : n;
@@ -743,7 +1033,7 @@ bool device_has_pdl() {
 }
 
 template <typename T, int D>
-const char* launch_combine2(const DecodeParams<T>& p, int64_t batch, bool pdl, cudaStream_t stream) {
+const char* launch_combine2(const DecodeParams<T>& p, int64_t batch, int tile, bool pdl, cudaStream_t stream) {
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = dim3(static_cast<unsigned>(p.num_q_heads), static_cast<unsigned>(batch));
   cfg.blockDim = dim3(kCombine2Threads);
@@ -756,8 +1046,7 @@ const char* launch_combine2(const DecodeParams<T>& p, int64_t batch, bool pdl, c
   cfg.numAttrs = pdl ? 1 : 0;
   FASTLLM_RETURN_IF_ERROR(cudaLaunchKernelEx(&cfg, decode_combine2_kernel<T, D>, p.out,
                                              static_cast<const float*>(p.ws_acc), static_cast<const float*>(p.ws_ml),
-                                             p.seq_lens, p.num_q_heads, p.num_splits, tile_rows(D), p.max_len,
-                                             p.window));
+                                             p.seq_lens, p.num_q_heads, p.num_splits, tile, p.max_len, p.window));
   return nullptr;
 }
 
@@ -768,9 +1057,17 @@ const char* decode_typed(const DecodeParams<T>& p, int64_t batch, int64_t num_kv
     constexpr int D = decltype(d)::value, GMAX = decltype(g)::value;
     const dim3 grid(static_cast<unsigned>(p.num_splits), static_cast<unsigned>(num_kv_heads * p.head_groups),
                     static_cast<unsigned>(batch));
+    if constexpr (tc_head_dim(D)) {
+      if (uses_tc(variant, D)) {  // variant 2: tensor cores, then the one-round-trip combine
+        if (const char* err = tc_opt_in<T, D>()) return err;
+        decode_split_tc_kernel<T, D><<<grid, kTcWarps * 32, tc_smem_bytes<D>(), stream>>>(p);
+        FASTLLM_CHECK_LAUNCH();
+        return p.num_splits > 1 ? launch_combine2<T, D>(p, batch, kTcTile, pdl, stream) : nullptr;
+      }
+    }
     decode_split_kernel<T, D, GMAX><<<grid, kThreads, decode_smem_bytes<D, GMAX>(), stream>>>(p);
     FASTLLM_CHECK_LAUNCH();
-    if (p.num_splits > 1 && variant == 1) return launch_combine2<T, D>(p, batch, pdl, stream);
+    if (p.num_splits > 1 && variant != 0) return launch_combine2<T, D>(p, batch, tile_rows(D), pdl, stream);
     if (p.num_splits > 1) {
       decode_combine_kernel<T><<<dim3(static_cast<unsigned>(p.num_q_heads), static_cast<unsigned>(batch)),
                                  kCombineThreads, 0, stream>>>(p.out, p.ws_acc, p.ws_ml, p.seq_lens, p.num_q_heads, D,
@@ -806,7 +1103,7 @@ const char* launch_reshape_and_cache(void* k_cache, void* v_cache, const void* k
 
 const char* decode_attention_plan(int64_t* num_splits, int64_t* workspace_floats, int64_t batch,
                                   int64_t num_q_heads, int64_t num_kv_heads, int64_t head_dim, int64_t max_seq_len,
-                                  int64_t sliding_window, int64_t requested_splits, int dtype) {
+                                  int64_t sliding_window, int64_t requested_splits, int64_t variant, int dtype) {
   *num_splits = 1;
   *workspace_floats = 0;
   if (const char* err = check_decode_shapes(batch, num_q_heads, num_kv_heads, head_dim, dtype)) return err;
@@ -816,9 +1113,10 @@ const char* decode_attention_plan(int64_t* num_splits, int64_t* workspace_floats
     *num_splits = requested_splits;
   } else if (const char* err = dtype == static_cast<int>(DType::kFloat16)
                                    ? num_splits_typed<__half>(num_splits, batch, num_q_heads, num_kv_heads, head_dim,
-                                                              max_seq_len, sliding_window)
+                                                              max_seq_len, sliding_window, static_cast<int>(variant))
                                    : num_splits_typed<__nv_bfloat16>(num_splits, batch, num_q_heads, num_kv_heads,
-                                                                     head_dim, max_seq_len, sliding_window)) {
+                                                                     head_dim, max_seq_len, sliding_window,
+                                                                     static_cast<int>(variant))) {
     return err;
   }
   *workspace_floats = *num_splits > 1 ? batch * num_q_heads * *num_splits * (head_dim + 2) : 0;
@@ -832,7 +1130,8 @@ const char* launch_decode_attention(void* out, void* workspace, const void* q, c
                                     int64_t block_size, int64_t max_blocks, float scale, int64_t sliding_window,
                                     int64_t num_splits, int64_t variant, int dtype, void* stream) {
   if (const char* err = check_decode_shapes(batch, num_q_heads, num_kv_heads, head_dim, dtype)) return err;
-  if (variant != 0 && variant != 1) return "variant must be 0 (default) or 1 (experimental combine)";
+  if (variant < 0 || variant > 2)
+    return "variant must be 0 (default), 1 (experimental combine) or 2 (tensor cores + that combine)";
   if (batch == 0) return nullptr;
   if (block_size <= 0 || (block_size & (block_size - 1)) != 0 || block_size > (1 << 20))
     return "block_size must be a power of two in [1, 2^20]";
@@ -847,6 +1146,8 @@ const char* launch_decode_attention(void* out, void* workspace, const void* q, c
       (workspace != nullptr && !aligned16(workspace)))
     return "out, q, caches and workspace must be 16-byte aligned";
 
+  // The tensor-core kernel keeps cache slots in an int: bigger caches run variant 1 (same plan, any split count works).
+  if (variant == 2 && num_blocks * block_size > INT_MAX) variant = 1;
   const HeadSplit hs = head_split(num_q_heads / num_kv_heads);
   int log2_block = 0;
   while ((int64_t{1} << log2_block) < block_size) ++log2_block;
@@ -877,7 +1178,7 @@ const char* launch_decode_attention(void* out, void* workspace, const void* q, c
     p.window = static_cast<int>(sliding_window);
     p.num_splits = static_cast<int>(num_splits);
     p.scale_log2 = scale * kLog2e;
-    const bool pdl = variant == 1 && num_splits > 1 && device_has_pdl();
+    const bool pdl = variant != 0 && num_splits > 1 && device_has_pdl();
     p.trigger = pdl ? 1 : 0;
     return decode_typed<T>(p, batch, num_kv_heads, head_dim, hs.gmax, static_cast<int>(variant), pdl,
                            static_cast<cudaStream_t>(stream));

@@ -52,6 +52,7 @@ PYBIND11_MODULE(_C, m) {
             "reshape_and_cache",
             "decode_attention",
             "decode_attention_combine2",  // decode_attention's experimental split combine (variant 1)
+            "decode_attention_tc",        // its experimental tensor-core split kernel + that combine (variant 2)
             "sample",
             "prefill_attention",
             "prefill_attention_sm90",            // the wgmma variants prefill_attention picks when
@@ -142,18 +143,20 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "decode_attention_plan",
       [](std::int64_t batch, std::int64_t num_q_heads, std::int64_t num_kv_heads, std::int64_t head_dim,
-         std::int64_t max_seq_len, std::int64_t sliding_window, std::int64_t requested_splits, int dtype) {
+         std::int64_t max_seq_len, std::int64_t sliding_window, std::int64_t requested_splits, int dtype,
+         std::int64_t variant) {
         std::int64_t splits = 1, workspace_floats = 0;
         check("decode_attention",
               fastllm::decode_attention_plan(&splits, &workspace_floats, batch, num_q_heads, num_kv_heads, head_dim,
-                                             max_seq_len, sliding_window, requested_splits, dtype));
+                                             max_seq_len, sliding_window, requested_splits, variant, dtype));
         return std::make_pair(splits, workspace_floats);
       },
       py::arg("batch"), py::arg("num_q_heads"), py::arg("num_kv_heads"), py::arg("head_dim"), py::arg("max_seq_len"),
-      py::arg("sliding_window"), py::arg("requested_splits"), py::arg("dtype"),
+      py::arg("sliding_window"), py::arg("requested_splits"), py::arg("dtype"), py::arg("variant") = 0,
       "(num_splits, workspace_floats) for decode_attention on the current device: requested_splits (1..256), or "
-      "0 to choose from the batch, heads and max_seq_len (a host-side bound on seq_lens); workspace_floats = "
-      "batch * num_q_heads * num_splits * (head_dim + 2) fp32 when num_splits > 1, else 0.");
+      "0 to choose from the batch, heads and max_seq_len (a host-side bound on seq_lens), for kernel variant "
+      "0, 1 or 2 (see decode_attention); workspace_floats = batch * num_q_heads * num_splits * (head_dim + 2) fp32 "
+      "when num_splits > 1, else 0.
 
   m.def(
       "decode_attention",
@@ -179,7 +182,8 @@ PYBIND11_MODULE(_C, m) {
       "out [batch, Hq, D] = softmax(q k^T * scale) v for one query token per sequence over its cached keys "
       "[max(0, L - window), L), L = seq_lens[b] (int32, device), slots from int32 block_tables [batch, max_blocks] "
       "(device); caches [num_blocks, block_size, Hk, D]; fp16/bf16 (dtype 1/2); sliding_window 0 = none; "
-      "workspace and num_splits from decode_attention_plan; variant 0 (default) or 1 (experimental combine).");
+      "workspace and num_splits from decode_attention_plan (made for the same variant); variant 0 (default), "
+      "1 (experimental combine) or 2 (experimental tensor-core split kernel for D 64/128/256, then that combine).");
 
   m.def(
       "prefill_attention",

@@ -44,7 +44,7 @@ const char* launch_reshape_and_cache(void* k_cache, void* v_cache, const void* k
 // max_seq_len: a host-side upper bound on seq_lens (only sizes the grid).
 const char* decode_attention_plan(int64_t* num_splits, int64_t* workspace_floats, int64_t batch,
                                   int64_t num_q_heads, int64_t num_kv_heads, int64_t head_dim, int64_t max_seq_len,
-                                  int64_t sliding_window, int64_t requested_splits, int dtype);
+                                  int64_t sliding_window, int64_t requested_splits, int64_t variant, int dtype);
 
 // Decode attention over a paged KV cache, one query token per sequence:
 // out [batch, Hq, D] = softmax(q k^T * scale) v over keys [max(0, L - window), L)
@@ -54,7 +54,9 @@ const char* decode_attention_plan(int64_t* num_splits, int64_t* workspace_floats
 // D in {64, 80, 96, 128, 256}; block_size a power of two; sliding_window 0 = none.
 // workspace: decode_attention_plan's fp32 floats (may be null when num_splits == 1).
 // variant: 0 the default kernels; 1 the experimental split combine (one round
-// trip for the partials, launched with programmatic dependent launch on sm_90).
+// trip for the partials, launched with programmatic dependent launch on sm_90);
+// 2 that combine after the experimental tensor-core split kernel (head dims 64,
+// 128, 256; the others run variant 1). The plan must be made for the same variant.
 const char* launch_decode_attention(void* out, void* workspace, const void* q, const void* k_cache,
                                     const void* v_cache, const void* block_tables, const void* seq_lens,
                                     int64_t batch, int64_t num_q_heads, int64_t num_kv_heads, int64_t head_dim,

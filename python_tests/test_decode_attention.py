@@ -67,8 +67,10 @@ def check_close(out, expect_fp32, peer):
 
 
 # 0: the verified kernels; 1: the experimental split combine (csrc/attention.cu,
-# decode_combine2_kernel), tested here until it is timed and made the default.
-VARIANTS = [0, 1]
+# decode_combine2_kernel); 2: the experimental tensor-core split kernel
+# (decode_split_tc_kernel, head dims 64/128/256; others run 1) before it.
+# Tested here until they are timed and one is made the default.
+VARIANTS = [0, 1, 2]
 
 
 def run_case(lens, hq, hk, d, dtype, block_size=16, window=None, num_splits=None, seed=0, q=None, variant=0):
@@ -142,9 +144,9 @@ def test_short_sequences_with_many_splits_are_read_right_after():
     q = torch.randn(3, 32, 128, device="cuda", dtype=torch.bfloat16)
     expect = ref.decode_attention(q.float(), k_cache.float(), v_cache.float(), tables, lens, 0.1)
     peer = torch_peer(q, k_cache, v_cache, tables, lens, 0.1)
-    for _ in range(20):
+    for i in range(20):
         poison_cuda_allocator()
-        out = cuda.decode_attention(q, k_cache, v_cache, tables, lens, 0.1, num_splits=64, _variant=1)
+        out = cuda.decode_attention(q, k_cache, v_cache, tables, lens, 0.1, num_splits=64, _variant=1 + i % 2)
         snapshot = out.clone()  # the very next kernel on the stream
         check_close(snapshot, expect, peer)
 
@@ -164,12 +166,13 @@ def test_empty_sequence_gives_zeros(variant):
 
 
 @requires_cuda
-def test_q_as_view_of_fused_qkv():
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_q_as_view_of_fused_qkv(variant):
     hq, hk, d, b = 8, 2, 128, 3
     qkv = torch.randn(b, (hq + 2 * hk) * d, device="cuda", dtype=torch.bfloat16)
     q = qkv[:, : hq * d].view(b, hq, d)  # token stride (hq + 2hk) d
     assert not q.is_contiguous()
-    run_case([10, 200, 3], hq, hk, d, torch.bfloat16, q=q)
+    run_case([10, 200, 3], hq, hk, d, torch.bfloat16, q=q, variant=variant)
 
 
 @requires_cuda
@@ -248,13 +251,13 @@ def test_bad_input():
     with pytest.raises(ValueError, match="sliding_window"):
         cuda.decode_attention(q, k_cache, v_cache, tables, lens, 0.1, 0)
     with pytest.raises(ValueError, match="_variant"):
-        cuda.decode_attention(q, k_cache, v_cache, tables, lens, 0.1, _variant=2)
+        cuda.decode_attention(q, k_cache, v_cache, tables, lens, 0.1, _variant=3)
 
 
 @requires_cuda
-def test_combine2_is_opt_in(monkeypatch):
-    """The experimental combine runs only when named in FASTLLM_KERNELS (until
-    it is verified on a GPU and timed faster)."""
+def test_experimental_variants_are_opt_in(monkeypatch):
+    """The experimental variants run only when named in FASTLLM_KERNELS (until
+    they are verified on a GPU and timed faster)."""
     from fastllm import backend
     from fastllm.ops import cuda
 
@@ -264,7 +267,8 @@ def test_combine2_is_opt_in(monkeypatch):
     real = backend._C.decode_attention
     monkeypatch.setattr(backend._C, "decode_attention", lambda *a: (variants.append(a[-1]), real(*a))[1],
                         raising=False)
-    for setting, want in (("", 0), ("decode_attention_combine2", 1)):
+    for setting, want in (("", 0), ("decode_attention_combine2", 1), ("decode_attention_tc", 2),
+                          ("decode_attention_tc,decode_attention_combine2", 2)):
         monkeypatch.setenv("FASTLLM_KERNELS", setting)
         backend.reset_settings()
         cuda.decode_attention(q, k_cache, v_cache, tables, lens, 0.1)
@@ -297,7 +301,8 @@ def test_supported_predicate_and_op_table_fallback(monkeypatch):
 
 
 @requires_cuda
-def test_garbage_lengths_and_block_ids_never_fault():
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_garbage_lengths_and_block_ids_never_fault(variant):
     """seq_lens is device data the wrapper cannot check: lengths past the block
     table (up to INT32_MAX, where 32-bit split arithmetic used to overflow) are
     clamped to the table, and block ids outside the cache read zeros."""
@@ -313,26 +318,27 @@ def test_garbage_lengths_and_block_ids_never_fault():
     expect = ref.decode_attention(q.float(), k_cache.float(), v_cache.float(), tables, clamped, 0.1)
     peer = torch_peer(q, k_cache, v_cache, tables, clamped, 0.1)
     for splits in (None, 1, 3, 256):
-        out = cuda.decode_attention(q, k_cache, v_cache, tables, garbage, 0.1, num_splits=splits)
+        out = cuda.decode_attention(q, k_cache, v_cache, tables, garbage, 0.1, num_splits=splits, _variant=variant)
         check_close(out, expect, peer)
     bad = tables.clone()
     bad[1, 1], bad[1, 2] = 10**6, -7
-    out = cuda.decode_attention(q, k_cache, v_cache, bad, lens, 0.1)
+    out = cuda.decode_attention(q, k_cache, v_cache, bad, lens, 0.1, _variant=variant)
     torch.cuda.synchronize()
     assert torch.isfinite(out.float()).all()
 
 
 @requires_cuda
-def test_q_with_any_stride_on_size_one_dims():
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_q_with_any_stride_on_size_one_dims(variant):
     """torch leaves the stride of a size-1 dim arbitrary (a contiguous [1, H, D]
     tensor may have stride(0) == 3): the kernel never uses it."""
     q = torch.empty_strided((1, 8, 64), (3, 64, 1), device="cuda", dtype=torch.float16)
     q.copy_(torch.randn(1, 8, 64, device="cuda"))
     assert q.is_contiguous()
-    run_case([70], 8, 2, 64, torch.float16, q=q)
+    run_case([70], 8, 2, 64, torch.float16, q=q, variant=variant)
     q1 = torch.empty_strided((2, 1, 64), (64, 5, 1), device="cuda", dtype=torch.float16)
     q1.copy_(torch.randn(2, 1, 64, device="cuda"))
-    run_case([9, 40], 1, 1, 64, torch.float16, q=q1)
+    run_case([9, 40], 1, 1, 64, torch.float16, q=q1, variant=variant)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs two GPUs")

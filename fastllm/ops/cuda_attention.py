@@ -22,6 +22,7 @@ DECODE_DTYPES = (torch.float16, torch.bfloat16)
 MAX_SPLITS = 256
 FLOAT32_MAX = torch.finfo(torch.float32).max
 COMBINE2_KERNEL = "decode_attention_combine2"  # the experimental split combine (_variant=1)
+TC_KERNEL = "decode_attention_tc"  # the experimental tensor-core split kernel + that combine (_variant=2)
 
 
 def _check_rows(op: str, name: str, t: Tensor, dims: int) -> None:
@@ -152,9 +153,11 @@ def decode_attention(
     when capturing). ``num_splits`` forces the number of key splits (1..256;
     tests and tuning); None lets the kernel choose. ``_variant`` 1 runs the
     experimental combine of the splits (csrc/attention.cu: one round trip for
-    the partials, programmatic dependent launch on sm_90), 0 the verified one;
-    None picks 1 when the kernel ``decode_attention_combine2`` is enabled
-    (``FASTLLM_KERNELS``; it is not yet in ``backend.VERIFIED_KERNELS``).
+    the partials, programmatic dependent launch on sm_90), 2 the experimental
+    tensor-core split kernel before it (head dims 64, 128, 256; others run 1),
+    0 the verified kernels; None picks 2 or 1 when the kernel
+    ``decode_attention_tc`` or ``decode_attention_combine2`` is enabled
+    (``FASTLLM_KERNELS``; neither is in ``backend.VERIFIED_KERNELS`` yet).
     """
     op = "decode_attention"
     _check_rows(op, "q", q, 3)
@@ -189,9 +192,10 @@ def decode_attention(
     if num_splits is not None and (not isinstance(num_splits, int) or not 1 <= num_splits <= MAX_SPLITS):
         raise ValueError(f"{op}: num_splits must be None or an int in [1, {MAX_SPLITS}], got {num_splits!r}")
     if _variant is None:
-        _variant = 1 if backend.kernel_enabled(COMBINE2_KERNEL) else 0
-    if _variant not in (0, 1):
-        raise ValueError(f"{op}: _variant must be 0 (default) or 1 (experimental combine), got {_variant!r}")
+        _variant = 2 if backend.kernel_enabled(TC_KERNEL) else 1 if backend.kernel_enabled(COMBINE2_KERNEL) else 0
+    if _variant not in (0, 1, 2):
+        raise ValueError(f"{op}: _variant must be 0 (default), 1 (experimental combine) or 2 (tensor cores), "
+                         f"got {_variant!r}")
     if b == 0:
         return torch.empty_like(q)
     qs = _strides(q)
@@ -208,7 +212,8 @@ def decode_attention(
     dtype = DTYPE_CODES[q.dtype]
     window = sliding_window or 0
     with torch.cuda.device(device):  # the plan queries, and the launch runs on, q's device
-        splits, ws_floats = ext().decode_attention_plan(b, hq, hk, d, max_seq_len, window, num_splits or 0, dtype)
+        splits, ws_floats = ext().decode_attention_plan(b, hq, hk, d, max_seq_len, window, num_splits or 0, dtype,
+                                                        _variant)
         out = torch.empty((b, hq, d), dtype=q.dtype, device=device)
         workspace = torch.empty(ws_floats, dtype=torch.float32, device=device) if ws_floats else None
         ext().decode_attention(
