@@ -3,7 +3,8 @@
 fastllm int8 / int4 (g128) against torch's bf16 F.linear, the eager int8
 dequantize-then-matmul, and torch's tinygemm int4 kernel
 (``torch._weight_int4pack_mm``) where this torch build has it;
-``fastllm-int4-lean`` is the experimental lean main loop (``_variant=1``). Reports
+``fastllm-int8-lean`` / ``fastllm-int4-lean`` are the experimental lean main
+loops (``_variant=1``). Reports
 microseconds per call and effective bandwidth: weight bytes (with scales and
 zeros) + activations read + outputs written, over the time.
     pytest bench/bench_quant_linear.py --benchmark-only -s
@@ -21,8 +22,8 @@ from fastllm.quant import quantize_int4, quantize_int8
 SHAPES = [(4096, 14336), (4096, 4096), (14336, 4096)]  # (K, N)
 TOKENS = [1, 16, 64, 256]
 GROUP = 128
-IMPLS = ["fastllm-int8", "fastllm-int4", "fastllm-int4-lean", "fastllm-int4-fused", "torch-bf16", "torch-int8-dequant",
-         "torch-int4pack"]
+IMPLS = ["fastllm-int8", "fastllm-int8-lean", "fastllm-int4", "fastllm-int4-lean", "fastllm-int4-fused", "torch-bf16",
+         "torch-int8-dequant", "torch-int4pack"]
 
 _weights: dict = {}
 
@@ -75,15 +76,18 @@ def test_quant_linear(gpu_bench, benchmark, shape, m, impl):
         pytest.skip("extension not built")
     if impl == "fastllm-int4-fused" and m <= 64:
         pytest.skip("same as fastllm-int4 up to 64 tokens")
-    if impl == "fastllm-int4-lean" and m > 64:
-        pytest.skip("the lean main loop is a fused-kernel variant (up to 64 tokens here)")
+    if impl.endswith("-lean") and m > 64:
+        pytest.skip("the lean main loops are fused-kernel variants (up to 64 tokens here)")
     from fastllm.ops import cuda, cuda_quant
 
     k, n = shape
     d = _get(k, n)
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-    if impl == "fastllm-int8":
+    if impl == "fastllm-int8" and m > 64:  # dequantize + cuBLAS
         fn = lambda: cuda.int8_linear(x, d["q8"], d["s8"])  # noqa: E731
+    elif impl in ("fastllm-int8", "fastllm-int8-lean"):  # the verified main loop, or the lean one (variant 1)
+        v8 = int(impl == "fastllm-int8-lean")
+        fn = lambda: cuda_quant._int8_fused(x, d["q8"], d["s8"], _variant=v8)  # noqa: E731
     elif impl == "fastllm-int4" and m > 64:  # dequantize + cuBLAS
         fn = lambda: cuda.int4_linear(x, d["q4"], d["s4"], d["z4"], GROUP)  # noqa: E731
     elif impl in ("fastllm-int4", "fastllm-int4-lean"):  # the verified main loop, or the lean one (variant 1)

@@ -58,6 +58,7 @@ PYBIND11_MODULE(_C, m) {
             "prefill_attention_sm90",            // the wgmma variants prefill_attention picks when
             "prefill_attention_sm90_pipelined",  // enabled (the pipelined one first)
             "int8_linear",
+            "int8_linear_lean",  // int8_linear's experimental lean main loop (variant 1)
             "int4_linear",
             "int4_linear_lean",  // int4_linear's experimental lean main loop (variant 1)
         };
@@ -233,15 +234,16 @@ PYBIND11_MODULE(_C, m) {
       "int8_linear",
       [](std::uintptr_t out, std::uintptr_t workspace, std::uintptr_t x, std::uintptr_t qweight,
          std::uintptr_t scales, std::uintptr_t bias, std::int64_t m, std::int64_t n, std::int64_t k,
-         std::int64_t num_splits, int dtype, std::uintptr_t stream) {
+         std::int64_t num_splits, int dtype, std::uintptr_t stream, std::int64_t variant) {
         check("int8_linear", fastllm::launch_int8_linear(ptr(out), ptr(workspace), ptr(x), ptr(qweight), ptr(scales),
-                                                         ptr(bias), m, n, k, num_splits, dtype, ptr(stream)));
+                                                         ptr(bias), m, n, k, num_splits, variant, dtype, ptr(stream)));
       },
       py::arg("out"), py::arg("workspace"), py::arg("x"), py::arg("qweight"), py::arg("scales"), py::arg("bias"),
       py::arg("m"), py::arg("n"), py::arg("k"), py::arg("num_splits"), py::arg("dtype"), py::arg("stream"),
+      py::arg("variant") = 0,
       "out [M, N] = x [M, K] @ (qweight * scales[:, None]).T + bias for int8 qweight [N, K], fp32 scales [N], "
       "bias [N] (0 = none); x, out, bias fp16/bf16 (dtype 1/2), contiguous. num_splits and the fp32 workspace "
-      "(0 when num_splits == 1) from int8_linear_plan.");
+      "(0 when num_splits == 1) from int8_linear_plan; variant 0 (default) or 1 (lean main loop, experimental).");
 
   m.def(
       "int8_dequantize",

@@ -71,17 +71,6 @@ struct Int4Params {
 // set separates them, and flipping bit 1 on odd rows separates rows g and g+1.
 __device__ __forceinline__ int x_chunk(int row, int c) { return c ^ ((c >> 3) & 1) ^ ((row & 1) << 1); }
 
-// Loop-invariant parts of one thread's tile copies (the lean variant): where
-// each of its 16-byte chunks comes from (at K tile 0) and goes to (in stage 0),
-// and the chunk's column within a K tile (-1: nothing to copy, a weight row
-// past N or a token row past M).
-template <int J>
-struct CopyPlan {
-  const uint8_t* src[J];
-  uint32_t dst[J];
-  int col[J];
-};
-
 template <typename T, int TT, bool G128, bool LEAN>
 __global__ void __launch_bounds__(Int4Cfg<TT>::THREADS) int4_mma_kernel(const Int4Params p) {
   using C = Int4Cfg<TT>;

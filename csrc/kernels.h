@@ -113,8 +113,8 @@ bool prefill_attention_sm90_usable(int64_t head_dim);
 const char* int8_linear_plan(int64_t* num_splits, int64_t* workspace_floats, int64_t m, int64_t n, int64_t k,
                              int64_t num_sms, int64_t requested_splits);
 const char* launch_int8_linear(void* out, void* workspace, const void* x, const void* qweight, const void* scales,
-                               const void* bias, int64_t m, int64_t n, int64_t k, int64_t num_splits, int dtype,
-                               void* stream);
+                               const void* bias, int64_t m, int64_t n, int64_t k, int64_t num_splits,
+                               int64_t variant, int dtype, void* stream);
 const char* launch_int8_dequantize(void* out, const void* qweight, const void* scales, int64_t n, int64_t k, int dtype,
                                    void* stream);
 // int4: qweight uint8 [N, K/2] (low nibble = even column), scales [N, K/g] in
@@ -125,6 +125,7 @@ const char* int4_linear_plan(int64_t* num_splits, int64_t* workspace_floats, int
 const char* launch_int4_linear(void* out, void* workspace, const void* x, const void* qweight, const void* scales,
                                const void* zeros, const void* bias, int64_t m, int64_t n, int64_t k, int64_t group,
                                int64_t num_splits, int64_t variant, int dtype, void* stream);
+// variant (int8_linear, int4_linear): 0 the default main loop, 1 the experimental lean one (same results).
 const char* launch_int4_dequantize(void* out, const void* qweight, const void* scales, const void* zeros, int64_t n,
                                    int64_t k, int64_t group, int dtype, void* stream);
 

@@ -69,6 +69,17 @@ __device__ __forceinline__ void cp_async16_to(uint32_t dst, const void* src, boo
                : "memory");
 }
 
+// Loop-invariant parts of one thread's tile copies (the lean main loops): where
+// each of its 16-byte chunks comes from (at the CTA's first K tile) and goes to
+// (in stage 0), and the chunk's column within a K tile (-1: nothing to copy, a
+// weight row past N or a token row past M).
+template <int J>
+struct CopyPlan {
+  const uint8_t* src[J];
+  uint32_t dst[J];
+  int col[J];
+};
+
 // No L2 cache hint on the weight loads: the evict-first policy they had
 // (createpolicy.fractional + cp.async ... L2::cache_hint) runs into a ptxas 13.x
 // miscompile of fractional policies on cp.async (Triton disabled them for the

@@ -39,6 +39,16 @@ def only_named_kernels(monkeypatch):
     monkeypatch.setattr(backend, "VERIFIED_KERNELS", frozenset())
 
 
+@pytest.fixture(params=[0, 1], ids=["default-loop", "lean-loop"])
+def lean_main_loop(request, monkeypatch):
+    """Runs a quantized-linear test with the verified main loop and with the
+    lean one (int8_linear_lean / int4_linear_lean, opt-in until timed on a
+    GPU), chosen the way the op table chooses it: by FASTLLM_KERNELS."""
+    monkeypatch.setenv("FASTLLM_KERNELS", "int8_linear_lean,int4_linear_lean" if request.param else "")
+    backend.reset_settings()
+    return request.param
+
+
 def poison_cuda_allocator(device: str = "cuda") -> None:
     """Fill free memory in torch's caching allocator with NaN so that a kernel
     that leaves part of its output unwritten fails the comparison."""

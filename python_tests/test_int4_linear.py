@@ -48,18 +48,6 @@ def _x(shape, dtype, seed: int = 1):
     return torch.randn(*shape, generator=g, device="cuda").to(dtype)
 
 
-@pytest.fixture(params=[0, 1], ids=["default", "lean"])
-def variant(request, monkeypatch):
-    """Runs a test with the verified main loop and with the lean one
-    (int4_linear_lean, opt-in until timed on a GPU), chosen the way the op
-    table chooses it: by FASTLLM_KERNELS."""
-    monkeypatch.setenv("FASTLLM_KERNELS", "int4_linear_lean" if request.param else "")
-    backend.reset_settings()
-    yield request.param
-    monkeypatch.undo()
-    backend.reset_settings()
-
-
 def _check(out, x, q, s, z, group, b):
     """out against fp64 on the same inputs; torch in out's dtype is the yardstick."""
     assert out.dtype == x.dtype and out.shape == (*x.shape[:-1], q.shape[0])
@@ -77,7 +65,7 @@ def _check(out, x, q, s, z, group, b):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("m", TOKENS)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}g{s[2]}")
-def test_kernel_matches_reference(shape, m, dtype, bias, variant):
+def test_kernel_matches_reference(shape, m, dtype, bias, lean_main_loop):
     from fastllm.ops import cuda
 
     k, n, group = shape
@@ -92,7 +80,7 @@ def test_kernel_matches_reference(shape, m, dtype, bias, variant):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("m", [1, 5, 16, 17, 32, 64])
 @pytest.mark.parametrize("group", [32, 64, 128])
-def test_every_group_size(group, m, dtype, variant):
+def test_every_group_size(group, m, dtype, lean_main_loop):
     """Each group size on every token-tile variant (g = 128 has its own when M <= 16)."""
     from fastllm.ops import cuda
 
@@ -107,7 +95,7 @@ def test_every_group_size(group, m, dtype, variant):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("m", [1, 16, 33])
 @pytest.mark.parametrize("group", [32, 128])
-def test_zeros_past_15(group, m, dtype, variant):
+def test_zeros_past_15(group, m, dtype, lean_main_loop):
     """GPTQ v1 checkpoints repacked by fastllm.quant_formats can hold zero 16, and
     the format allows zeros up to 127: the kernel's magic-number subtraction
     (1024 + zero in fp16, 128 + zero in bf16) must stay exact there, on the
@@ -128,7 +116,7 @@ def test_zeros_past_15(group, m, dtype, variant):
 
 @requires_cuda
 @pytest.mark.parametrize("k", [32, 96, 160, 288])
-def test_k_not_a_multiple_of_the_tile(k, variant):
+def test_k_not_a_multiple_of_the_tile(k, lean_main_loop):
     """K only a multiple of the group: partial K tiles and partial 128-column k-blocks."""
     from fastllm.ops import cuda
 
@@ -140,7 +128,7 @@ def test_k_not_a_multiple_of_the_tile(k, variant):
 
 @requires_cuda
 @pytest.mark.parametrize("m", [65, 130, 200])
-def test_fused_kernel_past_64_tokens(m, variant):
+def test_fused_kernel_past_64_tokens(m, lean_main_loop):
     """The wrapper dequantizes + cuBLAS there; the fused kernel itself loops 64-token blocks."""
     from fastllm.ops import cuda_quant
 
@@ -153,7 +141,7 @@ def test_fused_kernel_past_64_tokens(m, variant):
 @requires_cuda
 @pytest.mark.parametrize("splits", [2, 3, 16])
 @pytest.mark.parametrize("m", [1, 16, 33])
-def test_split_k(m, splits, variant):
+def test_split_k(m, splits, lean_main_loop):
     from fastllm.ops import cuda_quant
 
     q, s, z, b = _weights(4096, 1000, 128, torch.bfloat16)
@@ -252,7 +240,7 @@ def test_lean_main_loop_is_bitwise_the_default(group, m, dtype):
 
 
 @requires_cuda
-def test_under_cuda_graph(variant):
+def test_under_cuda_graph(lean_main_loop):
     from fastllm.ops import cuda
 
     q, s, z, b = _weights(4096, 1024, 128, torch.bfloat16)

@@ -56,7 +56,7 @@ def _check(out, x, q, s, b):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("m", TOKENS)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
-def test_kernel_matches_reference(shape, m, dtype, bias):
+def test_kernel_matches_reference(shape, m, dtype, bias, lean_main_loop):
     from fastllm.ops import cuda
 
     k, n = shape
@@ -69,7 +69,7 @@ def test_kernel_matches_reference(shape, m, dtype, bias):
 
 @requires_cuda
 @pytest.mark.parametrize("m", [65, 130, 200])
-def test_fused_kernel_past_64_tokens(m):
+def test_fused_kernel_past_64_tokens(m, lean_main_loop):
     """The wrapper dequantizes + cuBLAS there; the fused kernel itself loops 64-token blocks."""
     from fastllm.ops import cuda_quant
 
@@ -82,7 +82,7 @@ def test_fused_kernel_past_64_tokens(m):
 @requires_cuda
 @pytest.mark.parametrize("splits", [2, 3, 16])
 @pytest.mark.parametrize("m", [1, 16, 33])
-def test_split_k(m, splits):
+def test_split_k(m, splits, lean_main_loop):
     from fastllm.ops import cuda_quant
 
     q, s, b = _weights(4096, 1000)
@@ -157,10 +157,31 @@ def test_bad_input():
         cuda.int8_linear(x, q, s, b)  # fp32 bias, fp16 x
     with pytest.raises(ValueError, match="bias"):
         cuda.int8_linear(x, q, s, b[:5].half())
+    from fastllm.ops import cuda_quant
+
+    with pytest.raises(ValueError, match="_variant"):
+        cuda_quant._int8_fused(x, q, s, _variant=2)
 
 
 @requires_cuda
-def test_under_cuda_graph():
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("m", [1, 7, 16, 33, 64])
+def test_lean_main_loop_is_bitwise_the_default(m, dtype):
+    """The lean main loop only computes its copy addresses differently: the
+    same values reach the tensor cores in the same order, so it must agree
+    with the verified loop bit for bit, split-K included."""
+    from fastllm.ops import cuda_quant
+
+    q, s, b = _weights(2320, 4104)  # K: 9 tiles of 256 columns and a partial one
+    x = _x((m, 2320), dtype)
+    for splits in (0, 3):
+        want = cuda_quant._int8_fused(x, q, s, b.to(dtype), splits=splits, _variant=0)
+        got = cuda_quant._int8_fused(x, q, s, b.to(dtype), splits=splits, _variant=1)
+        assert torch.equal(got, want)
+
+
+@requires_cuda
+def test_under_cuda_graph(lean_main_loop):
     from fastllm.ops import cuda
 
     q, s, b = _weights(2048, 1000)
