@@ -24,6 +24,9 @@
  *   k-block, which saves the packed multiply per pair (and is more accurate).
  * - Scales and zeros are read straight from global memory one K tile ahead
  *   (a few bytes per lane per tile), after an L2 prefetch of the CTA's rows.
+ * - Variant 1 (LEAN, opt-in until timed on a GPU): the copy addresses and the
+ *   scale/zero rows computed once per CTA and advanced per tile, one LOP3 per
+ *   dequantized pair, and for fp16 Marlin's high-nibble fma (bit-identical results).
  *
  * Memory traffic: each weight byte is read once from DRAM (N*K/2 bytes plus
  * 3 bytes per group-row for scales and zeros); every CTA re-reads its x rows

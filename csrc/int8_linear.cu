@@ -19,6 +19,8 @@
  *   mantissa bits, so the bytes go through fp32 (permute into 2^23, subtract,
  *   pack two to bf16). The per-row scale multiplies the fp32 sums once at the end.
  * - K % 16 != 0 or unaligned x / qweight: a scalar kernel (correct, slow).
+ * - Variant 1 (LEAN, opt-in until timed on a GPU): the same loop with the copy
+ *   addresses computed once per CTA and advanced per tile (bit-identical results).
  *
  * Memory traffic: each weight byte read once from DRAM (N*K bytes + 4N for the
  * scales); every CTA re-reads its x rows from L2 (M*K*2 bytes per CTA).
