@@ -157,7 +157,7 @@ PYBIND11_MODULE(_C, m) {
       "(num_splits, workspace_floats) for decode_attention on the current device: requested_splits (1..256), or "
       "0 to choose from the batch, heads and max_seq_len (a host-side bound on seq_lens), for kernel variant "
       "0, 1 or 2 (see decode_attention); workspace_floats = batch * num_q_heads * num_splits * (head_dim + 2) fp32 "
-      "when num_splits > 1, else 0.
+      "when num_splits > 1, else 0.");
 
   m.def(
       "decode_attention",
