@@ -3,8 +3,10 @@
 # all inside a time budget, so that one device call of 600 s always ends with
 # its logs and summary written.
 # Usage: bash bench/run_gpu.sh OUTDIR [BENCH_FILES...]
-#   OUTDIR gets at most 8 files: env.txt, build.log, test_summary.txt (read it
-#   first), tests.log, sanitizer.log, bench.log, bench.json, summary.txt.
+#   OUTDIR gets env.txt, build.log, test_summary.txt (read it first), tests.log,
+#   sanitizer.log, bench.log, bench.json, summary.txt, and with the opt-in
+#   phases below sweep.json, sweep.log, profile_summary.txt, profile.tar.gz
+#   (at most 8 files once packed: see the end of this block).
 #   Extra arguments pick benchmark files, e.g. `bash bench/run_gpu.sh $OUT bench/bench_rmsnorm.py`.
 # The extension: if gpu_prebuilt/ (bench/prebuild.sh, carried with the call)
 #   holds a module built from these very sources that imports here, it is
@@ -17,12 +19,30 @@
 #   test; TESTS="python_tests/test_x.py ..." picks files; SKIP_TESTS=1 none.
 #   PYTEST_ARGS (e.g. "-k bf16 -x") goes to every test file.
 # Benchmarks (alone, after the tests; kernels first, bench_generate last) run
-#   with FASTLLM_KERNELS=$BENCH_KERNELS (default all: name only the kernels that
-#   passed their tests); SKIP_BENCH=1 skips them, FASTLLM_BENCH_8B=1 adds the
+#   with FASTLLM_KERNELS=$BENCH_KERNELS (default empty: the verified kernels,
+#   backend.VERIFIED_KERNELS; "all" adds the experimental variants, e.g.
+#   decode_attention_tc, to the whole-loop numbers; the kernel benchmarks name
+#   their variants themselves); SKIP_BENCH=1 skips them, FASTLLM_BENCH_8B=1 adds the
 #   Llama-3-8B shape to bench_generate.py. SKIP_E2E=1 skips the closing
 #   `fastllm bench` runs on the shipped model.
 # SANITIZE=1 also runs the kernel test files under compute-sanitizer memcheck
 #   (SANITIZE_K="-k expr" narrows them: it is slow).
+# Opt-in phases after the benchmarks, before `fastllm bench`, each within the
+#   budget (skipped with a note when under 40 s are left):
+#   SWEEP=1 runs bench/sweep.py: every knob setting of decode_attention
+#   (num_splits x _variant), int4/int8_linear (split-K) and sample (_group),
+#   cold/hot us beside the torch peers, ~30-60 s. SWEEP_ARGS go to it (e.g.
+#   "--quick", "--only decode,int4", "--variants 0,1"); SWEEP_TIMEOUT (150 s)
+#   bounds it. Its tables go to summary.txt, every number to sweep.json, its
+#   progress and errors to sweep.log.
+#   PROFILE=1 runs bench/profile_gpu.sh: Nsight Compute on the kernels of one
+#   call per case (~15-25 s a case), cases PROFILE_CASES (default its 9, e.g.
+#   "decode_B1x4096 decode_B1x4096_v1 int4_M1_s4"), PROFILE_TIMEOUT (240 s) for
+#   all of them, PROFILE_CASE_TIMEOUT (60 s) each (other PROFILE_* variables:
+#   profile_gpu.sh). Writes profile_summary.txt and profile.tar.gz.
+# OUTDIR at the end: empty files and a bench.json without benchmarks are
+#   removed; if more than 8 files are left, the *.log files go into logs.tar.gz
+#   (the device tool returns 8 files at most).
 set -uo pipefail
 start=$SECONDS
 budget=${BUDGET:-540}
@@ -163,7 +183,7 @@ if [ "${SKIP_BENCH:-0}" != 1 ]; then
     t=$(cap "$blimit")
     if [ "$t" -lt 30 ]; then echo "$f: not run, out of time" | tee -a "$out/bench.log"; status=1; continue; fi
     echo "---- $f" >> "$out/bench.log"
-    FASTLLM_KERNELS=${BENCH_KERNELS-all} timeout -k 10 "$t" python3 -P -m pytest "$f" --benchmark-only \
+    FASTLLM_KERNELS=${BENCH_KERNELS-} timeout -k 10 "$t" python3 -P -m pytest "$f" --benchmark-only \
       --benchmark-json="$tmp/bench_$i.json" -s -q -p no:cacheprovider >> "$out/bench.log" 2>&1
     rc=$?
     if [ $rc -ne 0 ]; then status=1; echo "$f: rc=$rc" | tee -a "$out/bench.log"; fi
@@ -202,21 +222,61 @@ for b in data["benchmarks"]:
           f"{e.get('GBps', nan):7.0f} {e.get('TFLOPs', nan):7.1f} {e.get('tok_per_s', nan):7.1f}")
 PY
 
-# End to end on the shipped model (fastllm bench), bf16: the reference ops,
-# every kernel opted in, and kernels + CUDA graphs. Appended to summary.txt.
+# ------------------------------------------------------- opt-in: sweep, profile
+# -P / bench/ scripts: the installed fastllm (with _C) is imported, not this
+# source tree (sys.path gets the script's folder, bench/, which holds no fastllm).
+if [ "${SWEEP:-0}" = 1 ]; then
+  t=$(cap "${SWEEP_TIMEOUT:-150}")
+  if [ "$t" -lt 40 ]; then
+    echo "== sweep: not run, out of time ($(left)s left)" | tee -a "$out/summary.txt"; status=1
+  else
+    echo "== sweep (${t}s at most, $(left)s left)"
+    # the sweep stops itself at its --budget; timeout is the backstop
+    timeout -k 10 $((t + 5)) python3 -P bench/sweep.py "$out" --budget $((t - 10)) ${SWEEP_ARGS:-} \
+      2> "$out/sweep.log" | tee -a "$out/summary.txt"
+    rc=$?
+    [ $rc -ne 0 ] && { status=1; echo "sweep: rc=$rc (sweep.log)" | tee -a "$out/summary.txt"; tail -5 "$out/sweep.log"; }
+  fi
+fi
+if [ "${PROFILE:-0}" = 1 ]; then
+  t=$(cap "${PROFILE_TIMEOUT:-240}")
+  if [ "$t" -lt 40 ]; then
+    echo "== profile: not run, out of time ($(left)s left)" | tee -a "$out/summary.txt"
+  else
+    echo "== profile (${t}s at most, $(left)s left)"
+    # it keeps to PROFILE_BUDGET and writes its summary; timeout is the backstop
+    PROFILE_BUDGET=$((t - 5)) timeout -k 10 $((t + 10)) bash bench/profile_gpu.sh "$out" ${PROFILE_CASES:-}
+  fi
+fi
+
+# End to end on the shipped model (fastllm bench), bf16: the reference ops
+# (FASTLLM_BACKEND=torch), the kernels decoding eagerly, and the default (kernels
+# + CUDA graphs), the last two with FASTLLM_KERNELS=$BENCH_KERNELS. Appended to summary.txt.
 if [ "${SKIP_E2E:-0}" != 1 ]; then
   echo "== fastllm bench (shipped model, bf16, $(left)s left)" | tee -a "$out/summary.txt"
   for mode in reference kernels kernels+graphs; do
     t=$(cap 120)
     if [ "$t" -lt 30 ]; then echo "-- $mode: not run, out of time" | tee -a "$out/summary.txt"; continue; fi
-    kernels=""; graphs=""
-    [ "$mode" != reference ] && kernels=${BENCH_KERNELS-all}
+    backend=""; graphs=--no-cuda-graphs
+    [ "$mode" = reference ] && backend=torch
     [ "$mode" = kernels+graphs ] && graphs=--cuda-graphs
     echo "-- $mode" | tee -a "$out/summary.txt"
     # from / so that the installed package (with _C) is imported, not this source tree
-    (cd / && FASTLLM_KERNELS=$kernels timeout -k 10 "$t" python3 -m fastllm.cli bench --device cuda \
-      --dtype bfloat16 --input-len 128 --output-len 128 $graphs 2>&1) | tail -4 | tee -a "$out/summary.txt"
+    (cd / && FASTLLM_BACKEND=$backend FASTLLM_KERNELS=${BENCH_KERNELS-} timeout -k 10 "$t" python3 -m fastllm.cli \
+      bench --device cuda --dtype bfloat16 --input-len 128 --output-len 128 $graphs 2>&1) | tail -4 |
+      tee -a "$out/summary.txt"
   done
 fi
 echo "round done after $((SECONDS - start)) s (budget ${budget}s), status $status" | tee -a "$out/summary.txt"
+
+# what the device tool returns: 8 files at most, no deeper than two folders
+find "$out" -maxdepth 1 -type f -empty -delete
+python3 -c "import json, sys; sys.exit(1 if json.load(open(sys.argv[1]))['benchmarks'] else 0)" "$out/bench.json" \
+  2>/dev/null && rm -f "$out/bench.json"
+for d in "$out"/*/; do [ -d "$d" ] && tar -czf "${d%/}.tar.gz" -C "$out" "$(basename "$d")" && rm -rf "$d"; done
+if [ "$(find "$out" -maxdepth 1 -type f | wc -l)" -gt 8 ] && ls "$out"/*.log > /dev/null 2>&1; then
+  (cd "$out" && tar -czf logs.tar.gz ./*.log && rm -f ./*.log)
+  echo "more than 8 files: the logs are in logs.tar.gz"
+fi
+ls "$out"
 exit $status
