@@ -225,7 +225,6 @@ class GraphedDecoding:
         self.busy = True
         return _Lease(self)
 
-
     def _rebuild(self, blocks: int, longest: int, batch: int) -> None:
         """A new cache and runner for at least ``blocks`` blocks, ``batch``
         sequences and ``longest`` tokens. Each size is rounded up to a power of
