@@ -17,7 +17,7 @@ tables, the device).
 
 The settings:
 - decode_attention, bf16, 32 q / 8 kv heads, d 128, 16-token pages in random
-  order, B1xL4096, B1xL32768, B8xL4096, B32xL2048: num_splits in auto, 1, 2,
+  order, B1xL256, B1xL4096, B1xL32768, B8xL4096, B32xL2048: num_splits in auto, 1, 2,
   4, ..., 128 (those with splits * 32 <= L) x ``_variant``: the values that the
   installed fastllm.ops.cuda_attention.decode_attention accepts (read from its
   ``_variant not in (...)`` check; 0 and 1 if unreadable; none if it takes no
@@ -79,7 +79,7 @@ FAMILIES = ("decode", "int4", "int8", "sample")
 
 # decode_attention
 HQ, HK, D, BLOCK = 32, 8, 128, 16
-DECODE_CASES = [(1, 4096), (1, 32768), (8, 4096), (32, 2048)]
+DECODE_CASES = [(1, 256), (1, 4096), (1, 32768), (8, 4096), (32, 2048)]  # B1xL256: a short chat's decode step
 DECODE_SPLITS = [None, 1, 2, 4, 8, 16, 32, 64, 128]
 DECODE_SPLITS_QUICK = [None, 1, 4, 8, 16, 32, 64]
 # int4 / int8 linear
