@@ -227,13 +227,14 @@ class GraphedDecoding:
 
     def _rebuild(self, blocks: int, longest: int, batch: int) -> None:
         """A new cache and runner for at least ``blocks`` blocks, ``batch``
-        sequences and ``longest`` tokens. Each size is rounded up to a power of
-        two (lengths to at least 256, not past the model's context unless asked),
-        so that calls of growing sizes (a chat whose context grows) rebuild and
-        capture again a logarithmic number of times, not at every call; when the
-        rounded cache does not fit in memory, the exact one is tried."""
+        sequences and ``longest`` tokens. Each size is rounded up geometrically
+        (``_grown``; lengths to at least 256, not past the model's context
+        unless asked), so that calls of growing sizes (a chat whose context
+        grows) rebuild and capture again a logarithmic number of times, not at
+        every call; when the rounded cache does not fit in memory, the exact
+        one is tried."""
         cfg = self.network.config
-        rounded = (_pow2_at_least(blocks),
+        rounded = (_grown(blocks),
                    max(longest, min(_pow2_at_least(max(longest, 256)), cfg.max_position_embeddings)),
                    _pow2_at_least(batch))
         emb = self.network.embed_tokens.weight
@@ -252,6 +253,16 @@ class GraphedDecoding:
 
 def _pow2_at_least(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
+
+
+def _grown(blocks: int) -> int:
+    """``blocks`` rounded up: to a power of two up to 64 blocks, beyond that to
+    four significant bits (at most 12.5% more), so that a big cache (a large
+    batch of long sequences) does not take up to twice the memory it needs."""
+    if blocks <= 64:
+        return _pow2_at_least(blocks)
+    step = 1 << (blocks.bit_length() - 4)
+    return -(-blocks // step) * step
 
 
 class _Lease:

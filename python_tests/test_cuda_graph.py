@@ -112,9 +112,24 @@ def test_graph_cache_grows_geometrically(model, graphed):
     third = g.runner
     graphed.generate(PROMPTS[:4], max_new_tokens=8, ignore_eos=True)
     assert g.runner is third
+    lengths = [len(tok.encode(p)) + 200 for p in PROMPTS]  # 5 x 13-14 blocks: past 64, four significant bits
+    graphed.generate(PROMPTS, max_new_tokens=200, ignore_eos=True)
+    need = sum(-(-n // 16) for n in lengths)
+    assert 64 < need <= g.cache.num_blocks <= need * 1.125 and g.runner.max_batch_size == 8
     assert [o.token_ids for o in out] == [
         o.token_ids for o in model.generate(PROMPTS[:3], max_new_tokens=8, ignore_eos=True)
     ]
+
+
+def test_graph_cache_rounding():
+    """Small caches round up to a power of two; big ones to four significant
+    bits, never more than 12.5% above what was asked for."""
+    from fastllm.cuda_graph import _grown
+
+    assert [_grown(n) for n in (1, 3, 5, 33, 64)] == [1, 4, 8, 64, 64]
+    assert [_grown(n) for n in (65, 100, 1000, 10240)] == [72, 104, 1024, 10240]
+    for n in range(65, 5000):
+        assert n <= _grown(n) <= n * 1.125 and _grown(_grown(n)) == _grown(n)
 
 
 def test_automatic_graphs_follow_the_device_and_skip_moe_quietly():
