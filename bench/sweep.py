@@ -33,8 +33,10 @@ The settings:
   F.linear. GB/s counts the weight bytes (with scales and zeros).
 - sample, V = 128256 fp32 logits, top-p 0.9 (temperature 0.8) and greedy, B in
   1, 8, 32, 256: ``_group`` (blocks per row) in auto (0), 1, 2, 4, 8, 16 (the
-  auto choice is not exposed: compare the auto column with the forced ones);
-  peer for greedy: torch.argmax.
+  auto choice is not exposed: compare the auto column with the forced ones),
+  and for greedy one block per row with no shared-memory cache (``1/nc``:
+  ``_cache_limit=8``, what a launch for all-greedy rows could use); peer for
+  greedy: torch.argmax.
 ``--quick`` drops decode splits 2 and 128, int splits 3 and 6, M = 4, sample
 B = 8, and takes 30 instead of 100 cold samples.
 
@@ -184,6 +186,9 @@ def enumerate_settings(families: list[str], quick: bool, variants: dict[str, lis
                     col = "auto" if g == 0 else str(g)
                     add(family="sample", case=case, row=case, col=col, label=f"sample {case} group={col}",
                         knobs=dict(mode=mode, b=b, group=g))
+                if mode == "greedy":  # one block per row caching nothing: what an all-greedy launch could use
+                    add(family="sample", case=case, row=case, col="1/nc", label=f"sample {case} group=1 no cache",
+                        knobs=dict(mode=mode, b=b, group=1, cache=8))
                 if mode == "greedy":
                     add(family="sample", case=case, row=case, col="peer", label=f"sample {case} torch.argmax",
                         knobs=dict(mode=mode, b=b), peer=True)
@@ -401,11 +406,12 @@ class Runner:
                 def fn():
                     return torch.argmax(d["logits"], dim=-1)
             else:
-                group = kn["group"]
+                group, cache = kn["group"], kn.get("cache")
 
                 def fn():
                     return cuda_sample.sample(d["logits"], d["temperature"], d["top_k"], d["top_p"], d["min_p"],
-                                              d["seeds"], d["offsets"], check=False, _group=group)
+                                              d["seeds"], d["offsets"], check=False, _group=group,
+                                              _cache_limit=cache)
 
             def check(out):
                 if kn["mode"] == "greedy":
