@@ -182,11 +182,7 @@ __global__ void __launch_bounds__(Int4Cfg<TT>::THREADS) int4_mma_kernel(const In
     }
   };
 
-  auto load_tile = [&](int slot, int kt) {
-    if constexpr (LEAN) {
-      load_tile_lean(slot, kt);
-      return;
-    }
+  auto load_tile_default = [&](int slot, int kt) {
     const int k0 = kt * C::BK;
     uint8_t* const dw = sw + slot * C::W_STAGE;
     constexpr int WC = C::W_ROW / 16;  // 16-byte chunks (32 columns) per weight row
@@ -210,6 +206,13 @@ __global__ void __launch_bounds__(Int4Cfg<TT>::THREADS) int4_mma_kernel(const In
       cp_async16(dx + r * C::X_ROW + x_chunk(r, c) * 16, src, ok);
     }
   };
+  auto load_tile = [&](int slot, int kt) {
+    if constexpr (LEAN) {
+      load_tile_lean(slot, kt);
+    } else {
+      load_tile_default(slot, kt);
+    }
+  };
 
   // Per lane, k-block and row: scale bits (low 16) | zero << 16, for K tile kt.
   auto load_sz = [&](uint32_t (&sz)[R][2][KBLK], int kt) {
@@ -226,23 +229,23 @@ __global__ void __launch_bounds__(Int4Cfg<TT>::THREADS) int4_mma_kernel(const In
                                                         (static_cast<uint32_t>(__ldg(z_row[r][h] + gi)) << 16)
                                                   : 0u;
       }
-      return;
-    }
+    } else {
 #pragma unroll
-    for (int r = 0; r < R; ++r)
+      for (int r = 0; r < R; ++r)
 #pragma unroll
-      for (int h = 0; h < 2; ++h)
+        for (int h = 0; h < 2; ++h)
 #pragma unroll
-        for (int j = 0; j < KBLK; ++j) {
-          const int n = n0 + warp * R * 16 + r * 16 + h * 8 + g;
-          const int k = kt * C::BK + j * 128 + t * 32;
-          uint32_t v = 0;
-          if (n < p.N && k < p.K) {
-            const int64_t idx = static_cast<int64_t>(n) * p.groups + (k >> p.group_shift);
-            v = static_cast<uint32_t>(__ldg(p.scales + idx)) | (static_cast<uint32_t>(__ldg(p.zeros + idx)) << 16);
+          for (int j = 0; j < KBLK; ++j) {
+            const int n = n0 + warp * R * 16 + r * 16 + h * 8 + g;
+            const int k = kt * C::BK + j * 128 + t * 32;
+            uint32_t v = 0;
+            if (n < p.N && k < p.K) {
+              const int64_t idx = static_cast<int64_t>(n) * p.groups + (k >> p.group_shift);
+              v = static_cast<uint32_t>(__ldg(p.scales + idx)) | (static_cast<uint32_t>(__ldg(p.zeros + idx)) << 16);
+            }
+            sz[r][h][j] = v;
           }
-          sz[r][h][j] = v;
-        }
+    }
   };
 
   float acc[R][TT][4];
@@ -323,13 +326,13 @@ __global__ void __launch_bounds__(Int4Cfg<TT>::THREADS) int4_mma_kernel(const In
               }
 #pragma unroll
               for (int i = 0; i < 4; ++i) a[h][i] = G128 ? v[i] : Pair<T>::mul(v[i], scale2[r][h]);
-              continue;
-            }
+            } else {
 #pragma unroll
-            for (int i = 0; i < 4; ++i) {
-              uint32_t v = Pair<T>::sub(((q >> (4 * i)) & 0x000F000Fu) | kMagic2, zero2[r][h]);
-              if constexpr (!G128) v = Pair<T>::mul(v, scale2[r][h]);
-              a[h][i] = v;
+              for (int i = 0; i < 4; ++i) {
+                uint32_t v = Pair<T>::sub(((q >> (4 * i)) & 0x000F000Fu) | kMagic2, zero2[r][h]);
+                if constexpr (!G128) v = Pair<T>::mul(v, scale2[r][h]);
+                a[h][i] = v;
+              }
             }
           }
 #pragma unroll

@@ -169,11 +169,7 @@ __global__ void __launch_bounds__(Int8Cfg<TT>::THREADS) int8_mma_kernel(const In
     }
   };
 
-  auto load_tile = [&](int slot, int kt) {
-    if constexpr (LEAN) {
-      load_tile_lean(slot, kt);
-      return;
-    }
+  auto load_tile_default = [&](int slot, int kt) {
     const int k0 = kt * C::BK;
     uint8_t* const dw = sw + slot * C::W_STAGE;
     constexpr int WC = C::W_ROW / 16;  // 16-byte chunks (16 columns) per weight row
@@ -195,6 +191,13 @@ __global__ void __launch_bounds__(Int8Cfg<TT>::THREADS) int8_mma_kernel(const In
       const bool ok = kc < p.K;
       const T* src = ok ? x + static_cast<int64_t>(m0 + r) * p.K + kc : x;
       cp_async16(dx + r * C::X_ROW + x_chunk(r, c) * 16, src, ok);
+    }
+  };
+  auto load_tile = [&](int slot, int kt) {
+    if constexpr (LEAN) {
+      load_tile_lean(slot, kt);
+    } else {
+      load_tile_default(slot, kt);
     }
   };
 
