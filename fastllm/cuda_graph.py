@@ -83,6 +83,15 @@ class DecodeGraphRunner:
         self._host_longs = torch.zeros(3, n, dtype=torch.int64, pin_memory=pin)
         self._host_lens = torch.ones(n, dtype=torch.int32, pin_memory=pin)
         self._host_tables = torch.full((n, self.width), self.pad_block, dtype=torch.int32, pin_memory=pin)
+        # numpy views of the host mirrors: small writes there cost no torch dispatch
+        self._np_longs, self._np_lens = self._host_longs.numpy(), self._host_lens.numpy()
+        self._np_tables = self._host_tables.numpy()
+        # What each block-table row holds (on the host and, after a step's copy,
+        # on the device): the block list written there and how many of its
+        # entries, or (None, 1) for a padding row. Block lists only grow by
+        # appending (a sequence that changes its blocks otherwise gets a new
+        # list), so a step writes only new entries and copies only changed rows.
+        self._rows: list[tuple[list[int] | None, int]] = [(None, 1)] * n
         self._copied = torch.cuda.Event() if pin else None  # host mirrors are free again once it fired
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._outputs: dict[int, Tensor] = {}
@@ -123,29 +132,51 @@ class DecodeGraphRunner:
         if self._copied is not None:
             self._copied.synchronize()  # the last step's copies have read the host mirrors
         bs, b = self.cache.block_size, len(seqs)
-        pad_slot = self.pad_block * bs
-        longs, lens, tables = self._host_longs, self._host_lens, self._host_tables
-        rows = []
-        for seq, tok in zip(seqs, tokens):
-            (slot,) = append_slots(self.cache, seq, 1)
-            rows.append((tok, seq.num_cached - 1, slot))
-        if rows:
-            longs[:, :b] = torch.tensor(rows, dtype=torch.int64).T
-        longs[0, b:n] = 0
-        longs[1, b:n] = 0
-        longs[2, b:n] = pad_slot
-        lens[:b] = torch.tensor([s.num_cached for s in seqs], dtype=torch.int32)
+        longs, lens = self._np_longs, self._np_lens
+        slots = [append_slots(self.cache, seq, 1)[0] for seq in seqs]
+        longs[0, :b] = tokens
+        longs[1, :b] = [seq.num_cached - 1 for seq in seqs]
+        longs[2, :b] = slots
+        longs[0:2, b:n] = 0
+        longs[2, b:n] = self.pad_block * bs
+        lens[:b] = [seq.num_cached for seq in seqs]
         lens[b:n] = 1
-        tables[:n].fill_(self.pad_block)
-        for i, seq in enumerate(seqs):
-            tables[i, : len(seq.block_table)] = torch.tensor(seq.block_table, dtype=torch.int32)
+        lo, hi = self._update_tables(seqs, n)
         # all of _longs (a few KB): [:, :n] is not contiguous, and a strided
         # host-to-device copy would stage through pageable memory and block
-        self._longs.copy_(longs, non_blocking=True)
-        self._lens[:n].copy_(lens[:n], non_blocking=True)
-        self._tables[:n].copy_(tables[:n], non_blocking=True)
+        self._longs.copy_(self._host_longs, non_blocking=True)
+        self._lens[:n].copy_(self._host_lens[:n], non_blocking=True)
+        if hi > lo:  # whole rows: a contiguous range
+            self._tables[lo:hi].copy_(self._host_tables[lo:hi], non_blocking=True)
         if self._copied is not None:
             self._copied.record()
+
+    def _update_tables(self, seqs: Sequence[CachedSequence], n: int) -> tuple[int, int]:
+        """Bring block-table rows [0, n) of the host mirror up to date (real
+        sequences, then padding rows whose one key is in the reserved block)
+        and return the range of rows that changed, [lo, hi). Entries past a
+        row's blocks are left as they are: the attention reads only the blocks
+        under each row's length."""
+        tables, rows = self._np_tables, self._rows
+        lo, hi = n, 0
+        for i in range(n):
+            blocks = seqs[i].block_table if i < len(seqs) else None
+            known, done = rows[i]
+            if blocks is None:
+                if known is None:
+                    continue  # padding already
+                tables[i, 0] = self.pad_block
+                rows[i] = (None, 1)
+            elif known is blocks and len(blocks) >= done:
+                if len(blocks) == done:
+                    continue
+                tables[i, done : len(blocks)] = blocks[done:]
+                rows[i] = (blocks, len(blocks))
+            else:
+                tables[i, : len(blocks)] = blocks
+                rows[i] = (blocks, len(blocks))
+            lo, hi = min(lo, i), i + 1
+        return lo, hi
 
     # ----------------------------------------------------------------- running
     def _forward(self, n: int) -> Tensor:

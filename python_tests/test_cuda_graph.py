@@ -192,6 +192,52 @@ def test_padding_rows_write_only_the_reserved_block(model):
     assert [s.num_cached for s in seqs] == [4, 7, 2]
 
 
+def test_block_tables_copy_only_changed_rows(model):
+    """The static block table is brought up to date row by row: a step writes
+    only new blocks and copies only rows that changed (none in most steps);
+    a row that another sequence (or padding) takes over is rewritten. Every
+    row always holds its sequence's blocks (the entries the attention reads)."""
+    cfg = model.config
+    cache = KVCache(cfg.num_layers, 24, cfg.num_kv_heads, cfg.head_dim, torch.float32, torch.device("cpu"),
+                    block_size=4, reserved_blocks=1)
+    runner = DecodeGraphRunner(model.network, cache, max_batch_size=4, max_seq_len=40, use_graphs=False)
+    copied = []
+    real_update = runner._update_tables
+    runner._update_tables = lambda seqs, n: (lambda r: (copied.append(r), r)[1])(real_update(seqs, n))
+
+    def check(seqs, n):
+        for i, s in enumerate(seqs):
+            k = len(s.block_table)
+            assert runner._tables[i, :k].tolist() == s.block_table  # the device buffer (a CPU tensor here)
+        for i in range(len(seqs), n):
+            assert runner._tables[i, 0] == runner.pad_block
+
+    seqs = [CachedSequence() for _ in range(3)]
+    with torch.inference_mode():
+        prepare_step(cache, seqs, [[5, 6, 7], [8] * 6, [9]])
+        runner.step(seqs, [1, 2, 3])  # lengths 4, 7, 2
+        assert copied[-1] == (0, 3)  # three new rows; the padding row was padding already
+        check(seqs, 4)
+        runner.step(seqs, [1, 2, 3])  # lengths 5 (a new block), 8, 3
+        assert copied[-1] == (0, 1)
+        runner.step(seqs, [1, 2, 3])  # 6, 9 (a new block), 4: only row 1 changed
+        assert copied[-1] == (1, 2)
+        runner.step(seqs, [1, 2, 3])  # 7, 10, 5 (a new block)
+        assert copied[-1] == (2, 3)
+        runner.step(seqs, [1, 2, 3])  # 8, 11, 6: nothing to copy
+        assert copied[-1] == (4, 0)
+        check(seqs, 4)
+        other = CachedSequence()
+        prepare_step(cache, [other], [[4, 4]])
+        four = [other, seqs[1], seqs[2], seqs[0]]  # row 0: a shorter sequence; row 3: padding no more
+        runner.step(four, [1, 2, 3, 4])  # lengths 3, 12, 7, 9 (a new block in row 3)
+        assert copied[-1] == (0, 4)
+        check(four, 4)
+        runner.step(four[:3], [1, 2, 3])  # 4, 13 (a new block), 8; row 3 becomes padding
+        assert copied[-1] == (1, 4)
+        check(four[:3], 4)
+
+
 def test_runner_rejects_what_does_not_fit(model):
     cfg = model.config
     cache = KVCache(cfg.num_layers, 4, cfg.num_kv_heads, cfg.head_dim, torch.float32, torch.device("cpu"),
