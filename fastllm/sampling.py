@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import NamedTuple
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -68,18 +69,38 @@ def sample_next(
     (the pair fixes the row's random number); contexts: each row's
     ``Request.logit_context()``. Returns [B] int64."""
     apply_logit_processors(logits, contexts, configs)
-    b, dev = len(configs), logits.device
-    temperature, top_k, top_p, min_p = row_parameters(configs, dev)
-    seeds_offsets = to_device(list(seeds) + list(steps), torch.int64, dev)
+    temperature, top_k, top_p, min_p, seeds_t, offsets_t = step_inputs(configs, seeds, steps, logits.device)
     return ops.sample(
         logits,
         temperature=temperature,
         top_k=top_k,
         top_p=top_p,
         min_p=min_p,
-        seeds=seeds_offsets[:b],
-        offsets=seeds_offsets[b:],
+        seeds=seeds_t,
+        offsets=offsets_t,
     )
+
+
+def step_inputs(
+    configs: list[GenerationConfig], seeds: Sequence[int], steps: Sequence[int], device: torch.device
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The sampler's per-row inputs on ``device``: (temperature, top_k, top_p,
+    min_p, seeds, offsets), fp32 / int32 / fp32 / fp32 / int64 / int64, each
+    [B], packed into one host buffer so that a step makes one host-to-device
+    copy for all of them (each copy costs host time between two decode steps)."""
+    b = len(configs)
+    ints = np.array(list(seeds) + list(steps), dtype=np.int64)
+    floats = np.array([c.temperature for c in configs] + [c.top_p for c in configs] + [c.min_p for c in configs],
+                      dtype=np.float32)
+    top_k = np.array([c.top_k for c in configs], dtype=np.int32)
+    blob = np.concatenate([ints.view(np.uint8), floats.view(np.uint8), top_k.view(np.uint8)])  # 8-byte parts first
+    host = torch.from_numpy(blob)
+    buf = host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host
+    i, f = 16 * b, 28 * b
+    return (buf[i : i + 4 * b].view(torch.float32), buf[f:].view(torch.int32),
+            buf[i + 4 * b : i + 8 * b].view(torch.float32), buf[i + 8 * b : f].view(torch.float32),
+            buf[: 8 * b].view(torch.int64), buf[8 * b : i].view(torch.int64))
+
 
 
 def row_parameters(configs: list[GenerationConfig], device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor]:

@@ -197,3 +197,21 @@ def test_extreme_temperature_and_logits_stay_finite():
         assert keep.gather(1, out[:, None]).all()
     out = ref.sample(logits, **_params(2, temperature=1e-40), seeds=[0, 0], offsets=[0, 0])
     assert out[0] == 0 and out[1] in (1, 2)
+
+
+def test_step_inputs_pack_every_row_parameter_in_one_buffer():
+    """The sampler's per-row inputs come out of one host buffer (one copy per
+    step on a GPU) with the dtypes and values of the configs, seeds and steps."""
+    from fastllm.sampling import step_inputs
+
+    configs = [GenerationConfig(temperature=0.7, top_k=5, top_p=0.9, min_p=0.05),
+               GenerationConfig(temperature=0.0), GenerationConfig(temperature=1.3, top_k=40, top_p=0.5)]
+    seeds, steps = [123, 2**62 - 1, 0], [0, 7, 100]
+    temperature, top_k, top_p, min_p, s, o = step_inputs(configs, seeds, steps, torch.device("cpu"))
+    assert [t.dtype for t in (temperature, top_k, top_p, min_p, s, o)] == [
+        torch.float32, torch.int32, torch.float32, torch.float32, torch.int64, torch.int64]
+    f32 = lambda xs: torch.tensor(xs, dtype=torch.float32).tolist()  # noqa: E731
+    assert temperature.tolist() == f32([c.temperature for c in configs])
+    assert top_p.tolist() == f32([c.top_p for c in configs]) and min_p.tolist() == f32([c.min_p for c in configs])
+    assert top_k.tolist() == [c.top_k for c in configs] and s.tolist() == seeds and o.tolist() == steps
+    assert all(t.is_contiguous() and t.shape == (3,) for t in (temperature, top_k, top_p, min_p, s, o))
