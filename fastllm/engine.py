@@ -244,7 +244,8 @@ class LLMEngine:
                 self._register(s)
             if not ready:
                 return []
-            next_ids, lps = sample_requests(logits[ready], [seqs[i].req for i in ready])
+            rows = logits if len(ready) == len(seqs) else logits[ready]  # all ready (decode): no gather, no index copy
+            next_ids, lps = sample_requests(rows, [seqs[i].req for i in ready])
         outs = []
         for i, tok, lp in zip(ready, next_ids, lps):
             seqs[i].req.accept(tok, self.model.eos_ids, lp)
