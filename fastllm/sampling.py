@@ -102,7 +102,6 @@ def step_inputs(
             buf[: 8 * b].view(torch.int64), buf[8 * b : i].view(torch.int64))
 
 
-
 def row_parameters(configs: list[GenerationConfig], device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Per-row (temperature, top_k, top_p, min_p) on ``device``, each [B]:
     fp32, int32, fp32, fp32, in one host-to-device copy per dtype."""
