@@ -179,6 +179,13 @@ class Model:
         """Whether decode steps replay from CUDA graphs."""
         return self._graphs is not None
 
+    def free_cache(self) -> None:
+        """Release the KV cache and graphs that graphed decoding keeps between
+        calls (sized for the largest call so far); the next call builds them
+        again. Raises while a stream still holds them."""
+        if self._graphs is not None:
+            self._graphs.release()
+
     @property
     def dtype(self) -> torch.dtype:
         return self.network.embed_tokens.weight.dtype

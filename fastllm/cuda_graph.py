@@ -256,6 +256,12 @@ class GraphedDecoding:
         self.busy = True
         return _Lease(self)
 
+    def release(self) -> None:
+        """Drop the cache, the runner and its graphs (rebuilt by the next ``acquire``)."""
+        if self.busy:
+            raise RuntimeError("the graph cache is in use by a generation that has not finished (a live stream)")
+        self.cache = self.runner = None
+
     def _rebuild(self, blocks: int, longest: int, batch: int) -> None:
         """A new cache and runner for at least ``blocks`` blocks, ``batch``
         sequences and ``longest`` tokens. Each size is rounded up geometrically

@@ -152,6 +152,23 @@ def test_automatic_graphs_follow_the_device_and_skip_moe_quietly():
         assert GraphedDecoding.for_network(network("cuda", True), True) is None
 
 
+def test_free_cache_releases_and_the_next_call_rebuilds(model, graphed):
+    g = graphed._graphs
+    want = model.generate(PROMPTS[0], max_new_tokens=10, ignore_eos=True).token_ids
+    graphed.generate(PROMPTS[0], max_new_tokens=10, ignore_eos=True)
+    assert g.cache is not None
+    graphed.free_cache()
+    assert g.cache is None and g.runner is None
+    assert graphed.generate(PROMPTS[0], max_new_tokens=10, ignore_eos=True).token_ids == want
+    stream = graphed.stream(PROMPTS[0], max_new_tokens=10, ignore_eos=True)
+    next(stream)
+    with pytest.raises(RuntimeError, match="in use"):
+        graphed.free_cache()
+    stream.close()
+    graphed.free_cache()
+    model.free_cache()  # no graphs (a CPU model): nothing to do
+
+
 def test_interleaved_and_abandoned_streams(model, graphed):
     params = dict(max_new_tokens=20, ignore_eos=True)
     s1 = graphed.stream(PROMPTS[0], **params)
