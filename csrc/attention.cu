@@ -940,51 +940,20 @@ int device_sm_count() {
   return sms;
 }
 
-template <typename T, int D, int GMAX>
-int split_kernel_occupancy() {
+// Blocks of Kernel resident per SM with `threads` threads and `smem` bytes of
+// dynamic shared memory (opted in first), asked once per device; `fallback`
+// when the query fails.
+template <auto Kernel>
+int cached_occupancy(int threads, int smem, int fallback) {
   int dev = 0;
   if (cudaGetDevice(&dev) != cudaSuccess) dev = 0;
   static int cached[64] = {};
   if (dev >= 0 && dev < 64 && cached[dev] > 0) return cached[dev];
   int blocks = 0;
-  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, decode_split_kernel<T, D, GMAX>, kThreads,
-                                                    decode_smem_bytes<D, GMAX>()) != cudaSuccess ||
-      blocks <= 0) {
+  if (opt_in_smem<Kernel>(smem) != nullptr ||
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, Kernel, threads, smem) != cudaSuccess || blocks <= 0) {
     cudaGetLastError();  // a failed query must not be reported by the next launch check
-    blocks = 2;
-  }
-  if (dev >= 0 && dev < 64) cached[dev] = blocks;
-  return blocks;
-}
-
-// The tensor-core split kernel takes more than the default 48 KB of dynamic
-// shared memory: opted in once per device (and head dim, dtype), before its
-// occupancy is queried or it is first launched.
-template <typename T, int D>
-const char* tc_opt_in() {
-  int dev = 0;
-  FASTLLM_RETURN_IF_ERROR(cudaGetDevice(&dev));
-  static bool done[64] = {};
-  if (dev >= 0 && dev < 64 && done[dev]) return nullptr;
-  FASTLLM_RETURN_IF_ERROR(cudaFuncSetAttribute(decode_split_tc_kernel<T, D>,
-                                               cudaFuncAttributeMaxDynamicSharedMemorySize, tc_smem_bytes<D>()));
-  if (dev >= 0 && dev < 64) done[dev] = true;
-  return nullptr;
-}
-
-template <typename T, int D>
-int tc_kernel_occupancy() {
-  int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess) dev = 0;
-  static int cached[64] = {};
-  if (dev >= 0 && dev < 64 && cached[dev] > 0) return cached[dev];
-  int blocks = 0;
-  if (tc_opt_in<T, D>() != nullptr ||
-      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, decode_split_tc_kernel<T, D>, kTcWarps * 32,
-                                                    tc_smem_bytes<D>()) != cudaSuccess ||
-      blocks <= 0) {
-    cudaGetLastError();  // a failed query must not be reported by the next launch check
-    blocks = 1;
+    blocks = fallback;
   }
   if (dev >= 0 && dev < 64) cached[dev] = blocks;
   return blocks;
@@ -1002,9 +971,13 @@ const char* num_splits_typed(int64_t* splits, int64_t batch, int64_t num_q_heads
     const int64_t ctas_per_split = batch * num_kv_heads * hs.head_groups;
     int occupancy = 0, tile = tile_rows(D);
     if constexpr (tc_head_dim(D)) {
-      if (uses_tc(variant, D)) occupancy = tc_kernel_occupancy<T, D>(), tile = kTcTile;
+      if (uses_tc(variant, D)) {
+        occupancy = cached_occupancy<decode_split_tc_kernel<T, D>>(kTcWarps * 32, tc_smem_bytes<D>(), 1);
+        tile = kTcTile;
+      }
     }
-    if (occupancy == 0) occupancy = split_kernel_occupancy<T, D, GMAX>();
+    if (occupancy == 0)
+      occupancy = cached_occupancy<decode_split_kernel<T, D, GMAX>>(kThreads, decode_smem_bytes<D, GMAX>(), 2);
     const int64_t wave = static_cast<int64_t>(device_sm_count()) * occupancy;
     int64_t n = ctas_per_split > 0 ? wave / ctas_per_split : 1;  // fill one wave, never more
     int64_t keys = max_seq_len;
@@ -1059,7 +1032,8 @@ const char* decode_typed(const DecodeParams<T>& p, int64_t batch, int64_t num_kv
                     static_cast<unsigned>(batch));
     if constexpr (tc_head_dim(D)) {
       if (uses_tc(variant, D)) {  // variant 2: tensor cores, then the one-round-trip combine
-        if (const char* err = tc_opt_in<T, D>()) return err;
+        // more than the default 48 KB of dynamic shared memory: opted in once per device
+        if (const char* err = opt_in_smem<decode_split_tc_kernel<T, D>>(tc_smem_bytes<D>())) return err;
         decode_split_tc_kernel<T, D><<<grid, kTcWarps * 32, tc_smem_bytes<D>(), stream>>>(p);
         FASTLLM_CHECK_LAUNCH();
         return p.num_splits > 1 ? launch_combine2<T, D>(p, batch, kTcTile, pdl, stream) : nullptr;

@@ -86,4 +86,18 @@ __device__ __forceinline__ float block_reduce_sum(float x) {
 
 inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
 
+// Kernels with more than 48 KB of dynamic shared memory must opt in, once per device.
+template <auto Kernel>
+const char* opt_in_smem(int bytes) {
+  if (bytes <= 48 * 1024) return nullptr;
+  constexpr int kMaxDevices = 64;
+  static bool done[kMaxDevices] = {};
+  int dev = 0;
+  FASTLLM_RETURN_IF_ERROR(cudaGetDevice(&dev));
+  if (dev >= 0 && dev < kMaxDevices && done[dev]) return nullptr;
+  FASTLLM_RETURN_IF_ERROR(cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+  if (dev >= 0 && dev < kMaxDevices) done[dev] = true;
+  return nullptr;
+}
+
 }  // namespace fastllm

@@ -125,49 +125,10 @@ __global__ void __launch_bounds__(Int8Cfg<TT>::THREADS) int8_mma_kernel(const In
   // computed once here and advanced by a tile per call; the default variant
   // recomputes them every K tile (SASS of the M <= 8 bf16 kernel: 813
   // instructions per tile, of which the dequantisation and mma take ~450).
-  constexpr int LWC = C::W_ROW / 16, LXC = C::X_ROW / 16;
-  constexpr int WJ = C::BN * LWC / C::THREADS, XJ = C::BM * LXC / C::THREADS;
-  static_assert((C::BM * LXC) % C::THREADS == 0, "x tile chunks must divide among the threads");
-  CopyPlan<WJ> wplan;
-  CopyPlan<XJ> xplan;
-  if constexpr (LEAN) {
-#pragma unroll
-    for (int j = 0; j < WJ; ++j) {
-      const int i = tid + j * C::THREADS, r = i / LWC, c = i % LWC, n = n0 + r;
-      wplan.src[j] = reinterpret_cast<const uint8_t*>(p.qweight) + static_cast<int64_t>(n < p.N ? n : 0) * p.K +
-                     kt0 * C::BK + c * 16;
-      wplan.dst[j] = smem_u32(sw + r * C::W_ROW + w_chunk<C::W_ROW>(r, c) * 16);
-      wplan.col[j] = n < p.N ? c * 16 : -1;
-    }
-#pragma unroll
-    for (int j = 0; j < XJ; ++j) {
-      const int i = tid + j * C::THREADS, r = i / LXC, c = i % LXC;
-      xplan.src[j] = reinterpret_cast<const uint8_t*>(x + static_cast<int64_t>(m0 + (r < mrows ? r : 0)) * p.K +
-                                                      kt0 * C::BK + c * 8);
-      xplan.dst[j] = smem_u32(sx + r * C::X_ROW + x_chunk(r, c) * 16);
-      xplan.col[j] = r < mrows ? c * 8 : -1;
-    }
-  }
-
-  // Tiles are requested in order (kt0, kt0 + 1, ...): the lean sources advance
-  // by one tile per call. A chunk past K copies nothing (src-size 0) and
-  // zero-fills; its source address is never read.
-  auto load_tile_lean = [&](int slot, int kt) {
-    const int left = p.K - kt * C::BK;  // columns of K from this tile's first on
-    const uint32_t wo = slot * C::W_STAGE, xo = slot * C::X_STAGE;
-#pragma unroll
-    for (int j = 0; j < WJ; ++j) {
-      // K % 16 == 0: a chunk is all in or all out; col -1 (a row past N): never
-      cp_async16_to(wplan.dst[j] + wo, wplan.src[j], static_cast<unsigned>(wplan.col[j]) < static_cast<unsigned>(left));
-      wplan.src[j] += C::BK;
-    }
-#pragma unroll
-    for (int j = 0; j < XJ; ++j) {
-      if (xplan.col[j] >= 0)  // token rows past M stay zero
-        cp_async16_to(xplan.dst[j] + xo, xplan.src[j], xplan.col[j] < left);
-      xplan.src[j] += C::BK * 2;
-    }
-  };
+  LeanTileCopies<C, 16> lean;
+  if constexpr (LEAN)
+    lean.init(reinterpret_cast<const uint8_t*>(p.qweight), x, sw, sx, tid, n0, p.N, m0, mrows, p.K, kt0,
+              [](int r, int c) { return x_chunk(r, c); });
 
   auto load_tile_default = [&](int slot, int kt) {
     const int k0 = kt * C::BK;
@@ -195,7 +156,7 @@ __global__ void __launch_bounds__(Int8Cfg<TT>::THREADS) int8_mma_kernel(const In
   };
   auto load_tile = [&](int slot, int kt) {
     if constexpr (LEAN) {
-      load_tile_lean(slot, kt);
+      lean.issue(slot, kt, p.K);
     } else {
       load_tile_default(slot, kt);
     }

@@ -69,17 +69,6 @@ __device__ __forceinline__ void cp_async16_to(uint32_t dst, const void* src, boo
                : "memory");
 }
 
-// Loop-invariant parts of one thread's tile copies (the lean main loops): where
-// each of its 16-byte chunks comes from (at the CTA's first K tile) and goes to
-// (in stage 0), and the chunk's column within a K tile (-1: nothing to copy, a
-// weight row past N or a token row past M).
-template <int J>
-struct CopyPlan {
-  const uint8_t* src[J];
-  uint32_t dst[J];
-  int col[J];
-};
-
 // No L2 cache hint on the weight loads: the evict-first policy they had
 // (createpolicy.fractional + cp.async ... L2::cache_hint) runs into a ptxas 13.x
 // miscompile of fractional policies on cp.async (Triton disabled them for the
@@ -197,6 +186,71 @@ __device__ __forceinline__ int w_chunk(int row, int c) {
   return ROW_BYTES >= 128 ? (c ^ ((row & 1) << 2)) : c;
 }
 
+// One thread's tile copies in the lean main loops (variant 1 of int8_linear
+// and int4_linear): where each of its 16-byte chunks of a K tile comes from
+// and goes to is computed once per CTA, then the sources advance by one tile
+// per call (tiles are requested in order, kt0, kt0 + 1, ...). The default
+// loops recompute those addresses every tile. C: the kernel's tile config
+// (BN, BM, BK, THREADS, W_ROW, X_ROW, W_STAGE, X_STAGE); W_COLS: weight
+// columns per 16-byte chunk (16 for int8, 32 for packed int4).
+template <typename C, int W_COLS>
+struct LeanTileCopies {
+  static constexpr int WC = C::W_ROW / 16, XC = C::X_ROW / 16;  // chunks per weight / x row of a tile
+  static constexpr int WJ = C::BN * WC / C::THREADS, XJ = C::BM * XC / C::THREADS;
+  static_assert((C::BN * WC) % C::THREADS == 0 && (C::BM * XC) % C::THREADS == 0,
+                "tile chunks must divide among the threads");
+  // Per chunk: its source (at the current tile), its stage-0 destination, and
+  // its column within a K tile (-1: nothing to copy, a weight row past N or a
+  // token row past M).
+  const uint8_t* w_src[WJ];
+  uint32_t w_dst[WJ];
+  int w_col[WJ];
+  const uint8_t* x_src[XJ];
+  uint32_t x_dst[XJ];
+  int x_col[XJ];
+
+  // x_chunk(row, chunk): the kernel's swizzle of the x tile.
+  template <typename T, typename XChunk>
+  __device__ __forceinline__ void init(const uint8_t* qweight, const T* x, const uint8_t* sw, const uint8_t* sx,
+                                       int tid, int n0, int N, int m0, int mrows, int K, int kt0, XChunk x_chunk) {
+    const int64_t w_row_bytes = static_cast<int64_t>(K) / W_COLS * 16;
+#pragma unroll
+    for (int j = 0; j < WJ; ++j) {
+      const int i = tid + j * C::THREADS, r = i / WC, c = i % WC, n = n0 + r;
+      w_src[j] = qweight + (n < N ? n : 0) * w_row_bytes + kt0 * (C::BK / W_COLS * 16) + c * 16;
+      w_dst[j] = smem_u32(sw + r * C::W_ROW + w_chunk<C::W_ROW>(r, c) * 16);
+      w_col[j] = n < N ? c * W_COLS : -1;
+    }
+#pragma unroll
+    for (int j = 0; j < XJ; ++j) {
+      const int i = tid + j * C::THREADS, r = i / XC, c = i % XC;
+      x_src[j] = reinterpret_cast<const uint8_t*>(x + static_cast<int64_t>(m0 + (r < mrows ? r : 0)) * K +
+                                                  kt0 * C::BK + c * 8);
+      x_dst[j] = smem_u32(sx + r * C::X_ROW + x_chunk(r, c) * 16);
+      x_col[j] = r < mrows ? c * 8 : -1;
+    }
+  }
+
+  // The copies of K tile kt into pipeline slot `slot`. A chunk past K copies
+  // nothing (src-size 0) and zero-fills; its source address is never read.
+  // K is a multiple of a weight chunk's columns: a chunk is all in or all out.
+  __device__ __forceinline__ void issue(int slot, int kt, int K) {
+    const int left = K - kt * C::BK;  // columns of K from this tile's first on
+    const uint32_t wo = slot * C::W_STAGE, xo = slot * C::X_STAGE;
+#pragma unroll
+    for (int j = 0; j < WJ; ++j) {
+      cp_async16_to(w_dst[j] + wo, w_src[j], static_cast<unsigned>(w_col[j]) < static_cast<unsigned>(left));
+      w_src[j] += C::BK / W_COLS * 16;
+    }
+#pragma unroll
+    for (int j = 0; j < XJ; ++j) {
+      if (x_col[j] >= 0)  // token rows past M stay zero
+        cp_async16_to(x_dst[j] + xo, x_src[j], x_col[j] < left);
+      x_src[j] += C::BK * 2;
+    }
+  }
+};
+
 // ---------------------------------------------------------------------------
 // Split-K: out[m, n] = sum_s ws[s, m, n] + bias[n], in a fixed order.
 // ---------------------------------------------------------------------------
@@ -221,20 +275,6 @@ const char* launch_splitk_reduce(T* out, const float* ws, const T* bias, int64_t
   splitk_reduce_kernel<T><<<static_cast<unsigned>(blocks < 8192 ? blocks : 8192), threads, 0, stream>>>(
       out, ws, bias, mn, static_cast<int>(n), splits);
   FASTLLM_CHECK_LAUNCH();
-  return nullptr;
-}
-
-// Kernels with more than 48 KB of dynamic shared memory must opt in, once per device.
-template <auto Kernel>
-const char* opt_in_smem(int bytes) {
-  if (bytes <= 48 * 1024) return nullptr;
-  constexpr int kMaxDevices = 64;
-  static bool done[kMaxDevices] = {};
-  int dev = 0;
-  FASTLLM_RETURN_IF_ERROR(cudaGetDevice(&dev));
-  if (dev >= 0 && dev < kMaxDevices && done[dev]) return nullptr;
-  FASTLLM_RETURN_IF_ERROR(cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
-  if (dev >= 0 && dev < kMaxDevices) done[dev] = true;
   return nullptr;
 }
 
