@@ -334,24 +334,16 @@ def parse_raw_csv(text: str) -> list[dict]:
     return out
 
 
-def _us(value_unit) -> float | None:
-    if not value_unit:
-        return None
-    v, unit = _num(value_unit[0]), value_unit[1].lower()
-    if v is None:
-        return None
-    scale = {"nsecond": 1e-3, "ns": 1e-3, "usecond": 1.0, "us": 1.0, "msecond": 1e3, "ms": 1e3, "second": 1e6, "s": 1e6}
-    return v * scale.get(unit, 1.0)
+_US = {"nsecond": 1e-3, "ns": 1e-3, "usecond": 1.0, "us": 1.0, "msecond": 1e3, "ms": 1e3, "second": 1e6, "s": 1e6}
+_BYTES = {"byte": 1, "kbyte": 1e3, "mbyte": 1e6, "gbyte": 1e9, "kibyte": 1024, "mibyte": 1 << 20}
 
 
-def _bytes(value_unit) -> float | None:
+def _scaled(value_unit, scale: dict) -> float | None:
+    """A (value, unit) report cell in the unit ``scale`` maps to 1 (unknown units: as they are)."""
     if not value_unit:
         return None
-    v, unit = _num(value_unit[0]), value_unit[1].lower()
-    if v is None:
-        return None
-    scale = {"byte": 1, "kbyte": 1e3, "mbyte": 1e6, "gbyte": 1e9, "kibyte": 1024, "mibyte": 1 << 20}
-    return v * scale.get(unit, 1)
+    v = _num(value_unit[0])
+    return None if v is None else v * scale.get(value_unit[1].lower(), 1)
 
 
 def stalls(metrics: dict) -> list[tuple[str, float]]:
@@ -399,7 +391,7 @@ def summarize(work: str, cases: list[str], status: str) -> int:
                 return v[key][0] if key in v else "n/a"
 
             name = d["name"] if d["name"] != "?" else r.get("Kernel Name", ("?",))[0]
-            dur = _us(r.get("gpu__time_duration.sum"))
+            dur = _scaled(r.get("gpu__time_duration.sum"), _US)
             dur_s = f"{dur:.2f} us" if dur is not None else (" ".join(v["Duration"]) if "Duration" in v else "n/a")
             limits = {k.replace("Block Limit ", ""): _num(v[k][0]) for k in v if k.startswith("Block Limit")}
             limits = {k: x for k, x in limits.items() if x is not None}
@@ -420,7 +412,7 @@ def summarize(work: str, cases: list[str], status: str) -> int:
             print(f"     duration {dur_s} | DRAM {dram}% | memory {val('Memory Throughput')}% | SM {sm}% | "
                   f"L2 hit {val('L2 Hit Rate')}% | L1 hit {val('L1/TEX Hit Rate')}% | "
                   f"max bandwidth {val('Max Bandwidth')}% | mem busy {val('Mem Busy')}%")
-            moved = [(what, _bytes(r.get(f"dram__bytes_{what}.sum"))) for what in ("read", "write")]
+            moved = [(what, _scaled(r.get(f"dram__bytes_{what}.sum"), _BYTES)) for what in ("read", "write")]
             if any(b is not None for _, b in moved):
                 total = sum(b or 0 for _, b in moved)
                 rate = f" = {total / (dur * 1e-6) / 1e9:.0f} GB/s over the duration" if dur else ""

@@ -16,7 +16,6 @@ import torch
 from torch import Tensor
 
 from fastllm import ops
-from fastllm.cache import to_device
 from fastllm.config import GenerationConfig
 
 
@@ -104,12 +103,9 @@ def step_inputs(
 
 def row_parameters(configs: list[GenerationConfig], device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Per-row (temperature, top_k, top_p, min_p) on ``device``, each [B]:
-    fp32, int32, fp32, fp32, in one host-to-device copy per dtype."""
-    b = len(configs)
-    floats = to_device([c.temperature for c in configs] + [c.top_p for c in configs] + [c.min_p for c in configs],
-                       torch.float32, device)
-    top_k = to_device([c.top_k for c in configs], torch.int32, device)
-    return floats[:b], top_k, floats[b : 2 * b], floats[2 * b :]
+    fp32, int32, fp32, fp32 (``step_inputs`` without the seeds)."""
+    zeros = [0] * len(configs)
+    return step_inputs(configs, zeros, zeros, device)[:4]
 
 
 def derive_seed(seed: int | None, index: int) -> int:
