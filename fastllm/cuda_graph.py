@@ -230,7 +230,7 @@ class GraphedDecoding:
         self.busy = False
 
     @classmethod
-    def for_network(cls, network: torch.nn.Module, cuda_graphs: bool | None = True) -> "GraphedDecoding | None":
+    def for_network(cls, network: torch.nn.Module, cuda_graphs: bool | None) -> "GraphedDecoding | None":
         """Graphed decoding for ``network``, or None: when ``cuda_graphs`` is
         False; when it is None (automatic) and the network is not on a GPU or
         cannot be captured; when it is True and the network cannot be captured
