@@ -20,9 +20,9 @@
 #   PYTEST_ARGS (e.g. "-k bf16 -x") goes to every test file.
 # Benchmarks (alone, after the tests; kernels first, bench_generate last) run
 #   with FASTLLM_KERNELS=$BENCH_KERNELS (default empty: the verified kernels,
-#   backend.VERIFIED_KERNELS; "all" adds the experimental variants, e.g.
-#   decode_attention_tc, to the whole-loop numbers; the kernel benchmarks name
-#   their variants themselves); SKIP_BENCH=1 skips them, FASTLLM_BENCH_8B=1 adds the
+#   backend.VERIFIED_KERNELS; "all" adds any experimental kernel to the
+#   whole-loop numbers; the kernel benchmarks name their variants
+#   themselves); SKIP_BENCH=1 skips them, FASTLLM_BENCH_8B=1 adds the
 #   Llama-3-8B shape to bench_generate.py. SKIP_E2E=1 skips the closing
 #   `fastllm bench` runs on the shipped model.
 # SANITIZE=1 also runs the kernel test files under compute-sanitizer memcheck

@@ -26,7 +26,7 @@ The settings:
   automatic num_splits for that variant; peer: SDPA with enable_gqa on a dense
   cache of the same keys.
 - int4 (g128) / int8 linear, bf16, (K, N) in 4096x14336, 14336x4096, 2048x8192,
-  M in 1, 4, 16: ``splits`` in auto (0), 1, 2, 3, 4, 6, 8 through
+  M in 1, 4, 16, 64: ``splits`` in auto (0), 1, 2, 3, 4, 6, 8, 16 through
   cuda_quant._int4_fused / _int8_fused (a request is clamped to the K tiles:
   ``eff_splits`` in the JSON, ``~`` in the table) x their ``_variant`` (main
   loops; found and passed as for decode) where they take one; peer: bf16
@@ -86,8 +86,8 @@ DECODE_SPLITS = [None, 1, 2, 4, 8, 16, 32, 64, 128]
 DECODE_SPLITS_QUICK = [None, 1, 4, 8, 16, 32, 64]
 # int4 / int8 linear
 INT_SHAPES = [(4096, 14336), (14336, 4096), (2048, 8192)]  # (K, N)
-INT_TOKENS, INT_TOKENS_QUICK = [1, 4, 16], [1, 16]
-INT_SPLITS, INT_SPLITS_QUICK = [0, 1, 2, 3, 4, 6, 8], [0, 1, 2, 4, 8]
+INT_TOKENS, INT_TOKENS_QUICK = [1, 4, 16, 64], [1, 16, 64]
+INT_SPLITS, INT_SPLITS_QUICK = [0, 1, 2, 3, 4, 6, 8, 16], [0, 1, 2, 4, 8, 16]
 GROUP = 128
 # sample
 VOCAB = 128256

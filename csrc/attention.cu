@@ -28,6 +28,11 @@
  *    past the block table (max_blocks * block_size) is clamped to it, and a
  *    block id outside [0, num_blocks) reads zeros: garbage metadata never
  *    faults.
+ *  - Two split kernels share that plan and the workspace layout:
+ *    decode_split_tc_kernel (variant 0, the default for head dims 64, 128,
+ *    256 and caches under 2^31 slots) runs Q K^T and P V on tensor cores; see
+ *    its comment below. decode_split_kernel (variant 1: head dims 80 and 96,
+ *    bigger caches, or when asked for) runs on CUDA cores:
  *  - 128 threads. A "row group" of TPK = pow2ceil(D / 8) lanes covers one key
  *    row, each lane one 16-byte chunk (8 elements); 128 / TPK row groups work
  *    on different rows. A thread keeps the 8 query elements of its chunk for
@@ -43,16 +48,17 @@
  *    lanes with xor shuffles (every lane gets the identical sum), an fp32
  *    online softmax in base 2 (running max m, sum l, one rescale per tile) and
  *    the P.V accumulation into 8 fp32 outputs per head per lane.
- *  - Epilogue: the row groups' (m, l, acc) are merged through shared memory
- *    (log-sum-exp). A sequence whose range fits in one chunk writes the
- *    normalised output directly; otherwise each CTA writes its partial
- *    (m, l, acc) to the workspace, and decode_combine_kernel (one CTA per
- *    sequence and query head) merges the splits with log-sum-exp weights.
- *    Variant 1 (opt-in until timed on a GPU): decode_combine2_kernel, the same
- *    merge with all partials in flight at once, launched with programmatic
- *    dependent launch on sm_90. Variant 2 (likewise): decode_split_tc_kernel,
- *    the split kernel on tensor cores (mma.sync; see there), then variant 1's
- *    combine.
+ *  - Epilogue (both kernels): the row groups' (or warps') (m, l, acc) are
+ *    merged through shared memory (log-sum-exp). A sequence whose range fits
+ *    in one chunk writes the normalised output directly; otherwise each CTA
+ *    writes its partial (m, l, acc) to the workspace, and
+ *    decode_combine_kernel (one CTA per sequence and query head, every
+ *    partial in flight at once, launched with programmatic dependent launch
+ *    on sm_90) merges the splits with log-sum-exp weights.
+ *
+ * Measured on an H200 (bench/RESULTS.md, 2026-12-04): the tensor-core kernel
+ * with this combine took B=1 x 4096 from 21.2 to 13.5 us and B=32 x 2048
+ * from 83 to 67 us (3.99 TB/s), level with torch SDPA (flash) throughout.
  *
  * Memory traffic: each K and V row of the attended range is read exactly once
  * (B * L * Hk * D * 2 elements, 16-byte coalesced accesses, ~256 KB per 4096
@@ -133,7 +139,6 @@ constexpr int kRowsPerGroup = 4;    // key rows per row group per tile
 constexpr int kStages = 3;          // shared-memory ring depth (tiles)
 constexpr int kMaxHeadsPerCta = 8;  // query heads of one KV head handled by one CTA
 constexpr int kMaxSplits = 256;
-constexpr int kCombineThreads = 128;
 constexpr float kLog2e = 1.4426950408889634f;
 
 __host__ __device__ constexpr int pow2_ceil(int x) {
@@ -196,7 +201,7 @@ struct DecodeParams {
   int num_q_heads, group, head_groups, heads_per_cta;
   int max_blocks, log2_block, num_blocks, max_len, window, num_splits;
   float scale_log2;
-  int trigger;  // variant 1 on sm_90: let the PDL-launched combine start once every CTA is past its main loop
+  int trigger;  // on sm_90: let the PDL-launched combine start once every CTA is past its main loop
 };
 
 __device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, bool fill) {
@@ -465,49 +470,8 @@ __global__ void __launch_bounds__(kThreads) decode_split_kernel(const DecodePara
   }
 }
 
-// Merges the splits of one (sequence, query head): out = sum_s w_s acc_s /
-// sum_s w_s l_s with w_s = 2^(m_s - max m).
-template <typename T>
-__global__ void __launch_bounds__(kCombineThreads)
-    decode_combine_kernel(T* __restrict__ out, const float* __restrict__ ws_acc, const float* __restrict__ ws_ml,
-                          const int32_t* __restrict__ seq_lens, int num_q_heads, int head_dim, int num_splits,
-                          int tile, int max_len, int window) {
-  __shared__ float weight[kMaxSplits];
-  __shared__ float inv_sum;
-  const int h = blockIdx.x, b = blockIdx.y;
-  const SplitRange r = split_range(__ldg(seq_lens + b), max_len, window, num_splits, tile, 0);
-  if (r.n_active <= 1) return;  // the split kernel wrote this output directly
-  const int n = r.n_active;
-  const int64_t part0 = (static_cast<int64_t>(b) * num_q_heads + h) * num_splits;
-  if (threadIdx.x < 32) {
-    const int lane = threadIdx.x;
-    float mx = -INFINITY;
-    for (int s = lane; s < n; s += 32) mx = fmaxf(mx, ws_ml[(part0 + s) * 2]);
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
-    float sum = 0.f;
-    for (int s = lane; s < n; s += 32) {
-      const float ms = ws_ml[(part0 + s) * 2];
-      const float w = ms == -INFINITY ? 0.f : fast_exp2(ms - mx);
-      weight[s] = w;
-      sum = fmaf(w, ws_ml[(part0 + s) * 2 + 1], sum);
-    }
-    sum = warp_reduce_sum(sum);
-    if (lane == 0) inv_sum = sum > 0.f ? 1.f / sum : 0.f;
-  }
-  __syncthreads();
-  const float inv = inv_sum;
-  for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
-    const float* src = ws_acc + part0 * head_dim + d;
-    float a = 0.f;
-#pragma unroll 4
-    for (int s = 0; s < n; ++s) a = fmaf(weight[s], src[static_cast<int64_t>(s) * head_dim], a);
-    out[(static_cast<int64_t>(b) * num_q_heads + h) * head_dim + d] = from_float<T>(a * inv);
-  }
-}
-
 // --------------------------------------------------------------------------- //
-// decode_attention variant 2 (experimental until timed on a GPU): the split
+// decode_attention variant 0 (the default where it applies): the split
 // kernel on tensor cores.
 //
 // Why: the kernel above spends ~780 instructions per warp on every 4 KB of
@@ -515,7 +479,7 @@ __global__ void __launch_bounds__(kCombineThreads)
 // adds to reduce each dot product over 16 lanes, and a softmax repeated on all
 // of them. That is close to the issue rate of an SM at HBM speed. Here Q K^T
 // and P V run as mma.sync m16n8k16 (the query heads of one KV head are the 16
-// rows of A, at most 8 of them real), about 190 instructions per 8 KB.
+// rows of A, at most 8 of them real): 362 instructions per 8 KB (SASS, sm_90a).
 //
 // Layout: 4 warps per CTA, each on its own 16 keys of every 64-key tile, with
 // its own cp.async ring of K/V rows (swizzled, ldmatrix-ready) and its own
@@ -523,7 +487,7 @@ __global__ void __launch_bounds__(kCombineThreads)
 // scores of head g for keys 2t, 2t+1 and 8+2t, 9+2t, and the output of head g
 // at d = 8j + 2t, +1. The warps' (m, l, O) merge in shared memory at the end
 // exactly as the row groups do above, and the partials go to the same
-// workspace, so both combine kernels serve it (with this kernel's tile).
+// workspace, so the one combine kernel serves both (with this kernel's tile).
 // Head dims 64, 128, 256 (rows of a multiple of 128 bytes); the others run
 // the kernel above.
 // --------------------------------------------------------------------------- //
@@ -752,29 +716,29 @@ __global__ void __launch_bounds__(kTcWarps * 32) decode_split_tc_kernel(const De
   }
 }
 
-// Variant 1 of the combine (experimental until timed on a GPU; variant 0 above
-// is the default): the same log-sum-exp merge with every partial in flight at
-// once. Variant 0 walks the splits in a loop with 4 loads in flight, i.e.
-// about n / 4 dependent L2 round trips (16 for the 64 splits of B = 1 x 4096);
-// here warp w takes splits w, w + 8, ... and a lane a float4 of the row, so up
-// to 64 splits are one round trip, issued before the weights are computed.
+// The combine: out = sum_s w_s acc_s / sum_s w_s l_s with w_s = 2^(m_s - max m)
+// over the splits of one (sequence, query head), with every partial in flight
+// at once: warp w takes splits w, w + 8, ... and a lane a float4 of the row,
+// so up to 64 splits are one L2 round trip, issued before the weights are
+// computed. (A loop over the splits with 4 loads in flight, the first
+// version, waited on n / 4 dependent round trips: 16 at B = 1 x 4096, ~4 us.)
 // Launched with programmatic dependent launch on sm_90 (its CTAs are scheduled
 // while the split kernel's last CTAs finish); every CTA waits for the split
 // kernel before anything else, so its completion still implies the split
 // kernel's (the next kernel in the stream may read out at once).
-constexpr int kCombine2Threads = 256;
-constexpr int kCombine2PerPass = 8;  // splits per warp per pass: partial rows in flight per thread
-static_assert(kCombine2Threads >= kMaxSplits, "one (m, l) pair per thread");
+constexpr int kCombineThreads = 256;
+constexpr int kCombinePerPass = 8;  // splits per warp per pass: partial rows in flight per thread
+static_assert(kCombineThreads >= kMaxSplits, "one (m, l) pair per thread");
 
 template <typename T, int D>
-__global__ void __launch_bounds__(kCombine2Threads)
-    decode_combine2_kernel(T* __restrict__ out, const float* __restrict__ ws_acc, const float* __restrict__ ws_ml,
+__global__ void __launch_bounds__(kCombineThreads)
+    decode_combine_kernel(T* __restrict__ out, const float* __restrict__ ws_acc, const float* __restrict__ ws_ml,
                            const int32_t* __restrict__ seq_lens, int num_q_heads, int num_splits, int tile,
                            int max_len, int window) {
-  constexpr int W = kCombine2Threads / 32;
+  constexpr int W = kCombineThreads / 32;
   constexpr int C4 = D / 4;            // float4 chunks of a row
   constexpr int NL = (C4 + 31) / 32;   // chunks per lane (2 for D = 256)
-  constexpr int PER = kCombine2PerPass;
+  constexpr int PER = kCombinePerPass;
   static_assert(D % 4 == 0, "rows are read as float4");
   __shared__ float s_w[kMaxSplits];
   __shared__ float s_red[2][W];
@@ -854,7 +818,7 @@ __global__ void __launch_bounds__(kCombine2Threads)
   __syncthreads();
   const float inv = total > 0.f ? 1.f / total : 0.f;
   T* const dst = out + (static_cast<int64_t>(b) * num_q_heads + h) * D;
-  for (int chunk = tid; chunk < C4; chunk += kCombine2Threads) {
+  for (int chunk = tid; chunk < C4; chunk += kCombineThreads) {
     float4 t = s_acc[0][chunk];
 #pragma unroll
     for (int i = 1; i < W; ++i) {  // a fixed order: the result does not depend on timing
@@ -959,8 +923,8 @@ int cached_occupancy(int threads, int smem, int fallback) {
   return blocks;
 }
 
-// Whether variant 2 (the tensor-core split kernel) covers this head dim.
-bool uses_tc(int variant, int64_t head_dim) { return variant == 2 && tc_head_dim(static_cast<int>(head_dim)); }
+// Whether variant 0 (the tensor-core split kernel) covers this head dim.
+bool uses_tc(int variant, int64_t head_dim) { return variant == 0 && tc_head_dim(static_cast<int>(head_dim)); }
 
 template <typename T>
 const char* num_splits_typed(int64_t* splits, int64_t batch, int64_t num_q_heads, int64_t num_kv_heads,
@@ -1006,10 +970,10 @@ bool device_has_pdl() {
 }
 
 template <typename T, int D>
-const char* launch_combine2(const DecodeParams<T>& p, int64_t batch, int tile, bool pdl, cudaStream_t stream) {
+const char* launch_combine(const DecodeParams<T>& p, int64_t batch, int tile, bool pdl, cudaStream_t stream) {
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = dim3(static_cast<unsigned>(p.num_q_heads), static_cast<unsigned>(batch));
-  cfg.blockDim = dim3(kCombine2Threads);
+  cfg.blockDim = dim3(kCombineThreads);
   cfg.dynamicSmemBytes = 0;
   cfg.stream = stream;
   cudaLaunchAttribute attr[1];
@@ -1017,7 +981,7 @@ const char* launch_combine2(const DecodeParams<T>& p, int64_t batch, int tile, b
   attr[0].val.programmaticStreamSerializationAllowed = 1;
   cfg.attrs = attr;
   cfg.numAttrs = pdl ? 1 : 0;
-  FASTLLM_RETURN_IF_ERROR(cudaLaunchKernelEx(&cfg, decode_combine2_kernel<T, D>, p.out,
+  FASTLLM_RETURN_IF_ERROR(cudaLaunchKernelEx(&cfg, decode_combine_kernel<T, D>, p.out,
                                              static_cast<const float*>(p.ws_acc), static_cast<const float*>(p.ws_ml),
                                              p.seq_lens, p.num_q_heads, p.num_splits, tile, p.max_len, p.window));
   return nullptr;
@@ -1031,24 +995,17 @@ const char* decode_typed(const DecodeParams<T>& p, int64_t batch, int64_t num_kv
     const dim3 grid(static_cast<unsigned>(p.num_splits), static_cast<unsigned>(num_kv_heads * p.head_groups),
                     static_cast<unsigned>(batch));
     if constexpr (tc_head_dim(D)) {
-      if (uses_tc(variant, D)) {  // variant 2: tensor cores, then the one-round-trip combine
+      if (uses_tc(variant, D)) {  // variant 0: tensor cores
         // more than the default 48 KB of dynamic shared memory: opted in once per device
         if (const char* err = opt_in_smem<decode_split_tc_kernel<T, D>>(tc_smem_bytes<D>())) return err;
         decode_split_tc_kernel<T, D><<<grid, kTcWarps * 32, tc_smem_bytes<D>(), stream>>>(p);
         FASTLLM_CHECK_LAUNCH();
-        return p.num_splits > 1 ? launch_combine2<T, D>(p, batch, kTcTile, pdl, stream) : nullptr;
+        return p.num_splits > 1 ? launch_combine<T, D>(p, batch, kTcTile, pdl, stream) : nullptr;
       }
     }
     decode_split_kernel<T, D, GMAX><<<grid, kThreads, decode_smem_bytes<D, GMAX>(), stream>>>(p);
     FASTLLM_CHECK_LAUNCH();
-    if (p.num_splits > 1 && variant != 0) return launch_combine2<T, D>(p, batch, tile_rows(D), pdl, stream);
-    if (p.num_splits > 1) {
-      decode_combine_kernel<T><<<dim3(static_cast<unsigned>(p.num_q_heads), static_cast<unsigned>(batch)),
-                                 kCombineThreads, 0, stream>>>(p.out, p.ws_acc, p.ws_ml, p.seq_lens, p.num_q_heads, D,
-                                                               p.num_splits, tile_rows(D), p.max_len, p.window);
-      FASTLLM_CHECK_LAUNCH();
-    }
-    return nullptr;
+    return p.num_splits > 1 ? launch_combine<T, D>(p, batch, tile_rows(D), pdl, stream) : nullptr;
   });
 }
 
@@ -1104,8 +1061,8 @@ const char* launch_decode_attention(void* out, void* workspace, const void* q, c
                                     int64_t block_size, int64_t max_blocks, float scale, int64_t sliding_window,
                                     int64_t num_splits, int64_t variant, int dtype, void* stream) {
   if (const char* err = check_decode_shapes(batch, num_q_heads, num_kv_heads, head_dim, dtype)) return err;
-  if (variant < 0 || variant > 2)
-    return "variant must be 0 (default), 1 (experimental combine) or 2 (tensor cores + that combine)";
+  if (variant != 0 && variant != 1)
+    return "variant must be 0 (default: tensor cores where the head dim allows) or 1 (CUDA cores)";
   if (batch == 0) return nullptr;
   if (block_size <= 0 || (block_size & (block_size - 1)) != 0 || block_size > (1 << 20))
     return "block_size must be a power of two in [1, 2^20]";
@@ -1121,7 +1078,7 @@ const char* launch_decode_attention(void* out, void* workspace, const void* q, c
     return "out, q, caches and workspace must be 16-byte aligned";
 
   // The tensor-core kernel keeps cache slots in an int: bigger caches run variant 1 (same plan, any split count works).
-  if (variant == 2 && num_blocks * block_size > INT_MAX) variant = 1;
+  if (variant == 0 && num_blocks * block_size > INT_MAX) variant = 1;
   const HeadSplit hs = head_split(num_q_heads / num_kv_heads);
   int log2_block = 0;
   while ((int64_t{1} << log2_block) < block_size) ++log2_block;
@@ -1152,7 +1109,7 @@ const char* launch_decode_attention(void* out, void* workspace, const void* q, c
     p.window = static_cast<int>(sliding_window);
     p.num_splits = static_cast<int>(num_splits);
     p.scale_log2 = scale * kLog2e;
-    const bool pdl = variant != 0 && num_splits > 1 && device_has_pdl();
+    const bool pdl = num_splits > 1 && device_has_pdl();
     p.trigger = pdl ? 1 : 0;
     return decode_typed<T>(p, batch, num_kv_heads, head_dim, hs.gmax, static_cast<int>(variant), pdl,
                            static_cast<cudaStream_t>(stream));

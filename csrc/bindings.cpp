@@ -51,16 +51,12 @@ PYBIND11_MODULE(_C, m) {
             "rotary_embedding",
             "reshape_and_cache",
             "decode_attention",
-            "decode_attention_combine2",  // decode_attention's experimental split combine (variant 1)
-            "decode_attention_tc",        // its experimental tensor-core split kernel + that combine (variant 2)
             "sample",
             "prefill_attention",
             "prefill_attention_sm90",            // the wgmma variants prefill_attention picks when
             "prefill_attention_sm90_pipelined",  // enabled (the pipelined one first)
             "int8_linear",
-            "int8_linear_lean",  // int8_linear's experimental lean main loop (variant 1)
             "int4_linear",
-            "int4_linear_lean",  // int4_linear's experimental lean main loop (variant 1)
         };
       },
       "Names of the kernels compiled in.");
@@ -156,7 +152,7 @@ PYBIND11_MODULE(_C, m) {
       py::arg("sliding_window"), py::arg("requested_splits"), py::arg("dtype"), py::arg("variant") = 0,
       "(num_splits, workspace_floats) for decode_attention on the current device: requested_splits (1..256), or "
       "0 to choose from the batch, heads and max_seq_len (a host-side bound on seq_lens), for kernel variant "
-      "0, 1 or 2 (see decode_attention); workspace_floats = batch * num_q_heads * num_splits * (head_dim + 2) fp32 "
+      "0 or 1 (see decode_attention); workspace_floats = batch * num_q_heads * num_splits * (head_dim + 2) fp32 "
       "when num_splits > 1, else 0.");
 
   m.def(
@@ -183,8 +179,8 @@ PYBIND11_MODULE(_C, m) {
       "out [batch, Hq, D] = softmax(q k^T * scale) v for one query token per sequence over its cached keys "
       "[max(0, L - window), L), L = seq_lens[b] (int32, device), slots from int32 block_tables [batch, max_blocks] "
       "(device); caches [num_blocks, block_size, Hk, D]; fp16/bf16 (dtype 1/2); sliding_window 0 = none; "
-      "workspace and num_splits from decode_attention_plan (made for the same variant); variant 0 (default), "
-      "1 (experimental combine) or 2 (experimental tensor-core split kernel for D 64/128/256, then that combine).");
+      "workspace and num_splits from decode_attention_plan (made for the same variant); variant 0 (default: "
+      "the tensor-core split kernel for D 64/128/256, the CUDA-core one otherwise) or 1 (the CUDA-core one).");
 
   m.def(
       "prefill_attention",
@@ -234,16 +230,15 @@ PYBIND11_MODULE(_C, m) {
       "int8_linear",
       [](std::uintptr_t out, std::uintptr_t workspace, std::uintptr_t x, std::uintptr_t qweight,
          std::uintptr_t scales, std::uintptr_t bias, std::int64_t m, std::int64_t n, std::int64_t k,
-         std::int64_t num_splits, int dtype, std::uintptr_t stream, std::int64_t variant) {
+         std::int64_t num_splits, int dtype, std::uintptr_t stream) {
         check("int8_linear", fastllm::launch_int8_linear(ptr(out), ptr(workspace), ptr(x), ptr(qweight), ptr(scales),
-                                                         ptr(bias), m, n, k, num_splits, variant, dtype, ptr(stream)));
+                                                         ptr(bias), m, n, k, num_splits, dtype, ptr(stream)));
       },
       py::arg("out"), py::arg("workspace"), py::arg("x"), py::arg("qweight"), py::arg("scales"), py::arg("bias"),
       py::arg("m"), py::arg("n"), py::arg("k"), py::arg("num_splits"), py::arg("dtype"), py::arg("stream"),
-      py::arg("variant") = 0,
       "out [M, N] = x [M, K] @ (qweight * scales[:, None]).T + bias for int8 qweight [N, K], fp32 scales [N], "
       "bias [N] (0 = none); x, out, bias fp16/bf16 (dtype 1/2), contiguous. num_splits and the fp32 workspace "
-      "(0 when num_splits == 1) from int8_linear_plan; variant 0 (default) or 1 (lean main loop, experimental).");
+      "(0 when num_splits == 1) from int8_linear_plan.");
 
   m.def(
       "int8_dequantize",
@@ -275,20 +270,18 @@ PYBIND11_MODULE(_C, m) {
       "int4_linear",
       [](std::uintptr_t out, std::uintptr_t workspace, std::uintptr_t x, std::uintptr_t qweight,
          std::uintptr_t scales, std::uintptr_t zeros, std::uintptr_t bias, std::int64_t m, std::int64_t n,
-         std::int64_t k, std::int64_t group, std::int64_t num_splits, int dtype, std::uintptr_t stream,
-         std::int64_t variant) {
+         std::int64_t k, std::int64_t group, std::int64_t num_splits, int dtype, std::uintptr_t stream) {
         check("int4_linear",
               fastllm::launch_int4_linear(ptr(out), ptr(workspace), ptr(x), ptr(qweight), ptr(scales), ptr(zeros),
-                                          ptr(bias), m, n, k, group, num_splits, variant, dtype, ptr(stream)));
+                                          ptr(bias), m, n, k, group, num_splits, dtype, ptr(stream)));
       },
       py::arg("out"), py::arg("workspace"), py::arg("x"), py::arg("qweight"), py::arg("scales"), py::arg("zeros"),
       py::arg("bias"), py::arg("m"), py::arg("n"), py::arg("k"), py::arg("group"), py::arg("num_splits"),
-      py::arg("dtype"), py::arg("stream"), py::arg("variant") = 0,
+      py::arg("dtype"), py::arg("stream"),
       "out [M, N] = x [M, K] @ w.T + bias with w = (q - zeros) * scales per group of `group` columns, q the "
       "nibbles of uint8 qweight [N, K/2] (low nibble = even column), scales [N, K/group] in the activation dtype, "
       "uint8 zeros [N, K/group]; x, out, bias fp16/bf16 (dtype 1/2), contiguous; bias 0 = none. num_splits and "
-      "the fp32 workspace (0 when num_splits == 1) from int4_linear_plan; variant 0 (default) or 1 (lean main "
-      "loop, experimental).");
+      "the fp32 workspace (0 when num_splits == 1) from int4_linear_plan.");
 
   m.def(
       "int4_dequantize",

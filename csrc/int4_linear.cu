@@ -24,9 +24,13 @@
  *   k-block, which saves the packed multiply per pair (and is more accurate).
  * - Scales and zeros are read straight from global memory one K tile ahead
  *   (a few bytes per lane per tile), after an L2 prefetch of the CTA's rows.
- * - Variant 1 (LEAN, opt-in until timed on a GPU): the copy addresses and the
- *   scale/zero rows computed once per CTA and advanced per tile, one LOP3 per
- *   dequantized pair, and for fp16 Marlin's high-nibble fma (bit-identical results).
+ * - The main loop is lean on instructions (it was issue-bound): the copy
+ *   addresses and the scale/zero rows are computed once per CTA and advanced
+ *   per tile (LeanTileCopies), one LOP3 per dequantized pair, and for fp16
+ *   Marlin's fma by 1/16 for high nibbles. 407 (bf16) / 391 (fp16) SASS
+ *   instructions per M <= 8 tile against 721 for the first version, which
+ *   recomputed every address per tile: 4096 x 14336 at M = 1 went from 23.2
+ *   to 20.4 us on an H200, M = 16 from 39 to 30 (bench/RESULTS.md).
  *
  * Memory traffic: each weight byte is read once from DRAM (N*K/2 bytes plus
  * 3 bytes per group-row for scales and zeros); every CTA re-reads its x rows
@@ -74,7 +78,7 @@ struct Int4Params {
 // set separates them, and flipping bit 1 on odd rows separates rows g and g+1.
 __device__ __forceinline__ int x_chunk(int row, int c) { return c ^ ((c >> 3) & 1) ^ ((row & 1) << 1); }
 
-template <typename T, int TT, bool G128, bool LEAN>
+template <typename T, int TT, bool G128>
 __global__ void __launch_bounds__(Int4Cfg<TT>::THREADS) int4_mma_kernel(const Int4Params p) {
   using C = Int4Cfg<TT>;
   constexpr int R = C::R, KBLK = C::KBLK, STAGES = C::STAGES;
@@ -122,91 +126,40 @@ __global__ void __launch_bounds__(Int4Cfg<TT>::THREADS) int4_mma_kernel(const In
     }
   }
 
-  // LEAN (variant 1, opt-in until timed on a GPU): the copies' addresses and
-  // the scale/zero rows are computed once here; the default variant
-  // recomputes them every K tile, which is about two thirds of its main loop's
-  // instructions (SASS of the M <= 8 kernel: ~720 per tile for 16 mma).
+  // The copies' addresses and the scale/zero rows are computed once here and
+  // advanced per K tile (recomputing them every tile was about two thirds of
+  // the main loop's instructions).
   LeanTileCopies<C, 32> lean;
+  lean.init(p.qweight, x, sw, sx, tid, n0, p.N, m0, mrows, p.K, kt0, [](int r, int c) { return x_chunk(r, c); });
   const unsigned short* s_row[R][2];
   const uint8_t* z_row[R][2];
   bool row_ok[R][2];
-  if constexpr (LEAN) {
-    lean.init(p.qweight, x, sw, sx, tid, n0, p.N, m0, mrows, p.K, kt0, [](int r, int c) { return x_chunk(r, c); });
 #pragma unroll
-    for (int r = 0; r < R; ++r)
+  for (int r = 0; r < R; ++r)
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int n = n0 + warp * R * 16 + r * 16 + h * 8 + g;
-        row_ok[r][h] = n < p.N;
-        const int64_t base = static_cast<int64_t>(n < p.N ? n : 0) * p.groups;
-        s_row[r][h] = p.scales + base;
-        z_row[r][h] = p.zeros + base;
-      }
-  }
+    for (int h = 0; h < 2; ++h) {
+      const int n = n0 + warp * R * 16 + r * 16 + h * 8 + g;
+      row_ok[r][h] = n < p.N;
+      const int64_t base = static_cast<int64_t>(n < p.N ? n : 0) * p.groups;
+      s_row[r][h] = p.scales + base;
+      z_row[r][h] = p.zeros + base;
+    }
 
-  auto load_tile_default = [&](int slot, int kt) {
-    const int k0 = kt * C::BK;
-    uint8_t* const dw = sw + slot * C::W_STAGE;
-    constexpr int WC = C::W_ROW / 16;  // 16-byte chunks (32 columns) per weight row
-    static_assert((C::BN * WC) % C::THREADS == 0, "weight tile chunks must divide among the threads");
-#pragma unroll
-    for (int j = 0; j < C::BN * WC / C::THREADS; ++j) {
-      const int i = tid + j * C::THREADS;
-      const int r = i / WC, c = i % WC;
-      const int n = n0 + r, kc = k0 + c * 32;
-      const bool ok = n < p.N && kc < p.K;  // K % 32 == 0: a chunk is all in or all out
-      const uint8_t* src = ok ? p.qweight + static_cast<int64_t>(n) * (p.K / 2) + kc / 2 : p.qweight;
-      cp_async16(dw + r * C::W_ROW + w_chunk<C::W_ROW>(r, c) * 16, src, ok);
-    }
-    uint8_t* const dx = sx + slot * C::X_STAGE;
-    constexpr int XC = C::X_ROW / 16;  // 8 columns per chunk
-    for (int i = tid; i < mrows * XC; i += C::THREADS) {
-      const int r = i / XC, c = i % XC;
-      const int kc = k0 + c * 8;
-      const bool ok = kc < p.K;
-      const T* src = ok ? x + static_cast<int64_t>(m0 + r) * p.K + kc : x;
-      cp_async16(dx + r * C::X_ROW + x_chunk(r, c) * 16, src, ok);
-    }
-  };
-  auto load_tile = [&](int slot, int kt) {
-    if constexpr (LEAN) {
-      lean.issue(slot, kt, p.K);
-    } else {
-      load_tile_default(slot, kt);
-    }
-  };
+  auto load_tile = [&](int slot, int kt) { lean.issue(slot, kt, p.K); };
 
   // Per lane, k-block and row: scale bits (low 16) | zero << 16, for K tile kt.
   auto load_sz = [&](uint32_t (&sz)[R][2][KBLK], int kt) {
-    if constexpr (LEAN) {
 #pragma unroll
-      for (int j = 0; j < KBLK; ++j) {
-        const int k = kt * C::BK + j * 128 + t * 32;
-        const int gi = k >> p.group_shift;
-#pragma unroll
-        for (int r = 0; r < R; ++r)
-#pragma unroll
-          for (int h = 0; h < 2; ++h)
-            sz[r][h][j] = row_ok[r][h] && k < p.K ? static_cast<uint32_t>(__ldg(s_row[r][h] + gi)) |
-                                                        (static_cast<uint32_t>(__ldg(z_row[r][h] + gi)) << 16)
-                                                  : 0u;
-      }
-    } else {
+    for (int j = 0; j < KBLK; ++j) {
+      const int k = kt * C::BK + j * 128 + t * 32;
+      const int gi = k >> p.group_shift;
 #pragma unroll
       for (int r = 0; r < R; ++r)
 #pragma unroll
         for (int h = 0; h < 2; ++h)
-#pragma unroll
-          for (int j = 0; j < KBLK; ++j) {
-            const int n = n0 + warp * R * 16 + r * 16 + h * 8 + g;
-            const int k = kt * C::BK + j * 128 + t * 32;
-            uint32_t v = 0;
-            if (n < p.N && k < p.K) {
-              const int64_t idx = static_cast<int64_t>(n) * p.groups + (k >> p.group_shift);
-              v = static_cast<uint32_t>(__ldg(p.scales + idx)) | (static_cast<uint32_t>(__ldg(p.zeros + idx)) << 16);
-            }
-            sz[r][h][j] = v;
-          }
+          sz[r][h][j] = row_ok[r][h] && k < p.K ? static_cast<uint32_t>(__ldg(s_row[r][h] + gi)) |
+                                                      (static_cast<uint32_t>(__ldg(z_row[r][h] + gi)) << 16)
+                                                : 0u;
     }
   };
 
@@ -236,7 +189,7 @@ __global__ void __launch_bounds__(Int4Cfg<TT>::THREADS) int4_mma_kernel(const In
           wq[r][h] = lds128(tw + row * C::W_ROW + w_chunk<C::W_ROW>(row, 4 * j + t) * 16);
           const uint32_t v = sz[r][h][j];
           zero2[r][h] = (Pair<T>::kMagic + (v >> 16)) * 0x10001u;  // (magic + zero) in both halves
-          if constexpr (LEAN && std::is_same_v<T, __half>)  // -(magic / 16 + zero) in both halves: high nibbles
+          if constexpr (std::is_same_v<T, __half>)  // -(magic / 16 + zero) in both halves: high nibbles
             zero_hi2[r][h] = Pair<T>::bits_of(-(Pair<T>::kMagicValue / 16.f + static_cast<float>(v >> 16))) * 0x10001u;
           scale2[r][h] = (v & 0xFFFFu) * 0x10001u;
           scale[r][h] = Pair<T>::bits_to_float(v & 0xFFFFu);
@@ -268,34 +221,25 @@ __global__ void __launch_bounds__(Int4Cfg<TT>::THREADS) int4_mma_kernel(const In
 #pragma unroll
           for (int h = 0; h < 2; ++h) {
             const uint32_t q = word_of(wq[r][h], w);
-            if constexpr (LEAN) {
-              // One LOP3 per pair: nibble i of each half, or-ed into the magic.
-              // fp16 (10 mantissa bits; Marlin's dequantisation): pairs 1 and 3
-              // are taken in place, in the high nibble, i.e. magic + 16 q,
-              // which one fma by 1/16 turns into q - zero directly (exact:
-              // every value is a small integer). bf16 has 7 mantissa bits, so
-              // a high nibble would reach the exponent: shift it down first.
-              const uint32_t q8 = q >> 8;
-              uint32_t v[4];
-              v[0] = Pair<T>::sub(and_or(q, 0x000F000Fu, kMagic2), zero2[r][h]);
-              v[2] = Pair<T>::sub(and_or(q8, 0x000F000Fu, kMagic2), zero2[r][h]);
-              if constexpr (std::is_same_v<T, __half>) {
-                v[1] = Pair<T>::fma(and_or(q, 0x00F000F0u, kMagic2), sixteenth2, zero_hi2[r][h]);
-                v[3] = Pair<T>::fma(and_or(q8, 0x00F000F0u, kMagic2), sixteenth2, zero_hi2[r][h]);
-              } else {
-                v[1] = Pair<T>::sub(and_or(q >> 4, 0x000F000Fu, kMagic2), zero2[r][h]);
-                v[3] = Pair<T>::sub(and_or(q >> 12, 0x000F000Fu, kMagic2), zero2[r][h]);
-              }
-#pragma unroll
-              for (int i = 0; i < 4; ++i) a[h][i] = G128 ? v[i] : Pair<T>::mul(v[i], scale2[r][h]);
+            // One LOP3 per pair: nibble i of each half, or-ed into the magic.
+            // fp16 (10 mantissa bits; Marlin's dequantisation): pairs 1 and 3
+            // are taken in place, in the high nibble, i.e. magic + 16 q,
+            // which one fma by 1/16 turns into q - zero directly (exact:
+            // every value is a small integer). bf16 has 7 mantissa bits, so
+            // a high nibble would reach the exponent: shift it down first.
+            const uint32_t q8 = q >> 8;
+            uint32_t v[4];
+            v[0] = Pair<T>::sub(and_or(q, 0x000F000Fu, kMagic2), zero2[r][h]);
+            v[2] = Pair<T>::sub(and_or(q8, 0x000F000Fu, kMagic2), zero2[r][h]);
+            if constexpr (std::is_same_v<T, __half>) {
+              v[1] = Pair<T>::fma(and_or(q, 0x00F000F0u, kMagic2), sixteenth2, zero_hi2[r][h]);
+              v[3] = Pair<T>::fma(and_or(q8, 0x00F000F0u, kMagic2), sixteenth2, zero_hi2[r][h]);
             } else {
-#pragma unroll
-              for (int i = 0; i < 4; ++i) {
-                uint32_t v = Pair<T>::sub(((q >> (4 * i)) & 0x000F000Fu) | kMagic2, zero2[r][h]);
-                if constexpr (!G128) v = Pair<T>::mul(v, scale2[r][h]);
-                a[h][i] = v;
-              }
+              v[1] = Pair<T>::sub(and_or(q >> 4, 0x000F000Fu, kMagic2), zero2[r][h]);
+              v[3] = Pair<T>::sub(and_or(q >> 12, 0x000F000Fu, kMagic2), zero2[r][h]);
             }
+#pragma unroll
+            for (int i = 0; i < 4; ++i) a[h][i] = G128 ? v[i] : Pair<T>::mul(v[i], scale2[r][h]);
           }
 #pragma unroll
           for (int tt = 0; tt < TT; ++tt) {
@@ -430,53 +374,46 @@ __global__ void int4_dequant_kernel(T* __restrict__ out, const uint8_t* __restri
 
 int shift_of(int64_t group) { return group == 32 ? 5 : group == 64 ? 6 : 7; }
 
-// Opts every variant of T in at its first launch, so that a variant first used
+// Opts every instance for T in at its first launch, so that one first used
 // inside CUDA-graph capture makes no cudaFuncSetAttribute call there.
-template <typename T, bool LEAN>
-const char* opt_in_variant() {
+template <typename T>
+const char* opt_in_all() {
   const char* err = nullptr;
-  if (!err) err = opt_in_smem<int4_mma_kernel<T, 1, true, LEAN>>(Int4Cfg<1>::SMEM);
-  if (!err) err = opt_in_smem<int4_mma_kernel<T, 1, false, LEAN>>(Int4Cfg<1>::SMEM);
-  if (!err) err = opt_in_smem<int4_mma_kernel<T, 2, true, LEAN>>(Int4Cfg<2>::SMEM);
-  if (!err) err = opt_in_smem<int4_mma_kernel<T, 2, false, LEAN>>(Int4Cfg<2>::SMEM);
-  if (!err) err = opt_in_smem<int4_mma_kernel<T, 4, false, LEAN>>(Int4Cfg<4>::SMEM);
-  if (!err) err = opt_in_smem<int4_mma_kernel<T, 8, false, LEAN>>(Int4Cfg<8>::SMEM);
+  if (!err) err = opt_in_smem<int4_mma_kernel<T, 1, true>>(Int4Cfg<1>::SMEM);
+  if (!err) err = opt_in_smem<int4_mma_kernel<T, 1, false>>(Int4Cfg<1>::SMEM);
+  if (!err) err = opt_in_smem<int4_mma_kernel<T, 2, true>>(Int4Cfg<2>::SMEM);
+  if (!err) err = opt_in_smem<int4_mma_kernel<T, 2, false>>(Int4Cfg<2>::SMEM);
+  if (!err) err = opt_in_smem<int4_mma_kernel<T, 4, false>>(Int4Cfg<4>::SMEM);
+  if (!err) err = opt_in_smem<int4_mma_kernel<T, 8, false>>(Int4Cfg<8>::SMEM);
   return err;
 }
 
-template <typename T>
-const char* opt_in_all() {
-  const char* err = opt_in_variant<T, false>();
-  return err != nullptr ? err : opt_in_variant<T, true>();
-}
-
-template <typename T, int TT, bool G128, bool LEAN>
+template <typename T, int TT, bool G128>
 const char* run_mma(const Int4Params& p, cudaStream_t stream) {
   using Cfg = Int4Cfg<TT>;
   if (const char* err = opt_in_all<T>()) return err;
   const unsigned token_blocks = static_cast<unsigned>(ceil_div(p.M, kMaxTokensPerCta));
   const dim3 grid(static_cast<unsigned>(ceil_div(p.N, Cfg::BN)), static_cast<unsigned>(p.splits), token_blocks);
-  int4_mma_kernel<T, TT, G128, LEAN><<<grid, Cfg::THREADS, Cfg::SMEM, stream>>>(p);
+  int4_mma_kernel<T, TT, G128><<<grid, Cfg::THREADS, Cfg::SMEM, stream>>>(p);
   FASTLLM_CHECK_LAUNCH();
   return nullptr;
 }
 
-template <typename T, bool LEAN>
+template <typename T>
 const char* run_tiles(const Int4Params& p, int group, cudaStream_t stream) {
   const int tiles = token_tiles(p.M);
   const bool g128 = group == 128 && tiles <= 2;
   switch (tiles) {
-    case 1: return g128 ? run_mma<T, 1, true, LEAN>(p, stream) : run_mma<T, 1, false, LEAN>(p, stream);
-    case 2: return g128 ? run_mma<T, 2, true, LEAN>(p, stream) : run_mma<T, 2, false, LEAN>(p, stream);
-    case 4: return run_mma<T, 4, false, LEAN>(p, stream);
-    default: return run_mma<T, 8, false, LEAN>(p, stream);
+    case 1: return g128 ? run_mma<T, 1, true>(p, stream) : run_mma<T, 1, false>(p, stream);
+    case 2: return g128 ? run_mma<T, 2, true>(p, stream) : run_mma<T, 2, false>(p, stream);
+    case 4: return run_mma<T, 4, false>(p, stream);
+    default: return run_mma<T, 8, false>(p, stream);
   }
 }
 
 template <typename T>
-const char* launch_typed(const Int4Params& p, int group, int variant, cudaStream_t stream) {
-  const char* err = variant == 1 ? run_tiles<T, true>(p, group, stream) : run_tiles<T, false>(p, group, stream);
-  if (err != nullptr) return err;
+const char* launch_typed(const Int4Params& p, int group, cudaStream_t stream) {
+  if (const char* err = run_tiles<T>(p, group, stream)) return err;
   if (p.splits > 1)
     return launch_splitk_reduce<T>(static_cast<T*>(p.out), p.ws, static_cast<const T*>(p.bias), p.M, p.N, p.splits,
                                    stream);
@@ -519,6 +456,10 @@ const char* launch_dequant(void* out, const void* qweight, const void* scales, c
 
 int k_tile_of(int64_t m) { return token_tiles(m) <= 2 ? Int4Cfg<1>::BK : Int4Cfg<4>::BK; }
 int rows_of(int64_t m) { return token_tiles(m) == 1 ? Int4Cfg<1>::BN : Int4Cfg<2>::BN; }
+int smem_of(int64_t m) {
+  const int tiles = token_tiles(m);
+  return tiles == 1 ? Int4Cfg<1>::SMEM : tiles == 2 ? Int4Cfg<2>::SMEM : tiles == 4 ? Int4Cfg<4>::SMEM : Int4Cfg<8>::SMEM;
+}
 
 const char* check_shapes(int64_t m, int64_t n, int64_t k, int64_t group) {
   if (group != 32 && group != 64 && group != 128) return "group_size must be 32, 64 or 128";
@@ -539,18 +480,18 @@ const char* int4_linear_plan(int64_t* num_splits, int64_t* workspace_floats, int
   if (requested_splits < 0 || requested_splits > kMaxSplits) return "num_splits must be in [1, 16] (0 = automatic)";
   if (m == 0) return nullptr;
   const int64_t ctas = ceil_div<int64_t>(n, rows_of(m)) * ceil_div<int64_t>(m, kMaxTokensPerCta);
-  *num_splits = choose_splits(ctas, ceil_div<int64_t>(k, k_tile_of(m)), num_sms, requested_splits);
+  *num_splits = choose_splits(ctas, ceil_div<int64_t>(k, k_tile_of(m)), num_sms, requested_splits, m,
+                              ctas_per_sm(smem_of(m)));
   *workspace_floats = *num_splits > 1 ? *num_splits * m * n : 0;
   return nullptr;
 }
 
 const char* launch_int4_linear(void* out, void* workspace, const void* x, const void* qweight, const void* scales,
                                const void* zeros, const void* bias, int64_t m, int64_t n, int64_t k, int64_t group,
-                               int64_t num_splits, int64_t variant, int dtype, void* stream) {
+                               int64_t num_splits, int dtype, void* stream) {
   if (const char* err = check_shapes(m, n, k, group)) return err;
   if (dtype != static_cast<int>(DType::kFloat16) && dtype != static_cast<int>(DType::kBFloat16))
     return "activations must be float16 or bfloat16";
-  if (variant != 0 && variant != 1) return "variant must be 0 (default) or 1 (lean main loop)";
   if (m == 0) return nullptr;
   const cudaStream_t st = static_cast<cudaStream_t>(stream);
   const int shift = shift_of(group);
@@ -579,8 +520,8 @@ const char* launch_int4_linear(void* out, void* workspace, const void* x, const 
                static_cast<int>(groups),
                shift,
                static_cast<int>(num_splits)};
-  return half ? launch_typed<__half>(p, static_cast<int>(group), static_cast<int>(variant), st)
-              : launch_typed<__nv_bfloat16>(p, static_cast<int>(group), static_cast<int>(variant), st);
+  return half ? launch_typed<__half>(p, static_cast<int>(group), st)
+              : launch_typed<__nv_bfloat16>(p, static_cast<int>(group), st);
 }
 
 const char* launch_int4_dequantize(void* out, const void* qweight, const void* scales, const void* zeros, int64_t n,

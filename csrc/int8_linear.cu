@@ -19,8 +19,10 @@
  *   mantissa bits, so the bytes go through fp32 (permute into 2^23, subtract,
  *   pack two to bf16). The per-row scale multiplies the fp32 sums once at the end.
  * - K % 16 != 0 or unaligned x / qweight: a scalar kernel (correct, slow).
- * - Variant 1 (LEAN, opt-in until timed on a GPU): the same loop with the copy
- *   addresses computed once per CTA and advanced per tile (bit-identical results).
+ * - The copy addresses are computed once per CTA and advanced per tile
+ *   (LeanTileCopies): 508 SASS instructions per bf16 M <= 8 tile against 813
+ *   for the first version, which recomputed them every tile; 4096 x 14336 at
+ *   M = 1 went from 25.0 to 21.3 us on an H200 (bench/RESULTS.md).
  *
  * Memory traffic: each weight byte read once from DRAM (N*K bytes + 4N for the
  * scales); every CTA re-reads its x rows from L2 (M*K*2 bytes per CTA).
@@ -93,7 +95,7 @@ struct Int8Pairs<__nv_bfloat16> {
   }
 };
 
-template <typename T, int TT, bool LEAN>
+template <typename T, int TT>
 __global__ void __launch_bounds__(Int8Cfg<TT>::THREADS) int8_mma_kernel(const Int8Params p) {
   using C = Int8Cfg<TT>;
   constexpr int R = C::R, KBLK = C::KBLK, STAGES = C::STAGES;
@@ -121,46 +123,12 @@ __global__ void __launch_bounds__(Int8Cfg<TT>::THREADS) int8_mma_kernel(const In
     }
   }
 
-  // LEAN (variant 1, opt-in until timed on a GPU): the copies' addresses are
-  // computed once here and advanced by a tile per call; the default variant
-  // recomputes them every K tile (SASS of the M <= 8 bf16 kernel: 813
-  // instructions per tile, of which the dequantisation and mma take ~450).
+  // The copies' addresses are computed once here and advanced by a tile per
+  // call (recomputing them every K tile took ~360 of 813 instructions per tile).
   LeanTileCopies<C, 16> lean;
-  if constexpr (LEAN)
-    lean.init(reinterpret_cast<const uint8_t*>(p.qweight), x, sw, sx, tid, n0, p.N, m0, mrows, p.K, kt0,
-              [](int r, int c) { return x_chunk(r, c); });
-
-  auto load_tile_default = [&](int slot, int kt) {
-    const int k0 = kt * C::BK;
-    uint8_t* const dw = sw + slot * C::W_STAGE;
-    constexpr int WC = C::W_ROW / 16;  // 16-byte chunks (16 columns) per weight row
-    static_assert((C::BN * WC) % C::THREADS == 0, "weight tile chunks must divide among the threads");
-#pragma unroll
-    for (int j = 0; j < C::BN * WC / C::THREADS; ++j) {
-      const int i = tid + j * C::THREADS;
-      const int r = i / WC, c = i % WC;
-      const int n = n0 + r, kc = k0 + c * 16;
-      const bool ok = n < p.N && kc < p.K;  // K % 16 == 0 on this path: a chunk is all in or all out
-      const int8_t* src = ok ? p.qweight + static_cast<int64_t>(n) * p.K + kc : p.qweight;
-      cp_async16(dw + r * C::W_ROW + w_chunk<C::W_ROW>(r, c) * 16, src, ok);
-    }
-    uint8_t* const dx = sx + slot * C::X_STAGE;
-    constexpr int XC = C::X_ROW / 16;  // 8 columns per chunk
-    for (int i = tid; i < mrows * XC; i += C::THREADS) {
-      const int r = i / XC, c = i % XC;
-      const int kc = k0 + c * 8;
-      const bool ok = kc < p.K;
-      const T* src = ok ? x + static_cast<int64_t>(m0 + r) * p.K + kc : x;
-      cp_async16(dx + r * C::X_ROW + x_chunk(r, c) * 16, src, ok);
-    }
-  };
-  auto load_tile = [&](int slot, int kt) {
-    if constexpr (LEAN) {
-      lean.issue(slot, kt, p.K);
-    } else {
-      load_tile_default(slot, kt);
-    }
-  };
+  lean.init(reinterpret_cast<const uint8_t*>(p.qweight), x, sw, sx, tid, n0, p.N, m0, mrows, p.K, kt0,
+            [](int r, int c) { return x_chunk(r, c); });
+  auto load_tile = [&](int slot, int kt) { lean.issue(slot, kt, p.K); };
 
   float acc[R][TT][4];
 #pragma unroll
@@ -310,6 +278,10 @@ __global__ void int8_dequant_kernel(T* __restrict__ out, const int8_t* __restric
 
 int k_tile_of(int64_t m) { return token_tiles(m) == 1 ? Int8Cfg<1>::BK : Int8Cfg<2>::BK; }
 int rows_of(int64_t m) { return token_tiles(m) == 1 ? Int8Cfg<1>::BN : Int8Cfg<2>::BN; }
+int smem_of(int64_t m) {
+  const int tiles = token_tiles(m);
+  return tiles == 1 ? Int8Cfg<1>::SMEM : tiles == 2 ? Int8Cfg<2>::SMEM : tiles == 4 ? Int8Cfg<4>::SMEM : Int8Cfg<8>::SMEM;
+}
 
 const char* check_shapes(int64_t m, int64_t n, int64_t k) {
   if (m < 0 || m > static_cast<int64_t>(kMaxTokensPerCta) * 65535) return "M (tokens) out of range";
@@ -318,49 +290,42 @@ const char* check_shapes(int64_t m, int64_t n, int64_t k) {
   return nullptr;
 }
 
-// Opts every variant of T in at its first launch, so that a variant first used
+// Opts every instance for T in at its first launch, so that one first used
 // inside CUDA-graph capture makes no cudaFuncSetAttribute call there.
-template <typename T, bool LEAN>
-const char* opt_in_variant() {
+template <typename T>
+const char* opt_in_all() {
   const char* err = nullptr;
-  if (!err) err = opt_in_smem<int8_mma_kernel<T, 1, LEAN>>(Int8Cfg<1>::SMEM);
-  if (!err) err = opt_in_smem<int8_mma_kernel<T, 2, LEAN>>(Int8Cfg<2>::SMEM);
-  if (!err) err = opt_in_smem<int8_mma_kernel<T, 4, LEAN>>(Int8Cfg<4>::SMEM);
-  if (!err) err = opt_in_smem<int8_mma_kernel<T, 8, LEAN>>(Int8Cfg<8>::SMEM);
+  if (!err) err = opt_in_smem<int8_mma_kernel<T, 1>>(Int8Cfg<1>::SMEM);
+  if (!err) err = opt_in_smem<int8_mma_kernel<T, 2>>(Int8Cfg<2>::SMEM);
+  if (!err) err = opt_in_smem<int8_mma_kernel<T, 4>>(Int8Cfg<4>::SMEM);
+  if (!err) err = opt_in_smem<int8_mma_kernel<T, 8>>(Int8Cfg<8>::SMEM);
   return err;
 }
 
-template <typename T>
-const char* opt_in_all() {
-  const char* err = opt_in_variant<T, false>();
-  return err != nullptr ? err : opt_in_variant<T, true>();
-}
-
-template <typename T, int TT, bool LEAN>
+template <typename T, int TT>
 const char* run_mma(const Int8Params& p, cudaStream_t stream) {
   using Cfg = Int8Cfg<TT>;
   if (const char* err = opt_in_all<T>()) return err;
   const unsigned token_blocks = static_cast<unsigned>(ceil_div(p.M, kMaxTokensPerCta));
   const dim3 grid(static_cast<unsigned>(ceil_div(p.N, Cfg::BN)), static_cast<unsigned>(p.splits), token_blocks);
-  int8_mma_kernel<T, TT, LEAN><<<grid, Cfg::THREADS, Cfg::SMEM, stream>>>(p);
+  int8_mma_kernel<T, TT><<<grid, Cfg::THREADS, Cfg::SMEM, stream>>>(p);
   FASTLLM_CHECK_LAUNCH();
   return nullptr;
 }
 
-template <typename T, bool LEAN>
+template <typename T>
 const char* run_tiles(const Int8Params& p, cudaStream_t stream) {
   switch (token_tiles(p.M)) {
-    case 1: return run_mma<T, 1, LEAN>(p, stream);
-    case 2: return run_mma<T, 2, LEAN>(p, stream);
-    case 4: return run_mma<T, 4, LEAN>(p, stream);
-    default: return run_mma<T, 8, LEAN>(p, stream);
+    case 1: return run_mma<T, 1>(p, stream);
+    case 2: return run_mma<T, 2>(p, stream);
+    case 4: return run_mma<T, 4>(p, stream);
+    default: return run_mma<T, 8>(p, stream);
   }
 }
 
 template <typename T>
-const char* launch_typed(const Int8Params& p, int variant, cudaStream_t stream) {
-  const char* err = variant == 1 ? run_tiles<T, true>(p, stream) : run_tiles<T, false>(p, stream);
-  if (err != nullptr) return err;
+const char* launch_typed(const Int8Params& p, cudaStream_t stream) {
+  if (const char* err = run_tiles<T>(p, stream)) return err;
   if (p.splits > 1)
     return launch_splitk_reduce<T>(static_cast<T*>(p.out), p.ws, static_cast<const T*>(p.bias), p.M, p.N, p.splits,
                                    stream);
@@ -409,18 +374,18 @@ const char* int8_linear_plan(int64_t* num_splits, int64_t* workspace_floats, int
   if (requested_splits < 0 || requested_splits > kMaxSplits) return "num_splits must be in [1, 16] (0 = automatic)";
   if (m == 0) return nullptr;
   const int64_t ctas = ceil_div<int64_t>(n, rows_of(m)) * ceil_div<int64_t>(m, kMaxTokensPerCta);
-  *num_splits = choose_splits(ctas, ceil_div<int64_t>(k, k_tile_of(m)), num_sms, requested_splits);
+  *num_splits = choose_splits(ctas, ceil_div<int64_t>(k, k_tile_of(m)), num_sms, requested_splits, m,
+                              ctas_per_sm(smem_of(m)));
   *workspace_floats = *num_splits > 1 ? *num_splits * m * n : 0;
   return nullptr;
 }
 
 const char* launch_int8_linear(void* out, void* workspace, const void* x, const void* qweight, const void* scales,
-                               const void* bias, int64_t m, int64_t n, int64_t k, int64_t num_splits,
-                               int64_t variant, int dtype, void* stream) {
+                               const void* bias, int64_t m, int64_t n, int64_t k, int64_t num_splits, int dtype,
+                               void* stream) {
   if (const char* err = check_shapes(m, n, k)) return err;
   if (dtype != static_cast<int>(DType::kFloat16) && dtype != static_cast<int>(DType::kBFloat16))
     return "activations must be float16 or bfloat16";
-  if (variant != 0 && variant != 1) return "variant must be 0 (default) or 1 (lean main loop)";
   if (m == 0) return nullptr;
   const cudaStream_t st = static_cast<cudaStream_t>(stream);
   const bool half = dtype == static_cast<int>(DType::kFloat16);
@@ -444,8 +409,7 @@ const char* launch_int8_linear(void* out, void* workspace, const void* x, const 
                      static_cast<int>(n),
                      static_cast<int>(k),
                      static_cast<int>(num_splits)};
-  return half ? launch_typed<__half>(p, static_cast<int>(variant), st)
-              : launch_typed<__nv_bfloat16>(p, static_cast<int>(variant), st);
+  return half ? launch_typed<__half>(p, st) : launch_typed<__nv_bfloat16>(p, st);
 }
 
 const char* launch_int8_dequantize(void* out, const void* qweight, const void* scales, int64_t n, int64_t k, int dtype,

@@ -53,10 +53,9 @@ const char* decode_attention_plan(int64_t* num_splits, int64_t* workspace_floats
 // element strides; caches [num_blocks, block_size, Hk, D] contiguous; fp16/bf16;
 // D in {64, 80, 96, 128, 256}; block_size a power of two; sliding_window 0 = none.
 // workspace: decode_attention_plan's fp32 floats (may be null when num_splits == 1).
-// variant: 0 the default kernels; 1 the experimental split combine (one round
-// trip for the partials, launched with programmatic dependent launch on sm_90);
-// 2 that combine after the experimental tensor-core split kernel (head dims 64,
-// 128, 256; the others run variant 1). The plan must be made for the same variant.
+// variant: 0 (default) the tensor-core split kernel for head dims 64, 128, 256
+// (the CUDA-core one for 80, 96 and caches of 2^31 slots or more); 1 the
+// CUDA-core split kernel for every head dim. The plan must be made for the same variant.
 const char* launch_decode_attention(void* out, void* workspace, const void* q, const void* k_cache,
                                     const void* v_cache, const void* block_tables, const void* seq_lens,
                                     int64_t batch, int64_t num_q_heads, int64_t num_kv_heads, int64_t head_dim,
@@ -113,8 +112,8 @@ bool prefill_attention_sm90_usable(int64_t head_dim);
 const char* int8_linear_plan(int64_t* num_splits, int64_t* workspace_floats, int64_t m, int64_t n, int64_t k,
                              int64_t num_sms, int64_t requested_splits);
 const char* launch_int8_linear(void* out, void* workspace, const void* x, const void* qweight, const void* scales,
-                               const void* bias, int64_t m, int64_t n, int64_t k, int64_t num_splits,
-                               int64_t variant, int dtype, void* stream);
+                               const void* bias, int64_t m, int64_t n, int64_t k, int64_t num_splits, int dtype,
+                               void* stream);
 const char* launch_int8_dequantize(void* out, const void* qweight, const void* scales, int64_t n, int64_t k, int dtype,
                                    void* stream);
 // int4: qweight uint8 [N, K/2] (low nibble = even column), scales [N, K/g] in
@@ -124,8 +123,7 @@ const char* int4_linear_plan(int64_t* num_splits, int64_t* workspace_floats, int
                              int64_t group, int64_t num_sms, int64_t requested_splits);
 const char* launch_int4_linear(void* out, void* workspace, const void* x, const void* qweight, const void* scales,
                                const void* zeros, const void* bias, int64_t m, int64_t n, int64_t k, int64_t group,
-                               int64_t num_splits, int64_t variant, int dtype, void* stream);
-// variant (int8_linear, int4_linear): 0 the default main loop, 1 the experimental lean one (same results).
+                               int64_t num_splits, int dtype, void* stream);
 const char* launch_int4_dequantize(void* out, const void* qweight, const void* scales, const void* zeros, int64_t n,
                                    int64_t k, int64_t group, int dtype, void* stream);
 

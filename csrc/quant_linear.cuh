@@ -35,14 +35,36 @@ constexpr int kMaxSplits = 16;
 // Token tiles of 8 per CTA for M tokens: 1, 2, 4 or 8.
 inline int token_tiles(int64_t m) { return m <= 8 ? 1 : m <= 16 ? 2 : m <= 32 ? 4 : 8; }
 
-// Split-K factor: 1 unless the row tiles (times token blocks) fill fewer than
-// half the SMs; then enough splits for about one CTA per SM, each keeping at
-// least two K tiles so that its pipeline has something to overlap.
-inline int64_t choose_splits(int64_t ctas, int64_t k_tiles, int64_t sms, int64_t requested) {
+// CTAs of a kernel with `smem` bytes of dynamic shared memory that fit on one
+// SM of the current device (1 KB reserved per CTA; 228 KB per SM, Hopper's,
+// without a device), at most 4.
+inline int ctas_per_sm(int smem) {
+  int dev = 0, per_sm = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev) != cudaSuccess ||
+      per_sm <= 0) {
+    cudaGetLastError();  // no device: not an error for the next launch check to report
+    per_sm = 228 * 1024;
+  }
+  const int n = per_sm / (smem + 1024);
+  return n < 1 ? 1 : n > 4 ? 4 : n;
+}
+
+// Split-K factor: enough splits to fill every SM with as many CTAs as its
+// shared memory holds (resident = ctas_per_sm(SMEM)), each split keeping at
+// least two K tiles so that its pipeline has something to overlap. One token
+// tile (M <= 8) is pure weight streaming: a grid of at least half a wave
+// already reads at full speed there, and the reduction costs more than it
+// gains, so it is not split. Fitted to the H200 sweep of 2026-12-04
+// (bench/RESULTS.md: int4 and int8, 3 shapes x M 1 / 16, the best split
+// count within 3% in every case; the first rule, about one CTA per SM and
+// no split above half a wave, was 13-27% slower in 7 of those 12).
+inline int64_t choose_splits(int64_t ctas, int64_t k_tiles, int64_t sms, int64_t requested, int64_t m,
+                             int resident) {
   if (requested > 0) return requested < k_tiles ? requested : k_tiles;
   if (sms <= 0) sms = 132;
-  if (ctas * 2 > sms) return 1;
-  int64_t s = ceil_div<int64_t>(sms, ctas);
+  if (token_tiles(m) == 1 && ctas * 2 > sms) return 1;
+  int64_t s = sms * resident / ctas;
   const int64_t cap = k_tiles / 2 > 1 ? k_tiles / 2 : 1;
   if (s > cap) s = cap;
   if (s > kMaxSplits) s = kMaxSplits;
@@ -186,11 +208,10 @@ __device__ __forceinline__ int w_chunk(int row, int c) {
   return ROW_BYTES >= 128 ? (c ^ ((row & 1) << 2)) : c;
 }
 
-// One thread's tile copies in the lean main loops (variant 1 of int8_linear
-// and int4_linear): where each of its 16-byte chunks of a K tile comes from
-// and goes to is computed once per CTA, then the sources advance by one tile
-// per call (tiles are requested in order, kt0, kt0 + 1, ...). The default
-// loops recompute those addresses every tile. C: the kernel's tile config
+// One thread's tile copies in the main loops of int8_linear and int4_linear:
+// where each of its 16-byte chunks of a K tile comes from and goes to is
+// computed once per CTA, then the sources advance by one tile per call (tiles
+// are requested in order, kt0, kt0 + 1, ...). C: the kernel's tile config
 // (BN, BM, BK, THREADS, W_ROW, X_ROW, W_STAGE, X_STAGE); W_COLS: weight
 // columns per 16-byte chunk (16 for int8, 32 for packed int4).
 template <typename C, int W_COLS>

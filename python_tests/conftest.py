@@ -39,14 +39,10 @@ def only_named_kernels(monkeypatch):
     monkeypatch.setattr(backend, "VERIFIED_KERNELS", frozenset())
 
 
-@pytest.fixture(params=[0, 1], ids=["default-loop", "lean-loop"])
-def lean_main_loop(request, monkeypatch):
-    """Runs a quantized-linear test with the verified main loop and with the
-    lean one (int8_linear_lean / int4_linear_lean, opt-in until timed on a
-    GPU), chosen the way the op table chooses it: by FASTLLM_KERNELS."""
-    monkeypatch.setenv("FASTLLM_KERNELS", "int8_linear_lean,int4_linear_lean" if request.param else "")
-    backend.reset_settings()
-    return request.param
+def hopper_shared_memory() -> bool:
+    """Whether the quantized linears' split-K plan sees Hopper's 228 KB of shared
+    memory per SM (as without a GPU), so that its exact choices can be asserted."""
+    return not torch.cuda.is_available() or torch.cuda.get_device_capability(0)[0] in (9, 10)
 
 
 def poison_cuda_allocator(device: str = "cuda") -> None:

@@ -66,11 +66,11 @@ def check_close(out, expect_fp32, peer):
     assert err <= 2 * peer_err + 1e-4, (err, peer_err)
 
 
-# 0: the verified kernels; 1: the experimental split combine (csrc/attention.cu,
-# decode_combine2_kernel); 2: the experimental tensor-core split kernel
-# (decode_split_tc_kernel, head dims 64/128/256; others run 1) before it.
-# Tested here until they are timed and one is made the default.
-VARIANTS = [0, 1, 2]
+# The split kernels (csrc/attention.cu): 0, the default, runs on tensor cores
+# for head dims 64/128/256 (decode_split_tc_kernel) and on CUDA cores for the
+# others; 1 runs the CUDA-core one (decode_split_kernel, also the fallback for
+# caches of 2^31 slots) for every head dim. Both are tested everywhere.
+VARIANTS = [0, 1]
 
 
 def run_case(lens, hq, hk, d, dtype, block_size=16, window=None, num_splits=None, seed=0, q=None, variant=0):
@@ -136,7 +136,7 @@ def test_sliding_window(window, variant):
 @requires_cuda
 def test_short_sequences_with_many_splits_are_read_right_after():
     """Every sequence fits one split, so no combine CTA has work and all exit at
-    once; variant 1's combine is launched early (PDL) and must still complete
+    once; the combine is launched early (PDL) and must still complete
     only after the split kernel wrote the outputs that the next kernel reads."""
     from fastllm.ops import cuda
 
@@ -146,7 +146,7 @@ def test_short_sequences_with_many_splits_are_read_right_after():
     peer = torch_peer(q, k_cache, v_cache, tables, lens, 0.1)
     for i in range(20):
         poison_cuda_allocator()
-        out = cuda.decode_attention(q, k_cache, v_cache, tables, lens, 0.1, num_splits=64, _variant=1 + i % 2)
+        out = cuda.decode_attention(q, k_cache, v_cache, tables, lens, 0.1, num_splits=64, _variant=i % 2)
         snapshot = out.clone()  # the very next kernel on the stream
         check_close(snapshot, expect, peer)
 
@@ -255,10 +255,9 @@ def test_bad_input():
 
 
 @requires_cuda
-def test_experimental_variants_are_opt_in(monkeypatch):
-    """The experimental variants run only when named in FASTLLM_KERNELS (until
-    they are verified on a GPU and timed faster)."""
-    from fastllm import backend
+def test_default_variant_is_tensor_cores(monkeypatch):
+    """The op table and the wrapper run variant 0 unless told otherwise."""
+    from fastllm import backend, ops
     from fastllm.ops import cuda
 
     k_cache, v_cache, tables, lens = paged_cache([3000, 9], 2, 64, torch.bfloat16)
@@ -267,13 +266,10 @@ def test_experimental_variants_are_opt_in(monkeypatch):
     real = backend._C.decode_attention
     monkeypatch.setattr(backend._C, "decode_attention", lambda *a: (variants.append(a[-1]), real(*a))[1],
                         raising=False)
-    for setting, want in (("", 0), ("decode_attention_combine2", 1), ("decode_attention_tc", 2),
-                          ("decode_attention_tc,decode_attention_combine2", 2)):
-        monkeypatch.setenv("FASTLLM_KERNELS", setting)
-        backend.reset_settings()
-        cuda.decode_attention(q, k_cache, v_cache, tables, lens, 0.1)
-        assert variants[-1] == want
-    backend.reset_settings()
+    cuda.decode_attention(q, k_cache, v_cache, tables, lens, 0.1)
+    ops.decode_attention(q, k_cache, v_cache, tables, lens, 0.1)
+    cuda.decode_attention(q, k_cache, v_cache, tables, lens, 0.1, _variant=1)
+    assert variants == [0, 0, 1]
 
 
 @requires_cuda

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import poison_cuda_allocator, requires_cuda
+from conftest import hopper_shared_memory, poison_cuda_allocator, requires_cuda
 from fastllm import backend
 from fastllm.ops import reference as ref
 from fastllm.quant import quantize_int4
@@ -65,7 +65,7 @@ def _check(out, x, q, s, z, group, b):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("m", TOKENS)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}g{s[2]}")
-def test_kernel_matches_reference(shape, m, dtype, bias, lean_main_loop):
+def test_kernel_matches_reference(shape, m, dtype, bias):
     from fastllm.ops import cuda
 
     k, n, group = shape
@@ -80,7 +80,7 @@ def test_kernel_matches_reference(shape, m, dtype, bias, lean_main_loop):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("m", [1, 5, 16, 17, 32, 64])
 @pytest.mark.parametrize("group", [32, 64, 128])
-def test_every_group_size(group, m, dtype, lean_main_loop):
+def test_every_group_size(group, m, dtype):
     """Each group size on every token-tile variant (g = 128 has its own when M <= 16)."""
     from fastllm.ops import cuda
 
@@ -95,7 +95,7 @@ def test_every_group_size(group, m, dtype, lean_main_loop):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("m", [1, 16, 33])
 @pytest.mark.parametrize("group", [32, 128])
-def test_zeros_past_15(group, m, dtype, lean_main_loop):
+def test_zeros_past_15(group, m, dtype):
     """GPTQ v1 checkpoints repacked by fastllm.quant_formats can hold zero 16, and
     the format allows zeros up to 127: the kernel's magic-number subtraction
     (1024 + zero in fp16, 128 + zero in bf16) must stay exact there, on the
@@ -116,7 +116,7 @@ def test_zeros_past_15(group, m, dtype, lean_main_loop):
 
 @requires_cuda
 @pytest.mark.parametrize("k", [32, 96, 160, 288])
-def test_k_not_a_multiple_of_the_tile(k, lean_main_loop):
+def test_k_not_a_multiple_of_the_tile(k):
     """K only a multiple of the group: partial K tiles and partial 128-column k-blocks."""
     from fastllm.ops import cuda
 
@@ -128,7 +128,7 @@ def test_k_not_a_multiple_of_the_tile(k, lean_main_loop):
 
 @requires_cuda
 @pytest.mark.parametrize("m", [65, 130, 200])
-def test_fused_kernel_past_64_tokens(m, lean_main_loop):
+def test_fused_kernel_past_64_tokens(m):
     """The wrapper dequantizes + cuBLAS there; the fused kernel itself loops 64-token blocks."""
     from fastllm.ops import cuda_quant
 
@@ -141,7 +141,7 @@ def test_fused_kernel_past_64_tokens(m, lean_main_loop):
 @requires_cuda
 @pytest.mark.parametrize("splits", [2, 3, 16])
 @pytest.mark.parametrize("m", [1, 16, 33])
-def test_split_k(m, splits, lean_main_loop):
+def test_split_k(m, splits):
     from fastllm.ops import cuda_quant
 
     q, s, z, b = _weights(4096, 1000, 128, torch.bfloat16)
@@ -215,32 +215,10 @@ def test_bad_input():
         cuda.int4_linear(x, q, s, z, 64, b[:3])
     with pytest.raises(ValueError, match="contiguous"):
         cuda.int4_linear(x, q, s, z, 64, torch.randn(64, device="cuda", dtype=torch.float16)[::2])
-    from fastllm.ops import cuda_quant
-
-    with pytest.raises(ValueError, match="_variant"):
-        cuda_quant._int4_fused(x, q, s, z, 64, _variant=2)
 
 
 @requires_cuda
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("m", [1, 7, 16, 33, 64])
-@pytest.mark.parametrize("group", [32, 64, 128])
-def test_lean_main_loop_is_bitwise_the_default(group, m, dtype):
-    """The lean main loop feeds the tensor cores the very same dequantized
-    values in the same order (every value it forms is an exact small integer),
-    so it must agree with the verified loop bit for bit, split-K included."""
-    from fastllm.ops import cuda_quant
-
-    q, s, z, b = _weights(2176, 4104, group, dtype)  # K: 8.5 tiles of 256 columns (17 of 128)
-    x = _x((m, 2176), dtype)
-    for splits in (0, 3):
-        want = cuda_quant._int4_fused(x, q, s, z, group, b, splits=splits, _variant=0)
-        got = cuda_quant._int4_fused(x, q, s, z, group, b, splits=splits, _variant=1)
-        assert torch.equal(got, want)
-
-
-@requires_cuda
-def test_under_cuda_graph(lean_main_loop):
+def test_under_cuda_graph():
     from fastllm.ops import cuda
 
     q, s, z, b = _weights(4096, 1024, 128, torch.bfloat16)
@@ -324,11 +302,13 @@ def test_supported_predicate():
 @pytest.mark.skipif(not backend.HAS_C, reason="needs fastllm's compiled extension")
 def test_plan():
     plan = backend._C.int4_linear_plan
-    assert plan(1, 14336, 4096, 128, 132, 0) == (1, 0)  # 224 CTAs
-    assert plan(16, 14336, 4096, 128, 132, 0) == (1, 0)  # 112 CTAs: more than half the SMs
-    assert plan(64, 14336, 4096, 128, 132, 0) == (1, 0)
+    assert plan(1, 14336, 4096, 128, 132, 0) == (1, 0)  # 224 CTAs of one token tile: weight streaming, no split
     splits, ws = plan(1, 4096, 14336, 128, 132, 0)  # 64 CTAs: split K
     assert 2 <= splits <= 16 and ws == splits * 4096 and 64 * splits >= 132
+    if hopper_shared_memory():  # 4 CTAs of 48 KB fit an SM: the split the H200 sweep found best
+        assert splits == 8
+        assert plan(16, 14336, 4096, 128, 132, 0) == (2, 2 * 16 * 14336)  # 112 CTAs of 96 KB, 2 per SM
+        assert plan(16, 4096, 14336, 128, 132, 0)[0] == 8  # 32 CTAs
     assert plan(7, 1000, 4096, 64, 132, 3) == (3, 3 * 7 * 1000)
     assert plan(1, 100, 128, 32, 132, 16)[0] == 1  # clamped to the one K tile
     for m in (1, 8, 9, 16, 17, 33, 64, 65, 1000):

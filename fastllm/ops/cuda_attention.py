@@ -14,15 +14,13 @@ import math
 import torch
 from torch import Tensor
 
-from fastllm import backend
 from fastllm.ops.cuda_common import DTYPE_CODES, check_tensor, current_stream, ext
 
 DECODE_HEAD_DIMS = (64, 80, 96, 128, 256)
 DECODE_DTYPES = (torch.float16, torch.bfloat16)
 MAX_SPLITS = 256
 FLOAT32_MAX = torch.finfo(torch.float32).max
-COMBINE2_KERNEL = "decode_attention_combine2"  # the experimental split combine (_variant=1)
-TC_KERNEL = "decode_attention_tc"  # the experimental tensor-core split kernel + that combine (_variant=2)
+VARIANTS = (0, 1)  # split kernels: 0 tensor cores where the head dim allows (default), 1 CUDA cores
 
 
 def _check_rows(op: str, name: str, t: Tensor, dims: int) -> None:
@@ -135,7 +133,7 @@ def decode_attention(
     *,
     max_seq_len: int | None = None,
     num_splits: int | None = None,
-    _variant: int | None = None,
+    _variant: int = 0,
 ) -> Tensor:
     """CUDA decode attention over the paged cache; see ``reference.decode_attention``.
 
@@ -151,13 +149,10 @@ def decode_attention(
     only sizes the grid: a smaller bound costs speed, never correctness. When
     None it is read with one ``seq_lens.max().item()`` (a host sync: pass it
     when capturing). ``num_splits`` forces the number of key splits (1..256;
-    tests and tuning); None lets the kernel choose. ``_variant`` 1 runs the
-    experimental combine of the splits (csrc/attention.cu: one round trip for
-    the partials, programmatic dependent launch on sm_90), 2 the experimental
-    tensor-core split kernel before it (head dims 64, 128, 256; others run 1),
-    0 the verified kernels; None picks 2 or 1 when the kernel
-    ``decode_attention_tc`` or ``decode_attention_combine2`` is enabled
-    (``FASTLLM_KERNELS``; neither is in ``backend.VERIFIED_KERNELS`` yet).
+    tests and tuning); None lets the kernel choose. ``_variant`` (tests and
+    benchmarks): 0 runs the tensor-core split kernel for head dims 64, 128
+    and 256 and the CUDA-core one otherwise; 1 the CUDA-core one for every
+    head dim (csrc/attention.cu).
     """
     op = "decode_attention"
     _check_rows(op, "q", q, 3)
@@ -191,11 +186,8 @@ def decode_attention(
         raise ValueError(f"{op}: sliding_window must be None or an int >= 1, got {sliding_window!r}")
     if num_splits is not None and (not isinstance(num_splits, int) or not 1 <= num_splits <= MAX_SPLITS):
         raise ValueError(f"{op}: num_splits must be None or an int in [1, {MAX_SPLITS}], got {num_splits!r}")
-    if _variant is None:
-        _variant = 2 if backend.kernel_enabled(TC_KERNEL) else 1 if backend.kernel_enabled(COMBINE2_KERNEL) else 0
-    if _variant not in (0, 1, 2):
-        raise ValueError(f"{op}: _variant must be 0 (default), 1 (experimental combine) or 2 (tensor cores), "
-                         f"got {_variant!r}")
+    if _variant not in VARIANTS:
+        raise ValueError(f"{op}: _variant must be 0 (default: tensor cores) or 1 (CUDA cores), got {_variant!r}")
     if b == 0:
         return torch.empty_like(q)
     qs = _strides(q)

@@ -18,29 +18,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastllm import backend
 from fastllm.ops.cuda_common import DTYPE_CODES, check_tensor, current_stream, ext
 
 ACT_DTYPES = (torch.float16, torch.bfloat16)
 INT4_GROUP_SIZES = (32, 64, 128)
 # Tokens up to which the fused kernel runs; beyond, dequantize + cuBLAS.
 FUSED_MAX_TOKENS = 64
-# The experimental lean main loops of int8_linear / int4_linear (variant 1):
-# opt-in by these names in FASTLLM_KERNELS until they are timed on a GPU.
-INT8_LEAN_KERNEL = "int8_linear_lean"
-INT4_LEAN_KERNEL = "int4_linear_lean"
-
-
-def _variant_of(op: str, variant: int | None, lean_kernel: str) -> int:
-    """The main loop to run: ``variant`` as given (0 verified, 1 lean), or
-    by whether ``lean_kernel`` is enabled when None."""
-    if variant is None:
-        return 1 if backend.kernel_enabled(lean_kernel) else 0
-    if variant not in (0, 1):
-        raise ValueError(f"{op}: _variant must be 0 (default) or 1 (lean main loop), got {variant!r}")
-    return variant
-
-
 @functools.lru_cache(maxsize=None)
 def _num_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
@@ -122,14 +105,10 @@ def int8_linear(x: Tensor, qweight: Tensor, scales: Tensor, bias: Tensor | None 
 
 
 def _int8_fused(
-    x: Tensor, qweight: Tensor, scales: Tensor, bias: Tensor | None = None, splits: int = 0,
-    _variant: int | None = None,
+    x: Tensor, qweight: Tensor, scales: Tensor, bias: Tensor | None = None, splits: int = 0
 ) -> Tensor:
-    """The fused kernel for any number of tokens; ``splits`` 0 = automatic split-K.
-    ``_variant``: 0 the verified main loop, 1 the lean one (copy addresses
-    computed once); None picks 1 when ``int8_linear_lean`` is enabled."""
+    """The fused kernel for any number of tokens; ``splits`` 0 = automatic split-K."""
     n, k = _check_int8(x, qweight, scales, bias)
-    variant = _variant_of("int8_linear", _variant, INT8_LEAN_KERNEL)
     m = x.numel() // k
     out = _out(x, n)
     if m == 0:
@@ -140,7 +119,7 @@ def _int8_fused(
         ext().int8_linear(
             out.data_ptr(), ws_ptr, x.data_ptr(), qweight.data_ptr(), scales.data_ptr(),
             bias.data_ptr() if bias is not None else 0, m, n, k, num_splits, DTYPE_CODES[x.dtype],
-            current_stream(x.device), variant,
+            current_stream(x.device),
         )
     return out
 
@@ -227,14 +206,10 @@ def int4_linear(
 
 def _int4_fused(
     x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, group_size: int, bias: Tensor | None = None,
-    splits: int = 0, _variant: int | None = None,
+    splits: int = 0,
 ) -> Tensor:
-    """The fused kernel for any number of tokens; ``splits`` 0 = automatic split-K.
-    ``_variant``: 0 the verified main loop, 1 the lean one (addresses computed
-    once, one LOP3 per dequantized pair); None picks 1 when ``int4_linear_lean``
-    is enabled (FASTLLM_KERNELS)."""
+    """The fused kernel for any number of tokens; ``splits`` 0 = automatic split-K."""
     n, k = _check_int4(x, qweight, scales, zeros, group_size, bias)
-    variant = _variant_of("int4_linear", _variant, INT4_LEAN_KERNEL)
     m = x.numel() // k
     out = _out(x, n)
     if m == 0:
@@ -245,7 +220,7 @@ def _int4_fused(
         ext().int4_linear(
             out.data_ptr(), ws_ptr, x.data_ptr(), qweight.data_ptr(), scales.data_ptr(), zeros.data_ptr(),
             bias.data_ptr() if bias is not None else 0, m, n, k, group_size, num_splits, DTYPE_CODES[x.dtype],
-            current_stream(x.device), variant,
+            current_stream(x.device),
         )
     return out
 
