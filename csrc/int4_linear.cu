@@ -8,7 +8,9 @@
  * Algorithm (M <= 64 per CTA; the Python wrapper dequantizes and calls cuBLAS
  * for larger M): tensor-core GEMV/GEMM with the weights as the mma A operand
  * (see quant_linear.cuh for why the row-major layout works as is).
- * - CTA = 4 warps; BN = 64 (M <= 8) or 128 weight rows, all M tokens, a K range
+ * - CTA = 4 warps along N (8 at M <= 8: two groups of 4 take alternate
+ *   128-column k-blocks of every K tile and sum through shared memory at the
+ *   end, for more warps per SM); BN = 64 (M <= 8) or 128 weight rows, all M tokens, a K range
  *   (all of K unless split-K). 4-stage cp.async pipeline of K tiles (BK = 256,
  *   or 128 for M > 16 so that the x tiles fit): the raw packed weights and
  *   the x rows, both in swizzled shared memory.
@@ -51,10 +53,16 @@ struct Int4Cfg {
   static constexpr int R = TT == 1 ? 1 : 2;          // 16-row tiles per warp
   static constexpr int BK = TT <= 2 ? 256 : 128;     // K per pipeline stage
   static constexpr int STAGES = 4;
-  static constexpr int WARPS = 4, THREADS = WARPS * 32;  // all warps along N
-  static constexpr int BN = 16 * R * WARPS;          // weight rows per CTA
+  // Warps along N, and warp groups along K: at M <= 8 two groups split each
+  // K tile's k-blocks between them (summed through shared memory at the end),
+  // so that an SM has twice the warps to hide the dequantisation chains.
+  static constexpr int WARPS_N = 4, KW = TT == 1 ? 2 : 1;
+  static constexpr int WARPS = WARPS_N * KW, THREADS = WARPS * 32;
+  static constexpr int BN = 16 * R * WARPS_N;        // weight rows per CTA
   static constexpr int BM = 8 * TT;                  // token rows per CTA
   static constexpr int KBLK = BK / 128;              // 128-column k-blocks per stage
+  static constexpr int JW = KBLK / KW;               // k-blocks per warp per stage
+  static_assert(KBLK % KW == 0, "the k-blocks of a stage must divide among the warp groups");
   static constexpr int W_ROW = BK / 2;               // bytes of a weight row per stage
   static constexpr int X_ROW = BK * 2;               // bytes of an x row per stage
   static constexpr int W_STAGE = BN * W_ROW;
@@ -81,12 +89,13 @@ __device__ __forceinline__ int x_chunk(int row, int c) { return c ^ ((c >> 3) & 
 template <typename T, int TT, bool G128>
 __global__ void __launch_bounds__(Int4Cfg<TT>::THREADS) int4_mma_kernel(const Int4Params p) {
   using C = Int4Cfg<TT>;
-  constexpr int R = C::R, KBLK = C::KBLK, STAGES = C::STAGES;
+  constexpr int R = C::R, JW = C::JW, STAGES = C::STAGES;
   extern __shared__ __align__(128) uint8_t smem[];
   uint8_t* const sw = smem;
   uint8_t* const sx = smem + STAGES * C::W_STAGE;
 
-  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
+  const int tid = threadIdx.x, lane = tid & 31, g = lane >> 2, t = lane & 3;
+  const int warp = (tid >> 5) % C::WARPS_N, kw = (tid >> 5) / C::WARPS_N;  // rows warp * R * 16.., k-blocks kw + KW i
   const int n0 = blockIdx.x * C::BN;
   const int m0 = blockIdx.z * C::BM;
   const int mrows = min(C::BM, p.M - m0);
@@ -148,16 +157,16 @@ __global__ void __launch_bounds__(Int4Cfg<TT>::THREADS) int4_mma_kernel(const In
   auto load_tile = [&](int slot, int kt) { lean.issue(slot, kt, p.K); };
 
   // Per lane, k-block and row: scale bits (low 16) | zero << 16, for K tile kt.
-  auto load_sz = [&](uint32_t (&sz)[R][2][KBLK], int kt) {
+  auto load_sz = [&](uint32_t (&sz)[R][2][JW], int kt) {
 #pragma unroll
-    for (int j = 0; j < KBLK; ++j) {
-      const int k = kt * C::BK + j * 128 + t * 32;
+    for (int jj = 0; jj < JW; ++jj) {
+      const int k = kt * C::BK + (kw + C::KW * jj) * 128 + t * 32;
       const int gi = k >> p.group_shift;
 #pragma unroll
       for (int r = 0; r < R; ++r)
 #pragma unroll
         for (int h = 0; h < 2; ++h)
-          sz[r][h][j] = row_ok[r][h] && k < p.K ? static_cast<uint32_t>(__ldg(s_row[r][h] + gi)) |
+          sz[r][h][jj] = row_ok[r][h] && k < p.K ? static_cast<uint32_t>(__ldg(s_row[r][h] + gi)) |
                                                       (static_cast<uint32_t>(__ldg(z_row[r][h] + gi)) << 16)
                                                 : 0u;
     }
@@ -171,13 +180,14 @@ __global__ void __launch_bounds__(Int4Cfg<TT>::THREADS) int4_mma_kernel(const In
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc[r][tt][e] = 0.f;
 
-  auto compute = [&](int slot, const uint32_t (&sz)[R][2][KBLK]) {
+  auto compute = [&](int slot, const uint32_t (&sz)[R][2][JW]) {
     const uint8_t* const tw = sw + slot * C::W_STAGE;
     const uint8_t* const tx = sx + slot * C::X_STAGE;
     constexpr uint32_t kMagic2 = Pair<T>::kMagic * 0x10001u;
     const uint32_t sixteenth2 = Pair<T>::bits_of(0.0625f) * 0x10001u;  // 1/16 in both halves
 #pragma unroll
-    for (int j = 0; j < KBLK; ++j) {
+    for (int jj = 0; jj < JW; ++jj) {
+      const int j = kw + C::KW * jj;
       uint4 wq[R][2];
       uint32_t zero2[R][2], scale2[R][2], zero_hi2[R][2];
       float scale[R][2];
@@ -187,7 +197,7 @@ __global__ void __launch_bounds__(Int4Cfg<TT>::THREADS) int4_mma_kernel(const In
         for (int h = 0; h < 2; ++h) {
           const int row = warp * R * 16 + r * 16 + h * 8 + g;
           wq[r][h] = lds128(tw + row * C::W_ROW + w_chunk<C::W_ROW>(row, 4 * j + t) * 16);
-          const uint32_t v = sz[r][h][j];
+          const uint32_t v = sz[r][h][jj];
           zero2[r][h] = (Pair<T>::kMagic + (v >> 16)) * 0x10001u;  // (magic + zero) in both halves
           if constexpr (std::is_same_v<T, __half>)  // -(magic / 16 + zero) in both halves: high nibbles
             zero_hi2[r][h] = Pair<T>::bits_of(-(Pair<T>::kMagicValue / 16.f + static_cast<float>(v >> 16))) * 0x10001u;
@@ -268,7 +278,7 @@ __global__ void __launch_bounds__(Int4Cfg<TT>::THREADS) int4_mma_kernel(const In
     if (kt0 + s < kt1) load_tile(s, kt0 + s);
     cp_async_commit();
   }
-  uint32_t sz[R][2][KBLK];
+  uint32_t sz[R][2][JW];
   load_sz(sz, kt0);
   for (int kt = kt0; kt < kt1; ++kt) {
     cp_async_wait<STAGES - 2>();
@@ -276,7 +286,7 @@ __global__ void __launch_bounds__(Int4Cfg<TT>::THREADS) int4_mma_kernel(const In
     const int next = kt + STAGES - 1;
     if (next < kt1) load_tile((next - kt0) % STAGES, next);
     cp_async_commit();
-    uint32_t sz_next[R][2][KBLK];
+    uint32_t sz_next[R][2][JW];
     load_sz(sz_next, kt + 1);
     compute((kt - kt0) % STAGES, sz);
 #pragma unroll
@@ -284,9 +294,38 @@ __global__ void __launch_bounds__(Int4Cfg<TT>::THREADS) int4_mma_kernel(const In
 #pragma unroll
       for (int h = 0; h < 2; ++h)
 #pragma unroll
-        for (int j = 0; j < KBLK; ++j) sz[r][h][j] = sz_next[r][h][j];
+        for (int jj = 0; jj < JW; ++jj) sz[r][h][jj] = sz_next[r][h][jj];
   }
   cp_async_wait<0>();
+
+  // Warp groups along K: groups 1.. hand their sums to group 0 through the
+  // (now idle) pipeline memory, which adds them in a fixed order.
+  if constexpr (C::KW > 1) {
+    constexpr int V = R * TT * 4;  // floats per lane
+    static_assert((C::KW - 1) * C::WARPS_N * 32 * V * 4 <= C::SMEM, "the K-group sums must fit the pipeline memory");
+    float* const red = reinterpret_cast<float*>(smem);
+    __syncthreads();  // every warp is past its last tile
+    if (kw > 0) {
+#pragma unroll
+      for (int r = 0; r < R; ++r)
+#pragma unroll
+        for (int tt = 0; tt < TT; ++tt)
+#pragma unroll
+          for (int e = 0; e < 4; ++e)
+            red[(((kw - 1) * C::WARPS_N + warp) * V + (r * TT + tt) * 4 + e) * 32 + lane] = acc[r][tt][e];
+    }
+    __syncthreads();
+    if (kw > 0) return;
+#pragma unroll
+    for (int k = 1; k < C::KW; ++k)
+#pragma unroll
+      for (int r = 0; r < R; ++r)
+#pragma unroll
+        for (int tt = 0; tt < TT; ++tt)
+#pragma unroll
+          for (int e = 0; e < 4; ++e)
+            acc[r][tt][e] += red[(((k - 1) * C::WARPS_N + warp) * V + (r * TT + tt) * 4 + e) * 32 + lane];
+  }
 
   // Epilogue: c0, c1 = (row g, tokens 2t, 2t+1); c2, c3 = row g + 8.
   T* const out = static_cast<T*>(p.out);
