@@ -107,10 +107,12 @@ class DecodeGraphRunner:
         """Whether a decode step of these sequences can run here."""
         return 0 < len(seqs) <= self.max_batch_size and all(s.num_cached < self.max_seq_len for s in seqs)
 
-    def step(self, seqs: Sequence[CachedSequence], tokens: Sequence[int]) -> Tensor:
+    def step(self, seqs: Sequence[CachedSequence], tokens: Sequence[int] | Tensor) -> Tensor:
         """Append one token per sequence to the cache and return its fp32
         logits [B, V]. The tensor is the graph's output buffer: read it before
-        the next step."""
+        the next step. ``tokens`` may be an int64 tensor [B] on the cache's
+        device (the previous step's samples, not yet read by the host): it is
+        copied into the step's inputs on the device, in stream order."""
         if not self.fits(seqs) or len(tokens) != len(seqs):
             raise ValueError(f"a decode step of {len(seqs)} sequences does not fit this runner "
                              f"(at most {self.max_batch_size} sequences shorter than {self.max_seq_len} tokens)")
@@ -127,14 +129,15 @@ class DecodeGraphRunner:
         return self._forward(n)[:b]
 
     # ------------------------------------------------------------------ inputs
-    def _load(self, seqs: Sequence[CachedSequence], tokens: Sequence[int], n: int) -> None:
+    def _load(self, seqs: Sequence[CachedSequence], tokens: Sequence[int] | Tensor, n: int) -> None:
         """Fill rows [0, n) of the static buffers: the real sequences, then padding."""
         if self._copied is not None:
             self._copied.synchronize()  # the last step's copies have read the host mirrors
         bs, b = self.cache.block_size, len(seqs)
         longs, lens = self._np_longs, self._np_lens
         slots = [append_slots(self.cache, seq, 1)[0] for seq in seqs]
-        longs[0, :b] = tokens
+        on_device = isinstance(tokens, Tensor)
+        longs[0, :b] = 0 if on_device else tokens
         longs[1, :b] = [seq.num_cached - 1 for seq in seqs]
         longs[2, :b] = slots
         longs[0:2, b:n] = 0
@@ -145,6 +148,8 @@ class DecodeGraphRunner:
         # all of _longs (a few KB): [:, :n] is not contiguous, and a strided
         # host-to-device copy would stage through pageable memory and block
         self._longs.copy_(self._host_longs, non_blocking=True)
+        if on_device:  # after the host copy above, which carried zeros in these rows
+            self._longs[0, :b].copy_(tokens)
         self._lens[:n].copy_(self._host_lens[:n], non_blocking=True)
         if hi > lo:  # whole rows: a contiguous range
             self._tables[lo:hi].copy_(self._host_tables[lo:hi], non_blocking=True)

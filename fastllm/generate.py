@@ -3,11 +3,20 @@
 Sequences of a batch are packed without padding; each step runs the network
 on the new tokens of the sequences still running, samples one token for each,
 and drops those that finished (their KV blocks go back to the pool).
+
+Decode steps through a graph runner overlap the host with the device
+(``_overlapped``): step n + 1 is launched on step n's sampled tokens while
+they are still on the device, and only then does the host read step n's
+tokens and do its part (detokenizing, stop strings, finishing). A sequence
+that step n finishes has one more row computed in step n + 1, which is
+dropped. Requests whose next draw needs the host to have seen the last token
+(repetition, frequency and presence penalties, structured output) or that ask
+for logprobs take the plain loop.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -230,6 +239,11 @@ def run(
     active = list(requests)
     new_tokens = [r.prompt_ids for r in active]
     while active:
+        if runner is not None and all(len(t) == 1 for t in new_tokens) and all(map(_overlappable, active)):
+            active = yield from _overlapped(cache, active, eos_ids, runner)
+            new_tokens = [[r.output_ids[-1]] for r in active]
+            if not active:
+                return
         with device_scope(cache.device):  # kernels launch on the model's GPU, whichever is current
             logits = forward_step(network, cache, [r.cached for r in active], new_tokens, runner, active)  # [B, V]
             next_ids, lps = sample_requests(logits, active)
@@ -241,6 +255,89 @@ def run(
         yield active
         active = [r for r in active if not r.finish_reason]
         new_tokens = [[r.output_ids[-1]] for r in active]
+
+
+def _overlappable(r: Request) -> bool:
+    """Whether ``r``'s next draw can be launched before the host has read its
+    last token: its logit processors need no token history (the count alone
+    sets what min_new_tokens bans) and it wants no logprobs."""
+    c = r.config
+    return (c.repetition_penalty == 1.0 and not c.frequency_penalty and not c.presence_penalty
+            and r.matcher is None and c.logprobs is None)
+
+
+@dataclass
+class _Flight:
+    """A decode step launched and not yet read: its requests, their sampled
+    tokens on the device, and the host copy of them (ready once ``copied``)."""
+
+    requests: list[Request]
+    tokens: Tensor  # [B] int64 on the device
+    host: Tensor  # [B] int64, pinned on a GPU
+    copied: torch.cuda.Event | None
+
+
+def _launch(cache: KVCache, runner: DecodeGraphRunner, requests: list[Request], tokens: list[int] | Tensor,
+            pending: int) -> _Flight:
+    """One decode step of ``requests`` on ``tokens`` (host ids, or the last
+    step's samples on the device), its draw and the copy of the draws to the
+    host, all enqueued without waiting. ``pending``: tokens each request has
+    drawn that the host has not accepted yet (0 or 1); the draw is its
+    ``len(output_ids) + pending``-th."""
+    logits = runner.step([r.cached for r in requests], tokens)
+    contexts = [r.logit_context([0] * pending) for r in requests]  # no history is read: only the count
+    drawn = sample_next(logits, [r.config for r in requests], contexts, [r.seed for r in requests],
+                        [len(r.output_ids) + pending for r in requests])
+    if cache.device.type != "cuda":
+        return _Flight(requests, drawn, drawn, None)
+    host = torch.empty(drawn.shape, dtype=drawn.dtype, pin_memory=True)
+    host.copy_(drawn, non_blocking=True)
+    copied = torch.cuda.Event()
+    copied.record()
+    return _Flight(requests, drawn, host, copied)
+
+
+def _overlapped(cache: KVCache, active: list[Request], eos_ids: frozenset[int],
+                runner: DecodeGraphRunner) -> Generator[list[Request], None, list[Request]]:
+    """Decode ``active`` (each with its last token sampled, not yet cached)
+    with the host one step behind the device; yields as ``run`` does and
+    returns the requests left unfinished when a step no longer fits the
+    runner (none when all finished)."""
+    with device_scope(cache.device):
+        flight: _Flight | None = (_launch(cache, runner, active, [r.output_ids[-1] for r in active], 0)
+                                  if runner.fits([r.cached for r in active]) else None)
+    if flight is None:
+        return active
+    while flight is not None:
+        # The next step, for what may still need a token after this one: not
+        # the requests that finished before this step (their row here is
+        # dropped) nor those whose token here is their last by length.
+        keep = [i for i, r in enumerate(flight.requests)
+                if r.finish_reason is None and len(r.output_ids) + 1 < r.max_new_tokens]
+        following = [flight.requests[i] for i in keep]
+        nxt = None
+        if following and runner.fits([r.cached for r in following]):
+            with device_scope(cache.device):
+                tokens = flight.tokens
+                if len(keep) < len(flight.requests):
+                    tokens = tokens.index_select(0, torch.tensor(keep, dtype=torch.int64).to(tokens.device))
+                nxt = _launch(cache, runner, following, tokens, 1)
+        if flight.copied is not None:
+            flight.copied.synchronize()
+        got = []
+        for r, tok in zip(flight.requests, flight.host.tolist()):
+            if r.finish_reason is not None:
+                continue  # finished by the step before: this row was computed ahead and is dropped
+            r.accept(tok, eos_ids)
+            got.append(r)
+            if r.finish_reason:  # free now: a later step that reuses its blocks runs after the one in flight
+                cache.allocator.release(r.cached.block_table)
+                r.cached.block_table = []
+        yield got
+        if nxt is None:  # every request is done, or the next step did not fit: the plain loop takes over
+            return [r for r in flight.requests if r.finish_reason is None]
+        flight = nxt
+    return []
 
 
 def holding(lease, steps: Iterator[list[Request]]) -> Iterator[list[Request]]:

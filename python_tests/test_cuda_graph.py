@@ -73,6 +73,71 @@ def test_generate_through_runner_equals_eager(model, graphed, params):
     assert not graphed._graphs.busy
 
 
+@pytest.mark.parametrize("params", [
+    dict(max_new_tokens=30, ignore_eos=True),
+    dict(max_new_tokens=25, temperature=0.8, top_k=20, seed=7, stop=["e", "a "]),
+    dict(max_new_tokens=25, temperature=1.0, top_p=0.95, min_p=0.02, seed=1, min_new_tokens=4,
+         logit_bias={5: 3.0}, ignore_eos=True),
+    dict(max_new_tokens=1),
+    dict(max_new_tokens=2, temperature=0.7, seed=2),
+], ids=["greedy", "stop-strings", "min-tokens-bias", "one-token", "two-tokens"])
+def test_overlapped_decoding_equals_eager(monkeypatch, model, graphed, params):
+    """Through the runner, decode steps run one ahead of the host (generate._overlapped):
+    the same tokens, text and finish reasons as eager decoding, with requests
+    that finish at different steps (stop strings, stop ids) and rows computed
+    ahead for finished requests dropped."""
+    from fastllm import generate
+
+    launches = []
+    real = generate._launch
+    monkeypatch.setattr(generate, "_launch", lambda *a: (launches.append(len(a[2])), real(*a))[1])
+    want = model.generate(PROMPTS, **params)
+    got = graphed.generate(PROMPTS, **params)
+    assert [(o.token_ids, o.text, o.finish_reason) for o in got] == [
+        (o.token_ids, o.text, o.finish_reason) for o in want
+    ]
+    longest = max(len(o.token_ids) for o in got)
+    # every decode step went through it; past the longest request at most one step computed ahead (when
+    # it ends by a stop, which the host sees one step late), none when it ends by length
+    assert longest - 1 <= len(launches) <= longest
+    if all(o.finish_reason == "length" for o in got):
+        assert len(launches) == longest - 1
+    allocator = graphed._graphs.cache.allocator
+    assert not graphed._graphs.busy and allocator.num_free == allocator.num_blocks  # every block released
+
+
+def test_overlapped_decoding_with_stop_ids_and_a_stream(model, graphed):
+    """Stop ids that end the requests at different steps, and streaming (the
+    text of each step handed out while the next step runs)."""
+    greedy = model.generate(PROMPTS, max_new_tokens=12, ignore_eos=True)
+    stops = [o.token_ids[3] for o in greedy[:2]]  # ends request 0 at its 4th token (or earlier), 1 likewise
+    params = dict(max_new_tokens=12, stop_token_ids=stops)
+    want = model.generate(PROMPTS, **params)
+    got = graphed.generate(PROMPTS, **params)
+    assert [(o.token_ids, o.finish_reason) for o in got] == [(o.token_ids, o.finish_reason) for o in want]
+    assert len(got[0].token_ids) <= 4 and got[0].finish_reason == "stop"
+    text = "".join(graphed.stream(PROMPTS[2], max_new_tokens=15, ignore_eos=True))
+    assert text == model.generate(PROMPTS[2], max_new_tokens=15, ignore_eos=True).text
+
+
+def test_overlapped_decoding_hands_back_when_a_step_does_not_fit(model):
+    """A runner too short for the whole generation: the overlapped steps stop
+    where the next one would not fit and the plain loop finishes (eagerly)."""
+    from fastllm import generate
+
+    cfg, tok = model.config, model.tokenizer
+    cache = KVCache(cfg.num_layers, 32, cfg.num_kv_heads, cfg.head_dim, torch.float32, torch.device("cpu"),
+                    reserved_blocks=1)
+    ids = [tok.encode(p) for p in PROMPTS[:2]]
+    runner = DecodeGraphRunner(model.network, cache, 2, max(map(len, ids)) + 6, use_graphs=False)
+    requests = model._requests(ids, model._config(None, dict(max_new_tokens=14, ignore_eos=True)))
+    for _ in generate.run(model.network, cache, requests, model.eos_ids, runner):
+        pass
+    want = model.generate(ids, max_new_tokens=14, ignore_eos=True)
+    assert [r.output_ids for r in requests] == [o.token_ids for o in want]
+    assert 0 < runner.num_steps < 13  # some steps through the runner, the rest eagerly
+
+
 def test_graph_cache_grows_and_is_reused(model, graphed):
     g = graphed._graphs
     one = graphed.generate(PROMPTS[0], max_new_tokens=10, ignore_eos=True)
@@ -349,6 +414,11 @@ def test_graphs_on_gpu_equal_eager(monkeypatch, only_named_kernels, kernels, dty
         got = graphed.generate(batch, max_new_tokens=48, **greedy)
         assert tokens(got) == tokens(unreplayed.generate(batch, max_new_tokens=48, **greedy))
         assert_greedy_equal_up_to_ties(eager.generate(batch, max_new_tokens=48, **greedy), got, margin)
+        # without logprobs the steps run one ahead of the host (generate._overlapped): the same tokens
+        ahead = graphed.generate(batch, max_new_tokens=48, ignore_eos=True, temperature=0.0)
+        assert tokens(ahead) == tokens(got)
+        sampled = dict(max_new_tokens=40, temperature=0.9, top_p=0.9, seed=5, stop=["e "])
+        assert tokens(graphed.generate(batch, **sampled)) == tokens(unreplayed.generate(batch, **sampled))
     runner = graphed._graphs.runner
     assert runner.use_graphs and runner.num_replays > 40
     assert unreplayed._graphs.runner.num_replays == 0 and unreplayed._graphs.runner.num_steps > 40
