@@ -28,6 +28,14 @@ through the draft too, so it is level with the target when its sequence
 first speculates. Prompt chunks and rounds run as two target passes of the
 same step.
 
+In a steady decode (nothing waiting, every running sequence adding one
+token through the graph runner, none needing its last token on the host to
+draw the next: see ``generate.can_step_ahead``) the steps run one ahead of the
+host: ``step()`` launches the next step on the device's samples before it
+reads and returns this one's, so detokenizing and bookkeeping overlap the
+GPU. A request added, a step that would not fit, or a sequence that needs the
+host first ends the run ahead; the step after is scheduled as usual.
+
 Sampling is the same per-sequence, seeded draw as ``Model.generate`` (with
 the same draft model, if any), so a request gets the tokens it would get alone (preemption and batch company do
 not change its random numbers; floating-point sums may differ in the last bit
@@ -48,7 +56,8 @@ from fastllm.block_manager import BlockManager, SequenceBlocks
 from fastllm.cache import DEFAULT_BLOCK_SIZE, CachedSequence, KVCache, blocks_needed, device_scope
 from fastllm.config import GenerationConfig, GenerationOutput, TokenLogprob
 from fastllm.cuda_graph import DecodeGraphRunner, graphs_supported
-from fastllm.generate import Request, forward_step, sample_requests
+from fastllm.generate import (DecodeFlight, Request, can_step_ahead, forward_step, launch_decode, launch_next,
+                              sample_requests)
 from fastllm.sampling import derive_seed
 from fastllm.speculative import Proposal, proposals_allowed, speculative_round
 
@@ -157,6 +166,8 @@ class LLMEngine:
                                                       dc.max_position_embeddings)
         self.waiting: deque[_Seq] = deque()
         self.running: list[_Seq] = []
+        self._flight: DecodeFlight | None = None  # a decode step launched ahead, not yet read (see step)
+        self._flight_seqs: list[_Seq] = []
         self._ids = itertools.count()
         self.num_preemptions = 0
 
@@ -218,15 +229,67 @@ class LLMEngine:
     # ---------------------------------------------------------------- stepping
     def step(self) -> list[StepOutput]:
         """Schedule and run one forward pass (two when some sequences
-        speculate and others do not); returns the requests that got tokens."""
-        batch = self._schedule()
-        plain = [w for w in batch if not w.spec]
-        spec = [w for w in batch if w.spec]
+        speculate and others do not); returns the requests that got tokens.
+        In a steady decode the pass after it is already launched on return."""
         with torch.inference_mode():
+            if self._flight is not None:
+                return self._read_ahead()
+            batch = self._schedule()
+            if batch and self._steady([w.seq for w in batch], [w.n for w in batch]):
+                seqs = [w.seq for w in batch]
+                with device_scope(self.cache.device):
+                    self._flight = launch_decode(self.cache, self.runner, [s.req for s in seqs],
+                                                 [s.blocks for s in seqs], [s.req.output_ids[-1] for s in seqs], 0)
+                self._flight_seqs = seqs
+                return self._read_ahead()
+            plain = [w for w in batch if not w.spec]
+            spec = [w for w in batch if w.spec]
             outs = self._plain_step(plain) if plain else []
             if spec:
                 outs += self._speculative_step(spec)
         return outs
+
+    def _steady(self, seqs: list[_Seq], counts: list[int]) -> bool:
+        """Whether a step of ``seqs`` (``counts`` new tokens each) may run ahead
+        of the host: every running sequence, one decode token each through
+        the runner, nothing waiting, no draft, and every request drawing
+        without its last token on the host. (The steps that follow carry the
+        same sequences, less those that finish, until one of these changes.)"""
+        return (self.runner is not None and self.draft_model is None and not self.waiting
+                and len(seqs) == len(self.running) and len(seqs) <= self.max_num_batched_tokens
+                and all(n == 1 and s.req.output_ids and s.blocks.num_cached + 1 == len(s.tokens())
+                        for s, n in zip(seqs, counts))
+                and all(can_step_ahead(s.req) for s in seqs) and self.runner.fits([s.blocks for s in seqs]))
+
+    def _read_ahead(self) -> list[StepOutput]:
+        """Launch the step after the one in flight (when the decode is still
+        steady), then read the one in flight and return its outputs."""
+        flight, seqs = self._flight, self._flight_seqs
+        self._flight, self._flight_seqs = None, []
+        alive = {id(s) for s in self.running}
+        keep = [i for i, s in enumerate(seqs) if id(s) in alive and s.req.finish_reason is None
+                and len(s.req.output_ids) + 1 < s.req.max_new_tokens]
+        following = [seqs[i] for i in keep]
+        if (following and self._steady_ahead(following)
+                and all(self.blocks.grow(s.blocks, s.blocks.num_cached + 1) for s in following)):
+            self._flight = launch_next(self.cache, self.runner, flight, keep, [s.blocks for s in following])
+            self._flight_seqs = following
+        outs = []
+        for s, tok in zip(seqs, flight.read()):
+            if id(s) not in alive or s.req.finish_reason is not None:
+                continue  # aborted, or finished by the step before: this row was computed ahead
+            s.req.accept(tok, self.model.eos_ids)
+            self._register(s)
+            outs.append(self._output(s, [tok]))
+        if self._flight is not None and all(s.req.finish_reason is not None for s in self._flight_seqs):
+            self._flight, self._flight_seqs = None, []  # only finished rows ahead: nothing to read
+        return outs
+
+    def _steady_ahead(self, seqs: list[_Seq]) -> bool:
+        """``_steady`` for the step after the one in flight (whose token each
+        of ``seqs`` has drawn but not accepted: one more than ``tokens()``)."""
+        return (not self.waiting and len(seqs) <= self.max_num_batched_tokens
+                and self.runner.fits([s.blocks for s in seqs]))
 
     def _plain_step(self, batch: list[_Work]) -> list[StepOutput]:
         """One target pass over ``batch``; the sequences whose tokens are then

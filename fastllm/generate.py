@@ -239,7 +239,7 @@ def run(
     active = list(requests)
     new_tokens = [r.prompt_ids for r in active]
     while active:
-        if runner is not None and all(len(t) == 1 for t in new_tokens) and all(map(_overlappable, active)):
+        if runner is not None and all(len(t) == 1 for t in new_tokens) and all(map(can_step_ahead, active)):
             active = yield from _overlapped(cache, active, eos_ids, runner)
             new_tokens = [[r.output_ids[-1]] for r in active]
             if not active:
@@ -257,7 +257,7 @@ def run(
         new_tokens = [[r.output_ids[-1]] for r in active]
 
 
-def _overlappable(r: Request) -> bool:
+def can_step_ahead(r: Request) -> bool:
     """Whether ``r``'s next draw can be launched before the host has read its
     last token: its logit processors need no token history (the count alone
     sets what min_new_tokens bans) and it wants no logprobs."""
@@ -267,7 +267,7 @@ def _overlappable(r: Request) -> bool:
 
 
 @dataclass
-class _Flight:
+class DecodeFlight:
     """A decode step launched and not yet read: its requests, their sampled
     tokens on the device, and the host copy of them (ready once ``copied``)."""
 
@@ -276,25 +276,42 @@ class _Flight:
     host: Tensor  # [B] int64, pinned on a GPU
     copied: torch.cuda.Event | None
 
+    def read(self) -> list[int]:
+        """The sampled tokens, once the device has them on the host (waits)."""
+        if self.copied is not None:
+            self.copied.synchronize()
+        return self.host.tolist()
 
-def _launch(cache: KVCache, runner: DecodeGraphRunner, requests: list[Request], tokens: list[int] | Tensor,
-            pending: int) -> _Flight:
-    """One decode step of ``requests`` on ``tokens`` (host ids, or the last
-    step's samples on the device), its draw and the copy of the draws to the
-    host, all enqueued without waiting. ``pending``: tokens each request has
-    drawn that the host has not accepted yet (0 or 1); the draw is its
-    ``len(output_ids) + pending``-th."""
-    logits = runner.step([r.cached for r in requests], tokens)
+
+def launch_decode(cache: KVCache, runner: DecodeGraphRunner, requests: list[Request], seqs: list[CachedSequence],
+                  tokens: list[int] | Tensor, pending: int) -> DecodeFlight:
+    """One decode step of ``requests`` (their sequences in the cache: ``seqs``)
+    on ``tokens`` (host ids, or the last step's samples on the device), its
+    draw and the copy of the draws to the host, all enqueued without waiting.
+    ``pending``: tokens each request has drawn that the host has not accepted
+    yet (0 or 1); the draw is its ``len(output_ids) + pending``-th."""
+    logits = runner.step(seqs, tokens)
     contexts = [r.logit_context([0] * pending) for r in requests]  # no history is read: only the count
     drawn = sample_next(logits, [r.config for r in requests], contexts, [r.seed for r in requests],
                         [len(r.output_ids) + pending for r in requests])
     if cache.device.type != "cuda":
-        return _Flight(requests, drawn, drawn, None)
+        return DecodeFlight(requests, drawn, drawn, None)
     host = torch.empty(drawn.shape, dtype=drawn.dtype, pin_memory=True)
     host.copy_(drawn, non_blocking=True)
     copied = torch.cuda.Event()
     copied.record()
-    return _Flight(requests, drawn, host, copied)
+    return DecodeFlight(requests, drawn, host, copied)
+
+
+def launch_next(cache: KVCache, runner: DecodeGraphRunner, flight: DecodeFlight, keep: list[int],
+                seqs: list[CachedSequence]) -> DecodeFlight:
+    """The step after ``flight`` for its requests at indices ``keep`` (their
+    sequences in the cache: ``seqs``), on its samples still on the device."""
+    with device_scope(cache.device):
+        tokens = flight.tokens
+        if len(keep) < len(flight.requests):
+            tokens = tokens.index_select(0, torch.tensor(keep, dtype=torch.int64).to(tokens.device))
+        return launch_decode(cache, runner, [flight.requests[i] for i in keep], seqs, tokens, 1)
 
 
 def _overlapped(cache: KVCache, active: list[Request], eos_ids: frozenset[int],
@@ -303,29 +320,20 @@ def _overlapped(cache: KVCache, active: list[Request], eos_ids: frozenset[int],
     with the host one step behind the device; yields as ``run`` does and
     returns the requests left unfinished when a step no longer fits the
     runner (none when all finished)."""
-    with device_scope(cache.device):
-        flight: _Flight | None = (_launch(cache, runner, active, [r.output_ids[-1] for r in active], 0)
-                                  if runner.fits([r.cached for r in active]) else None)
-    if flight is None:
+    if not runner.fits([r.cached for r in active]):
         return active
-    while flight is not None:
+    with device_scope(cache.device):
+        flight = launch_decode(cache, runner, active, [r.cached for r in active], [r.output_ids[-1] for r in active], 0)
+    while True:
         # The next step, for what may still need a token after this one: not
         # the requests that finished before this step (their row here is
         # dropped) nor those whose token here is their last by length.
         keep = [i for i, r in enumerate(flight.requests)
                 if r.finish_reason is None and len(r.output_ids) + 1 < r.max_new_tokens]
-        following = [flight.requests[i] for i in keep]
-        nxt = None
-        if following and runner.fits([r.cached for r in following]):
-            with device_scope(cache.device):
-                tokens = flight.tokens
-                if len(keep) < len(flight.requests):
-                    tokens = tokens.index_select(0, torch.tensor(keep, dtype=torch.int64).to(tokens.device))
-                nxt = _launch(cache, runner, following, tokens, 1)
-        if flight.copied is not None:
-            flight.copied.synchronize()
+        seqs = [flight.requests[i].cached for i in keep]
+        nxt = launch_next(cache, runner, flight, keep, seqs) if keep and runner.fits(seqs) else None
         got = []
-        for r, tok in zip(flight.requests, flight.host.tolist()):
+        for r, tok in zip(flight.requests, flight.read()):
             if r.finish_reason is not None:
                 continue  # finished by the step before: this row was computed ahead and is dropped
             r.accept(tok, eos_ids)
@@ -337,7 +345,6 @@ def _overlapped(cache: KVCache, active: list[Request], eos_ids: frozenset[int],
         if nxt is None:  # every request is done, or the next step did not fit: the plain loop takes over
             return [r for r in flight.requests if r.finish_reason is None]
         flight = nxt
-    return []
 
 
 def holding(lease, steps: Iterator[list[Request]]) -> Iterator[list[Request]]:

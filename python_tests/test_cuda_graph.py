@@ -89,8 +89,8 @@ def test_overlapped_decoding_equals_eager(monkeypatch, model, graphed, params):
     from fastllm import generate
 
     launches = []
-    real = generate._launch
-    monkeypatch.setattr(generate, "_launch", lambda *a: (launches.append(len(a[2])), real(*a))[1])
+    real = generate.launch_decode
+    monkeypatch.setattr(generate, "launch_decode", lambda *a: (launches.append(len(a[2])), real(*a))[1])
     want = model.generate(PROMPTS, **params)
     got = graphed.generate(PROMPTS, **params)
     assert [(o.token_ids, o.text, o.finish_reason) for o in got] == [
@@ -347,6 +347,61 @@ def test_engine_through_runner_equals_generate(model):
         got = engine.generate(prompts, max_new_tokens=25, ignore_eos=True)
         assert [o.token_ids for o in got] == [o.token_ids for o in want]
         assert engine.runner.num_steps > 10
+
+
+@pytest.mark.parametrize("params", [
+    dict(max_new_tokens=25, ignore_eos=True),
+    dict(max_new_tokens=30, temperature=0.9, top_k=30, seed=11, stop=["e", "o "], min_new_tokens=3),
+], ids=["greedy", "sampled-stops"])
+def test_engine_steps_ahead_equal_generate(monkeypatch, model, params):
+    """LLMEngine runs a steady decode one step ahead of the host: the same
+    outputs as Model.generate, including requests added, and one aborted,
+    while a step is in flight (each ends the run ahead; the next is plain)."""
+    from fastllm import engine as engine_mod
+
+    launches = []
+    real = engine_mod.launch_decode
+    monkeypatch.setattr(engine_mod, "launch_decode", lambda *a: (launches.append(len(a[2])), real(*a))[1])
+    engine = LLMEngine(model, max_num_seqs=8)
+    engine.runner = DecodeGraphRunner(model.network, engine.cache, 8, model.config.max_position_embeddings,
+                                      use_graphs=False)
+    ids = [engine.add_request(p, seed_index=i, **params) for i, p in enumerate(PROMPTS[:3])]
+    outs: dict[int, list[int]] = {}
+    done: dict = {}
+    steps = 0
+    while engine.has_unfinished():
+        for o in engine.step():
+            outs.setdefault(o.request_id, []).extend(o.token_ids)
+            if o.finished:
+                done[o.request_id] = o.output
+        steps += 1
+        if steps == 4:  # mid-run, with a step in flight
+            ids += [engine.add_request(p, seed_index=3 + i, **params) for i, p in enumerate(PROMPTS[3:])]
+        if steps == 6:
+            victim = ids[1]
+            assert engine.abort(victim) == (victim not in done)
+    assert launches, "no step ran ahead"
+    want = model.generate(PROMPTS, **params)
+    for i, rid in enumerate(ids):
+        if rid == ids[1] and rid not in done:  # aborted: what it got before is a prefix of its tokens
+            assert want[i].token_ids[: len(outs[rid])] == outs[rid]
+            continue
+        assert (done[rid].token_ids, done[rid].text, done[rid].finish_reason) == (
+            want[i].token_ids, want[i].text, want[i].finish_reason)
+        assert outs[rid] == want[i].token_ids
+    assert engine._flight is None or all(s.req.finish_reason for s in engine._flight_seqs)
+
+
+def test_engine_steps_ahead_only_with_every_running_sequence(model):
+    """A token budget below the batch schedules part of the running sequences
+    per step: those steps are not run ahead (the others would starve), and
+    the outputs are still generate's."""
+    want = model.generate(PROMPTS, max_new_tokens=20, ignore_eos=True)
+    engine = LLMEngine(model, max_num_seqs=8, max_num_batched_tokens=3)
+    engine.runner = DecodeGraphRunner(model.network, engine.cache, 8, model.config.max_position_embeddings,
+                                      use_graphs=False)
+    got = engine.generate(PROMPTS, max_new_tokens=20, ignore_eos=True)
+    assert [o.token_ids for o in got] == [o.token_ids for o in want]
 
 
 @pytest.mark.parametrize("params", [
