@@ -376,9 +376,10 @@ class Runner:
 
                 extra["GBps_bytes"] = d["n"] * d["k"] * 2
             elif s.family == "int4":
-                plan = cuda_quant._int4_plan(m, d["n"], d["k"], GROUP, sms, kn["splits"])
+                v = kn.get("variant") or 0
+                plan = cuda_quant._int4_plan(m, d["n"], d["k"], GROUP, sms, kn["splits"], *([v] if v else []))
                 extra.update(eff_splits=plan[0], workspace_floats=plan[1])
-                extra["pick"] = cuda_quant._int4_plan(m, d["n"], d["k"], GROUP, sms, 0)[0]
+                extra["pick"] = cuda_quant._int4_plan(m, d["n"], d["k"], GROUP, sms, 0, *([v] if v else []))[0]
 
                 vkw = {} if kn.get("variant") is None else {"_variant": kn["variant"]}
 

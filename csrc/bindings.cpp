@@ -57,6 +57,7 @@ PYBIND11_MODULE(_C, m) {
             "prefill_attention_sm90_pipelined",  // enabled (the pipelined one first)
             "int8_linear",
             "int4_linear",
+            "int4_linear_deep",  // int4_linear's experimental 8-stage pipeline at M <= 8 (variant 1)
         };
       },
       "Names of the kernels compiled in.");
@@ -255,13 +256,14 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "int4_linear_plan",
       [](std::int64_t m, std::int64_t n, std::int64_t k, std::int64_t group, std::int64_t num_sms,
-         std::int64_t requested_splits) {
+         std::int64_t requested_splits, std::int64_t variant) {
         std::int64_t splits = 1, workspace_floats = 0;
-        check("int4_linear",
-              fastllm::int4_linear_plan(&splits, &workspace_floats, m, n, k, group, num_sms, requested_splits));
+        check("int4_linear", fastllm::int4_linear_plan(&splits, &workspace_floats, m, n, k, group, num_sms,
+                                                       requested_splits, variant));
         return std::make_pair(splits, workspace_floats);
       },
       py::arg("m"), py::arg("n"), py::arg("k"), py::arg("group"), py::arg("num_sms"), py::arg("requested_splits"),
+      py::arg("variant") = 0,
       "(num_splits, workspace_floats) for int4_linear with M tokens, N outputs, K inputs and group size 32/64/128 "
       "on a GPU with num_sms SMs (host only): requested_splits (1..16, clamped to the K tiles) or 0 to choose; "
       "workspace_floats = num_splits * M * N fp32 when num_splits > 1, else 0.");
@@ -270,18 +272,20 @@ PYBIND11_MODULE(_C, m) {
       "int4_linear",
       [](std::uintptr_t out, std::uintptr_t workspace, std::uintptr_t x, std::uintptr_t qweight,
          std::uintptr_t scales, std::uintptr_t zeros, std::uintptr_t bias, std::int64_t m, std::int64_t n,
-         std::int64_t k, std::int64_t group, std::int64_t num_splits, int dtype, std::uintptr_t stream) {
+         std::int64_t k, std::int64_t group, std::int64_t num_splits, int dtype, std::uintptr_t stream,
+         std::int64_t variant) {
         check("int4_linear",
               fastllm::launch_int4_linear(ptr(out), ptr(workspace), ptr(x), ptr(qweight), ptr(scales), ptr(zeros),
-                                          ptr(bias), m, n, k, group, num_splits, dtype, ptr(stream)));
+                                          ptr(bias), m, n, k, group, num_splits, variant, dtype, ptr(stream)));
       },
       py::arg("out"), py::arg("workspace"), py::arg("x"), py::arg("qweight"), py::arg("scales"), py::arg("zeros"),
       py::arg("bias"), py::arg("m"), py::arg("n"), py::arg("k"), py::arg("group"), py::arg("num_splits"),
-      py::arg("dtype"), py::arg("stream"),
+      py::arg("dtype"), py::arg("stream"), py::arg("variant") = 0,
       "out [M, N] = x [M, K] @ w.T + bias with w = (q - zeros) * scales per group of `group` columns, q the "
       "nibbles of uint8 qweight [N, K/2] (low nibble = even column), scales [N, K/group] in the activation dtype, "
       "uint8 zeros [N, K/group]; x, out, bias fp16/bf16 (dtype 1/2), contiguous; bias 0 = none. num_splits and "
-      "the fp32 workspace (0 when num_splits == 1) from int4_linear_plan.");
+      "the fp32 workspace (0 when num_splits == 1) from int4_linear_plan (made for the same variant); variant 0 (default) or 1 (8-stage pipeline at M <= 8, "
+      "experimental).");
 
   m.def(
       "int4_dequantize",

@@ -18,12 +18,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fastllm import backend
 from fastllm.ops.cuda_common import DTYPE_CODES, check_tensor, current_stream, ext
 
 ACT_DTYPES = (torch.float16, torch.bfloat16)
 INT4_GROUP_SIZES = (32, 64, 128)
 # Tokens up to which the fused kernel runs; beyond, dequantize + cuBLAS.
 FUSED_MAX_TOKENS = 64
+# int4_linear's experimental 8-stage pipeline at M <= 8 (``_variant=1``):
+# opt-in by this name in FASTLLM_KERNELS until it is timed on a GPU.
+INT4_DEEP_KERNEL = "int4_linear_deep"
 @functools.lru_cache(maxsize=None)
 def _num_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
@@ -35,8 +39,8 @@ def _int8_plan(m: int, n: int, k: int, sms: int, splits: int) -> tuple[int, int]
 
 
 @functools.lru_cache(maxsize=4096)
-def _int4_plan(m: int, n: int, k: int, group: int, sms: int, splits: int) -> tuple[int, int]:
-    return tuple(ext().int4_linear_plan(m, n, k, group, sms, splits))
+def _int4_plan(m: int, n: int, k: int, group: int, sms: int, splits: int, variant: int = 0) -> tuple[int, int]:
+    return tuple(ext().int4_linear_plan(m, n, k, group, sms, splits, variant))
 
 
 def _check_x(op: str, x: Tensor) -> int:
@@ -206,21 +210,28 @@ def int4_linear(
 
 def _int4_fused(
     x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, group_size: int, bias: Tensor | None = None,
-    splits: int = 0,
+    splits: int = 0, _variant: int | None = None,
 ) -> Tensor:
-    """The fused kernel for any number of tokens; ``splits`` 0 = automatic split-K."""
+    """The fused kernel for any number of tokens; ``splits`` 0 = automatic split-K.
+    ``_variant``: 0 the verified kernel, 1 the experimental 8-stage pipeline
+    (at M <= 8; bit-identical results); None picks 1 when ``int4_linear_deep``
+    is enabled (FASTLLM_KERNELS)."""
     n, k = _check_int4(x, qweight, scales, zeros, group_size, bias)
+    if _variant is None:
+        _variant = 1 if backend.kernel_enabled(INT4_DEEP_KERNEL) else 0
+    if _variant not in (0, 1):
+        raise ValueError(f"int4_linear: _variant must be 0 (default) or 1 (8-stage pipeline), got {_variant!r}")
     m = x.numel() // k
     out = _out(x, n)
     if m == 0:
         return out
-    num_splits, floats = _int4_plan(m, n, k, group_size, _num_sms(x.device.index or 0), splits)
+    num_splits, floats = _int4_plan(m, n, k, group_size, _num_sms(x.device.index or 0), splits, _variant)
     ws, ws_ptr = _workspace(floats, x.device)
     with torch.cuda.device(x.device):  # per-device smem opt-in and launch: x's device, whichever is current
         ext().int4_linear(
             out.data_ptr(), ws_ptr, x.data_ptr(), qweight.data_ptr(), scales.data_ptr(), zeros.data_ptr(),
             bias.data_ptr() if bias is not None else 0, m, n, k, group_size, num_splits, DTYPE_CODES[x.dtype],
-            current_stream(x.device),
+            current_stream(x.device), _variant,
         )
     return out
 
