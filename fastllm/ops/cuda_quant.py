@@ -28,6 +28,8 @@ FUSED_MAX_TOKENS = 64
 # int4_linear's experimental 8-stage pipeline at M <= 8 (``_variant=1``):
 # opt-in by this name in FASTLLM_KERNELS until it is timed on a GPU.
 INT4_DEEP_KERNEL = "int4_linear_deep"
+
+
 @functools.lru_cache(maxsize=None)
 def _num_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
