@@ -97,6 +97,33 @@ def test_generate_fastllm(benchmark, checkpoint, graphs, quant):
     )
 
 
+@pytest.mark.parametrize("ahead", [True, False], ids=["steps-ahead", "host-synced"])
+def test_generate_steps_ahead(benchmark, monkeypatch, checkpoint, ahead):
+    """Graphed bf16 decoding with the steps one ahead of the host (the default,
+    ``generate._overlapped``) and with every step waiting for the host
+    (``can_step_ahead`` forced False): what overlapping the host's work buys."""
+    from fastllm import generate
+
+    name, path, _, device, dtype = checkpoint
+    if device != "cuda":
+        pytest.skip("CUDA graphs need a GPU")
+    if not ahead:
+        monkeypatch.setattr(generate, "can_step_ahead", lambda r: False)
+    model = Model.from_pretrained(path, device=device, dtype=dtype, cuda_graphs=True)
+    prompt = list(range(10, 10 + PROMPT_LEN))
+    model.generate(prompt, max_new_tokens=NEW_TOKENS, ignore_eos=True)
+
+    def run():
+        out = model.generate(prompt, max_new_tokens=NEW_TOKENS, ignore_eos=True)
+        _sync(device)
+        return out
+
+    out = benchmark.pedantic(run, rounds=3, iterations=1)
+    assert len(out.token_ids) == NEW_TOKENS
+    benchmark.extra_info.update(shape=name, device=device, tokens=NEW_TOKENS, steps_ahead=ahead,
+                                tok_per_s=NEW_TOKENS / benchmark.stats.stats.mean)
+
+
 def test_generate_transformers(benchmark, checkpoint):
     name, _, hf, device, _ = checkpoint
     prompt = torch.arange(10, 10 + PROMPT_LEN, device=device)[None]
