@@ -28,13 +28,16 @@ through the draft too, so it is level with the target when its sequence
 first speculates. Prompt chunks and rounds run as two target passes of the
 same step.
 
-In a steady decode (nothing waiting, every running sequence adding one
-token through the graph runner, none needing its last token on the host to
-draw the next: see ``generate.can_step_ahead``) the steps run one ahead of the
-host: ``step()`` launches the next step on the device's samples before it
-reads and returns this one's, so detokenizing and bookkeeping overlap the
-GPU. A request added, a step that would not fit, or a sequence that needs the
-host first ends the run ahead; the step after is scheduled as usual.
+In a steady decode (no request could be admitted: none waits, or the batch
+is full; every running sequence adds one token through the graph runner,
+none needing its last token on the host to draw the next: see
+``generate.can_step_ahead``) the steps run one ahead of the host: ``step()``
+launches the next step on the device's samples before it reads and returns
+this one's, so detokenizing and bookkeeping overlap the GPU. A request that
+could be admitted (one added, or a slot freed while others wait), a step
+that would not fit, or a sequence that needs the host first ends the run
+ahead; the step after is scheduled as usual (a slot freed at step n is
+filled at step n + 2 instead of n + 1).
 
 Sampling is the same per-sequence, seeded draw as ``Model.generate`` (with
 the same draft model, if any), so a request gets the tokens it would get alone (preemption and batch company do
@@ -252,10 +255,10 @@ class LLMEngine:
     def _steady(self, seqs: list[_Seq], counts: list[int]) -> bool:
         """Whether a step of ``seqs`` (``counts`` new tokens each) may run ahead
         of the host: every running sequence, one decode token each through
-        the runner, nothing waiting, no draft, and every request drawing
+        the runner, nothing to admit, no draft, and every request drawing
         without its last token on the host. (The steps that follow carry the
         same sequences, less those that finish, until one of these changes.)"""
-        return (self.runner is not None and self.draft_model is None and not self.waiting
+        return (self.runner is not None and self.draft_model is None and self._nothing_to_admit()
                 and len(seqs) == len(self.running) and len(seqs) <= self.max_num_batched_tokens
                 and all(n == 1 and s.req.output_ids and s.blocks.num_cached + 1 == len(s.tokens())
                         for s, n in zip(seqs, counts))
@@ -288,8 +291,12 @@ class LLMEngine:
     def _steady_ahead(self, seqs: list[_Seq]) -> bool:
         """``_steady`` for the step after the one in flight (whose token each
         of ``seqs`` has drawn but not accepted: one more than ``tokens()``)."""
-        return (not self.waiting and len(seqs) <= self.max_num_batched_tokens
+        return (self._nothing_to_admit() and len(seqs) <= self.max_num_batched_tokens
                 and self.runner.fits([s.blocks for s in seqs]))
+
+    def _nothing_to_admit(self) -> bool:
+        """No waiting request could join the batch now (none waits, or it is full)."""
+        return not self.waiting or len(self.running) >= self.max_num_seqs
 
     def _plain_step(self, batch: list[_Work]) -> list[StepOutput]:
         """One target pass over ``batch``; the sequences whose tokens are then

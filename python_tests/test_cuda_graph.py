@@ -392,6 +392,28 @@ def test_engine_steps_ahead_equal_generate(monkeypatch, model, params):
     assert engine._flight is None or all(s.req.finish_reason for s in engine._flight_seqs)
 
 
+def test_engine_steps_ahead_with_a_full_batch_and_requests_waiting(monkeypatch, model):
+    """With the batch full, waiting requests cannot join: the steps still run
+    ahead; a freed slot ends the run ahead and is filled a step later. The
+    outputs are generate's."""
+    from fastllm import engine as engine_mod
+
+    launches = []
+    real = engine_mod.launch_decode
+    monkeypatch.setattr(engine_mod, "launch_decode",
+                        lambda *a: (launches.append(len(engine.waiting)), real(*a))[1])
+    params = dict(temperature=0.8, top_p=0.9, seed=4, stop=["e"], max_new_tokens=24)
+    engine = LLMEngine(model, max_num_seqs=2)
+    engine.runner = DecodeGraphRunner(model.network, engine.cache, 2, model.config.max_position_embeddings,
+                                      use_graphs=False)
+    got = engine.generate(PROMPTS, **params)
+    want = model.generate(PROMPTS, **params)
+    assert [(o.token_ids, o.text, o.finish_reason) for o in got] == [
+        (o.token_ids, o.text, o.finish_reason) for o in want
+    ]
+    assert any(w > 0 for w in launches), "no step ran ahead while requests waited"
+
+
 def test_engine_steps_ahead_only_with_every_running_sequence(model):
     """A token budget below the batch schedules part of the running sequences
     per step: those steps are not run ahead (the others would starve), and
