@@ -236,7 +236,10 @@ class LLMEngine:
         In a steady decode the pass after it is already launched on return."""
         with torch.inference_mode():
             if self._flight is not None:
-                return self._read_ahead()
+                alive = {id(s) for s in self.running}
+                if any(id(s) in alive for s in self._flight_seqs):
+                    return self._read_ahead()
+                self._flight, self._flight_seqs = None, []  # every row in it was aborted: nothing to read
             batch = self._schedule()
             if batch and self._steady([w.seq for w in batch], [w.n for w in batch]):
                 seqs = [w.seq for w in batch]

@@ -392,6 +392,29 @@ def test_engine_steps_ahead_equal_generate(monkeypatch, model, params):
     assert engine._flight is None or all(s.req.finish_reason for s in engine._flight_seqs)
 
 
+def test_engine_drops_a_step_ahead_whose_requests_were_all_aborted(model):
+    """Aborting every request with a step in flight leaves nothing to read:
+    the next request is scheduled at the next step() as on a fresh engine."""
+    engine = LLMEngine(model, max_num_seqs=4)
+    engine.runner = DecodeGraphRunner(model.network, engine.cache, 4, model.config.max_position_embeddings,
+                                      use_graphs=False)
+    ids = [engine.add_request(p, max_new_tokens=30, ignore_eos=True) for p in PROMPTS[:2]]
+    for _ in range(4):
+        engine.step()
+    assert engine._flight is not None
+    for rid in ids:
+        assert engine.abort(rid)
+    rid = engine.add_request(PROMPTS[2], max_new_tokens=5, ignore_eos=True)
+    first = engine.step()
+    assert [o.request_id for o in first] == [rid]  # its prefill, at once
+    got = []
+    while engine.has_unfinished():
+        got += [t for o in engine.step() for t in o.token_ids]
+    want = model.generate(PROMPTS[2], max_new_tokens=5, ignore_eos=True).token_ids
+    assert first[0].token_ids + got == want
+    assert engine.blocks.num_free == engine.blocks.num_blocks
+
+
 def test_engine_steps_ahead_with_a_full_batch_and_requests_waiting(monkeypatch, model):
     """With the batch full, waiting requests cannot join: the steps still run
     ahead; a freed slot ends the run ahead and is filled a step later. The
