@@ -153,13 +153,6 @@ __host__ __device__ constexpr int tile_rows(int head_dim) { return row_groups(he
 
 constexpr int kStageBytes = 2 * kRowsPerGroup * kThreads * 16;  // K and V chunks of one tile
 
-template <int D, int GMAX>
-constexpr int decode_smem_bytes() {
-  constexpr int ring = kStages * kStageBytes;
-  constexpr int merge = (row_groups(D) * GMAX * D + 3 * row_groups(D) * GMAX + 2 * GMAX) * 4;
-  return ring > merge ? ring : merge;
-}
-
 // Longest key range the kernels index (the launcher clamps max_len to it): row
 // indices up to end + TILE stay far below INT_MAX even when seq_lens (device
 // data, never checked on the host) holds garbage.
@@ -258,6 +251,81 @@ __device__ __forceinline__ void unpack8<__half>(const uint4& raw, float (&f)[kVe
     f[2 * i] = x.x;
     f[2 * i + 1] = x.y;
   }
+}
+
+// The end of both split kernels: NG parts of the CTA (row groups, or warps)
+// each hold a partial online-softmax state (m, l, acc) for up to ROWS query
+// heads; they are merged by log-sum-exp in shared memory (the idle ring), and
+// the CTA writes the normalised output (its sequence fits one split) or its
+// split's partial (m, l, acc) for the combine kernel.
+template <int D, int NG, int ROWS>
+struct MergeArea {
+  static constexpr int kBytes = (NG * ROWS * D + 3 * NG * ROWS + 2 * ROWS) * 4;
+  float* acc;    // [NG][ROWS][D]
+  float* m;      // [NG][ROWS] running max (base 2)
+  float* l;      // [NG][ROWS] running sum
+  float* w;      // [NG][ROWS] weights 2^(m - M)
+  float* big_l;  // [ROWS] merged sum
+  float* big_m;  // [ROWS] merged max
+
+  __device__ explicit MergeArea(void* base)
+      : acc(static_cast<float*>(base)),
+        m(acc + NG * ROWS * D),
+        l(m + NG * ROWS),
+        w(l + NG * ROWS),
+        big_l(w + NG * ROWS),
+        big_m(big_l + ROWS) {}
+
+  // Call once every part has written its acc, m and l and the CTA passed a
+  // barrier. THREADS: the CTA's threads; heads h0.. of sequence b, split
+  // ``split`` of ``n_active``.
+  template <int THREADS, typename T>
+  __device__ void finish(const DecodeParams<T>& p, int tid, int nheads, int b, int h0, int split,
+                         int n_active) const {
+    static_assert(ROWS <= THREADS, "one thread per head merges the maxima");
+    if (tid < ROWS) {
+      const int h = tid;
+      float mx = -INFINITY;
+#pragma unroll
+      for (int i = 0; i < NG; ++i) mx = fmaxf(mx, m[i * ROWS + h]);
+      float sum = 0.f;
+#pragma unroll
+      for (int i = 0; i < NG; ++i) {
+        const float mi = m[i * ROWS + h];
+        const float wi = mi == -INFINITY ? 0.f : fast_exp2(mi - mx);
+        w[i * ROWS + h] = wi;
+        sum = fmaf(wi, l[i * ROWS + h], sum);
+      }
+      big_l[h] = sum;
+      big_m[h] = mx;
+    }
+    __syncthreads();
+    for (int idx = tid; idx < nheads * D; idx += THREADS) {
+      const int h = idx / D, d = idx - h * D;
+      float a = 0.f;
+#pragma unroll
+      for (int i = 0; i < NG; ++i) a = fmaf(w[i * ROWS + h], acc[(i * ROWS + h) * D + d], a);
+      const int64_t head_row = static_cast<int64_t>(b) * p.num_q_heads + h0 + h;
+      if (n_active == 1) {
+        p.out[head_row * D + d] = from_float<T>(big_l[h] > 0.f ? a / big_l[h] : 0.f);
+      } else {
+        const int64_t part = head_row * p.num_splits + split;
+        p.ws_acc[part * D + d] = a;
+        if (d == 0) {
+          p.ws_ml[part * 2] = big_m[h];
+          p.ws_ml[part * 2 + 1] = big_l[h];
+        }
+      }
+    }
+  }
+};
+
+// Dynamic shared memory of the CUDA-core split kernel: its ring, reused for the merge.
+template <int D, int GMAX>
+constexpr int decode_smem_bytes() {
+  constexpr int ring = kStages * kStageBytes;
+  constexpr int merge = MergeArea<D, row_groups(D), GMAX>::kBytes;
+  return ring > merge ? ring : merge;
 }
 
 template <typename T, int D, int GMAX>
@@ -413,16 +481,11 @@ __global__ void __launch_bounds__(kThreads) decode_split_kernel(const DecodePara
   // Merge the row groups: the ring becomes the reduction area.
   cp_async_wait<0>();
   __syncthreads();
-  float* red_acc = reinterpret_cast<float*>(smem_raw);  // [NG][GMAX][D]
-  float* red_m = red_acc + NG * GMAX * D;              // [NG][GMAX]
-  float* red_l = red_m + NG * GMAX;                    // [NG][GMAX]
-  float* red_w = red_l + NG * GMAX;                    // [NG][GMAX] weights 2^(m - M)
-  float* red_big_l = red_w + NG * GMAX;                // [GMAX] merged sum
-  float* red_big_m = red_big_l + GMAX;                 // [GMAX] merged max
+  const MergeArea<D, NG, GMAX> red(smem_raw);
   if (active) {
 #pragma unroll
     for (int g = 0; g < GMAX; ++g) {
-      float4* dst = reinterpret_cast<float4*>(red_acc + (grp * GMAX + g) * D + lane * kVec);
+      float4* dst = reinterpret_cast<float4*>(red.acc + (grp * GMAX + g) * D + lane * kVec);
       dst[0] = make_float4(acc[g][0], acc[g][1], acc[g][2], acc[g][3]);
       dst[1] = make_float4(acc[g][4], acc[g][5], acc[g][6], acc[g][7]);
     }
@@ -430,44 +493,12 @@ __global__ void __launch_bounds__(kThreads) decode_split_kernel(const DecodePara
   if (lane == 0) {
 #pragma unroll
     for (int g = 0; g < GMAX; ++g) {
-      red_m[grp * GMAX + g] = m[g];
-      red_l[grp * GMAX + g] = l[g];
+      red.m[grp * GMAX + g] = m[g];
+      red.l[grp * GMAX + g] = l[g];
     }
   }
   __syncthreads();
-  if (tid < GMAX) {
-    const int g = tid;
-    float big_m = -INFINITY;
-    for (int i = 0; i < NG; ++i) big_m = fmaxf(big_m, red_m[i * GMAX + g]);
-    float big_l = 0.f;
-    for (int i = 0; i < NG; ++i) {
-      const float mi = red_m[i * GMAX + g];
-      const float w = mi == -INFINITY ? 0.f : fast_exp2(mi - big_m);
-      red_w[i * GMAX + g] = w;
-      big_l = fmaf(w, red_l[i * GMAX + g], big_l);
-    }
-    red_big_l[g] = big_l;
-    red_big_m[g] = big_m;
-  }
-  __syncthreads();
-  for (int idx = tid; idx < nheads * D; idx += kThreads) {
-    const int g = idx / D, d = idx - g * D;
-    float a = 0.f;
-#pragma unroll
-    for (int i = 0; i < NG; ++i) a = fmaf(red_w[i * GMAX + g], red_acc[(i * GMAX + g) * D + d], a);
-    const int64_t head_row = static_cast<int64_t>(b) * p.num_q_heads + h0 + g;
-    if (r.n_active == 1) {
-      const float big_l = red_big_l[g];
-      p.out[head_row * D + d] = from_float<T>(big_l > 0.f ? a / big_l : 0.f);
-    } else {
-      const int64_t part = head_row * p.num_splits + split;
-      p.ws_acc[part * D + d] = a;
-      if (d == 0) {
-        p.ws_ml[part * 2] = red_big_m[g];
-        p.ws_ml[part * 2 + 1] = red_big_l[g];
-      }
-    }
-  }
+  red.template finish<kThreads>(p, tid, nheads, b, h0, split, r.n_active);
 }
 
 // --------------------------------------------------------------------------- //
@@ -509,7 +540,7 @@ constexpr int tc_stage_bytes() {
 template <int D>
 constexpr int tc_smem_bytes() {
   constexpr int ring = kTcWarps * tc_stages<D>() * tc_stage_bytes<D>();
-  constexpr int merge = (kTcWarps * kTcRows * D + 3 * kTcWarps * kTcRows + 2 * kTcRows) * 4;
+  constexpr int merge = MergeArea<D, kTcWarps, kTcRows>::kBytes;
   return ring > merge ? ring : merge;
 }
 
@@ -663,57 +694,18 @@ __global__ void __launch_bounds__(kTcWarps * 32) decode_split_tc_kernel(const De
   __syncthreads();
   l += __shfl_xor_sync(0xffffffffu, l, 1);
   l += __shfl_xor_sync(0xffffffffu, l, 2);
-  float* red_acc = reinterpret_cast<float*>(smem_raw);  // [warps][8][D]
-  float* red_m = red_acc + kTcWarps * kTcRows * D;      // [warps][8]
-  float* red_l = red_m + kTcWarps * kTcRows;
-  float* red_w = red_l + kTcWarps * kTcRows;
-  float* red_big_l = red_w + kTcWarps * kTcRows;        // [8]
-  float* red_big_m = red_big_l + kTcRows;
+  const MergeArea<D, kTcWarps, kTcRows> red(smem_raw);
   {
-    float* row = red_acc + (warp * kTcRows + g) * D + 2 * t;
+    float* row = red.acc + (warp * kTcRows + g) * D + 2 * t;
 #pragma unroll
     for (int j = 0; j < NT; ++j) *reinterpret_cast<float2*>(row + 8 * j) = make_float2(o[j][0], o[j][1]);
     if (t == 0) {
-      red_m[warp * kTcRows + g] = m;
-      red_l[warp * kTcRows + g] = l;
+      red.m[warp * kTcRows + g] = m;
+      red.l[warp * kTcRows + g] = l;
     }
   }
   __syncthreads();
-  if (tid < kTcRows) {
-    const int h = tid;
-    float big_m = -INFINITY;
-#pragma unroll
-    for (int i = 0; i < kTcWarps; ++i) big_m = fmaxf(big_m, red_m[i * kTcRows + h]);
-    float big_l = 0.f;
-#pragma unroll
-    for (int i = 0; i < kTcWarps; ++i) {
-      const float mi = red_m[i * kTcRows + h];
-      const float w = mi == -INFINITY ? 0.f : fast_exp2(mi - big_m);
-      red_w[i * kTcRows + h] = w;
-      big_l = fmaf(w, red_l[i * kTcRows + h], big_l);
-    }
-    red_big_l[h] = big_l;
-    red_big_m[h] = big_m;
-  }
-  __syncthreads();
-  for (int idx = tid; idx < nheads * D; idx += kTcWarps * 32) {
-    const int h = idx / D, d = idx - h * D;
-    float a = 0.f;
-#pragma unroll
-    for (int i = 0; i < kTcWarps; ++i) a = fmaf(red_w[i * kTcRows + h], red_acc[(i * kTcRows + h) * D + d], a);
-    const int64_t head_row = static_cast<int64_t>(b) * p.num_q_heads + h0 + h;
-    if (r.n_active == 1) {
-      const float big_l = red_big_l[h];
-      p.out[head_row * D + d] = from_float<T>(big_l > 0.f ? a / big_l : 0.f);
-    } else {
-      const int64_t part = head_row * p.num_splits + split;
-      p.ws_acc[part * D + d] = a;
-      if (d == 0) {
-        p.ws_ml[part * 2] = red_big_m[h];
-        p.ws_ml[part * 2 + 1] = red_big_l[h];
-      }
-    }
-  }
+  red.template finish<kTcWarps * 32>(p, tid, nheads, b, h0, split, r.n_active);
 }
 
 // The combine: out = sum_s w_s acc_s / sum_s w_s l_s with w_s = 2^(m_s - max m)
