@@ -80,8 +80,15 @@ def test_generate_fastllm(benchmark, checkpoint, graphs, quant):
     if quant and device != "cuda":
         pytest.skip("quantized generation is benchmarked on a GPU (on CPU it is the dequantising reference)")
     model = Model.from_pretrained(path, device=device, dtype=dtype, cuda_graphs=graphs, quantization=quant)
+    _time_generate(benchmark, model, device)
+    benchmark.extra_info.update(shape=name, cuda_graphs=graphs, quantization=quant)
+
+
+def _time_generate(benchmark, model: Model, device: str) -> None:
+    """Time greedy generation of NEW_TOKENS after a PROMPT_LEN prompt (3 rounds,
+    after a warm-up at the timed length: graphed decoding sizes its cache and
+    captures its graphs for it); tok/s into extra_info."""
     prompt = list(range(10, 10 + PROMPT_LEN))
-    # warm-up at the timed length: graphed decoding sizes its cache and captures its graphs for it
     model.generate(prompt, max_new_tokens=NEW_TOKENS, ignore_eos=True)
 
     def run():
@@ -91,10 +98,7 @@ def test_generate_fastllm(benchmark, checkpoint, graphs, quant):
 
     out = benchmark.pedantic(run, rounds=3, iterations=1)
     assert len(out.token_ids) == NEW_TOKENS
-    benchmark.extra_info.update(
-        shape=name, device=device, tokens=NEW_TOKENS, tok_per_s=NEW_TOKENS / benchmark.stats.stats.mean,
-        cuda_graphs=graphs, quantization=quant,
-    )
+    benchmark.extra_info.update(device=device, tokens=NEW_TOKENS, tok_per_s=NEW_TOKENS / benchmark.stats.stats.mean)
 
 
 @pytest.mark.parametrize("ahead", [True, False], ids=["steps-ahead", "host-synced"])
@@ -110,18 +114,8 @@ def test_generate_steps_ahead(benchmark, monkeypatch, checkpoint, ahead):
     if not ahead:
         monkeypatch.setattr(generate, "can_step_ahead", lambda r: False)
     model = Model.from_pretrained(path, device=device, dtype=dtype, cuda_graphs=True)
-    prompt = list(range(10, 10 + PROMPT_LEN))
-    model.generate(prompt, max_new_tokens=NEW_TOKENS, ignore_eos=True)
-
-    def run():
-        out = model.generate(prompt, max_new_tokens=NEW_TOKENS, ignore_eos=True)
-        _sync(device)
-        return out
-
-    out = benchmark.pedantic(run, rounds=3, iterations=1)
-    assert len(out.token_ids) == NEW_TOKENS
-    benchmark.extra_info.update(shape=name, device=device, tokens=NEW_TOKENS, steps_ahead=ahead,
-                                tok_per_s=NEW_TOKENS / benchmark.stats.stats.mean)
+    _time_generate(benchmark, model, device)
+    benchmark.extra_info.update(shape=name, steps_ahead=ahead)
 
 
 def test_generate_transformers(benchmark, checkpoint):
