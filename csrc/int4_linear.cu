@@ -311,27 +311,20 @@ __global__ void __launch_bounds__(Int4Cfg<TT, DEEP>::THREADS) int4_mma_kernel(co
     constexpr int V = R * TT * 4;  // floats per lane
     static_assert((C::KW - 1) * C::WARPS_N * 32 * V * 4 <= C::SMEM, "the K-group sums must fit the pipeline memory");
     float* const red = reinterpret_cast<float*>(smem);
+    // Group k's value v of this lane (lanes contiguous: no bank conflicts).
+    auto slot = [&](int k, int v) -> float& { return red[(((k - 1) * C::WARPS_N + warp) * V + v) * 32 + lane]; };
+    float* const sums = &acc[0][0][0];  // acc as V floats (unrolled: stays in registers)
     __syncthreads();  // every warp is past its last tile
     if (kw > 0) {
 #pragma unroll
-      for (int r = 0; r < R; ++r)
-#pragma unroll
-        for (int tt = 0; tt < TT; ++tt)
-#pragma unroll
-          for (int e = 0; e < 4; ++e)
-            red[(((kw - 1) * C::WARPS_N + warp) * V + (r * TT + tt) * 4 + e) * 32 + lane] = acc[r][tt][e];
+      for (int v = 0; v < V; ++v) slot(kw, v) = sums[v];
     }
     __syncthreads();
     if (kw > 0) return;
 #pragma unroll
     for (int k = 1; k < C::KW; ++k)
 #pragma unroll
-      for (int r = 0; r < R; ++r)
-#pragma unroll
-        for (int tt = 0; tt < TT; ++tt)
-#pragma unroll
-          for (int e = 0; e < 4; ++e)
-            acc[r][tt][e] += red[(((k - 1) * C::WARPS_N + warp) * V + (r * TT + tt) * 4 + e) * 32 + lane];
+      for (int v = 0; v < V; ++v) sums[v] += slot(k, v);
   }
 
   // Epilogue: c0, c1 = (row g, tokens 2t, 2t+1); c2, c3 = row g + 8.
