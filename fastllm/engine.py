@@ -261,11 +261,10 @@ class LLMEngine:
         the runner, nothing to admit, no draft, and every request drawing
         without its last token on the host. (The steps that follow carry the
         same sequences, less those that finish, until one of these changes.)"""
-        return (self.runner is not None and self.draft_model is None and self._nothing_to_admit()
-                and len(seqs) == len(self.running) and len(seqs) <= self.max_num_batched_tokens
+        return (self.runner is not None and self.draft_model is None and len(seqs) == len(self.running)
                 and all(n == 1 and s.req.output_ids and s.blocks.num_cached + 1 == len(s.tokens())
                         for s, n in zip(seqs, counts))
-                and all(can_step_ahead(s.req) for s in seqs) and self.runner.fits([s.blocks for s in seqs]))
+                and all(can_step_ahead(s.req) for s in seqs) and self._steady_ahead(seqs))
 
     def _read_ahead(self) -> list[StepOutput]:
         """Launch the step after the one in flight (when the decode is still
@@ -292,8 +291,9 @@ class LLMEngine:
         return outs
 
     def _steady_ahead(self, seqs: list[_Seq]) -> bool:
-        """``_steady`` for the step after the one in flight (whose token each
-        of ``seqs`` has drawn but not accepted: one more than ``tokens()``)."""
+        """What of ``_steady`` can change from one step to the next (checked
+        again for the step after the one in flight): nothing to admit, the
+        token budget, and the runner's room."""
         return (self._nothing_to_admit() and len(seqs) <= self.max_num_batched_tokens
                 and self.runner.fits([s.blocks for s in seqs]))
 
