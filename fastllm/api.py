@@ -19,7 +19,7 @@ from fastllm.model import Transformer, load_network, parse_dtype, save_weights
 from fastllm.model.config import ModelConfig
 from fastllm.quant import QuantizationConfig
 from fastllm.sampling import derive_seed
-from fastllm.speculative import MAX_SPECULATIVE_TOKENS, run_speculative
+from fastllm.speculative import MAX_SPECULATIVE_TOKENS, SpecRunners, run_speculative
 from fastllm.structured import as_structured_output, matcher_for
 from fastllm.tools import plan_tools
 
@@ -265,19 +265,23 @@ class Model:
                 yield piece
 
     def _run(self, requests: list[Request], draft_model: "Model | None", k: int) -> Iterator[list[Request]]:
+        lease = self._graphs.acquire(_lengths(requests)) if self._graphs is not None else None
         if draft_model is None:
-            lease = self._graphs.acquire(_lengths(requests)) if self._graphs is not None else None
             if lease is not None:
-                return holding(lease, run(self.network, lease.cache, requests, self.eos_ids, lease.runner))
+                return holding([lease], run(self.network, lease.cache, requests, self.eos_ids, lease.runner))
             return run(self.network, self._cache_for(requests), requests, self.eos_ids)
-        # The draft decodes one token per sequence per step: that goes through its graphs, when it has them.
-        cache = self._cache_for(requests)
-        lease = draft_model._graphs.acquire(_lengths(requests)) if draft_model._graphs is not None else None
-        if lease is None:
-            return run_speculative(self.network, cache, draft_model.network, draft_model._cache_for(requests),
-                                   requests, self.eos_ids, k)
-        return holding(lease, run_speculative(self.network, cache, draft_model.network, lease.cache, requests,
-                                              self.eos_ids, k, lease.runner))
+        # Each model's passes go through its graphs, when it has them (and a draft that is
+        # the model itself finds them in use: it decodes eagerly).
+        draft_lease = draft_model._graphs.acquire(_lengths(requests)) if draft_model._graphs is not None else None
+        runners = SpecRunners(
+            draft=draft_lease.runner if draft_lease else None,
+            draft_pair=draft_lease.runner_for(2, last_logits_only=True) if draft_lease else None,
+            verify=lease.runner_for(k + 1) if lease else None,
+        )
+        cache = lease.cache if lease else self._cache_for(requests)
+        draft_cache = draft_lease.cache if draft_lease else draft_model._cache_for(requests)
+        return holding([lease, draft_lease], run_speculative(self.network, cache, draft_model.network, draft_cache,
+                                                             requests, self.eos_ids, k, runners))
 
     def _check_draft(self, draft_model: "Model | None", k: int, requests: Sequence[Request] = ()) -> None:
         """A draft must be a Model on the same device with the same vocabulary

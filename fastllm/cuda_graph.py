@@ -54,8 +54,9 @@ def graphs_supported(network: torch.nn.Module) -> bool:
 
 
 class DecodeGraphRunner:
-    """Runs decode steps (one new token per sequence) of ``network`` over
-    ``cache`` from CUDA graphs captured on first use of each bucket."""
+    """Runs steps of ``network`` over ``cache`` that append ``step_tokens``
+    tokens to each sequence (1: a decode step; k + 1: a speculative verify
+    pass), from CUDA graphs captured on first use of each bucket."""
 
     def __init__(
         self,
@@ -64,23 +65,31 @@ class DecodeGraphRunner:
         max_batch_size: int,
         max_seq_len: int,
         use_graphs: bool | None = None,
+        step_tokens: int = 1,
+        last_logits_only: bool = False,
     ):
         if cache.reserved_blocks < 1:
             raise ValueError("DecodeGraphRunner needs a KVCache with a reserved block (reserved_blocks=1) for padding")
+        if not isinstance(step_tokens, int) or step_tokens < 1:
+            raise ValueError(f"step_tokens must be an int >= 1, got {step_tokens!r}")
         self.network, self.cache = network, cache
-        self.max_seq_len = max_seq_len
+        self.max_seq_len, self.step_tokens = max_seq_len, step_tokens
+        # logits of every new token ([B * step_tokens, V]) or of each sequence's last one ([B, V])
+        self.last_logits_only = last_logits_only and step_tokens > 1
         self.buckets = batch_buckets(max_batch_size)
         self.use_graphs = cache.device.type == "cuda" if use_graphs is None else use_graphs
         self.pad_block = cache.reserved_block(0)
+        self.pad_cols = cache.blocks_for(step_tokens)  # a padding row's table: its tokens all in the reserved block
         self.width = cache.blocks_for(max_seq_len)  # block-table columns
-        n, dev = self.buckets[-1], cache.device
+        n, w, dev = self.buckets[-1], step_tokens, cache.device
         pin = dev.type == "cuda"
         # Device buffers the graphs read, and host mirrors a step fills first.
-        self._longs = torch.zeros(3, n, dtype=torch.int64, device=dev)  # ids, positions, slots
+        self._longs = torch.zeros(3, n * w, dtype=torch.int64, device=dev)  # ids, positions, slots
         self._lens = torch.ones(n, dtype=torch.int32, device=dev)
         self._tables = torch.full((n, self.width), self.pad_block, dtype=torch.int32, device=dev)
-        self._cu = torch.arange(n + 1, dtype=torch.int32, device=dev)  # one query per sequence, always
-        self._host_longs = torch.zeros(3, n, dtype=torch.int64, pin_memory=pin)
+        self._cu = torch.arange(0, (n + 1) * w, w, dtype=torch.int32, device=dev)  # w queries per sequence, always
+        self._last = torch.arange(w - 1, n * w, w, dtype=torch.int64, device=dev)  # each sequence's last token
+        self._host_longs = torch.zeros(3, n * w, dtype=torch.int64, pin_memory=pin)
         self._host_lens = torch.ones(n, dtype=torch.int32, pin_memory=pin)
         self._host_tables = torch.full((n, self.width), self.pad_block, dtype=torch.int32, pin_memory=pin)
         # numpy views of the host mirrors: small writes there cost no torch dispatch
@@ -88,15 +97,15 @@ class DecodeGraphRunner:
         self._np_tables = self._host_tables.numpy()
         # What each block-table row holds (on the host and, after a step's copy,
         # on the device): the block list written there and how many of its
-        # entries, or (None, 1) for a padding row. Block lists only grow by
-        # appending (a sequence that changes its blocks otherwise gets a new
+        # entries, or (None, pad_cols) for a padding row. Block lists only grow
+        # by appending (a sequence that changes its blocks otherwise gets a new
         # list), so a step writes only new entries and copies only changed rows.
-        self._rows: list[tuple[list[int] | None, int]] = [(None, 1)] * n
+        self._rows: list[tuple[list[int] | None, int]] = [(None, self.pad_cols)] * n
         self._copied = torch.cuda.Event() if pin else None  # host mirrors are free again once it fired
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._outputs: dict[int, Tensor] = {}
         self._pool = None
-        self.num_steps = 0  # decode steps run here, and how many of them replayed a graph
+        self.num_steps = 0  # steps run here, and how many of them replayed a graph
         self.num_replays = 0
 
     @property
@@ -104,52 +113,67 @@ class DecodeGraphRunner:
         return self.buckets[-1]
 
     def fits(self, seqs: Sequence[CachedSequence]) -> bool:
-        """Whether a decode step of these sequences can run here."""
-        return 0 < len(seqs) <= self.max_batch_size and all(s.num_cached < self.max_seq_len for s in seqs)
+        """Whether a step of these sequences can run here."""
+        return (0 < len(seqs) <= self.max_batch_size
+                and all(s.num_cached + self.step_tokens <= self.max_seq_len for s in seqs))
 
-    def step(self, seqs: Sequence[CachedSequence], tokens: Sequence[int] | Tensor) -> Tensor:
-        """Append one token per sequence to the cache and return its fp32
-        logits [B, V]. The tensor is the graph's output buffer: read it before
-        the next step. ``tokens`` may be an int64 tensor [B] on the cache's
-        device (the previous step's samples, not yet read by the host): it is
-        copied into the step's inputs on the device, in stream order."""
+    def step(self, seqs: Sequence[CachedSequence], tokens: Sequence[int] | Sequence[Sequence[int]] | Tensor) -> Tensor:
+        """Append ``step_tokens`` tokens per sequence to the cache and return
+        their fp32 logits: [B * step_tokens, V] (sequence-major), or [B, V] of
+        each sequence's last token (one token per step, or ``last_logits_only``).
+        The tensor is the graph's output buffer: read it before the next step.
+        ``tokens``: one id per sequence (one token per step) or one list of
+        ``step_tokens`` ids per sequence, or an int64 tensor [B] / [B,
+        step_tokens] on the cache's device (e.g. the previous step's samples,
+        not yet read by the host): it is copied into the step's inputs on the
+        device, in stream order."""
         if not self.fits(seqs) or len(tokens) != len(seqs):
-            raise ValueError(f"a decode step of {len(seqs)} sequences does not fit this runner "
-                             f"(at most {self.max_batch_size} sequences shorter than {self.max_seq_len} tokens)")
+            raise ValueError(f"a step of {len(seqs)} sequences does not fit this runner (at most "
+                             f"{self.max_batch_size} sequences of at most {self.max_seq_len - self.step_tokens} "
+                             f"tokens before the step's {self.step_tokens})")
         b = len(seqs)
         n = self.buckets[bisect.bisect_left(self.buckets, b)]
         if self.use_graphs and n not in self._graphs:
             self._capture(n)
         self._load(seqs, tokens, n)
         self.num_steps += 1
+        rows = b if self.last_logits_only else b * self.step_tokens
         if self.use_graphs:
             self._graphs[n].replay()
             self.num_replays += 1
-            return self._outputs[n][:b]
-        return self._forward(n)[:b]
+            return self._outputs[n][:rows]
+        return self._forward(n)[:rows]
 
     # ------------------------------------------------------------------ inputs
-    def _load(self, seqs: Sequence[CachedSequence], tokens: Sequence[int] | Tensor, n: int) -> None:
+    def _load(self, seqs: Sequence[CachedSequence], tokens, n: int) -> None:
         """Fill rows [0, n) of the static buffers: the real sequences, then padding."""
         if self._copied is not None:
             self._copied.synchronize()  # the last step's copies have read the host mirrors
-        bs, b = self.cache.block_size, len(seqs)
+        bs, b, w = self.cache.block_size, len(seqs), self.step_tokens
         longs, lens = self._np_longs, self._np_lens
-        slots = [append_slots(self.cache, seq, 1)[0] for seq in seqs]
         on_device = isinstance(tokens, Tensor)
-        longs[0, :b] = 0 if on_device else tokens
-        longs[1, :b] = [seq.num_cached - 1 for seq in seqs]
-        longs[2, :b] = slots
-        longs[0:2, b:n] = 0
-        longs[2, b:n] = self.pad_block * bs
+        if w == 1:
+            longs[2, :b] = [append_slots(self.cache, seq, 1)[0] for seq in seqs]
+            longs[0, :b] = 0 if on_device else tokens
+            longs[1, :b] = [seq.num_cached - 1 for seq in seqs]
+        else:
+            if not on_device and any(len(t) != w for t in tokens):
+                raise ValueError(f"each sequence takes {w} tokens per step, got {[len(t) for t in tokens]}")
+            longs[2, : b * w] = [s for seq in seqs for s in append_slots(self.cache, seq, w)]
+            longs[0, : b * w] = 0 if on_device else [t for ts in tokens for t in ts]
+            longs[1, : b * w] = [p for seq in seqs for p in range(seq.num_cached - w, seq.num_cached)]
+        # padding: w tokens at positions 0..w-1 of the reserved block(s)
+        longs[0, b * w : n * w] = 0
+        longs[1, b * w : n * w] = list(range(w)) * (n - b)
+        longs[2, b * w : n * w] = [self.pad_block * bs + i % bs for i in range(w)] * (n - b)
         lens[:b] = [seq.num_cached for seq in seqs]
-        lens[b:n] = 1
+        lens[b:n] = w
         lo, hi = self._update_tables(seqs, n)
-        # all of _longs (a few KB): [:, :n] is not contiguous, and a strided
+        # all of _longs (a few KB): [:, :n * w] is not contiguous, and a strided
         # host-to-device copy would stage through pageable memory and block
         self._longs.copy_(self._host_longs, non_blocking=True)
         if on_device:  # after the host copy above, which carried zeros in these rows
-            self._longs[0, :b].copy_(tokens)
+            self._longs[0, : b * w].copy_(tokens.reshape(-1))
         self._lens[:n].copy_(self._host_lens[:n], non_blocking=True)
         if hi > lo:  # whole rows: a contiguous range
             self._tables[lo:hi].copy_(self._host_tables[lo:hi], non_blocking=True)
@@ -170,8 +194,8 @@ class DecodeGraphRunner:
             if blocks is None:
                 if known is None:
                     continue  # padding already
-                tables[i, 0] = self.pad_block
-                rows[i] = (None, 1)
+                tables[i, : self.pad_cols] = self.pad_block
+                rows[i] = (None, self.pad_cols)
             elif known is blocks and len(blocks) >= done:
                 if len(blocks) == done:
                     continue
@@ -185,17 +209,20 @@ class DecodeGraphRunner:
 
     # ----------------------------------------------------------------- running
     def _forward(self, n: int) -> Tensor:
+        m = n * self.step_tokens
         meta = AttentionMetadata(
             cu_seqlens_q=self._cu[: n + 1],
             seq_lens=self._lens[:n],
             block_tables=self._tables[:n],
-            slot_mapping=self._longs[2, :n],
-            query_lens_host=[1] * n,
+            slot_mapping=self._longs[2, :m],
+            query_lens_host=[self.step_tokens] * n,
             # The lengths are only known on the device; the host side holds the
             # bound that sizes the decode kernel's grid (meta.max_seq_len).
             seq_lens_host=[self.max_seq_len] * n,
+            seq_lens_exact=False,
         )
-        return self.network(self._longs[0, :n], self._longs[1, :n], self.cache.layers(), meta)
+        rows = self._last[:n] if self.last_logits_only else None
+        return self.network(self._longs[0, :m], self._longs[1, :m], self.cache.layers(), meta, rows)
 
     def _capture(self, n: int) -> None:
         """Record the step for bucket ``n``; on failure warn and run eagerly."""
@@ -232,6 +259,7 @@ class GraphedDecoding:
         self.network, self.use_graphs = network, use_graphs
         self.cache: KVCache | None = None
         self.runner: DecodeGraphRunner | None = None
+        self._wide: dict[tuple[int, bool], DecodeGraphRunner] = {}  # runner_for's, over the same cache
         self.busy = False
 
     @classmethod
@@ -261,11 +289,26 @@ class GraphedDecoding:
         self.busy = True
         return _Lease(self)
 
+    def runner_for(self, step_tokens: int, last_logits_only: bool = False) -> DecodeGraphRunner:
+        """A runner over the current cache for steps of ``step_tokens`` tokens
+        per sequence (the decode runner for 1; for more, one made on first
+        use and kept with its graphs until the cache is rebuilt), as large as
+        the decode runner."""
+        if step_tokens == 1:
+            return self.runner
+        key = (step_tokens, last_logits_only)
+        if key not in self._wide:
+            r = self.runner
+            self._wide[key] = DecodeGraphRunner(self.network, self.cache, r.max_batch_size, r.max_seq_len,
+                                                self.use_graphs, step_tokens, last_logits_only)
+        return self._wide[key]
+
     def release(self) -> None:
-        """Drop the cache, the runner and its graphs (rebuilt by the next ``acquire``)."""
+        """Drop the cache, the runners and their graphs (rebuilt by the next ``acquire``)."""
         if self.busy:
             raise RuntimeError("the graph cache is in use by a generation that has not finished (a live stream)")
         self.cache = self.runner = None
+        self._wide = {}
 
     def _rebuild(self, blocks: int, longest: int, batch: int) -> None:
         """A new cache and runner for at least ``blocks`` blocks, ``batch``
@@ -281,7 +324,8 @@ class GraphedDecoding:
                    _pow2_at_least(batch))
         emb = self.network.embed_tokens.weight
         for n_blocks, n_tokens, n_seqs in (rounded, (blocks, longest, batch)):
-            self.cache = self.runner = None  # free the old cache before taking the new one
+            self.cache = self.runner = None  # free the old cache (and runners) before taking the new one
+            self._wide = {}
             try:
                 self.cache = KVCache(cfg.num_layers, n_blocks, cfg.num_kv_heads, cfg.head_dim, emb.dtype,
                                      emb.device, DEFAULT_BLOCK_SIZE, reserved_blocks=1)
@@ -311,6 +355,10 @@ class _Lease:
     def __init__(self, owner: GraphedDecoding):
         self.owner = owner
         self.cache, self.runner = owner.cache, owner.runner
+
+    def runner_for(self, step_tokens: int, last_logits_only: bool = False) -> DecodeGraphRunner:
+        """``GraphedDecoding.runner_for`` of the leased cache."""
+        return self.owner.runner_for(step_tokens, last_logits_only)
 
     def __enter__(self) -> "_Lease":
         return self

@@ -62,7 +62,7 @@ from fastllm.cuda_graph import DecodeGraphRunner, graphs_supported
 from fastllm.generate import (DecodeFlight, Request, can_step_ahead, forward_step, launch_decode, launch_next,
                               sample_requests)
 from fastllm.sampling import derive_seed
-from fastllm.speculative import Proposal, proposals_allowed, speculative_round
+from fastllm.speculative import Proposal, SpecRunners, proposals_allowed, speculative_round
 
 DEFAULT_CPU_CACHE_BYTES = 1 << 30
 GPU_CACHE_FRACTION = 0.5  # of the free GPU memory at start
@@ -160,19 +160,35 @@ class LLMEngine:
         self.runner = (DecodeGraphRunner(model.network, self.cache, max_num_seqs, cfg.max_position_embeddings)
                        if cuda_graphs and graphs_supported(model.network) else None)
         self.draft_cache = self.draft_runner = None
-        if draft_model is not None:  # the draft's decode steps are what graphs speed up most
+        self.spec_runners = SpecRunners()
+        if draft_model is not None:
             dc = draft_model.config
             self.draft_cache = KVCache(dc.num_layers, num_blocks, dc.num_kv_heads, dc.head_dim, draft_model.dtype,
                                        draft_model.device, block_size, reserved_blocks=1)
             if cuda_graphs and graphs_supported(draft_model.network):
                 self.draft_runner = DecodeGraphRunner(draft_model.network, self.draft_cache, max_num_seqs,
                                                       dc.max_position_embeddings)
+            self.spec_runners = self._spec_runners(max_num_seqs)
         self.waiting: deque[_Seq] = deque()
         self.running: list[_Seq] = []
         self._flight: DecodeFlight | None = None  # a decode step launched ahead, not yet read (see step)
         self._flight_seqs: list[_Seq] = []
         self._ids = itertools.count()
         self.num_preemptions = 0
+
+    def _spec_runners(self, max_num_seqs: int) -> SpecRunners:
+        """The runners of a speculative round: the draft's decode steps and its
+        two-token first step of a round (with the draft's graphs), the target's
+        verify pass of 1 + ``num_speculative_tokens`` tokens (with the target's)."""
+        draft = self.draft_runner
+        pair = verify = None
+        if draft is not None:
+            pair = DecodeGraphRunner(self.draft_model.network, self.draft_cache, max_num_seqs, draft.max_seq_len,
+                                     draft.use_graphs, step_tokens=2, last_logits_only=True)
+        if self.runner is not None:
+            verify = DecodeGraphRunner(self.model.network, self.cache, max_num_seqs, self.runner.max_seq_len,
+                                       self.runner.use_graphs, step_tokens=self.num_speculative_tokens + 1)
+        return SpecRunners(draft, pair, verify)
 
     def _default_num_blocks(self, block_size: int) -> int:
         cfg, model = self.model.config, self.model
@@ -345,7 +361,7 @@ class LLMEngine:
         props = [Proposal(w.seq.req, w.seq.blocks, CachedSequence(w.seq.blocks.block_table, w.seq.draft_cached),
                           len(w.seq.tokens()), w.k) for w in batch]
         speculative_round(self.model.network, self.cache, self.draft_model.network, self.draft_cache, props,
-                          self.model.eos_ids, self.draft_runner)
+                          self.model.eos_ids, self.spec_runners)
         outs = []
         for w, p in zip(batch, props):
             s = w.seq

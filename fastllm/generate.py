@@ -16,7 +16,8 @@ for logprobs take the plain loop.
 
 from __future__ import annotations
 
-from collections.abc import Generator, Iterator
+import contextlib
+from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -347,8 +348,12 @@ def _overlapped(cache: KVCache, active: list[Request], eos_ids: frozenset[int],
         flight = nxt
 
 
-def holding(lease, steps: Iterator[list[Request]]) -> Iterator[list[Request]]:
-    """``steps`` (a ``run``) over a leased graph cache (``GraphedDecoding.acquire``),
-    giving the lease back when the run ends, fails or is abandoned (generator closed)."""
-    with lease:
+def holding(leases: Sequence, steps: Iterator[list[Request]]) -> Iterator[list[Request]]:
+    """``steps`` (a ``run``) over leased graph caches (``GraphedDecoding.acquire``;
+    None entries are skipped), giving the leases back when the run ends, fails
+    or is abandoned (generator closed)."""
+    with contextlib.ExitStack() as stack:
+        for lease in leases:
+            if lease is not None:
+                stack.enter_context(lease)
         yield from steps

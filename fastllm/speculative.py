@@ -53,6 +53,28 @@ MAX_SPECULATIVE_TOKENS = 16
 
 
 @dataclass
+class SpecRunners:
+    """The CUDA-graph runners a round may step through (each optional; a pass
+    that does not fit one runs eagerly):
+
+    - ``draft``: the draft's decode steps, one token per sequence;
+    - ``draft_pair``: the draft's first step of a round, two tokens per
+      sequence and the logits of the last (``step_tokens=2,
+      last_logits_only=True``). After a round the draft lacks one or two
+      committed tokens; a sequence that lacks one re-feeds the token before
+      it (its keys and values are written again, the same), so that every
+      sequence adds two;
+    - ``verify``: the target's verify pass, ``k + 1`` tokens per sequence and
+      all their logits (``step_tokens=k + 1``), for rounds in which every
+      sequence brings ``k`` proposals after its one uncached token.
+    """
+
+    draft: DecodeGraphRunner | None = None
+    draft_pair: DecodeGraphRunner | None = None
+    verify: DecodeGraphRunner | None = None
+
+
+@dataclass
 class Proposal:
     """One request's state within a round: its target and draft cache entries
     (the engine gives its own target entry; ``generate`` uses ``req.cached``)."""
@@ -92,15 +114,33 @@ def _processed(logits: Tensor, reqs: list[Request], contexts: list[LogitContext]
     return logits.argmax(dim=-1), probs
 
 
-def _draft_round(net: Transformer, cache: KVCache, props: list[Proposal],
-                 runner: DecodeGraphRunner | None = None) -> None:
-    """Run the draft ``max k`` steps (those with one new token per row through
-    ``runner``, CUDA graphs over ``cache``, when given); fill each proposal's
-    tokens and q."""
+def _first_draft_step(net: Transformer, cache: KVCache, rows: list[Proposal],
+                      pair: DecodeGraphRunner | None) -> Tensor:
+    """The draft's first step of a round: its uncached committed tokens per
+    row; through ``pair`` (two tokens per row) when every row lacks one or two
+    and the step fits, re-feeding the token before where a row lacks one.
+    Returns each row's last logits [B, V]."""
+    drafts = [p.draft for p in rows]
+    missing = [len(p.req.prompt_ids) + len(p.req.output_ids) - d.num_cached for p, d in zip(rows, drafts)]
+    if pair is not None and all(m == 2 or (m == 1 and d.num_cached > 0) for m, d in zip(missing, drafts)):
+        back = [CachedSequence(d.block_table, d.num_cached - (2 - m)) for d, m in zip(drafts, missing)]
+        if pair.fits(back):
+            for d, m in zip(drafts, missing):
+                d.num_cached -= 2 - m
+            return pair.step(drafts, [p.req.token_ids()[-2:] for p in rows])
+    return forward_step(net, cache, drafts, [p.req.token_ids()[d.num_cached :] for p, d in zip(rows, drafts)])
+
+
+def _draft_round(net: Transformer, cache: KVCache, props: list[Proposal], runners: SpecRunners) -> None:
+    """Run the draft ``max k`` steps (through ``runners.draft_pair`` and
+    ``runners.draft``, CUDA graphs over ``cache``, where they fit); fill each
+    proposal's tokens and q."""
     for j in range(max((p.k for p in props), default=0)):
         rows = [p for p in props if p.k > j]
-        inputs = [p.req.token_ids()[p.draft.num_cached :] if j == 0 else p.tokens[-1:] for p in rows]
-        logits = forward_step(net, cache, [p.draft for p in rows], inputs, runner)  # [B, V]
+        if j == 0:
+            logits = _first_draft_step(net, cache, rows, runners.draft_pair)  # [B, V]
+        else:
+            logits = forward_step(net, cache, [p.draft for p in rows], [p.tokens[-1:] for p in rows], runners.draft)
         reqs = [p.req for p in rows]
         argmax, q = _processed(logits, reqs, [p.req.logit_context(p.tokens) for p in rows])
         greedy = argmax.tolist()
@@ -115,11 +155,25 @@ def _draft_round(net: Transformer, cache: KVCache, props: list[Proposal],
                 p.q.append(q[i])
 
 
-def _verify(net: Transformer, cache: KVCache,
-            props: list[Proposal]) -> tuple[list[list[int]], list[list[TokenLogprob | None]]]:
-    """One target pass over every proposal; returns the tokens each request
-    commits and their logprobs (the target's raw distribution at the position
-    of each committed token: exactly what decoding without a draft reports)."""
+def _verify_logits(net: Transformer, cache: KVCache, props: list[Proposal], inputs: list[list[int]],
+                   rows: list[int], runner: DecodeGraphRunner | None) -> Tensor:
+    """The target's logits [R, V] at the packed rows ``rows`` of one pass
+    appending ``inputs``: through ``runner`` when every sequence brings its
+    one uncached token and the runner's ``k`` proposals (then ``rows`` is
+    every token, and no prompt token is scored), else one packed pass."""
+    targets = [p.target for p in props]
+    if (runner is not None and all(len(t) == runner.step_tokens == p.k + 1 for p, t in zip(props, inputs))
+            and runner.fits(targets)):
+        return runner.step(targets, inputs)
+    return packed_logits(net, cache, targets, inputs, rows, [p.req for p in props])
+
+
+def _verify(net: Transformer, cache: KVCache, props: list[Proposal],
+            runner: DecodeGraphRunner | None = None) -> tuple[list[list[int]], list[list[TokenLogprob | None]]]:
+    """One target pass over every proposal (through ``runner`` where it fits,
+    see ``_verify_logits``); returns the tokens each request commits and their
+    logprobs (the target's raw distribution at the position of each committed
+    token: exactly what decoding without a draft reports)."""
     inputs = [p.req.token_ids()[p.target.num_cached :] + p.tokens for p in props]
     rows, owners, contexts, end = [], [], [], 0
     for p, toks in zip(props, inputs):
@@ -127,7 +181,7 @@ def _verify(net: Transformer, cache: KVCache,
         rows.extend(range(end - p.k - 1, end))  # the k + 1 positions that predict d_1..d_k and the bonus
         owners.extend([p.req] * (p.k + 1))
         contexts.extend(p.req.logit_context(p.tokens[:j]) for j in range(p.k + 1))
-    logits = packed_logits(net, cache, [p.target for p in props], inputs, rows, [p.req for p in props])  # [R, V]
+    logits = _verify_logits(net, cache, props, inputs, rows, runner)  # [R, V]
     raw = raw_logprobs(logits, [r.config.logprobs for r in owners])  # before penalties edit logits
     argmax, probs = _processed(logits, owners, contexts)
     argmax_host = argmax.tolist()
@@ -183,15 +237,15 @@ def proposals_allowed(req: Request, num_speculative_tokens: int, draft_context: 
 
 
 def speculative_round(network: Transformer, cache: KVCache, draft_network: Transformer, draft_cache: KVCache,
-                      props: list[Proposal], eos_ids: frozenset[int],
-                      draft_runner: DecodeGraphRunner | None = None) -> None:
-    """One round for ``props``: the draft proposes (its decode steps through
-    ``draft_runner`` when given), the target verifies, each request accepts its
+                      props: list[Proposal], eos_ids: frozenset[int], runners: SpecRunners | None = None) -> None:
+    """One round for ``props``: the draft proposes, the target verifies (each
+    pass through ``runners`` where it fits), each request accepts its
     committed tokens (``Request.accept``, stopping at a finish) and both cache
     entries roll back to the committed prefix."""
+    runners = runners or SpecRunners()
     with device_scope(cache.device):
-        _draft_round(draft_network, draft_cache, props, draft_runner)
-        commits, logprobs = _verify(network, cache, props)
+        _draft_round(draft_network, draft_cache, props, runners)
+        commits, logprobs = _verify(network, cache, props, runners.verify)
     for p, toks, lps in zip(props, commits, logprobs):
         r = p.req
         r.spec_proposed += p.k
@@ -215,19 +269,19 @@ def run_speculative(
     requests: list[Request],
     eos_ids: frozenset[int],
     num_speculative_tokens: int,
-    draft_runner: DecodeGraphRunner | None = None,
+    runners: SpecRunners | None = None,
 ) -> Iterator[list[Request]]:
     """Like ``generate.run`` with a draft model: after each round yield the
-    requests that received tokens (finished ones included, once). The draft's
-    decode steps go through ``draft_runner`` (CUDA graphs over
-    ``draft_cache``) when given."""
+    requests that received tokens (finished ones included, once). Passes go
+    through ``runners`` (CUDA graphs over ``draft_cache`` and ``cache``) where
+    they fit."""
     drafts = {id(r): CachedSequence() for r in requests}
     draft_ctx = draft_network.config.max_position_embeddings
     active = list(requests)
     while active:
         props = [Proposal(r, r.cached, drafts[id(r)], len(r.prompt_ids) + len(r.output_ids),
                           proposals_allowed(r, num_speculative_tokens, draft_ctx)) for r in active]
-        speculative_round(network, cache, draft_network, draft_cache, props, eos_ids, draft_runner)
+        speculative_round(network, cache, draft_network, draft_cache, props, eos_ids, runners)
         for p in props:
             if p.req.finish_reason:
                 cache.allocator.release(p.target.block_table)

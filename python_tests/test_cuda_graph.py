@@ -274,6 +274,37 @@ def test_padding_rows_write_only_the_reserved_block(model):
     assert [s.num_cached for s in seqs] == [4, 7, 2]
 
 
+@pytest.mark.parametrize("step_tokens, last_only", [(3, False), (2, True), (6, False)])
+def test_wide_steps_equal_packed_passes(model, step_tokens, last_only):
+    """Steps of several tokens per sequence (speculative verify passes, the
+    draft's two-token step) through the runner: the logits and cache writes of
+    one eager packed pass over the same tokens; padding rows (with more tokens
+    than a block holds, for 6) write only the reserved block."""
+    cfg, w = model.config, step_tokens
+    caches = [KVCache(cfg.num_layers, 20, cfg.num_kv_heads, cfg.head_dim, torch.float32, torch.device("cpu"),
+                      block_size=4, reserved_blocks=1) for _ in range(2)]
+    runner = DecodeGraphRunner(model.network, caches[0], max_batch_size=8, max_seq_len=40, use_graphs=False,
+                               step_tokens=w, last_logits_only=last_only)
+    seqs = [[CachedSequence() for _ in range(3)] for _ in caches]
+    g = torch.Generator().manual_seed(0)
+    with torch.inference_mode():
+        for cache, ss in zip(caches, seqs):
+            prepare_step(cache, ss, [[5, 6, 7], [8] * 6, [9]])
+        before = caches[0].k.clone()
+        for _ in range(2):  # the second step appends to what the first wrote
+            tokens = torch.randint(0, cfg.vocab_size, (3, w), generator=g).tolist()
+            got = runner.step(seqs[0], tokens).clone()
+            ids, positions, meta, last = prepare_step(caches[1], seqs[1], tokens)
+            want = model.network(ids, positions, caches[1].layers(), meta, last if last_only else None)
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert got.shape == (3 if last_only else 3 * w, cfg.vocab_size)
+    assert [s.num_cached for s in seqs[0]] == [s.num_cached for s in seqs[1]] == [3 + 2 * w, 6 + 2 * w, 1 + 2 * w]
+    used = [b for s in seqs[0] for b in s.block_table]
+    torch.testing.assert_close(caches[0].k[:, used], caches[1].k[:, used], rtol=1e-5, atol=1e-5)
+    changed = (before != caches[0].k).flatten(2).any(-1).any(0).nonzero().flatten().tolist()  # [blocks]
+    assert runner.pad_block in changed and set(changed) <= set(used) | {runner.pad_block}
+
+
 def test_block_tables_copy_only_changed_rows(model):
     """The static block table is brought up to date row by row: a step writes
     only new blocks and copies only rows that changed (none in most steps);
@@ -453,24 +484,41 @@ def test_engine_steps_ahead_only_with_every_running_sequence(model):
     dict(max_new_tokens=30, ignore_eos=True),
     dict(max_new_tokens=30, temperature=0.9, top_p=0.9, seed=3, stop=["e "]),
 ])
-def test_speculative_draft_through_runner_equals_eager(path, model, params, tmp_path):
-    """The draft's decode steps go through its runner, in Model.generate (the
-    draft model's own graph cache) and in LLMEngine; the tokens are those of
-    eager speculative decoding."""
-    make_checkpoint(tmp_path, "qwen2")
-    draft = Model.from_pretrained(tmp_path, device="cpu")
-    graphed_draft = Model.from_pretrained(tmp_path, device="cpu")
+@pytest.mark.parametrize("same_weights", [False, True])
+def test_speculative_through_runners_equals_eager(path, graphed, model, params, same_weights, tmp_path):
+    """A round's passes go through runners, in Model.generate (each model's
+    own graph cache) and in LLMEngine: the draft's decode steps, its two-token
+    first step of a round and the target's (k + 1)-token verify pass. The
+    tokens are those of eager speculative decoding. A draft with the target's
+    weights has every proposal accepted (the draft then lacks two tokens at
+    the next round); another one mostly rejected (it lacks one, and re-feeds
+    the token before)."""
+    if not same_weights:
+        make_checkpoint(tmp_path, "qwen2")
+    draft_path = path if same_weights else tmp_path
+    draft = Model.from_pretrained(draft_path, device="cpu")
+    graphed_draft = Model.from_pretrained(draft_path, device="cpu")
     graphed_draft._graphs = GraphedDecoding(graphed_draft.network, use_graphs=False)
     want = model.generate(PROMPTS, draft_model=draft, num_speculative_tokens=3, **params)
-    got = model.generate(PROMPTS, draft_model=graphed_draft, num_speculative_tokens=3, **params)
+    got = graphed.generate(PROMPTS, draft_model=graphed_draft, num_speculative_tokens=3, **params)
     assert [(o.token_ids, o.text) for o in got] == [(o.token_ids, o.text) for o in want]
-    assert graphed_draft._graphs.runner.num_steps > 10 and not graphed_draft._graphs.busy
+    steps = [graphed_draft._graphs.runner.num_steps, graphed_draft._graphs.runner_for(2, True).num_steps,
+             graphed._graphs.runner_for(4).num_steps]
+    assert steps[0] > 10 and steps[1] > 3 and steps[2] > 3, steps
+    assert not graphed_draft._graphs.busy and not graphed._graphs.busy
     engine = LLMEngine(model, max_num_seqs=6, draft_model=draft, num_speculative_tokens=3)
+    ctx = model.config.max_position_embeddings
+    engine.runner = DecodeGraphRunner(model.network, engine.cache, 6, ctx, use_graphs=False)
     engine.draft_runner = DecodeGraphRunner(draft.network, engine.draft_cache, 6, draft.config.max_position_embeddings,
                                             use_graphs=False)
+    engine.spec_runners = engine._spec_runners(6)
     got = engine.generate(PROMPTS, **params)
     assert [(o.token_ids, o.text) for o in got] == [(o.token_ids, o.text) for o in want]
-    assert engine.draft_runner.num_steps > 10
+    accepted = sum(o.num_accepted_draft_tokens for o in got) / sum(o.num_draft_tokens for o in got)
+    assert accepted > 0.9 if same_weights else accepted < 0.9
+    runners = engine.spec_runners
+    assert runners.draft.num_steps > 10 and runners.draft_pair.num_steps > 3 and runners.verify.num_steps > 3
+    assert runners.verify.step_tokens == 4 and runners.draft_pair.step_tokens == 2
 
 
 def test_cuda_graphs_need_a_gpu(path, model):
@@ -537,10 +585,10 @@ def test_graphs_on_gpu_equal_eager(monkeypatch, only_named_kernels, kernels, dty
 @requires_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_graphed_draft_on_gpu(dtype):
-    """Speculative decoding with the shipped draft decoding from real graphs,
-    in Model.generate and LLMEngine: the target's greedy tokens up to near-ties
-    (verify passes of different widths round differently), and the draft's
-    steps were replayed."""
+    """Speculative decoding with every pass replayed from real graphs (the
+    draft's decode steps and two-token first steps, the target's verify
+    passes), in Model.generate and LLMEngine: the target's greedy tokens up to
+    near-ties (verify passes of different widths round differently)."""
     margin = 1e-3 if dtype == torch.float32 else 0.25
     greedy = dict(ignore_eos=True, temperature=0.0, logprobs=5, max_new_tokens=40)
     target = Model.from_pretrained("shakespeare-15m", device="cuda", dtype=dtype)
@@ -549,8 +597,19 @@ def test_graphed_draft_on_gpu(dtype):
     want = target.generate(prompts, **greedy)
     got = target.generate(prompts, draft_model=draft, num_speculative_tokens=4, **greedy)
     assert_greedy_equal_up_to_ties(want, got, margin)
-    assert draft._graphs.runner.num_replays > 10
+    assert draft._graphs.runner.num_replays > 10 and draft._graphs.runner_for(2, True).num_replays > 3
+    assert target._graphs.runner_for(5).num_replays > 3
     engine = LLMEngine(target, max_num_seqs=4, num_blocks=64, draft_model=draft, num_speculative_tokens=4,
                        cuda_graphs=True)
     assert_greedy_equal_up_to_ties(want, engine.generate(prompts, **greedy), margin)
-    assert engine.draft_runner.use_graphs and engine.draft_runner.num_replays > 10
+    runners = engine.spec_runners
+    assert runners.draft.use_graphs and runners.draft.num_replays > 10
+    assert runners.draft_pair.num_replays > 3 and runners.verify.use_graphs and runners.verify.num_replays > 3
+    # sampled: the graphed passes give the tokens of the same runners stepping eagerly
+    sampled = dict(max_new_tokens=40, temperature=0.8, top_p=0.95, seed=11)
+    eager_engine = LLMEngine(target, max_num_seqs=4, num_blocks=64, draft_model=draft, num_speculative_tokens=4,
+                             cuda_graphs=True)
+    for r in (eager_engine.runner, eager_engine.draft_runner, *vars(eager_engine.spec_runners).values()):
+        r.use_graphs = False
+    assert ([o.token_ids for o in engine.generate(prompts, **sampled)]
+            == [o.token_ids for o in eager_engine.generate(prompts, **sampled)])

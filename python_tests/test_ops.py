@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -130,6 +132,45 @@ def test_decode_attention_reference_matches_attention(hq, hk, window):
     expect = ref.attention(q[keep], k_cache, v_cache, meta, 0.3, window)
     torch.testing.assert_close(out[keep], expect, rtol=1e-5, atol=1e-5)
     assert torch.equal(out[2], torch.zeros(hq, d))
+
+
+@pytest.mark.parametrize("window", [None, 2, 6])
+@pytest.mark.parametrize("hq, hk", [(4, 4), (6, 2)])
+def test_prefill_reference_on_device_lengths_matches_host_lengths(hq, hk, window):
+    """A graphed step of w queries per sequence (a speculative verify pass)
+    passes only bounds on the host (``seq_lens_exact=False``): the reference
+    then gathers every table block and masks on the device lengths. Same
+    outputs and log-sum-exps as with exact host lengths, whatever the table
+    holds past a sequence's blocks; the tokens after the last sequence get 0 / -inf."""
+    d, bs, nb, w = 8, 4, 12, 3
+    g = torch.Generator().manual_seed(6)
+    k_cache = torch.randn(nb, bs, hk, d, generator=g)
+    v_cache = torch.randn(nb, bs, hk, d, generator=g)
+    lens = [3, 9, 16, 5]
+    perm = torch.randperm(nb, generator=g).tolist()
+    tables = torch.full((len(lens), 5), 11, dtype=torch.int32)  # stale blocks past each sequence's own
+    for b, n in enumerate(lens):
+        used = -(-n // bs)
+        tables[b, :used] = torch.tensor(perm[:used], dtype=torch.int32)
+        perm = perm[used:] + perm[:used]
+    q = torch.randn(len(lens) * w + 2, hq, d, generator=g)  # two tokens past the last sequence's queries
+    exact = AttentionMetadata(
+        cu_seqlens_q=torch.arange(0, (len(lens) + 1) * w, w, dtype=torch.int32),
+        seq_lens=torch.tensor(lens, dtype=torch.int32),
+        block_tables=tables,
+        slot_mapping=torch.zeros(0, dtype=torch.int64),
+        query_lens_host=[w] * len(lens),
+        seq_lens_host=lens,
+    )
+    bounded = dataclasses.replace(exact, seq_lens_host=[20] * len(lens), seq_lens_exact=False)
+    out, lse = ref.prefill_attention(q, k_cache, v_cache, bounded, 0.3, window, return_lse=True)
+    want, want_lse = ref.prefill_attention(q, k_cache, v_cache, exact, 0.3, window, return_lse=True)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse, want_lse, rtol=1e-5, atol=1e-5)
+    assert torch.equal(out[-2:], torch.zeros(2, hq, d)) and torch.isinf(lse[-2:]).all()
+    ragged = dataclasses.replace(bounded, query_lens_host=[w, w, w, w - 1])
+    with pytest.raises(ValueError, match="same number of queries"):
+        ref.prefill_attention(q, k_cache, v_cache, ragged, 0.3, window)
 
 
 def test_prepare_step_slots_are_distinct_and_blocks_owned():

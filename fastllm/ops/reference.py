@@ -146,6 +146,9 @@ class AttentionMetadata:
     slot_mapping: [N] int64 device, flat cache slot (block * block_size + offset)
     of each new token. The ``*_host`` lists hold the same lengths on the host so
     that the reference path and launch heuristics never synchronise.
+    ``seq_lens_exact`` False: ``seq_lens_host`` are only upper bounds (a CUDA
+    graph's step, whose lengths change on the device between replays); the
+    reference then reads the lengths on the device without synchronising.
     """
 
     cu_seqlens_q: Tensor
@@ -154,6 +157,7 @@ class AttentionMetadata:
     slot_mapping: Tensor
     query_lens_host: list[int]
     seq_lens_host: list[int]
+    seq_lens_exact: bool = True
 
     @property
     def is_decode(self) -> bool:
@@ -231,10 +235,12 @@ def prefill_attention(
     attention over disjoint key sets can be merged afterwards:
     ``out = sum_i exp(lse_i - lse) out_i`` with ``lse = logsumexp_i(lse_i)``.
     """
+    if not meta.seq_lens_exact:
+        return _prefill_on_device_lens(q, k_cache, v_cache, meta, scale, sliding_window, return_lse)
     n, hq, d = q.shape
     hk = k_cache.shape[2]
     group = hq // hk
-    out = torch.empty_like(q)
+    out = torch.zeros_like(q)  # tokens past the last sequence's queries: 0 (lse -inf), as the kernel
     lse = torch.full((n, hq), -math.inf, dtype=torch.float32, device=q.device) if return_lse else None
     start = 0
     for b, (qlen, slen) in enumerate(zip(meta.query_lens_host, meta.seq_lens_host)):
@@ -258,6 +264,45 @@ def prefill_attention(
         if lse is not None:
             lse[start : start + qlen] = row_lse.transpose(0, 1)
         start += qlen
+    return (out, lse) if return_lse else out
+
+
+def _prefill_on_device_lens(
+    q: Tensor, k_cache: Tensor, v_cache: Tensor, meta: AttentionMetadata, scale: float,
+    sliding_window: int | None, return_lse: bool,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """``prefill_attention`` when only the device knows the lengths (a graphed
+    step of ``W`` queries per sequence, e.g. a speculative verify pass): every
+    sequence has the same number of queries, gathers all the blocks of its
+    table (entries past its blocks are clamped into range) and masks the keys
+    on ``meta.seq_lens``, as ``decode_attention`` does; nothing is read on the host."""
+    n, hq, d = q.shape
+    nb, bs, hk, _ = k_cache.shape
+    b, group = meta.num_seqs, hq // hk
+    w = meta.query_lens_host[0] if b else 0
+    if any(ql != w for ql in meta.query_lens_host) or b * w > n:
+        raise ValueError("prefill_attention: without exact host lengths every sequence needs the same number of "
+                         f"queries, got query lengths {meta.query_lens_host} for {n} tokens")
+    out = torch.zeros_like(q)
+    lse = torch.full((n, hq), -math.inf, dtype=torch.float32, device=q.device) if return_lse else None
+    if b * w == 0:
+        return (out, lse) if return_lse else out
+    blocks = meta.block_tables.long().clamp(0, nb - 1)  # [B, Wb]
+    k = k_cache[blocks].flatten(1, 2).float()  # [B, J, Hk, D]
+    v = v_cache[blocks].flatten(1, 2).float()
+    qb = q[: b * w].float().view(b, w, hk, group, d)
+    scores = torch.einsum("bihgd,bjhd->bhgij", qb, k) * scale  # [B, Hk, G, W, J]
+    j = torch.arange(k.shape[1], device=q.device)[None, None, :]
+    qpos = meta.seq_lens.long()[:, None, None] - w + torch.arange(w, device=q.device)[None, :, None]  # [B, W, 1]
+    allowed = j <= qpos  # [B, W, J]; qpos < L: only cached keys
+    if sliding_window is not None:
+        allowed &= j > qpos - sliding_window
+    scores = scores.masked_fill(~allowed[:, None, None], float("-inf"))
+    row_lse = torch.logsumexp(scores, dim=-1)  # [B, Hk, G, W]; -inf for a query with no keys
+    probs = torch.exp(scores - row_lse[..., None]).nan_to_num_(0.0)
+    out[: b * w] = torch.einsum("bhgij,bjhd->bihgd", probs, v).reshape(b * w, hq, d).to(q.dtype)
+    if lse is not None:
+        lse[: b * w] = row_lse.permute(0, 3, 1, 2).reshape(b * w, hq)
     return (out, lse) if return_lse else out
 
 
