@@ -95,13 +95,18 @@ def _uniforms(r: Request, n: int) -> list[float]:
     return out
 
 
-def _sample_rows(probs: Tensor, u: list[float]) -> list[int]:
-    """Inverse-CDF draw per row: the first index whose cumulative mass exceeds
-    ``u * total`` (never a zero-probability index). probs: [R, V] fp32."""
+def _draw_rows(probs: Tensor, u: list[float]) -> Tensor:
+    """Inverse-CDF draw per row, on the device: the first index whose
+    cumulative mass exceeds ``u * total`` (never a zero-probability index).
+    probs: [R, V] fp32. Returns [R] int64."""
     cdf = torch.cumsum(probs, dim=-1)
     x = to_device(u, torch.float32, probs.device)[:, None] * cdf[:, -1:]
-    idx = torch.searchsorted(cdf, x, right=True).clamp_(max=probs.shape[-1] - 1)
-    return idx[:, 0].tolist()
+    return torch.searchsorted(cdf, x, right=True).clamp_(max=probs.shape[-1] - 1)[:, 0]
+
+
+def _sample_rows(probs: Tensor, u: list[float]) -> list[int]:
+    """``_draw_rows`` read on the host."""
+    return _draw_rows(probs, u).tolist()
 
 
 def _processed(logits: Tensor, reqs: list[Request], contexts: list[LogitContext]) -> tuple[Tensor, Tensor | None]:
@@ -131,28 +136,66 @@ def _first_draft_step(net: Transformer, cache: KVCache, rows: list[Proposal],
     return forward_step(net, cache, drafts, [p.req.token_ids()[d.num_cached :] for p, d in zip(rows, drafts)])
 
 
+def _draw(logits: Tensor, rows: list[Proposal], contexts: list[LogitContext]) -> tuple[Tensor, list[Tensor | None]]:
+    """Each row's next draft token, on the device ([B] int64: the argmax of a
+    greedy row, a draw from q of a sampled one), and q [V] of each sampled row
+    (None for greedy rows). Takes each sampled row's next uniform."""
+    reqs = [p.req for p in rows]
+    argmax, probs = _processed(logits, reqs, contexts)
+    sampled = [i for i, r in enumerate(reqs) if r.config.temperature > 0]
+    q: list[Tensor | None] = [None] * len(rows)
+    if not sampled:
+        return argmax, q
+    u = [_uniforms(reqs[i], 1)[0] for i in sampled]
+    idx = to_device(sampled, torch.int64, logits.device)
+    for i in sampled:
+        q[i] = probs[i]
+    return argmax.index_copy(0, idx, _draw_rows(probs.index_select(0, idx), u)), q
+
+
+def _stays_on_device(rows: list[Proposal], k: int, runner: DecodeGraphRunner | None) -> bool:
+    """Whether the draft's steps after the first can feed each step's tokens to
+    the next on the device: every row proposes ``k`` tokens, needs no token
+    history (no repetition, frequency or presence penalty) and its next
+    ``k - 1`` steps fit ``runner``."""
+    return (runner is not None and len(rows) <= runner.max_batch_size
+            and all(p.k == k and p.draft.num_cached + k - 1 <= runner.max_seq_len for p in rows)
+            and all(c.repetition_penalty == 1.0 and not c.frequency_penalty and not c.presence_penalty
+                    for c in (p.req.config for p in rows)))
+
+
 def _draft_round(net: Transformer, cache: KVCache, props: list[Proposal], runners: SpecRunners) -> None:
     """Run the draft ``max k`` steps (through ``runners.draft_pair`` and
     ``runners.draft``, CUDA graphs over ``cache``, where they fit); fill each
-    proposal's tokens and q."""
-    for j in range(max((p.k for p in props), default=0)):
-        rows = [p for p in props if p.k > j]
-        if j == 0:
-            logits = _first_draft_step(net, cache, rows, runners.draft_pair)  # [B, V]
-        else:
-            logits = forward_step(net, cache, [p.draft for p in rows], [p.tokens[-1:] for p in rows], runners.draft)
-        reqs = [p.req for p in rows]
-        argmax, q = _processed(logits, reqs, [p.req.logit_context(p.tokens) for p in rows])
-        greedy = argmax.tolist()
-        sampled = [i for i, p in enumerate(rows) if p.req.config.temperature > 0]
-        drawn: dict[int, int] = {}
-        if sampled:
-            u = [_uniforms(rows[i].req, 1)[0] for i in sampled]
-            drawn = dict(zip(sampled, _sample_rows(q[sampled], u)))
+    proposal's tokens and q. Where ``_stays_on_device``, the tokens go from
+    step to step on the device and the host reads them once, at the end."""
+    rows = [p for p in props if p.k > 0]
+    if not rows:
+        return
+    logits = _first_draft_step(net, cache, rows, runners.draft_pair)  # [B, V]
+    k = max(p.k for p in rows)
+    if _stays_on_device(rows, k, runners.draft):
+        drafts, tokens, qs = [p.draft for p in rows], [], []
+        for j in range(k):
+            if j:
+                logits = runners.draft.step(drafts, tokens[-1])
+            tok, q = _draw(logits, rows, [p.req.logit_context([0] * j) for p in rows])  # only the count is read
+            tokens.append(tok)
+            qs.append(q)
+        host = torch.stack(tokens, dim=1).tolist()  # [B, k]: the round's one wait for the draft
         for i, p in enumerate(rows):
-            p.tokens.append(drawn.get(i, greedy[i]))
-            if i in drawn:
-                p.q.append(q[i])
+            p.tokens.extend(host[i])
+            p.q.extend(q[i] for q in qs if q[i] is not None)
+        return
+    for j in range(k):
+        if j:
+            rows = [p for p in rows if p.k > j]
+            logits = forward_step(net, cache, [p.draft for p in rows], [p.tokens[-1:] for p in rows], runners.draft)
+        tok, q = _draw(logits, rows, [p.req.logit_context(p.tokens) for p in rows])
+        for p, t, qi in zip(rows, tok.tolist(), q):
+            p.tokens.append(t)
+            if qi is not None:
+                p.q.append(qi)
 
 
 def _verify_logits(net: Transformer, cache: KVCache, props: list[Proposal], inputs: list[list[int]],

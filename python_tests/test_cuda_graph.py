@@ -485,14 +485,21 @@ def test_engine_steps_ahead_only_with_every_running_sequence(model):
     dict(max_new_tokens=30, temperature=0.9, top_p=0.9, seed=3, stop=["e "]),
 ])
 @pytest.mark.parametrize("same_weights", [False, True])
-def test_speculative_through_runners_equals_eager(path, graphed, model, params, same_weights, tmp_path):
+def test_speculative_through_runners_equals_eager(monkeypatch, path, graphed, model, params, same_weights, tmp_path):
     """A round's passes go through runners, in Model.generate (each model's
     own graph cache) and in LLMEngine: the draft's decode steps, its two-token
     first step of a round and the target's (k + 1)-token verify pass. The
     tokens are those of eager speculative decoding. A draft with the target's
     weights has every proposal accepted (the draft then lacks two tokens at
     the next round); another one mostly rejected (it lacks one, and re-feeds
-    the token before)."""
+    the token before). With a runner the draft's tokens stay on the device
+    from step to step (the host reads them once per round) until the last
+    rounds, whose proposals are fewer for some sequences than for others."""
+    from fastllm import speculative
+
+    on_device = []
+    check = speculative._stays_on_device
+    monkeypatch.setattr(speculative, "_stays_on_device", lambda *a: on_device.append(check(*a)) or on_device[-1])
     if not same_weights:
         make_checkpoint(tmp_path, "qwen2")
     draft_path = path if same_weights else tmp_path
@@ -505,6 +512,7 @@ def test_speculative_through_runners_equals_eager(path, graphed, model, params, 
     steps = [graphed_draft._graphs.runner.num_steps, graphed_draft._graphs.runner_for(2, True).num_steps,
              graphed._graphs.runner_for(4).num_steps]
     assert steps[0] > 10 and steps[1] > 3 and steps[2] > 3, steps
+    assert True in on_device and False in on_device
     assert not graphed_draft._graphs.busy and not graphed._graphs.busy
     engine = LLMEngine(model, max_num_seqs=6, draft_model=draft, num_speculative_tokens=3)
     ctx = model.config.max_position_embeddings
