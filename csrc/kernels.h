@@ -39,9 +39,9 @@ const char* launch_reshape_and_cache(void* k_cache, void* v_cache, const void* k
                                      void* stream);
 
 // Grid plan of launch_decode_attention: the number of key splits (requested_splits,
-// or chosen for the device when 0) and the fp32 workspace it needs,
-// batch * num_q_heads * num_splits * (head_dim + 2) floats when num_splits > 1, else 0.
-// max_seq_len: a host-side upper bound on seq_lens (only sizes the grid).
+// or chosen for the device and variant (0, 1 or 2) when 0) and the fp32 workspace it
+// needs, batch * num_q_heads * num_splits * (head_dim + 2) floats when num_splits > 1,
+// else 0. max_seq_len: a host-side upper bound on seq_lens (only sizes the grid).
 const char* decode_attention_plan(int64_t* num_splits, int64_t* workspace_floats, int64_t batch,
                                   int64_t num_q_heads, int64_t num_kv_heads, int64_t head_dim, int64_t max_seq_len,
                                   int64_t sliding_window, int64_t requested_splits, int64_t variant, int dtype);
@@ -55,8 +55,13 @@ const char* decode_attention_plan(int64_t* num_splits, int64_t* workspace_floats
 // workspace: decode_attention_plan's fp32 floats (may be null when num_splits == 1).
 // variant: 0 (default) the tensor-core split kernel for head dims 64, 128, 256
 // (the CUDA-core one for 80, 96 and caches of 2^31 slots or more); 1 the
-// CUDA-core split kernel for every head dim. The plan must be made for the same variant.
-const char* launch_decode_attention(void* out, void* workspace, const void* q, const void* k_cache,
+// CUDA-core split kernel for every head dim; 2 (experimental) variant 0 with the
+// combine fused into the split kernel's launch where the tensor-core kernel runs
+// (elsewhere exactly variant 0). The plan must be made for the same variant.
+// counters: variant 2's arrival counters when num_splits > 1 (else unused, may be
+// null): int32, zero before the launch and left zero after it, at least
+// batch * num_q_heads of them; launches that run concurrently must not share them.
+const char* launch_decode_attention(void* out, void* workspace, void* counters, const void* q, const void* k_cache,
                                     const void* v_cache, const void* block_tables, const void* seq_lens,
                                     int64_t batch, int64_t num_q_heads, int64_t num_kv_heads, int64_t head_dim,
                                     int64_t q_token_stride, int64_t q_head_stride, int64_t num_blocks,
