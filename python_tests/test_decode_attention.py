@@ -439,6 +439,25 @@ def test_fused_under_cuda_graph_captured_before_its_counters_exist(monkeypatch):
 
 
 @requires_cuda
+def test_fused_plan():
+    """Variant 2 plans as variant 0 (its own occupancy) but caps the splits
+    so that one CTA's merge reads at most 64 KB of partials (heads * splits
+    * D floats <= 16384): no cap at B = 1 x 4096 with 32q/8kv heads of 128,
+    8 splits at most for 8 heads of 256."""
+    from fastllm.ops.cuda_common import DTYPE_CODES
+
+    plan = backend._C.decode_attention_plan
+    bf16 = DTYPE_CODES[torch.bfloat16]
+    assert plan(1, 32, 8, 128, 4096, 0, 0, bf16, 2) == plan(1, 32, 8, 128, 4096, 0, 0, bf16, 0)
+    splits, ws = plan(1, 8, 1, 256, 32768, 0, 0, bf16, 2)
+    assert 1 < splits <= 8 and ws == 8 * splits * (256 + 2)
+    assert plan(3, 8, 1, 256, 32768, 0, 100, bf16, 2) == (100, 3 * 8 * 100 * 258)  # forced: as asked
+    assert plan(1, 8, 2, 96, 32768, 0, 0, bf16, 2) == plan(1, 8, 2, 96, 32768, 0, 0, bf16, 0)  # no tensor cores
+    with pytest.raises(RuntimeError, match="variant"):
+        plan(1, 32, 8, 128, 4096, 0, 0, bf16, 3)
+
+
+@requires_cuda
 def test_fused_variant_is_the_default_only_when_opted_in(monkeypatch):
     from fastllm import ops
     from fastllm.ops import cuda
