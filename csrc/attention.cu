@@ -61,9 +61,9 @@
  *    cost (H200: B1 x 256 9.2 us cold, B1 x 4096 14 us) and the second launch
  *    is one of those costs. Each CTA writes its partial as in variant 0, then
  *    (barrier; thread 0: __threadfence, atomicAdd) arrives on a counter of its
- *    (sequence, KV head, head group); the last of the n_active CTAs resets
- *    the counter to 0 (so the next launch or graph replay finds it zeroed),
- *    fences, and merges every split of its heads with the combine's
+ *    (sequence, KV head, head group); the last of the n_active CTAs fences,
+ *    resets the counter to 0 (so the next launch or graph replay finds it
+ *    zeroed), and merges every split of its heads with the combine's
  *    arithmetic in the combine's order, reading the partials through L2:
  *    bit-identical to variant 0 with the same split count. The counters are
  *    a persistent zeroed int32 buffer the caller owns (one per device in
@@ -562,8 +562,10 @@ constexpr int tc_smem_bytes() {
 // Variant 2's merge at the end of the kernel below (defined after the combine
 // kernel, whose arithmetic it shares). Not inlined: inlined, it changed how
 // ptxas allocated the main loop's registers (at D = 256, 48 bytes of loop
-// invariants spilled and reloaded every tile); called, the loop keeps variant
-// 0's allocation (244 registers at D = 256, no spill).
+// invariants spilled and reloaded every tile); called, nothing spills (sm_90a:
+// 244 / 166 / 124 registers at D = 256 / 128 / 64 against variant 0's 242 /
+// 162 / 98; the main loop 572 / 367 / 216 instructions per tile against 572 /
+// 362 / 199).
 template <int D, int THREADS, typename T>
 __device__ __noinline__ void fused_combine(T* out, const float* ws_acc, const float* ws_ml, int num_q_heads,
                                            int num_splits, int* counter, int nheads, int b, int h0, int n);
@@ -896,9 +898,9 @@ __global__ void __launch_bounds__(kCombineThreads)
 // (sequence, KV head, head group), blockIdx.z * gridDim.y + blockIdx.y: the
 // CTAs that share one set of query heads, n_active of them (the splits that
 // hold keys; CTAs past the end of the sequence exit before any of this). The
-// CTA that sees n_active - 1 is the last: it resets the counter to 0 (no
-// other CTA of this launch touches it again, so the next launch or graph
-// replay finds it zero), fences (acquire), and after a barrier its threads
+// CTA that sees n_active - 1 is the last: it fences (acquire), resets the
+// counter to 0 (no other CTA of this launch touches it again, so the next
+// launch or graph replay finds it zero), and after a barrier its threads
 // read every partial through L2 (ld.global.cg: never a stale L1 line, never
 // the non-coherent path) and write the heads' outputs. This is the order of
 // cooperative groups' grid barrier (bar.sync; thread 0: fence, atomic;
@@ -948,8 +950,8 @@ __device__ __noinline__ void fused_combine(T* out, const float* ws_acc, const fl
     __threadfence();  // release: this CTA's partials are visible on the GPU before its arrival is
     const int last = atomicAdd(counter, 1) == n - 1;
     if (last) {
-      atomicExch(counter, 0);  // every CTA of this group has arrived: ready for the next launch
       __threadfence();         // acquire: the other CTAs' partials (released before their arrivals)
+      atomicExch(counter, 0);  // every CTA of this group has arrived: ready for the next launch (nothing waits)
     }
     *s_last = last;
   }
