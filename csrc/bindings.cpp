@@ -59,6 +59,7 @@ PYBIND11_MODULE(_C, m) {
             "int8_linear",
             "int4_linear",
             "int4_linear_deep",  // int4_linear's experimental 8-stage pipeline at M <= 8 (variant 1)
+            "int4_linear_wgmma",  // int4_linear's experimental wgmma path at M 9..64 (variant 2)
         };
       },
       "Names of the kernels compiled in.");
@@ -269,7 +270,8 @@ PYBIND11_MODULE(_C, m) {
       py::arg("variant") = 0,
       "(num_splits, workspace_floats) for int4_linear with M tokens, N outputs, K inputs and group size 32/64/128 "
       "on a GPU with num_sms SMs (host only): requested_splits (1..16, clamped to the K tiles) or 0 to choose; "
-      "workspace_floats = num_splits * M * N fp32 when num_splits > 1, else 0.");
+      "workspace_floats = num_splits * M * N fp32 when num_splits > 1, else 0. variant as for int4_linear (the plan "
+      "of variant 2 counts the wgmma kernel's K tiles where that kernel runs).");
 
   m.def(
       "int4_linear",
@@ -287,8 +289,9 @@ PYBIND11_MODULE(_C, m) {
       "out [M, N] = x [M, K] @ w.T + bias with w = (q - zeros) * scales per group of `group` columns, q the "
       "nibbles of uint8 qweight [N, K/2] (low nibble = even column), scales [N, K/group] in the activation dtype, "
       "uint8 zeros [N, K/group]; x, out, bias fp16/bf16 (dtype 1/2), contiguous; bias 0 = none. num_splits and "
-      "the fp32 workspace (0 when num_splits == 1) from int4_linear_plan (made for the same variant); variant 0 (default) or 1 (8-stage pipeline at M <= 8, "
-      "experimental).");
+      "the fp32 workspace (0 when num_splits == 1) from int4_linear_plan (made for the same variant); variant 0 (default), 1 (8-stage pipeline at M <= 8, "
+      "experimental) or 2 (warpgroup MMA at M 9..64 on an sm_90 GPU with the 90a build, experimental; variant 0 "
+      "elsewhere).");
 
   m.def(
       "int4_dequantize",

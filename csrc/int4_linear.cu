@@ -34,6 +34,12 @@
  *   recomputed every address per tile: 4096 x 14336 at M = 1 went from 23.2
  *   to 20.4 us on an H200, M = 16 from 39 to 30 (bench/RESULTS.md).
  *
+ * Variant 2 (experimental, opt-in as int4_linear_wgmma): at M 9..64 on an
+ * sm_90 GPU with the 90a build, int4_linear_sm90.cu's warpgroup-MMA kernel
+ * (dequantized weights as the register A operand of wgmma, which runs
+ * asynchronously beside the dequantisation), with this file's split-K plan
+ * and reduction; elsewhere variant 2 is variant 0 (wgmma_path below).
+ *
  * Memory traffic: each weight byte is read once from DRAM (N*K/2 bytes plus
  * 3 bytes per group-row for scales and zeros); every CTA re-reads its x rows
  * from L2 (M*K*2 bytes per CTA, <= the CTA's weight bytes for M <= BN/4).
@@ -514,6 +520,18 @@ const char* check_shapes(int64_t m, int64_t n, int64_t k, int64_t group) {
   return nullptr;
 }
 
+constexpr const char* kVariantError =
+    "variant must be 0 (default), 1 (8-stage pipeline at M <= 8, experimental) or 2 (wgmma at M 9..64 on sm_90, "
+    "experimental)";
+
+// Variant 2 runs the wgmma kernel (int4_linear_sm90.cu) at M 9..64 on an sm_90
+// device with the 90a build; everywhere else (other M, other GPUs, a build
+// without 90a, K past 2^24) it is variant 0, in the plan and the launch alike.
+bool wgmma_path(int64_t m, int64_t k, int64_t variant) {
+  return variant == 2 && m >= kWgmmaMinTokens && m <= kWgmmaMaxTokens && k <= (int64_t{1} << 24) &&
+         int4_wgmma_usable();
+}
+
 }  // namespace
 
 const char* int4_linear_plan(int64_t* num_splits, int64_t* workspace_floats, int64_t m, int64_t n, int64_t k,
@@ -521,12 +539,17 @@ const char* int4_linear_plan(int64_t* num_splits, int64_t* workspace_floats, int
   *num_splits = 1;
   *workspace_floats = 0;
   if (const char* err = check_shapes(m, n, k, group)) return err;
-  if (variant != 0 && variant != 1) return "variant must be 0 (default) or 1 (8-stage pipeline, experimental)";
+  if (variant < 0 || variant > 2) return kVariantError;
   if (requested_splits < 0 || requested_splits > kMaxSplits) return "num_splits must be in [1, 16] (0 = automatic)";
   if (m == 0) return nullptr;
-  const int64_t ctas = ceil_div<int64_t>(n, rows_of(m)) * ceil_div<int64_t>(m, kMaxTokensPerCta);
-  *num_splits = choose_splits(ctas, ceil_div<int64_t>(k, k_tile_of(m)), num_sms, requested_splits, m,
-                              ctas_per_sm(smem_of(m, variant == 1)));
+  if (wgmma_path(m, k, variant)) {
+    *num_splits = choose_splits(ceil_div<int64_t>(n, kWgmmaRows), ceil_div<int64_t>(k, kWgmmaKTile), num_sms,
+                                requested_splits, m, ctas_per_sm(int4_wgmma_smem(m)));
+  } else {
+    const int64_t ctas = ceil_div<int64_t>(n, rows_of(m)) * ceil_div<int64_t>(m, kMaxTokensPerCta);
+    *num_splits = choose_splits(ctas, ceil_div<int64_t>(k, k_tile_of(m)), num_sms, requested_splits, m,
+                                ctas_per_sm(smem_of(m, variant == 1)));
+  }
   *workspace_floats = *num_splits > 1 ? *num_splits * m * n : 0;
   return nullptr;
 }
@@ -537,7 +560,7 @@ const char* launch_int4_linear(void* out, void* workspace, const void* x, const 
   if (const char* err = check_shapes(m, n, k, group)) return err;
   if (dtype != static_cast<int>(DType::kFloat16) && dtype != static_cast<int>(DType::kBFloat16))
     return "activations must be float16 or bfloat16";
-  if (variant != 0 && variant != 1) return "variant must be 0 (default) or 1 (8-stage pipeline, experimental)";
+  if (variant < 0 || variant > 2) return kVariantError;
   if (m == 0) return nullptr;
   const cudaStream_t st = static_cast<cudaStream_t>(stream);
   const int shift = shift_of(group);
@@ -548,11 +571,38 @@ const char* launch_int4_linear(void* out, void* workspace, const void* x, const 
     return half ? launch_generic<__half>(out, x, qweight, scales, zeros, bias, m, n, k, groups, shift, st)
                 : launch_generic<__nv_bfloat16>(out, x, qweight, scales, zeros, bias, m, n, k, groups, shift, st);
   }
-  const int64_t k_tiles = ceil_div<int64_t>(k, k_tile_of(m));
+  const bool wgmma = wgmma_path(m, k, variant);
+  const int64_t k_tiles = ceil_div<int64_t>(k, wgmma ? kWgmmaKTile : k_tile_of(m));
+  // A variant-2 plan made on another (sm_90) device than this one counts the
+  // wgmma path's 128-column K tiles; here variant 0 may have fewer: clamp
+  // (the workspace is only larger than needed).
+  if (variant == 2 && !wgmma && num_splits > k_tiles) num_splits = k_tiles;
   if (num_splits < 1 || num_splits > kMaxSplits || num_splits > k_tiles)
     return "num_splits must be in [1, min(16, K tiles)] (use int4_linear_plan)";
   if (num_splits > 1 && (workspace == nullptr || !aligned16(workspace)))
     return "num_splits > 1 needs a 16-byte aligned fp32 workspace of num_splits * M * N floats";
+  if (wgmma) {
+    const Int4WgmmaArgs a{out,
+                          static_cast<float*>(num_splits > 1 ? workspace : nullptr),
+                          x,
+                          static_cast<const uint8_t*>(qweight),
+                          static_cast<const unsigned short*>(scales),
+                          static_cast<const uint8_t*>(zeros),
+                          bias,
+                          static_cast<int>(m),
+                          static_cast<int>(n),
+                          static_cast<int>(k),
+                          static_cast<int>(groups),
+                          shift,
+                          static_cast<int>(num_splits)};
+    if (const char* err = launch_int4_wgmma(a, half, st)) return err;
+    if (num_splits == 1) return nullptr;
+    return half ? launch_splitk_reduce<__half>(static_cast<__half*>(out), a.ws, static_cast<const __half*>(bias),
+                                               m, n, static_cast<int>(num_splits), st)
+                : launch_splitk_reduce<__nv_bfloat16>(static_cast<__nv_bfloat16*>(out), a.ws,
+                                                      static_cast<const __nv_bfloat16*>(bias), m, n,
+                                                      static_cast<int>(num_splits), st);
+  }
   Int4Params p{out,
                static_cast<float*>(num_splits > 1 ? workspace : nullptr),
                x,

@@ -299,5 +299,35 @@ const char* launch_splitk_reduce(T* out, const float* ws, const T* bias, int64_t
   return nullptr;
 }
 
+// ---------------------------------------------------------------------------
+// int4_linear's wgmma path (int4_linear_sm90.cu; variant 2, experimental): M
+// 9..64 tokens on an sm_90 GPU with the sm_90a build. Declared here so that
+// int4_linear.cu can plan for it and dispatch to it.
+// ---------------------------------------------------------------------------
+constexpr int kWgmmaMinTokens = 9, kWgmmaMaxTokens = 64;
+constexpr int kWgmmaRows = 128;   // weight rows (output features) per CTA
+constexpr int kWgmmaKTile = 128;  // K per pipeline stage (split-K counts these tiles)
+
+struct Int4WgmmaArgs {
+  void* out;
+  float* ws;  // split-K partials [splits, M, N], or null when splits == 1
+  const void* x;
+  const uint8_t* qweight;
+  const unsigned short* scales;  // raw 16-bit scale bits
+  const uint8_t* zeros;
+  const void* bias;
+  int M, N, K, groups, group_shift, splits;
+};
+
+// Whether the wgmma kernels can run on the current device: built for sm_90a
+// (FASTLLM_HAS_SM90A) and a compute capability 9.0 device that loads that code.
+bool int4_wgmma_usable();
+// Dynamic shared memory of the kernel that M tokens (9..64) launch.
+int int4_wgmma_smem(int64_t m);
+// x, qweight 16-byte aligned; M in 9..64; 1 <= splits <= ceil(K / kWgmmaKTile).
+// Writes out (splits == 1, with the bias) or ws (the caller then runs the
+// split-K reduction).
+const char* launch_int4_wgmma(const Int4WgmmaArgs& a, bool half, cudaStream_t stream);
+
 }  // namespace qlinear
 }  // namespace fastllm
