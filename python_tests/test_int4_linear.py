@@ -255,7 +255,171 @@ def test_deep_pipeline_is_opt_in(monkeypatch):
         ops.int4_linear(x, q, s, z, 128)
         assert variants[-1] == want
     with pytest.raises(ValueError, match="_variant"):
-        cuda_quant._int4_fused(x, q, s, z, 128, _variant=2)
+        cuda_quant._int4_fused(x, q, s, z, 128, _variant=3)
+
+
+# --------------------------------------------------------------------------- #
+# Variant 2 (int4_linear_wgmma, experimental): the warpgroup-MMA kernel at M
+# 9..64 on an sm_90 GPU with the 90a build (variant 0 elsewhere). Its fp32 sums
+# run in another order than variant 0's, so it is held to the reference.
+# --------------------------------------------------------------------------- #
+WGMMA_TOKENS = [9, 16, 32, 33, 64]
+
+
+def _wgmma_runs() -> bool:
+    """Whether variant 2 runs the wgmma kernel here (else it is variant 0)."""
+    return torch.cuda.get_device_capability() == (9, 0) and "90a" in backend._C.cuda_archs()
+
+
+@requires_cuda
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("m", WGMMA_TOKENS)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}g{s[2]}")
+def test_wgmma_matches_reference(shape, m, dtype, bias):
+    from fastllm.ops import cuda_quant
+
+    k, n, group = shape
+    q, s, z, b = _weights(k, n, group, dtype)
+    b = b if bias else None
+    x = _x((m, k), dtype)
+    poison_cuda_allocator()
+    _check(cuda_quant._int4_fused(x, q, s, z, group, b, _variant=2), x, q, s, z, group, b)
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("m", [9, 16, 17, 33, 48, 49, 64])
+@pytest.mark.parametrize("group", [32, 64, 128])
+def test_wgmma_every_group_size(group, m, dtype):
+    """Every group size on every padded token count (16, 32, 48, 64) and its edges."""
+    from fastllm.ops import cuda_quant
+
+    q, s, z, b = _weights(1536, 520, group, dtype)
+    x = _x((m, 1536), dtype)
+    poison_cuda_allocator()
+    _check(cuda_quant._int4_fused(x, q, s, z, group, b, _variant=2), x, q, s, z, group, b)
+    _check(cuda_quant._int4_fused(x, q, s, z, group, _variant=2), x, q, s, z, group, None)
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("splits", [1, 2, 3, 7, 16])
+@pytest.mark.parametrize("m", [9, 33, 64])
+def test_wgmma_split_k(m, splits, dtype):
+    """Forced split counts (uneven K shares; 16 on 32 K tiles), into poisoned
+    workspaces and outputs, with and without a bias."""
+    from fastllm.ops import cuda_quant
+
+    q, s, z, b = _weights(4096, 1000, 128, dtype)
+    x = _x((m, 4096), dtype)
+    poison_cuda_allocator()
+    _check(cuda_quant._int4_fused(x, q, s, z, 128, b, splits=splits, _variant=2), x, q, s, z, 128, b)
+    poison_cuda_allocator()
+    _check(cuda_quant._int4_fused(x, q, s, z, 128, None, splits=splits, _variant=2), x, q, s, z, 128, None)
+
+
+@requires_cuda
+@pytest.mark.parametrize("k", [32, 96, 160, 288])
+@pytest.mark.parametrize("m", [12, 40])
+def test_wgmma_k_not_a_multiple_of_the_tile(k, m):
+    """K only a multiple of the group: a partial last K tile (zero-filled x and weights, zero scales)."""
+    from fastllm.ops import cuda_quant
+
+    for dtype in DTYPES:
+        q, s, z, b = _weights(k, 70, 32, dtype)
+        x = _x((m, k), dtype)
+        _check(cuda_quant._int4_fused(x, q, s, z, 32, b, _variant=2), x, q, s, z, 32, b)
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("m", [16, 33])
+@pytest.mark.parametrize("group", [32, 128])
+def test_wgmma_zeros_past_15(group, m, dtype):
+    """Zeros up to 127 (the format's range): the magic-number subtraction stays exact."""
+    from fastllm.ops import cuda_quant
+
+    q, s, _, b = _weights(1536, 200, group, dtype)
+    g = torch.Generator(device="cuda").manual_seed(5)
+    z = torch.randint(14, 17, (200, 1536 // group), generator=g, device="cuda").to(torch.uint8)
+    z[::7] = 127
+    x = _x((m, 1536), dtype)
+    _check(cuda_quant._int4_fused(x, q, s, z, group, b, _variant=2), x, q, s, z, group, b)
+
+
+@requires_cuda
+@pytest.mark.parametrize("m", [1, 5, 8, 65, 100])
+def test_wgmma_variant_outside_its_tokens_is_the_default(m):
+    """Below 9 and above 64 tokens variant 2 is variant 0, bit for bit (plan and kernel)."""
+    from fastllm.ops import cuda_quant
+
+    q, s, z, b = _weights(2048, 777, 64, torch.bfloat16)
+    x = _x((m, 2048), torch.bfloat16)
+    for splits in (0, 1, 3):
+        want = cuda_quant._int4_fused(x, q, s, z, 64, b, splits=splits, _variant=0)
+        got = cuda_quant._int4_fused(x, q, s, z, 64, b, splits=splits, _variant=2)
+        assert torch.equal(got, want), splits
+
+
+@requires_cuda
+def test_wgmma_path_runs_where_it_should():
+    """On an sm_90 GPU with the 90a build variant 2 runs its own kernel: its
+    results are not variant 0's bits (another summation order) but as close to
+    the reference; elsewhere it is variant 0 exactly."""
+    from fastllm.ops import cuda_quant
+
+    q, s, z, b = _weights(4096, 4096, 128, torch.bfloat16)
+    x = _x((16, 4096), torch.bfloat16)
+    v0 = cuda_quant._int4_fused(x, q, s, z, 128, b, _variant=0)
+    v2 = cuda_quant._int4_fused(x, q, s, z, 128, b, _variant=2)
+    _check(v2, x, q, s, z, 128, b)
+    assert torch.equal(v2, v0) != _wgmma_runs()
+
+
+@requires_cuda
+def test_wgmma_under_cuda_graph():
+    from fastllm.ops import cuda_quant
+
+    q, s, z, b = _weights(4096, 1024, 128, torch.bfloat16)
+    x = _x((16, 4096), torch.bfloat16)  # 8 CTAs: split-K and its reduction are captured too
+    run = lambda: cuda_quant._int4_fused(x, q, s, z, 128, b, _variant=2)  # noqa: E731
+    eager = run()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        run()  # warm-up on a side stream
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = run()
+    x.copy_(x * 0.5)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(y, run())
+    assert not torch.equal(y, eager)
+
+
+@requires_cuda
+def test_wgmma_is_opt_in(monkeypatch):
+    from fastllm import ops
+
+    q, s, z, _ = _weights(512, 256, 128, torch.bfloat16)
+    variants = []
+    real = backend._C.int4_linear
+    monkeypatch.setattr(backend._C, "int4_linear", lambda *a: (variants.append(a[-1]), real(*a))[1], raising=False)
+    for setting, m, want in (
+        ("", 16, 0),
+        ("int4_linear_wgmma", 9, 2),
+        ("int4_linear_wgmma", 64, 2),
+        ("int4_linear_wgmma", 8, 0),  # below its tokens: what the other settings pick
+        ("int4_linear_wgmma,int4_linear_deep", 1, 1),
+        ("int4_linear_wgmma,int4_linear_deep", 16, 2),
+    ):
+        monkeypatch.setenv("FASTLLM_KERNELS", setting)
+        backend.reset_settings()
+        ops.int4_linear(_x((m, 512), torch.bfloat16), q, s, z, 128)
+        assert variants[-1] == want, (setting, m)
 
 
 @requires_cuda
@@ -353,12 +517,19 @@ def test_plan():
         assert plan(1, 4096, 14336, 128, 132, 0, 1)[0] == 4  # the 8-stage variant: 96 KB, 2 CTAs per SM
         assert plan(16, 4096, 14336, 128, 132, 0, 1)[0] == 8  # M > 8: the variant changes nothing
     with pytest.raises(RuntimeError, match="variant"):
-        plan(1, 10, 64, 32, 132, 0, 2)
+        plan(1, 10, 64, 32, 132, 0, 3)
     assert plan(7, 1000, 4096, 64, 132, 3) == (3, 3 * 7 * 1000)
     assert plan(1, 100, 128, 32, 132, 16)[0] == 1  # clamped to the one K tile
     for m in (1, 8, 9, 16, 17, 33, 64, 65, 1000):
         splits, ws = plan(m, 896, 896, 128, 132, 0)
         assert splits >= 1 and ws == (splits * m * 896 if splits > 1 else 0)
+    for m in (1, 8, 9, 16, 33, 64, 65):  # variant 2: a valid plan at every M (variant 0's where it falls back)
+        for requested in (0, 3):
+            splits, ws = plan(m, 4864, 896, 128, 132, requested, 2)
+            assert 1 <= splits <= 7 and ws == (splits * m * 4864 if splits > 1 else 0)
+    if not torch.cuda.is_available():  # no device: variant 2 is variant 0 everywhere
+        for m in (9, 16, 64):
+            assert plan(m, 14336, 4096, 128, 132, 0, 2) == plan(m, 14336, 4096, 128, 132, 0)
     with pytest.raises(RuntimeError, match="group_size"):
         plan(1, 10, 64, 48, 132, 0)
     with pytest.raises(RuntimeError, match="multiple"):

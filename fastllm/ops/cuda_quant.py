@@ -28,6 +28,11 @@ FUSED_MAX_TOKENS = 64
 # int4_linear's experimental 8-stage pipeline at M <= 8 (``_variant=1``):
 # opt-in by this name in FASTLLM_KERNELS until it is timed on a GPU.
 INT4_DEEP_KERNEL = "int4_linear_deep"
+# int4_linear's experimental warpgroup-MMA kernel at M 9..64 on sm_90 GPUs
+# (``_variant=2``, csrc/int4_linear_sm90.cu): opt-in by this name until a GPU
+# round verifies it.
+INT4_WGMMA_KERNEL = "int4_linear_wgmma"
+INT4_WGMMA_TOKENS = (9, 64)  # the M range it covers (variant 2 is variant 0 elsewhere)
 
 
 @functools.lru_cache(maxsize=None)
@@ -216,14 +221,22 @@ def _int4_fused(
 ) -> Tensor:
     """The fused kernel for any number of tokens; ``splits`` 0 = automatic split-K.
     ``_variant``: 0 the verified kernel, 1 the experimental 8-stage pipeline
-    (at M <= 8; bit-identical results); None picks 1 when ``int4_linear_deep``
-    is enabled (FASTLLM_KERNELS)."""
+    (at M <= 8; bit-identical results), 2 the experimental warpgroup-MMA kernel
+    (at M 9..64 on an sm_90 GPU with the 90a build; variant 0 elsewhere; not
+    bitwise equal to 0). None picks 2 at M 9..64 when ``int4_linear_wgmma`` is
+    enabled (FASTLLM_KERNELS), else 1 when ``int4_linear_deep`` is, else 0."""
     n, k = _check_int4(x, qweight, scales, zeros, group_size, bias)
-    if _variant is None:
-        _variant = 1 if backend.kernel_enabled(INT4_DEEP_KERNEL) else 0
-    if _variant not in (0, 1):
-        raise ValueError(f"int4_linear: _variant must be 0 (default) or 1 (8-stage pipeline), got {_variant!r}")
     m = x.numel() // k
+    if _variant is None:
+        lo, hi = INT4_WGMMA_TOKENS
+        if lo <= m <= hi and backend.kernel_enabled(INT4_WGMMA_KERNEL):
+            _variant = 2
+        else:
+            _variant = 1 if backend.kernel_enabled(INT4_DEEP_KERNEL) else 0
+    if _variant not in (0, 1, 2):
+        raise ValueError(
+            f"int4_linear: _variant must be 0 (default), 1 (8-stage pipeline) or 2 (wgmma), got {_variant!r}"
+        )
     out = _out(x, n)
     if m == 0:
         return out
