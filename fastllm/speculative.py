@@ -62,8 +62,8 @@ class SpecRunners:
       sequence and the logits of the last (``step_tokens=2,
       last_logits_only=True``). After a round the draft lacks one or two
       committed tokens; a sequence that lacks one re-feeds the token before
-      it (its keys and values are written again, the same), so that every
-      sequence adds two;
+      it (its keys and values are written again: the same values, up to the
+      rounding of another batch shape), so that every sequence adds two;
     - ``verify``: the target's verify pass, ``k + 1`` tokens per sequence and
       all their logits (``step_tokens=k + 1``), for rounds in which every
       sequence brings ``k`` proposals after its one uncached token.
