@@ -529,6 +529,26 @@ def test_speculative_through_runners_equals_eager(monkeypatch, path, graphed, mo
     assert runners.verify.step_tokens == 4 and runners.draft_pair.step_tokens == 2
 
 
+def test_speculative_engine_runners_with_requests_waiting(model, tmp_path):
+    """An engine of two sequences for five requests, speculating through its
+    runners: batches change as requests finish and are admitted, rounds run
+    through the verify and draft runners when they fit and eagerly when not;
+    every request gets the tokens of eager speculative decoding."""
+    make_checkpoint(tmp_path, "qwen2")
+    draft = Model.from_pretrained(tmp_path, device="cpu")
+    params = dict(max_new_tokens=20, ignore_eos=True)
+    want = model.generate(PROMPTS, draft_model=draft, num_speculative_tokens=2, **params)
+    engine = LLMEngine(model, max_num_seqs=2, draft_model=draft, num_speculative_tokens=2)
+    engine.runner = DecodeGraphRunner(model.network, engine.cache, 2, model.config.max_position_embeddings,
+                                      use_graphs=False)
+    engine.draft_runner = DecodeGraphRunner(draft.network, engine.draft_cache, 2, draft.config.max_position_embeddings,
+                                            use_graphs=False)
+    engine.spec_runners = engine._spec_runners(2)
+    got = engine.generate(PROMPTS, **params)
+    assert [o.token_ids for o in got] == [o.token_ids for o in want]
+    assert engine.spec_runners.verify.num_steps > 5 and engine.spec_runners.draft_pair.num_steps > 5
+
+
 def test_cuda_graphs_need_a_gpu(path, model):
     with pytest.raises(ValueError, match="CUDA device"):
         Model.from_pretrained(path, device="cpu", cuda_graphs=True)
