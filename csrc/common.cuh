@@ -100,4 +100,32 @@ const char* opt_in_smem(int bytes) {
   return nullptr;
 }
 
+// Whether Kernel, compiled for sm_90a, runs on the current device: sm_90a code
+// runs on compute capability 9.0 only, and the device must load the sm_90a
+// binary (not a JIT of older PTX, whose body the sm_90a guards leave empty).
+// Cached per device once the device answered.
+template <auto Kernel>
+bool sm90a_loadable() {
+  constexpr int kMaxDevices = 64;
+  static int usable[kMaxDevices];  // 0 = not asked yet, 1 = yes, 2 = no
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= kMaxDevices) {
+    cudaGetLastError();
+    return false;
+  }
+  if (usable[dev] == 0) {
+    int major = 0, minor = 0;
+    cudaFuncAttributes attr{};
+    const bool ok = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess &&
+                    cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) == cudaSuccess &&
+                    cudaFuncGetAttributes(&attr, Kernel) == cudaSuccess;
+    if (!ok) {
+      cudaGetLastError();
+      return false;  // not cached: asked again next time
+    }
+    usable[dev] = major == 9 && minor == 0 && attr.binaryVersion == 90 ? 1 : 2;
+  }
+  return usable[dev] == 1;
+}
+
 }  // namespace fastllm

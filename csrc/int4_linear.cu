@@ -83,17 +83,6 @@ struct Int4Cfg {
   static constexpr int SMEM = STAGES * (W_STAGE + X_STAGE);
 };
 
-struct Int4Params {
-  void* out;
-  float* ws;  // split-K partials [splits, M, N], or null when splits == 1
-  const void* x;
-  const uint8_t* qweight;
-  const unsigned short* scales;  // raw 16-bit scale bits
-  const uint8_t* zeros;
-  const void* bias;
-  int M, N, K, groups, group_shift, splits;
-};
-
 // x tile: lane (g, t) reads chunk 4t + w (+ 16j) of row g, so in one phase t = 0
 // and t = 2 would collide (128 bytes apart); flipping chunk bit 0 when bit 3 is
 // set separates them, and flipping bit 1 on odd rows separates rows g and g+1.
@@ -128,25 +117,7 @@ __global__ void __launch_bounds__(Int4Cfg<TT, DEEP>::THREADS) int4_mma_kernel(co
     }
   }
 
-  // Warm L2 with this CTA's scale and zero rows: the per-tile loads below then hit L2.
-  {
-    const int g0 = (kt0 * C::BK) >> p.group_shift;
-    const int g1 = min(kt1 * C::BK, p.K) >> p.group_shift;
-    const int rows = min(C::BN, p.N - n0);
-    const int ssteps = ceil_div((g1 - g0) * 2, 32) + 1, zsteps = ceil_div(g1 - g0, 32) + 1;
-    if (g1 > g0) {
-      for (int i = tid; i < rows * (ssteps + zsteps); i += C::THREADS) {
-        const int r = i / (ssteps + zsteps), s = i % (ssteps + zsteps);
-        const int64_t base = static_cast<int64_t>(n0 + r) * p.groups;
-        if (s < ssteps) {
-          const int off = min(g0 * 2 + s * 32, g1 * 2 - 1);
-          prefetch_l2(reinterpret_cast<const uint8_t*>(p.scales + base) + off);
-        } else {
-          prefetch_l2(p.zeros + base + min(g0 + (s - ssteps) * 32, g1 - 1));
-        }
-      }
-    }
-  }
+  prefetch_scale_zero_rows<C::BN, C::BK, C::THREADS>(p, n0, kt0, kt1, tid);
 
   // The copies' addresses and the scale/zero rows are computed once here and
   // advanced per K tile (recomputing them every tile was about two thirds of
@@ -460,9 +431,13 @@ const char* run_tiles(const Int4Params& p, int group, bool deep, cudaStream_t st
   }
 }
 
+// The main loop (the wgmma kernel, or the mma.sync kernels with the deep ring
+// or not), then the split-K reduction.
 template <typename T>
-const char* launch_typed(const Int4Params& p, int group, bool deep, cudaStream_t stream) {
-  if (const char* err = run_tiles<T>(p, group, deep, stream)) return err;
+const char* launch_typed(const Int4Params& p, int group, bool deep, bool wgmma, cudaStream_t stream) {
+  const char* err = wgmma ? launch_int4_wgmma(p, std::is_same_v<T, __half>, stream)
+                          : run_tiles<T>(p, group, deep, stream);
+  if (err) return err;
   if (p.splits > 1)
     return launch_splitk_reduce<T>(static_cast<T*>(p.out), p.ws, static_cast<const T*>(p.bias), p.M, p.N, p.splits,
                                    stream);
@@ -581,28 +556,6 @@ const char* launch_int4_linear(void* out, void* workspace, const void* x, const 
     return "num_splits must be in [1, min(16, K tiles)] (use int4_linear_plan)";
   if (num_splits > 1 && (workspace == nullptr || !aligned16(workspace)))
     return "num_splits > 1 needs a 16-byte aligned fp32 workspace of num_splits * M * N floats";
-  if (wgmma) {
-    const Int4WgmmaArgs a{out,
-                          static_cast<float*>(num_splits > 1 ? workspace : nullptr),
-                          x,
-                          static_cast<const uint8_t*>(qweight),
-                          static_cast<const unsigned short*>(scales),
-                          static_cast<const uint8_t*>(zeros),
-                          bias,
-                          static_cast<int>(m),
-                          static_cast<int>(n),
-                          static_cast<int>(k),
-                          static_cast<int>(groups),
-                          shift,
-                          static_cast<int>(num_splits)};
-    if (const char* err = launch_int4_wgmma(a, half, st)) return err;
-    if (num_splits == 1) return nullptr;
-    return half ? launch_splitk_reduce<__half>(static_cast<__half*>(out), a.ws, static_cast<const __half*>(bias),
-                                               m, n, static_cast<int>(num_splits), st)
-                : launch_splitk_reduce<__nv_bfloat16>(static_cast<__nv_bfloat16*>(out), a.ws,
-                                                      static_cast<const __nv_bfloat16*>(bias), m, n,
-                                                      static_cast<int>(num_splits), st);
-  }
   Int4Params p{out,
                static_cast<float*>(num_splits > 1 ? workspace : nullptr),
                x,
@@ -616,8 +569,8 @@ const char* launch_int4_linear(void* out, void* workspace, const void* x, const 
                static_cast<int>(groups),
                shift,
                static_cast<int>(num_splits)};
-  return half ? launch_typed<__half>(p, static_cast<int>(group), variant == 1, st)
-              : launch_typed<__nv_bfloat16>(p, static_cast<int>(group), variant == 1, st);
+  return half ? launch_typed<__half>(p, static_cast<int>(group), variant == 1, wgmma, st)
+              : launch_typed<__nv_bfloat16>(p, static_cast<int>(group), variant == 1, wgmma, st);
 }
 
 const char* launch_int4_dequantize(void* out, const void* qweight, const void* scales, const void* zeros, int64_t n,

@@ -171,7 +171,7 @@ __device__ __forceinline__ uint32_t dequant_byte(uint32_t q, uint32_t qs, int b,
 #endif
 
 template <typename T, int NP>
-__global__ void __launch_bounds__(kThreads, 2) int4_wgmma_kernel(const Int4WgmmaArgs p) {
+__global__ void __launch_bounds__(kThreads, 2) int4_wgmma_kernel(const Int4Params p) {
 #ifdef FASTLLM_SM90A_DEVICE
   using C = WgCfg<NP>;
   using Mma = wgmma::MmaKB<T, NP>;
@@ -202,25 +202,7 @@ __global__ void __launch_bounds__(kThreads, 2) int4_wgmma_kernel(const Int4Wgmma
     }
   }
 
-  // Warm L2 with this CTA's scale and zero rows (as variant 0).
-  {
-    const int g0 = (kt0 * kBK) >> p.group_shift;
-    const int g1 = min(kt1 * kBK, K) >> p.group_shift;
-    const int rows = min(kBN, N - n0);
-    const int ssteps = ceil_div((g1 - g0) * 2, 32) + 1, zsteps = ceil_div(g1 - g0, 32) + 1;
-    if (g1 > g0) {
-      for (int i = tid; i < rows * (ssteps + zsteps); i += kThreads) {
-        const int r = i / (ssteps + zsteps), s = i % (ssteps + zsteps);
-        const int64_t base = static_cast<int64_t>(n0 + r) * p.groups;
-        if (s < ssteps) {
-          const int off = min(g0 * 2 + s * 32, g1 * 2 - 1);
-          prefetch_l2(reinterpret_cast<const uint8_t*>(p.scales + base) + off);
-        } else {
-          prefetch_l2(p.zeros + base + min(g0 + (s - ssteps) * 32, g1 - 1));
-        }
-      }
-    }
-  }
+  prefetch_scale_zero_rows<kBN, kBK, kThreads>(p, n0, kt0, kt1, tid);
 
   // ---- copies: computed once, advanced by one K tile per issue --------------
   // Weights: thread i copies 16-byte chunk i % 4 of rows i / 4 and i / 4 + 64.
@@ -440,7 +422,7 @@ const char* opt_in_all() {
 }
 
 template <typename T, int NP>
-const char* run(const Int4WgmmaArgs& a, cudaStream_t stream) {
+const char* run(const Int4Params& a, cudaStream_t stream) {
   if (const char* err = opt_in_all()) return err;
   const dim3 grid(static_cast<unsigned>(ceil_div(a.N, kBN)), static_cast<unsigned>(a.splits), 1);
   int4_wgmma_kernel<T, NP><<<grid, kThreads, WgCfg<NP>::SMEM, stream>>>(a);
@@ -449,7 +431,7 @@ const char* run(const Int4WgmmaArgs& a, cudaStream_t stream) {
 }
 
 template <typename T>
-const char* run_typed(const Int4WgmmaArgs& a, cudaStream_t stream) {
+const char* run_typed(const Int4Params& a, cudaStream_t stream) {
   switch (tokens_of(a.M)) {
     case 16: return run<T, 16>(a, stream);
     case 32: return run<T, 32>(a, stream);
@@ -464,28 +446,7 @@ bool int4_wgmma_usable() {
 #ifndef FASTLLM_HAS_SM90A
   return false;  // not compiled for sm_90a: the kernel bodies are empty
 #else
-  constexpr int kMaxDevices = 64;
-  static int usable[kMaxDevices];  // 0 = not asked yet, 1 = yes, 2 = no
-  int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= kMaxDevices) {
-    cudaGetLastError();
-    return false;
-  }
-  if (usable[dev] == 0) {
-    int major = 0, minor = 0;
-    cudaFuncAttributes attr{};
-    const bool ok = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess &&
-                    cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) == cudaSuccess &&
-                    cudaFuncGetAttributes(&attr, int4_wgmma_kernel<__nv_bfloat16, 16>) == cudaSuccess;
-    if (!ok) {
-      cudaGetLastError();
-      return false;  // not cached: asked again next time
-    }
-    // sm_90a code runs on compute capability 9.0 only, and the device must
-    // load the sm_90a binary (not a JIT of older PTX, whose body is empty).
-    usable[dev] = major == 9 && minor == 0 && attr.binaryVersion == 90 ? 1 : 2;
-  }
-  return usable[dev] == 1;
+  return sm90a_loadable<int4_wgmma_kernel<__nv_bfloat16, 16>>();
 #endif
 }
 
@@ -498,7 +459,7 @@ int int4_wgmma_smem(int64_t m) {
   }
 }
 
-const char* launch_int4_wgmma(const Int4WgmmaArgs& a, bool half, cudaStream_t stream) {
+const char* launch_int4_wgmma(const Int4Params& a, bool half, cudaStream_t stream) {
   if (!int4_wgmma_usable()) return "int4_linear variant 2 (wgmma) needs an sm_90 GPU and a build for 90a";
   if (a.M < kWgmmaMinTokens || a.M > kWgmmaMaxTokens) return "int4_linear variant 2 (wgmma) takes 9..64 tokens";
   if (a.splits < 1 || a.splits > ceil_div(a.K, kBK)) return "int4_linear variant 2: num_splits out of range";

@@ -446,29 +446,7 @@ bool sm90_usable(int64_t head_dim) {
   (void)head_dim;
   return false;  // not compiled for sm_90a: the kernel bodies are empty
 #else
-  if (head_dim != 64 && head_dim != 128) return false;
-  static int usable[kMaxDevices];  // 0 = not asked yet, 1 = yes, 2 = no
-  int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= kMaxDevices) {
-    cudaGetLastError();
-    return false;
-  }
-  if (usable[dev] == 0) {
-    int major = 0, minor = 0;
-    cudaFuncAttributes attr{};
-    const bool ok = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess &&
-                    cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) == cudaSuccess &&
-                    cudaFuncGetAttributes(&attr, prefill_attention_sm90_kernel<__nv_bfloat16, 128, false>) ==
-                        cudaSuccess;
-    if (!ok) {
-      cudaGetLastError();
-      return false;  // not cached: asked again next time
-    }
-    // sm_90a code runs on compute capability 9.0 only, and the device must
-    // load the sm_90a binary (not a JIT of older PTX, whose body is empty).
-    usable[dev] = major == 9 && minor == 0 && attr.binaryVersion == 90 ? 1 : 2;
-  }
-  return usable[dev] == 1;
+  return (head_dim == 64 || head_dim == 128) && sm90a_loadable<prefill_attention_sm90_kernel<__nv_bfloat16, 128, false>>();
 #endif
 }
 

@@ -308,7 +308,9 @@ constexpr int kWgmmaMinTokens = 9, kWgmmaMaxTokens = 64;
 constexpr int kWgmmaRows = 128;   // weight rows (output features) per CTA
 constexpr int kWgmmaKTile = 128;  // K per pipeline stage (split-K counts these tiles)
 
-struct Int4WgmmaArgs {
+// The arguments of every int4_linear main-loop kernel (int4_linear.cu's
+// mma.sync kernels and int4_linear_sm90.cu's wgmma kernel).
+struct Int4Params {
   void* out;
   float* ws;  // split-K partials [splits, M, N], or null when splits == 1
   const void* x;
@@ -319,6 +321,29 @@ struct Int4WgmmaArgs {
   int M, N, K, groups, group_shift, splits;
 };
 
+// Warms L2 with the scale and zero rows of a CTA's weight rows [n0, n0 + BN)
+// over its K tiles [kt0, kt1) of BK columns, so that the main loop's per-tile
+// loads of them hit L2. Every thread of the CTA (THREADS) calls it.
+template <int BN, int BK, int THREADS>
+__device__ __forceinline__ void prefetch_scale_zero_rows(const Int4Params& p, int n0, int kt0, int kt1, int tid) {
+  const int g0 = (kt0 * BK) >> p.group_shift;
+  const int g1 = min(kt1 * BK, p.K) >> p.group_shift;
+  const int rows = min(BN, p.N - n0);
+  const int ssteps = ceil_div((g1 - g0) * 2, 32) + 1, zsteps = ceil_div(g1 - g0, 32) + 1;
+  if (g1 > g0) {
+    for (int i = tid; i < rows * (ssteps + zsteps); i += THREADS) {
+      const int r = i / (ssteps + zsteps), s = i % (ssteps + zsteps);
+      const int64_t base = static_cast<int64_t>(n0 + r) * p.groups;
+      if (s < ssteps) {
+        const int off = min(g0 * 2 + s * 32, g1 * 2 - 1);
+        prefetch_l2(reinterpret_cast<const uint8_t*>(p.scales + base) + off);
+      } else {
+        prefetch_l2(p.zeros + base + min(g0 + (s - ssteps) * 32, g1 - 1));
+      }
+    }
+  }
+}
+
 // Whether the wgmma kernels can run on the current device: built for sm_90a
 // (FASTLLM_HAS_SM90A) and a compute capability 9.0 device that loads that code.
 bool int4_wgmma_usable();
@@ -327,7 +352,7 @@ int int4_wgmma_smem(int64_t m);
 // x, qweight 16-byte aligned; M in 9..64; 1 <= splits <= ceil(K / kWgmmaKTile).
 // Writes out (splits == 1, with the bias) or ws (the caller then runs the
 // split-K reduction).
-const char* launch_int4_wgmma(const Int4WgmmaArgs& a, bool half, cudaStream_t stream);
+const char* launch_int4_wgmma(const Int4Params& a, bool half, cudaStream_t stream);
 
 }  // namespace qlinear
 }  // namespace fastllm
