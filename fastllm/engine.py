@@ -159,16 +159,14 @@ class LLMEngine:
             raise ValueError(f"cuda_graphs=True needs a CUDA device, the model is on {model.device}")
         self.runner = (DecodeGraphRunner(model.network, self.cache, max_num_seqs, cfg.max_position_embeddings)
                        if cuda_graphs and graphs_supported(model.network) else None)
-        self.draft_cache = self.draft_runner = None
+        self.draft_cache = None
         self.spec_runners = SpecRunners()
         if draft_model is not None:
             dc = draft_model.config
             self.draft_cache = KVCache(dc.num_layers, num_blocks, dc.num_kv_heads, dc.head_dim, draft_model.dtype,
                                        draft_model.device, block_size, reserved_blocks=1)
-            if cuda_graphs and graphs_supported(draft_model.network):
-                self.draft_runner = DecodeGraphRunner(draft_model.network, self.draft_cache, max_num_seqs,
-                                                      dc.max_position_embeddings)
-            self.spec_runners = self._spec_runners(max_num_seqs)
+            if cuda_graphs:
+                self.spec_runners = self._spec_runners(max_num_seqs)
         self.waiting: deque[_Seq] = deque()
         self.running: list[_Seq] = []
         self._flight: DecodeFlight | None = None  # a decode step launched ahead, not yet read (see step)
@@ -176,18 +174,20 @@ class LLMEngine:
         self._ids = itertools.count()
         self.num_preemptions = 0
 
-    def _spec_runners(self, max_num_seqs: int) -> SpecRunners:
+    def _spec_runners(self, max_num_seqs: int, use_graphs: bool | None = None) -> SpecRunners:
         """The runners of a speculative round: the draft's decode steps and its
-        two-token first step of a round (with the draft's graphs), the target's
-        verify pass of 1 + ``num_speculative_tokens`` tokens (with the target's)."""
-        draft = self.draft_runner
-        pair = verify = None
-        if draft is not None:
-            pair = DecodeGraphRunner(self.draft_model.network, self.draft_cache, max_num_seqs, draft.max_seq_len,
-                                     draft.use_graphs, step_tokens=2, last_logits_only=True)
+        two-token first step of a round (when the draft can be captured), the
+        target's verify pass of 1 + ``num_speculative_tokens`` tokens (when the
+        target has a decode runner). ``use_graphs`` as for DecodeGraphRunner
+        (False: they step eagerly, as in the CPU tests)."""
+        net, cache, ctx = self.draft_model.network, self.draft_cache, self.draft_model.config.max_position_embeddings
+        draft = pair = verify = None
+        if graphs_supported(net):
+            draft = DecodeGraphRunner(net, cache, max_num_seqs, ctx, use_graphs)
+            pair = DecodeGraphRunner(net, cache, max_num_seqs, ctx, use_graphs, step_tokens=2, last_logits_only=True)
         if self.runner is not None:
             verify = DecodeGraphRunner(self.model.network, self.cache, max_num_seqs, self.runner.max_seq_len,
-                                       self.runner.use_graphs, step_tokens=self.num_speculative_tokens + 1)
+                                       use_graphs, step_tokens=self.num_speculative_tokens + 1)
         return SpecRunners(draft, pair, verify)
 
     def _default_num_blocks(self, block_size: int) -> int:

@@ -104,11 +104,6 @@ def _draw_rows(probs: Tensor, u: list[float]) -> Tensor:
     return torch.searchsorted(cdf, x, right=True).clamp_(max=probs.shape[-1] - 1)[:, 0]
 
 
-def _sample_rows(probs: Tensor, u: list[float]) -> list[int]:
-    """``_draw_rows`` read on the host."""
-    return _draw_rows(probs, u).tolist()
-
-
 def _processed(logits: Tensor, reqs: list[Request], contexts: list[LogitContext]) -> tuple[Tensor, Tensor | None]:
     """Logit processors (penalties, bias, min_new_tokens) in place, then (argmax [R] int64, probs [R, V] fp32) after
     temperature/top-k/top-p/min-p (None when every row is greedy). Row i belongs to ``reqs[i]``."""
@@ -258,7 +253,7 @@ def _verify(net: Transformer, cache: KVCache, props: list[Proposal],
             s += p.k
         start += p.k + 1
     if finals:
-        for i, tok in zip(finals, _sample_rows(torch.stack(final_dists), final_u)):
+        for i, tok in zip(finals, _draw_rows(torch.stack(final_dists), final_u).tolist()):
             commits[i].append(tok)
     picks: list[int | None] = []  # per verified row: the token committed at its position, if any
     for p, toks in zip(props, commits):

@@ -45,6 +45,15 @@ def hopper_shared_memory() -> bool:
     return not torch.cuda.is_available() or torch.cuda.get_device_capability(0)[0] in (9, 10)
 
 
+def spy_variants(monkeypatch, kernel: str, index: int) -> list:
+    """Record argument ``index`` (a kernel's variant) of every call of
+    ``fastllm._C.<kernel>`` in the returned list; the calls go through."""
+    seen = []
+    real = getattr(backend._C, kernel)
+    monkeypatch.setattr(backend._C, kernel, lambda *a: (seen.append(a[index]), real(*a))[1], raising=False)
+    return seen
+
+
 def poison_cuda_allocator(device: str = "cuda") -> None:
     """Fill free memory in torch's caching allocator with NaN so that a kernel
     that leaves part of its output unwritten fails the comparison."""

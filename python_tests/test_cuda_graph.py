@@ -517,9 +517,7 @@ def test_speculative_through_runners_equals_eager(monkeypatch, path, graphed, mo
     engine = LLMEngine(model, max_num_seqs=6, draft_model=draft, num_speculative_tokens=3)
     ctx = model.config.max_position_embeddings
     engine.runner = DecodeGraphRunner(model.network, engine.cache, 6, ctx, use_graphs=False)
-    engine.draft_runner = DecodeGraphRunner(draft.network, engine.draft_cache, 6, draft.config.max_position_embeddings,
-                                            use_graphs=False)
-    engine.spec_runners = engine._spec_runners(6)
+    engine.spec_runners = engine._spec_runners(6, use_graphs=False)
     got = engine.generate(PROMPTS, **params)
     assert [(o.token_ids, o.text) for o in got] == [(o.token_ids, o.text) for o in want]
     accepted = sum(o.num_accepted_draft_tokens for o in got) / sum(o.num_draft_tokens for o in got)
@@ -541,9 +539,7 @@ def test_speculative_engine_runners_with_requests_waiting(model, tmp_path):
     engine = LLMEngine(model, max_num_seqs=2, draft_model=draft, num_speculative_tokens=2)
     engine.runner = DecodeGraphRunner(model.network, engine.cache, 2, model.config.max_position_embeddings,
                                       use_graphs=False)
-    engine.draft_runner = DecodeGraphRunner(draft.network, engine.draft_cache, 2, draft.config.max_position_embeddings,
-                                            use_graphs=False)
-    engine.spec_runners = engine._spec_runners(2)
+    engine.spec_runners = engine._spec_runners(2, use_graphs=False)
     got = engine.generate(PROMPTS, **params)
     assert [o.token_ids for o in got] == [o.token_ids for o in want]
     assert engine.spec_runners.verify.num_steps > 5 and engine.spec_runners.draft_pair.num_steps > 5
@@ -637,7 +633,7 @@ def test_graphed_draft_on_gpu(dtype):
     sampled = dict(max_new_tokens=40, temperature=0.8, top_p=0.95, seed=11)
     eager_engine = LLMEngine(target, max_num_seqs=4, num_blocks=64, draft_model=draft, num_speculative_tokens=4,
                              cuda_graphs=True)
-    for r in (eager_engine.runner, eager_engine.draft_runner, *vars(eager_engine.spec_runners).values()):
+    for r in (eager_engine.runner, *vars(eager_engine.spec_runners).values()):
         r.use_graphs = False
     assert ([o.token_ids for o in engine.generate(prompts, **sampled)]
             == [o.token_ids for o in eager_engine.generate(prompts, **sampled)])

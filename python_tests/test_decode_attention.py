@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import poison_cuda_allocator, requires_cuda
+from conftest import poison_cuda_allocator, requires_cuda, spy_variants
 from fastllm import backend
 from fastllm.ops import reference as ref
 
@@ -263,15 +263,12 @@ def test_bad_input():
 @requires_cuda
 def test_default_variant_is_tensor_cores(monkeypatch):
     """The op table and the wrapper run variant 0 unless told otherwise."""
-    from fastllm import backend, ops
+    from fastllm import ops
     from fastllm.ops import cuda
 
     k_cache, v_cache, tables, lens = paged_cache([3000, 9], 2, 64, torch.bfloat16)
     q = torch.randn(2, 4, 64, device="cuda", dtype=torch.bfloat16)
-    variants = []
-    real = backend._C.decode_attention
-    monkeypatch.setattr(backend._C, "decode_attention", lambda *a: (variants.append(a[VARIANT_ARG]), real(*a))[1],
-                        raising=False)
+    variants = spy_variants(monkeypatch, "decode_attention", VARIANT_ARG)
     cuda.decode_attention(q, k_cache, v_cache, tables, lens, 0.1)
     ops.decode_attention(q, k_cache, v_cache, tables, lens, 0.1)
     cuda.decode_attention(q, k_cache, v_cache, tables, lens, 0.1, _variant=1)
@@ -465,10 +462,7 @@ def test_fused_variant_is_the_default_only_when_opted_in(monkeypatch):
     assert "decode_attention_fused" in backend.compiled_kernels()
     k_cache, v_cache, tables, lens = paged_cache([3000, 9], 2, 64, torch.bfloat16)
     q = torch.randn(2, 4, 64, device="cuda", dtype=torch.bfloat16)
-    variants = []
-    real = backend._C.decode_attention
-    monkeypatch.setattr(backend._C, "decode_attention", lambda *a: (variants.append(a[VARIANT_ARG]), real(*a))[1],
-                        raising=False)
+    variants = spy_variants(monkeypatch, "decode_attention", VARIANT_ARG)
     for setting, want in (("", 0), ("decode_attention_fused", 2)):
         monkeypatch.setenv("FASTLLM_KERNELS", setting)
         backend.reset_settings()

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import hopper_shared_memory, poison_cuda_allocator, requires_cuda
+from conftest import hopper_shared_memory, poison_cuda_allocator, requires_cuda, spy_variants
 from fastllm import backend
 from fastllm.ops import reference as ref
 from fastllm.quant import quantize_int4
@@ -246,9 +246,7 @@ def test_deep_pipeline_is_opt_in(monkeypatch):
 
     q, s, z, _ = _weights(512, 256, 128, torch.bfloat16)
     x = _x((1, 512), torch.bfloat16)
-    variants = []
-    real = backend._C.int4_linear
-    monkeypatch.setattr(backend._C, "int4_linear", lambda *a: (variants.append(a[-1]), real(*a))[1], raising=False)
+    variants = spy_variants(monkeypatch, "int4_linear", -1)
     for setting, want in (("", 0), ("int4_linear_deep", 1)):
         monkeypatch.setenv("FASTLLM_KERNELS", setting)
         backend.reset_settings()
@@ -405,9 +403,7 @@ def test_wgmma_is_opt_in(monkeypatch):
     from fastllm import ops
 
     q, s, z, _ = _weights(512, 256, 128, torch.bfloat16)
-    variants = []
-    real = backend._C.int4_linear
-    monkeypatch.setattr(backend._C, "int4_linear", lambda *a: (variants.append(a[-1]), real(*a))[1], raising=False)
+    variants = spy_variants(monkeypatch, "int4_linear", -1)
     for setting, m, want in (
         ("", 16, 0),
         ("int4_linear_wgmma", 9, 2),
