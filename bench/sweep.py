@@ -86,7 +86,7 @@ DECODE_SPLITS = [None, 1, 2, 4, 8, 16, 32, 64, 128]
 DECODE_SPLITS_QUICK = [None, 1, 4, 8, 16, 32, 64]
 # int4 / int8 linear
 INT_SHAPES = [(4096, 14336), (14336, 4096), (2048, 8192)]  # (K, N)
-INT_TOKENS, INT_TOKENS_QUICK = [1, 4, 16, 64], [1, 16, 64]
+INT_TOKENS, INT_TOKENS_QUICK = [1, 4, 16, 32, 64], [1, 16, 32, 64]
 INT_SPLITS, INT_SPLITS_QUICK = [0, 1, 2, 3, 4, 6, 8, 16], [0, 1, 2, 4, 8, 16]
 GROUP = 128
 # sample

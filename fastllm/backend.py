@@ -35,7 +35,7 @@ except ImportError as e:  # pure-Python install, or a broken build
 VERIFIED_KERNELS: frozenset[str] = frozenset({
     "rmsnorm", "silu_and_mul", "rotary_embedding", "reshape_and_cache", "decode_attention", "sample",
     "prefill_attention", "prefill_attention_sm90", "prefill_attention_sm90_pipelined",
-    "int8_linear", "int4_linear",
+    "int8_linear", "int4_linear", "int4_linear_wgmma",
 })
 
 

@@ -257,7 +257,7 @@ def test_deep_pipeline_is_opt_in(monkeypatch):
 
 
 # --------------------------------------------------------------------------- #
-# Variant 2 (int4_linear_wgmma, experimental): the warpgroup-MMA kernel at M
+# Variant 2 (int4_linear_wgmma, the default at M 17..64): the warpgroup-MMA kernel at M
 # 9..64 on an sm_90 GPU with the 90a build (variant 0 elsewhere). Its fp32 sums
 # run in another order than variant 0's, so it is held to the reference.
 # --------------------------------------------------------------------------- #
@@ -399,18 +399,18 @@ def test_wgmma_under_cuda_graph():
 
 
 @requires_cuda
-def test_wgmma_is_opt_in(monkeypatch):
+def test_wgmma_is_the_default_from_17_tokens(monkeypatch):
     from fastllm import ops
 
     q, s, z, _ = _weights(512, 256, 128, torch.bfloat16)
     variants = spy_variants(monkeypatch, "int4_linear", -1)
     for setting, m, want in (
-        ("", 16, 0),
-        ("int4_linear_wgmma", 9, 2),
-        ("int4_linear_wgmma", 64, 2),
-        ("int4_linear_wgmma", 8, 0),  # below its tokens: what the other settings pick
-        ("int4_linear_wgmma,int4_linear_deep", 1, 1),
-        ("int4_linear_wgmma,int4_linear_deep", 16, 2),
+        ("", 16, 0),  # a tie at M = 16 on an H200: the default stays variant 0
+        ("", 17, 2),
+        ("", 64, 2),
+        ("", 8, 0),
+        ("int4_linear_deep", 1, 1),
+        ("int4_linear_deep", 32, 2),
     ):
         monkeypatch.setenv("FASTLLM_KERNELS", setting)
         backend.reset_settings()

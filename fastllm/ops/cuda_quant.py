@@ -28,11 +28,14 @@ FUSED_MAX_TOKENS = 64
 # int4_linear's experimental 8-stage pipeline at M <= 8 (``_variant=1``):
 # opt-in by this name in FASTLLM_KERNELS until it is timed on a GPU.
 INT4_DEEP_KERNEL = "int4_linear_deep"
-# int4_linear's experimental warpgroup-MMA kernel at M 9..64 on sm_90 GPUs
-# (``_variant=2``, csrc/int4_linear_sm90.cu): opt-in by this name until a GPU
-# round verifies it.
+# int4_linear's warpgroup-MMA kernel on sm_90 GPUs (``_variant=2``,
+# csrc/int4_linear_sm90.cu). It covers M 9..64 (variant 2 is variant 0
+# elsewhere) and is the default at M 17..64: on an H200 it took 18-22% off
+# M = 64 and tied variant 0 at M = 16 (bench/RESULTS.md). Verified, so on
+# unless the kernel is switched off.
 INT4_WGMMA_KERNEL = "int4_linear_wgmma"
-INT4_WGMMA_TOKENS = (9, 64)  # the M range it covers (variant 2 is variant 0 elsewhere)
+INT4_WGMMA_TOKENS = (9, 64)  # the M range it covers
+INT4_WGMMA_DEFAULT_TOKENS = (17, 64)  # the M range where it is picked by default
 
 
 @functools.lru_cache(maxsize=None)
@@ -223,12 +226,12 @@ def _int4_fused(
     ``_variant``: 0 the verified kernel, 1 the experimental 8-stage pipeline
     (at M <= 8; bit-identical results), 2 the experimental warpgroup-MMA kernel
     (at M 9..64 on an sm_90 GPU with the 90a build; variant 0 elsewhere; not
-    bitwise equal to 0). None picks 2 at M 9..64 when ``int4_linear_wgmma`` is
-    enabled (FASTLLM_KERNELS), else 1 when ``int4_linear_deep`` is, else 0."""
+    bitwise equal to 0). None picks 2 at M 17..64 when ``int4_linear_wgmma`` is
+    enabled (the default), else 1 when ``int4_linear_deep`` is, else 0."""
     n, k = _check_int4(x, qweight, scales, zeros, group_size, bias)
     m = x.numel() // k
     if _variant is None:
-        lo, hi = INT4_WGMMA_TOKENS
+        lo, hi = INT4_WGMMA_DEFAULT_TOKENS
         if lo <= m <= hi and backend.kernel_enabled(INT4_WGMMA_KERNEL):
             _variant = 2
         else:
