@@ -173,7 +173,9 @@ class DecodeGraphRunner:
         # host-to-device copy would stage through pageable memory and block
         self._longs.copy_(self._host_longs, non_blocking=True)
         if on_device:  # after the host copy above, which carried zeros in these rows
-            self._longs[0, : b * w].copy_(tokens.reshape(-1))
+            # clamped: a sampler row that failed holds a negative status code
+            # (raised when the host reads it), which must not index the embedding
+            torch.clamp(tokens.reshape(-1), min=0, out=self._longs[0, : b * w])
         self._lens[:n].copy_(self._host_lens[:n], non_blocking=True)
         if hi > lo:  # whole rows: a contiguous range
             self._tables[lo:hi].copy_(self._host_tables[lo:hi], non_blocking=True)

@@ -28,7 +28,7 @@ from fastllm.config import GenerationConfig, GenerationOutput, TokenLogprob
 from fastllm.cuda_graph import DecodeGraphRunner
 from fastllm.logprobs import prompt_rows, raw_logprobs, score_prompts, token_logprobs
 from fastllm.model import Transformer
-from fastllm.sampling import LogitContext, sample_next
+from fastllm.sampling import LogitContext, check_drawn, sample_next
 
 
 @dataclass
@@ -278,23 +278,28 @@ class DecodeFlight:
     copied: torch.cuda.Event | None
 
     def read(self) -> list[int]:
-        """The sampled tokens, once the device has them on the host (waits)."""
+        """The sampled tokens, once the device has them on the host (waits).
+        Raises the sampler's ValueError for a row it could not draw (NaN
+        logits, say), which the launch did not wait to check."""
         if self.copied is not None:
             self.copied.synchronize()
-        return self.host.tolist()
+        tokens = self.host.tolist()
+        check_drawn(tokens)
+        return tokens
 
 
 def launch_decode(cache: KVCache, runner: DecodeGraphRunner, requests: list[Request], seqs: list[CachedSequence],
                   tokens: list[int] | Tensor, pending: int) -> DecodeFlight:
     """One decode step of ``requests`` (their sequences in the cache: ``seqs``)
     on ``tokens`` (host ids, or the last step's samples on the device), its
-    draw and the copy of the draws to the host, all enqueued without waiting.
-    ``pending``: tokens each request has drawn that the host has not accepted
+    draw and the copy of the draws to the host, all enqueued without waiting
+    (nothing here may synchronise with the device: the sampler's check of
+    its rows waits for ``DecodeFlight.read``). ``pending``: tokens each request has drawn that the host has not accepted
     yet (0 or 1); the draw is its ``len(output_ids) + pending``-th."""
     logits = runner.step(seqs, tokens)
     contexts = [r.logit_context([0] * pending) for r in requests]  # no history is read: only the count
     drawn = sample_next(logits, [r.config for r in requests], contexts, [r.seed for r in requests],
-                        [len(r.output_ids) + pending for r in requests])
+                        [len(r.output_ids) + pending for r in requests], check=False)
     if cache.device.type != "cuda":
         return DecodeFlight(requests, drawn, drawn, None)
     host = torch.empty(drawn.shape, dtype=drawn.dtype, pin_memory=True)
@@ -311,7 +316,7 @@ def launch_next(cache: KVCache, runner: DecodeGraphRunner, flight: DecodeFlight,
     with device_scope(cache.device):
         tokens = flight.tokens
         if len(keep) < len(flight.requests):
-            tokens = tokens.index_select(0, torch.tensor(keep, dtype=torch.int64).to(tokens.device))
+            tokens = tokens.index_select(0, to_device(keep, torch.int64, tokens.device))  # pinned: no sync
         return launch_decode(cache, runner, [flight.requests[i] for i in keep], seqs, tokens, 1)
 
 

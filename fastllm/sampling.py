@@ -62,11 +62,15 @@ def sample_next(
     contexts: list[LogitContext],
     seeds: list[int],
     steps: list[int],
+    *,
+    check: bool = True,
 ) -> Tensor:
     """Next token per row. logits: [B, V] fp32 (modified in place by the processors);
     seeds/steps: each row's seed and how many tokens it has drawn so far
     (the pair fixes the row's random number); contexts: each row's
-    ``Request.logit_context()``. Returns [B] int64."""
+    ``Request.logit_context()``. Returns [B] int64. ``check=False``: on a GPU,
+    do not wait for the device to validate the rows (a bad row comes back as
+    a negative status code; ``check_drawn`` raises for it once read)."""
     apply_logit_processors(logits, contexts, configs)
     temperature, top_k, top_p, min_p, seeds_t, offsets_t = step_inputs(configs, seeds, steps, logits.device)
     return ops.sample(
@@ -77,7 +81,18 @@ def sample_next(
         min_p=min_p,
         seeds=seeds_t,
         offsets=offsets_t,
+        check=check,
     )
+
+
+def check_drawn(tokens: list[int]) -> None:
+    """Raise ``sample``'s ValueError (NaN logits, every logit -inf, parameters
+    out of range) for the rows of a ``sample_next(..., check=False)`` result,
+    read on the host, that hold a negative status code instead of a token."""
+    if tokens and min(tokens) < 0:
+        from fastllm.ops.cuda_sample import raise_for_status
+
+        raise_for_status(tokens)
 
 
 def step_inputs(

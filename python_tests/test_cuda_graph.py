@@ -138,6 +138,37 @@ def test_overlapped_decoding_hands_back_when_a_step_does_not_fit(model):
     assert 0 < runner.num_steps < 13  # some steps through the runner, the rest eagerly
 
 
+def test_a_draw_that_failed_ahead_raises_when_read(monkeypatch, model, graphed):
+    """A step launched ahead does not wait for the sampler's check of its rows
+    (that would stall the host on the device): a row it could not draw (a
+    negative status code, as the kernel writes for NaN logits) raises the
+    sampler's ValueError when the host reads it, and the step already
+    launched on the code feeds token 0 to the embedding instead of indexing
+    it with a negative id."""
+    from fastllm import generate
+
+    checks = []
+    real = generate.sample_next
+
+    def failing(*args, **kwargs):
+        checks.append(kwargs.get("check", True))
+        out = real(*args, **kwargs)
+        if len(checks) == 3:  # the second step launched ahead: row 1 fails
+            out = out.clone()
+            out[1] = -1
+        return out
+
+    monkeypatch.setattr(generate, "sample_next", failing)
+    with pytest.raises(ValueError, match=r"logits contain NaN in rows \[1\]"):
+        graphed.generate(PROMPTS[:2], max_new_tokens=10, ignore_eos=True)
+    assert checks[0] and not any(checks[1:]) and len(checks) == 4  # prefill's draw checked; read one late
+    monkeypatch.setattr(generate, "sample_next", real)
+    assert not graphed._graphs.busy
+    want = model.generate(PROMPTS[:2], max_new_tokens=6, ignore_eos=True)
+    assert [o.token_ids for o in graphed.generate(PROMPTS[:2], max_new_tokens=6, ignore_eos=True)] == [
+        o.token_ids for o in want]
+
+
 def test_graph_cache_grows_and_is_reused(model, graphed):
     g = graphed._graphs
     one = graphed.generate(PROMPTS[0], max_new_tokens=10, ignore_eos=True)
@@ -637,3 +668,57 @@ def test_graphed_draft_on_gpu(dtype):
         r.use_graphs = False
     assert ([o.token_ids for o in engine.generate(prompts, **sampled)]
             == [o.token_ids for o in eager_engine.generate(prompts, **sampled)])
+
+
+@requires_cuda
+def test_steps_ahead_never_wait_for_the_device(monkeypatch):
+    """Launching a step ahead (the graph's inputs, its replay, the draw, the
+    copy of the draw to the host) makes no synchronising CUDA call, in
+    Model.generate and LLMEngine (torch's sync debug mode raises on one); the
+    host waits only when it reads a step. Requests end at different steps, so
+    the steps ahead also drop rows."""
+    from fastllm import engine as engine_mod
+    from fastllm import generate
+
+    model = Model.from_pretrained("shakespeare-15m", device="cuda", dtype=torch.bfloat16)
+    prompts = ["ROMEO:", "JULIET: O Romeo, Romeo", "KING HENRY:"]
+    greedy = model.generate(prompts, max_new_tokens=24, ignore_eos=True)  # also captures the graphs
+    params = dict(max_new_tokens=24, stop_token_ids=[greedy[0].token_ids[5], greedy[1].token_ids[9]])
+    want = [o.token_ids for o in model.generate(prompts, **params)]  # captures the smaller batches' graphs
+    engine = LLMEngine(model, max_num_seqs=4, num_blocks=64)
+    assert [o.token_ids for o in engine.generate(prompts, **params)] == want  # captures the engine's graphs
+    launches = []
+
+    def strict(fn):
+        def call(*args):
+            launches.append(fn.__name__)
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                return fn(*args)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        return call
+
+    for mod in (generate, engine_mod):
+        monkeypatch.setattr(mod, "launch_decode", strict(generate.launch_decode))
+        monkeypatch.setattr(mod, "launch_next", strict(generate.launch_next))
+    assert [o.token_ids for o in model.generate(prompts, **params)] == want
+    assert launches.count("launch_next") > 10 and min(map(len, want)) < max(map(len, want))
+    launches.clear()
+    assert [o.token_ids for o in engine.generate(prompts, **params)] == want
+    assert launches.count("launch_next") > 10
+    # the sampler's status, read late: a failed row raises and leaves the GPU usable
+    real = generate.sample_next
+    calls = []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        out = real(*args, **kwargs)
+        return out.fill_(-1) if len(calls) == 4 else out
+
+    monkeypatch.setattr(generate, "sample_next", failing)
+    with pytest.raises(ValueError, match="logits contain NaN"):
+        model.generate(prompts, max_new_tokens=12, ignore_eos=True)
+    monkeypatch.setattr(generate, "sample_next", real)
+    torch.cuda.synchronize()
+    assert [o.token_ids for o in model.generate(prompts, **params)] == want

@@ -9,7 +9,7 @@ from scipy import stats
 
 from fastllm.config import GenerationConfig
 from fastllm.ops import reference as ref
-from fastllm.sampling import LogitContext, apply_logit_processors
+from fastllm.sampling import LogitContext, apply_logit_processors, check_drawn
 
 
 def _params(b: int, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0):
@@ -215,3 +215,19 @@ def test_step_inputs_pack_every_row_parameter_in_one_buffer():
     assert top_p.tolist() == f32([c.top_p for c in configs]) and min_p.tolist() == f32([c.min_p for c in configs])
     assert top_k.tolist() == [c.top_k for c in configs] and s.tolist() == seeds and o.tolist() == steps
     assert all(t.is_contiguous() and t.shape == (3,) for t in (temperature, top_k, top_p, min_p, s, o))
+
+
+def test_check_drawn_raises_the_samplers_error_for_status_codes():
+    """A draw taken without the sampler's check (a decode step launched ahead)
+    is checked when the host reads it: the kernel's status codes become the
+    reference's ValueError, naming the rows."""
+    check_drawn([3, 0, 7])
+    check_drawn([])
+    with pytest.raises(ValueError, match=r"logits contain NaN in rows \[1\]"):
+        check_drawn([3, -1, -2])  # NaN is reported first, as the reference checks it first
+    with pytest.raises(ValueError, match=r"every logit is -inf in rows \[0, 2\]"):
+        check_drawn([-2, 4, -2])
+    with pytest.raises(ValueError, match=r"out of range in rows \[1\]: temperature must be finite"):
+        check_drawn([0, -3])
+    with pytest.raises(RuntimeError, match="unexpected status codes"):
+        check_drawn([-9])

@@ -47,8 +47,13 @@ def _to_int64(op: str, name: str, values: Tensor | Sequence[int], rows: int, dev
     return torch.tensor(wrapped, dtype=torch.int64).to(device)
 
 
-def _raise_bad_rows(out: Tensor) -> None:
-    codes = out.cpu()
+def raise_for_status(tokens: Tensor | Sequence[int]) -> None:
+    """Raise the reference's ValueError for the rows of a ``sample`` result
+    that hold a negative status code instead of a token (a result taken with
+    ``check=False``, read later); nothing when every row holds a token."""
+    codes = torch.as_tensor(tokens, dtype=torch.int64).cpu()
+    if not bool((codes < 0).any()):
+        return
     for code in (-1, -2, -3):  # the reference's order: NaN first
         rows = (codes == code).nonzero().flatten().tolist()
         if rows:
@@ -83,7 +88,9 @@ def sample(
     Returns int64 [B]. The distribution is the reference's; the random numbers
     are not (Philox4x32-10 on the GPU, torch's CPU generator in the reference).
     check: raise the reference's ValueError for bad rows (one host sync; skipped
-    while a CUDA graph is being captured). _group / _cache_limit force the blocks
+    while a CUDA graph is being captured). With check=False nothing waits for
+    the device: ``raise_for_status`` turns the codes into that error once the
+    host reads the tokens. _group / _cache_limit force the blocks
     per row and the shared-memory cache size (tests).
     """
     op = "sample"
@@ -137,5 +144,5 @@ def sample(
             current_stream(device),
         )
     if check and not torch.cuda.is_current_stream_capturing() and int(out.min()) < 0:
-        _raise_bad_rows(out)
+        raise_for_status(out)
     return out

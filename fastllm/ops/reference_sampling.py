@@ -109,6 +109,8 @@ def sample(
     min_p: Tensor,
     seeds: Tensor | list[int],
     offsets: Tensor | list[int],
+    *,
+    check: bool = True,
 ) -> Tensor:
     """Draw one token per row. Rows with temperature 0 take the argmax (ties:
     lowest id). Other rows draw from ``sampling_mask``'s distribution by inverse
@@ -116,7 +118,8 @@ def sample(
 
     logits: [B, V]; parameters [B]; returns [B] int64. Rows containing NaN raise
     ValueError, and so do rows whose logits are all -inf; +inf logits share all
-    the mass equally.
+    the mass equally. ``check`` is the kernel's (whether to wait for the device
+    to validate); the reference reads the logits on the host and always raises.
     """
     if logits.dim() != 2:
         raise ValueError(f"sample: logits must be [B, V], got shape {tuple(logits.shape)}")
