@@ -2,9 +2,7 @@
 
 ``fastllm`` is the default (the tensor-core split kernel at d=128),
 ``fastllm_cuda_cores`` the CUDA-core split kernel (``_variant=1``, which head
-dims 80 and 96 run), ``fastllm-fused`` the experimental one-launch variant
-(``_variant=2``: the combine fused into the split kernel, opt-in as
-decode_attention_fused).
+dims 80 and 96 run).
 Reports microseconds per call and the effective bandwidth of the K/V read
 (B * L * Hk * D * 2 tensors * 2 bytes): the kernel's floor is HBM bandwidth.
     pytest bench/bench_decode_attention.py --benchmark-only
@@ -26,7 +24,7 @@ def _kv_bytes(b: int, length: int) -> int:
     return b * length * HK * D * 2 * 2
 
 
-@pytest.mark.parametrize("impl", ["fastllm", "fastllm_cuda_cores", "fastllm-fused", "torch_sdpa"])
+@pytest.mark.parametrize("impl", ["fastllm", "fastllm_cuda_cores", "torch_sdpa"])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"B{c[0]}xL{c[1]}")
 def test_decode_attention(gpu_bench, benchmark, case, impl):
     b, length = case
@@ -36,7 +34,7 @@ def test_decode_attention(gpu_bench, benchmark, case, impl):
             pytest.skip("extension not built")
         from fastllm.ops import cuda
 
-        variant = {"fastllm": 0, "fastllm_cuda_cores": 1, "fastllm-fused": 2}[impl]
+        variant = {"fastllm": 0, "fastllm_cuda_cores": 1}[impl]
 
         blocks = -(-length // BLOCK)
         k_cache = torch.randn(b * blocks, BLOCK, HK, D, device="cuda", dtype=torch.bfloat16)

@@ -3,9 +3,9 @@
 fastllm int8 / int4 (g128) against torch's bf16 F.linear, the eager int8
 dequantize-then-matmul, and torch's tinygemm int4 kernel
 (``torch._weight_int4pack_mm``) where this torch build has it;
-``fastllm-int4-deep`` is int4's experimental 8-stage pipeline (``_variant=1``,
-M <= 8), ``fastllm-int4-wgmma`` its experimental warpgroup-MMA kernel
-(``_variant=2``, M 9..64, sm_90 GPUs; variant 0 elsewhere). Reports
+``fastllm-int4`` is int4's mma.sync kernel (``_variant=0``),
+``fastllm-int4-wgmma`` its warpgroup-MMA kernel (``_variant=2``, M 9..64,
+sm_90 GPUs; variant 0 elsewhere; the default at M 17..64). Reports
 microseconds per call and effective bandwidth: weight bytes (with scales and
 zeros) + activations read + outputs written, over the time.
     pytest bench/bench_quant_linear.py --benchmark-only -s
@@ -23,8 +23,8 @@ from fastllm.quant import quantize_int4, quantize_int8
 SHAPES = [(4096, 14336), (4096, 4096), (14336, 4096)]  # (K, N)
 TOKENS = [1, 16, 64, 256]
 GROUP = 128
-IMPLS = ["fastllm-int8", "fastllm-int4", "fastllm-int4-deep", "fastllm-int4-wgmma", "fastllm-int4-fused",
-         "torch-bf16", "torch-int8-dequant", "torch-int4pack"]
+IMPLS = ["fastllm-int8", "fastllm-int4", "fastllm-int4-wgmma", "fastllm-int4-fused", "torch-bf16",
+         "torch-int8-dequant", "torch-int4pack"]
 
 _weights: dict = {}
 
@@ -77,8 +77,6 @@ def test_quant_linear(gpu_bench, benchmark, shape, m, impl):
         pytest.skip("extension not built")
     if impl == "fastllm-int4-fused" and m <= 64:
         pytest.skip("same as fastllm-int4 up to 64 tokens")
-    if impl == "fastllm-int4-deep" and m > 8:
-        pytest.skip("the 8-stage variant changes only M <= 8")
     if impl == "fastllm-int4-wgmma" and not 9 <= m <= 64:
         pytest.skip("the wgmma variant changes only M 9..64")
     from fastllm.ops import cuda, cuda_quant
@@ -92,8 +90,8 @@ def test_quant_linear(gpu_bench, benchmark, shape, m, impl):
         fn = lambda: cuda_quant._int8_fused(x, d["q8"], d["s8"])  # noqa: E731
     elif impl == "fastllm-int4" and m > 64:  # dequantize + cuBLAS
         fn = lambda: cuda.int4_linear(x, d["q4"], d["s4"], d["z4"], GROUP)  # noqa: E731
-    elif impl in ("fastllm-int4", "fastllm-int4-deep", "fastllm-int4-wgmma"):  # the verified kernel, variant 1 or 2
-        variant = {"fastllm-int4": 0, "fastllm-int4-deep": 1, "fastllm-int4-wgmma": 2}[impl]
+    elif impl in ("fastllm-int4", "fastllm-int4-wgmma"):  # variant 0 or 2, explicitly
+        variant = {"fastllm-int4": 0, "fastllm-int4-wgmma": 2}[impl]
         fn = lambda: cuda_quant._int4_fused(x, d["q4"], d["s4"], d["z4"], GROUP, _variant=variant)  # noqa: E731
     elif impl == "fastllm-int4-fused":  # the fused kernel past FUSED_MAX_TOKENS (64-token blocks)
         fn = lambda: cuda_quant._int4_fused(x, d["q4"], d["s4"], d["z4"], GROUP)  # noqa: E731

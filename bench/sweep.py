@@ -47,8 +47,8 @@ poisoned (an illegal address), the setting is recorded as failed and a fresh
 child continues with the next one. --budget bounds the whole sweep: what did
 not fit is marked ``not run``; sweep.json is rewritten after every child.
 
-Time (estimate, H200): 235 settings with no variants, ~430 with three decode
-variants and two per linear (--dry-run counts them); each is 3 warm-up calls
+Time (estimate, H200): 371 settings with no variants, 531 with decode's two
+variants and int4's two (--dry-run counts them); each is 3 warm-up calls
 and a check, two graph captures (1 and 20 calls), 100 cold samples (~0.1 ms
 each with the flush; ~0.4 ms for sample at B=256) and 7 hot replays of 20
 calls: ~20 ms (80 ms for the slowest), 5-15 s in all; plus ~10-15 s to start the child (torch

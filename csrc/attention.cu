@@ -54,22 +54,9 @@
  *    writes its partial (m, l, acc) to the workspace, and
  *    decode_combine_kernel (one CTA per sequence and query head, every
  *    partial in flight at once, launched with programmatic dependent launch
- *    on sm_90) merges the splits with log-sum-exp weights.
- *  - Variant 2 (experimental, opt-in as decode_attention_fused; not yet run
- *    on a GPU when written): variant 0's tensor-core kernel with that combine
- *    fused into the same launch, because at batch 1 most of the time is fixed
- *    cost (H200: B1 x 256 9.2 us cold, B1 x 4096 14 us) and the second launch
- *    is one of those costs. Each CTA writes its partial as in variant 0, then
- *    (barrier; thread 0: __threadfence, atomicAdd) arrives on a counter of its
- *    (sequence, KV head, head group); the last of the n_active CTAs fences,
- *    resets the counter to 0 (so the next launch or graph replay finds it
- *    zeroed), and merges every split of its heads with the combine's
- *    arithmetic in the combine's order, reading the partials through L2:
- *    bit-identical to variant 0 with the same split count. The counters are
- *    a persistent zeroed int32 buffer the caller owns (one per device in
- *    fastllm/ops/cuda_attention.py); no memset per call. Sequences of one
- *    split write their output directly, as in variant 0. Head dims 80/96 and
- *    caches of 2^31 slots or more fall back exactly as variant 0 does.
+ *    on sm_90) merges the splits with log-sum-exp weights. (A variant 2 that
+ *    fused this combine into the tensor-core split kernel's launch, with
+ *    arrival counters, was removed: on an H200 it was no faster.)
  *
  * Measured on an H200 (bench/RESULTS.md, 2026-12-04): the tensor-core kernel
  * with this combine took B=1 x 4096 from 21.2 to 13.5 us and B=32 x 2048
@@ -559,22 +546,8 @@ constexpr int tc_smem_bytes() {
   return ring > merge ? ring : merge;
 }
 
-// Variant 2's merge at the end of the kernel below (defined after the combine
-// kernel, whose arithmetic it shares). Not inlined: inlined, it changed how
-// ptxas allocated the main loop's registers (at D = 256, 48 bytes of loop
-// invariants spilled and reloaded every tile); called, nothing spills (sm_90a:
-// 244 / 166 / 124 registers at D = 256 / 128 / 64 against variant 0's 242 /
-// 162 / 98; the main loop 572 / 367 / 216 instructions per tile against 572 /
-// 362 / 199).
-template <int D, int THREADS, typename T>
-__device__ __noinline__ void fused_combine(T* out, const float* ws_acc, const float* ws_ml, int num_q_heads,
-                                           int num_splits, int* counter, int nheads, int b, int h0, int n);
-
-// FUSED (variant 2): no PDL trigger (there is no second launch); the last CTA
-// of each (sequence, KV head, head group) merges the splits (fused_combine).
-// counters: variant 2's arrival counters, unused (null) by variant 0.
-template <typename T, int D, bool FUSED = false>
-__global__ void __launch_bounds__(kTcWarps * 32) decode_split_tc_kernel(const DecodeParams<T> p, int* counters) {
+template <typename T, int D>
+__global__ void __launch_bounds__(kTcWarps * 32) decode_split_tc_kernel(const DecodeParams<T> p) {
   constexpr int KS = D / 16;                 // k-steps of Q K^T
   constexpr int NT = D / 8;                  // n-tiles (8 columns of d) of P V
   constexpr int STAGES = tc_stages<D>();
@@ -716,9 +689,7 @@ __global__ void __launch_bounds__(kTcWarps * 32) decode_split_tc_kernel(const De
       mma::mma_16816<T>(o[2 * jp + 1], pa, bv[2], bv[3]);
     }
   }
-  if constexpr (!FUSED) {
-    if (p.trigger) grid_dependency_launch();  // uniform over the CTA
-  }
+  if (p.trigger) grid_dependency_launch();  // uniform over the CTA
 
   // Merge the warps (log-sum-exp), as the row groups of the kernel above.
   mma::cp_async_wait<0>();
@@ -737,13 +708,6 @@ __global__ void __launch_bounds__(kTcWarps * 32) decode_split_tc_kernel(const De
   }
   __syncthreads();
   red.template finish<kTcWarps * 32>(p, tid, nheads, b, h0, split, r.n_active);
-  if constexpr (FUSED) {
-    if (r.n_active > 1) {  // uniform over the CTA; one split: finish() wrote the output
-      int* counter = counters + (static_cast<int64_t>(blockIdx.z) * gridDim.y + blockIdx.y);
-      fused_combine<D, kTcWarps * 32>(p.out, p.ws_acc, p.ws_ml, p.num_q_heads, p.num_splits, counter, nheads, b, h0,
-                                      r.n_active);
-    }
-  }
 }
 
 // The combine: out = sum_s w_s acc_s / sum_s w_s l_s with w_s = 2^(m_s - max m)
@@ -761,12 +725,11 @@ constexpr int kCombineWarps = kCombineThreads / 32;
 constexpr int kCombinePerPass = 8;  // splits per warp per pass: partial rows in flight per thread
 static_assert(kCombineThreads >= kMaxSplits, "one (m, l) pair per thread");
 
-// The combine's arithmetic, defined once for decode_combine_kernel and for
-// variant 2's merge (fused_combine below), which must give the same bits:
-// split s has weight w_s = 2^(m_s - max m) (0 for an empty split), its row
-// adds into chain s % kCombineWarps (a warp of the combine) in increasing s,
-// the chains are summed in order 0, 1, ..., and sum_s w_s l_s is a butterfly
-// sum over each group of 32 consecutive splits, the groups added in order.
+// The combine's arithmetic (decode_combine_kernel below): split s has weight
+// w_s = 2^(m_s - max m) (0 for an empty split), its row adds into chain
+// s % kCombineWarps (a warp of the combine) in increasing s, the chains are
+// summed in order 0, 1, ..., and sum_s w_s l_s is a butterfly sum over each
+// group of 32 consecutive splits, the groups added in order.
 __device__ __forceinline__ float combine_weight(bool valid, float m, float mx) {
   return valid && m != -INFINITY ? fast_exp2(m - mx) : 0.f;
 }
@@ -884,145 +847,6 @@ __global__ void __launch_bounds__(kCombineThreads)
   }
 }
 
-// --------------------------------------------------------------------------- //
-// decode_attention variant 2 (experimental, opt-in as decode_attention_fused):
-// variant 0's split kernel with the combine fused into the same launch.
-//
-// Why: at B = 1 most of the time is fixed cost (H200: B1 x 256 takes 9.2 us
-// cold, B1 x 4096 14 us), and the second launch with its dependent round
-// trips is one of those costs.
-//
-// How (the "threadFenceReduction" pattern): every CTA writes its partial
-// (m, l, acc) to the workspace as in variant 0; then, after a barrier, its
-// thread 0 fences (release) and increments the arrival counter of the CTA's
-// (sequence, KV head, head group), blockIdx.z * gridDim.y + blockIdx.y: the
-// CTAs that share one set of query heads, n_active of them (the splits that
-// hold keys; CTAs past the end of the sequence exit before any of this). The
-// CTA that sees n_active - 1 is the last: it fences (acquire), resets the
-// counter to 0 (no other CTA of this launch touches it again, so the next
-// launch or graph replay finds it zero), and after a barrier its threads
-// read every partial through L2 (ld.global.cg: never a stale L1 line, never
-// the non-coherent path) and write the heads' outputs. This is the order of
-// cooperative groups' grid barrier (bar.sync; thread 0: fence, atomic;
-// thread 0: fence; bar.sync). A sequence whose range fits one split
-// (n_active = 1: short or empty sequences, graph padding rows) never gets
-// here: finish() wrote its output.
-//
-// The merge is the combine kernel's arithmetic in the combine's order (see
-// combine_weight): the output is bit-identical to variant 0 with the same
-// split count. Warp w takes heads w, w + 4 for the weights (the (m, l) of
-// 32 splits per lane step); then a thread owns one float4 column of one head
-// (nheads * D / 4 of them) and runs the 8 chains over the splits with
-// kFusedInFlight rows in flight, the first ones issued before the weights.
-// The partials still go through the workspace (written and read once, as in
-// variant 0); what goes is the second launch, its wait on the whole split
-// grid, and the combine CTAs' own (m, l) round trip.
-//
-// Counters: int32, zero before the launch, at least B * Hk * head_groups of
-// them (the wrapper passes B * Hq); every launch leaves the ones it used at 0.
-// Two launches that run at the same time must not share them (the wrapper
-// keeps one buffer per device: one stream of decode steps at a time).
-// --------------------------------------------------------------------------- //
-constexpr int kFusedInFlight = 16;  // partial rows in flight per thread in the merge
-static_assert(kFusedInFlight % kCombineWarps == 0, "a batch of rows starts at chain 0");
-// Splits of one (sequence, head group) that variant 2's plan allows: the last
-// CTA reads heads * splits * D floats alone (64 KB: ~32 splits of 4 heads at
-// D = 128, one or two L2 round trips). A first guess, for the sweep to fit.
-constexpr int kFusedMergeFloats = 16384;
-
-template <int D, int THREADS, typename T>
-__device__ __noinline__ void fused_combine(T* out, const float* ws_acc, const float* ws_ml, int num_q_heads,
-                                           int num_splits, int* counter, int nheads, int b, int h0, int n) {
-  constexpr int W = THREADS / 32;
-  constexpr int C4 = D / 4;  // float4 columns of a row
-  constexpr int P = kFusedInFlight;
-  constexpr int GROUPS = kCombineWarps;  // groups of 32 splits: (m, l) of split 32 i + lane
-  static_assert(32 * GROUPS >= kMaxSplits, "every split in a group");
-  static_assert((kMaxHeadsPerCta * (kMaxSplits + 1) + 1) * 4 <= tc_smem_bytes<D>(), "the merge's scratch fits");
-  extern __shared__ __align__(16) unsigned char smem_raw[];  // the split kernel's, free again after finish()
-  const int tid = threadIdx.x;
-  float* s_w = reinterpret_cast<float*>(smem_raw);      // [kMaxHeadsPerCta][kMaxSplits] weights
-  float* s_inv = s_w + kMaxHeadsPerCta * kMaxSplits;     // [kMaxHeadsPerCta] 1 / sum_s w_s l_s
-  int* s_last = reinterpret_cast<int*>(s_inv + kMaxHeadsPerCta);
-
-  __syncthreads();  // every thread's partial stores are issued, and finish() is done with the shared memory
-  if (tid == 0) {
-    __threadfence();  // release: this CTA's partials are visible on the GPU before its arrival is
-    const int last = atomicAdd(counter, 1) == n - 1;
-    if (last) {
-      __threadfence();         // acquire: the other CTAs' partials (released before their arrivals)
-      atomicExch(counter, 0);  // every CTA of this group has arrived: ready for the next launch (nothing waits)
-    }
-    *s_last = last;
-  }
-  __syncthreads();
-  if (!*s_last) return;  // uniform over the CTA
-
-  const int warp = tid >> 5, lane = tid & 31;
-  const int64_t head0 = static_cast<int64_t>(b) * num_q_heads + h0;  // output row of head h0
-  const float4* acc4 = reinterpret_cast<const float4*>(ws_acc);
-  const int items = nheads * C4;  // (head, column) pairs
-
-  float4 v[P];  // rows s0 .. s0 + P - 1 of one column
-  auto load = [&](int item, int s0) {
-    const int h = item / C4, c = item - h * C4;
-    const float4* src = acc4 + ((head0 + h) * num_splits + s0) * C4 + c;
-#pragma unroll
-    for (int j = 0; j < P; ++j) v[j] = s0 + j < n ? __ldcg(src + j * C4) : make_float4(0.f, 0.f, 0.f, 0.f);
-  };
-  if (tid < items) load(tid, 0);  // in flight while the weights are computed
-
-  // The weights of head h: its max over the splits, then w_s and 1 / sum_s w_s l_s.
-  for (int h = warp; h < nheads; h += W) {
-    const float2* ml = reinterpret_cast<const float2*>(ws_ml) + (head0 + h) * num_splits;
-    float ms[GROUPS], ls[GROUPS];
-#pragma unroll
-    for (int i = 0; i < GROUPS; ++i) {
-      const int s = 32 * i + lane;
-      const float2 x = s < n ? __ldcg(ml + s) : make_float2(-INFINITY, 0.f);
-      ms[i] = x.x;
-      ls[i] = x.y;
-    }
-    float mx = ms[0];
-#pragma unroll
-    for (int i = 1; i < GROUPS; ++i) mx = fmaxf(mx, ms[i]);
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
-    float total = 0.f;
-#pragma unroll
-    for (int i = 0; i < GROUPS; ++i) {
-      if (32 * i < n) {  // uniform over the warp; an empty group adds exactly 0
-        const int s = 32 * i + lane;
-        const float w = combine_weight(s < n, ms[i], mx);
-        if (s < n) s_w[h * kMaxSplits + s] = w;
-        total += warp_reduce_sum(w * ls[i]);
-      }
-    }
-    if (lane == 0) s_inv[h] = combine_inv(total);
-  }
-  __syncthreads();
-
-  for (int item = tid; item < items; item += THREADS) {
-    const int h = item / C4, c = item - h * C4;
-    const float* w = s_w + h * kMaxSplits;
-    float4 a[kCombineWarps];  // the chains: split s adds into a[s % kCombineWarps]
-#pragma unroll
-    for (int k = 0; k < kCombineWarps; ++k) a[k] = make_float4(0.f, 0.f, 0.f, 0.f);
-    for (int s0 = 0; s0 < n; s0 += P) {
-      if (s0 > 0) load(item, s0);  // s0 = 0 was loaded before
-#pragma unroll
-      for (int j = 0; j < P; ++j) {
-        if (s0 + j < n) fma4(a[j % kCombineWarps], w[s0 + j], v[j]);
-      }
-    }
-    if (item + THREADS < items) load(item + THREADS, 0);  // the next column's first rows, in flight during the store
-    float4 t = a[0];
-#pragma unroll
-    for (int k = 1; k < kCombineWarps; ++k) add4(t, a[k]);
-    store4_scaled<T>(out + (head0 + h) * D + 4 * c, t, s_inv[h]);
-  }
-}
-
 // Calls f(integral_constant<D>, integral_constant<GMAX>) for a supported
 // (head_dim, heads per CTA rounded up to a power of two).
 template <int V>
@@ -1052,6 +876,9 @@ const char* dispatch_decode(int64_t head_dim, int gmax, F&& f) {
   }
   return "head_dim must be 64, 80, 96, 128 or 256";
 }
+
+constexpr const char* kVariantError =
+    "variant must be 0 (default: tensor cores where the head dim allows) or 1 (CUDA cores)";
 
 // How the query heads of one KV head are spread over CTAs.
 struct HeadSplit {
@@ -1110,10 +937,8 @@ int cached_occupancy(int threads, int smem, int fallback) {
   return blocks;
 }
 
-// Whether the tensor-core split kernel (variant 0, or 2 with the fused combine) covers this head dim.
-bool uses_tc(int variant, int64_t head_dim) {
-  return (variant == 0 || variant == 2) && tc_head_dim(static_cast<int>(head_dim));
-}
+// Whether the tensor-core split kernel (variant 0) covers this head dim.
+bool uses_tc(int variant, int64_t head_dim) { return variant == 0 && tc_head_dim(static_cast<int>(head_dim)); }
 
 template <typename T>
 const char* num_splits_typed(int64_t* splits, int64_t batch, int64_t num_q_heads, int64_t num_kv_heads,
@@ -1123,14 +948,10 @@ const char* num_splits_typed(int64_t* splits, int64_t batch, int64_t num_q_heads
     constexpr int D = decltype(d)::value, GMAX = decltype(g)::value;
     const int64_t ctas_per_split = batch * num_kv_heads * hs.head_groups;
     int occupancy = 0, tile = tile_rows(D);
-    int64_t fused_cap = kMaxSplits;
     if constexpr (tc_head_dim(D)) {
       if (uses_tc(variant, D)) {
-        occupancy = variant == 2
-                        ? cached_occupancy<decode_split_tc_kernel<T, D, true>>(kTcWarps * 32, tc_smem_bytes<D>(), 1)
-                        : cached_occupancy<decode_split_tc_kernel<T, D>>(kTcWarps * 32, tc_smem_bytes<D>(), 1);
+        occupancy = cached_occupancy<decode_split_tc_kernel<T, D>>(kTcWarps * 32, tc_smem_bytes<D>(), 1);
         tile = kTcTile;
-        if (variant == 2) fused_cap = kFusedMergeFloats / (hs.heads_per_cta * D);  // one CTA merges them all
       }
     }
     if (occupancy == 0)
@@ -1142,7 +963,6 @@ const char* num_splits_typed(int64_t* splits, int64_t batch, int64_t num_q_heads
     const int64_t by_length = keys / (2 * tile);  // at least two tiles per split
     if (n > by_length) n = by_length;
     if (n > kMaxSplits) n = kMaxSplits;
-    if (n > fused_cap) n = fused_cap;
     *splits = n < 1 ? 1 : n;
     return nullptr;
   });
@@ -1182,23 +1002,17 @@ const char* launch_combine(const DecodeParams<T>& p, int64_t batch, int tile, bo
 }
 
 template <typename T>
-const char* decode_typed(const DecodeParams<T>& p, int* counters, int64_t batch, int64_t num_kv_heads,
-                         int64_t head_dim, int gmax, int variant, bool pdl, cudaStream_t stream) {
+const char* decode_typed(const DecodeParams<T>& p, int64_t batch, int64_t num_kv_heads, int64_t head_dim, int gmax,
+                         int variant, bool pdl, cudaStream_t stream) {
   return dispatch_decode(head_dim, gmax, [&](auto d, auto g) -> const char* {
     constexpr int D = decltype(d)::value, GMAX = decltype(g)::value;
     const dim3 grid(static_cast<unsigned>(p.num_splits), static_cast<unsigned>(num_kv_heads * p.head_groups),
                     static_cast<unsigned>(batch));
     if constexpr (tc_head_dim(D)) {
-      if (uses_tc(variant, D) && variant == 2 && p.num_splits > 1) {  // variant 2: one launch, the merge fused
-        if (const char* err = opt_in_smem<decode_split_tc_kernel<T, D, true>>(tc_smem_bytes<D>())) return err;
-        decode_split_tc_kernel<T, D, true><<<grid, kTcWarps * 32, tc_smem_bytes<D>(), stream>>>(p, counters);
-        FASTLLM_CHECK_LAUNCH();
-        return nullptr;
-      }
-      if (uses_tc(variant, D)) {  // variant 0 (and 2 with one split, which merges nothing): tensor cores
+      if (uses_tc(variant, D)) {  // variant 0: tensor cores
         // more than the default 48 KB of dynamic shared memory: opted in once per device
         if (const char* err = opt_in_smem<decode_split_tc_kernel<T, D>>(tc_smem_bytes<D>())) return err;
-        decode_split_tc_kernel<T, D><<<grid, kTcWarps * 32, tc_smem_bytes<D>(), stream>>>(p, nullptr);
+        decode_split_tc_kernel<T, D><<<grid, kTcWarps * 32, tc_smem_bytes<D>(), stream>>>(p);
         FASTLLM_CHECK_LAUNCH();
         return p.num_splits > 1 ? launch_combine<T, D>(p, batch, kTcTile, pdl, stream) : nullptr;
       }
@@ -1239,7 +1053,7 @@ const char* decode_attention_plan(int64_t* num_splits, int64_t* workspace_floats
   *workspace_floats = 0;
   if (const char* err = check_decode_shapes(batch, num_q_heads, num_kv_heads, head_dim, dtype)) return err;
   if (requested_splits < 0 || requested_splits > kMaxSplits) return "num_splits must be in [1, 256] (0 = automatic)";
-  if (variant < 0 || variant > 2) return "variant must be 0, 1 or 2";
+  if (variant != 0 && variant != 1) return kVariantError;
   if (batch == 0) return nullptr;
   if (requested_splits > 0) {
     *num_splits = requested_splits;
@@ -1255,16 +1069,14 @@ const char* decode_attention_plan(int64_t* num_splits, int64_t* workspace_floats
   return nullptr;
 }
 
-const char* launch_decode_attention(void* out, void* workspace, void* counters, const void* q, const void* k_cache,
+const char* launch_decode_attention(void* out, void* workspace, const void* q, const void* k_cache,
                                     const void* v_cache, const void* block_tables, const void* seq_lens,
                                     int64_t batch, int64_t num_q_heads, int64_t num_kv_heads, int64_t head_dim,
                                     int64_t q_token_stride, int64_t q_head_stride, int64_t num_blocks,
                                     int64_t block_size, int64_t max_blocks, float scale, int64_t sliding_window,
                                     int64_t num_splits, int64_t variant, int dtype, void* stream) {
   if (const char* err = check_decode_shapes(batch, num_q_heads, num_kv_heads, head_dim, dtype)) return err;
-  if (variant != 0 && variant != 1 && variant != 2)
-    return "variant must be 0 (default: tensor cores where the head dim allows), 1 (CUDA cores) or 2 (tensor "
-           "cores, the combine fused)";
+  if (variant != 0 && variant != 1) return kVariantError;
   if (batch == 0) return nullptr;
   if (block_size <= 0 || (block_size & (block_size - 1)) != 0 || block_size > (1 << 20))
     return "block_size must be a power of two in [1, 2^20]";
@@ -1273,8 +1085,6 @@ const char* launch_decode_attention(void* out, void* workspace, void* counters, 
   if (sliding_window < 0 || sliding_window > INT_MAX) return "sliding_window out of range (0 = none)";
   if (num_splits < 1 || num_splits > kMaxSplits) return "num_splits must be in [1, 256]";
   if (num_splits > 1 && workspace == nullptr) return "num_splits > 1 needs a workspace";
-  if (variant == 2 && num_splits > 1 && (counters == nullptr || reinterpret_cast<uintptr_t>(counters) % 4 != 0))
-    return "variant 2 with num_splits > 1 needs its counters (zeroed int32, 4-byte aligned)";
   if (!std::isfinite(scale)) return "scale must be finite";
   if (q_token_stride % kVec || q_head_stride % kVec) return "q strides must be multiples of 8 elements";
   if (!aligned16(out) || !aligned16(q) || !aligned16(k_cache) || !aligned16(v_cache) ||
@@ -1282,8 +1092,8 @@ const char* launch_decode_attention(void* out, void* workspace, void* counters, 
     return "out, q, caches and workspace must be 16-byte aligned";
 
   // The tensor-core kernel keeps cache slots in an int: bigger caches run variant 1 (same plan, any split count
-  // works), variant 2 included (with variant 1's two launches).
-  if ((variant == 0 || variant == 2) && num_blocks * block_size > INT_MAX) variant = 1;
+  // works).
+  if (variant == 0 && num_blocks * block_size > INT_MAX) variant = 1;
   const HeadSplit hs = head_split(num_q_heads / num_kv_heads);
   int log2_block = 0;
   while ((int64_t{1} << log2_block) < block_size) ++log2_block;
@@ -1316,8 +1126,8 @@ const char* launch_decode_attention(void* out, void* workspace, void* counters, 
     p.scale_log2 = scale * kLog2e;
     const bool pdl = num_splits > 1 && device_has_pdl();
     p.trigger = pdl ? 1 : 0;
-    return decode_typed<T>(p, static_cast<int*>(counters), batch, num_kv_heads, head_dim, hs.gmax,
-                           static_cast<int>(variant), pdl, static_cast<cudaStream_t>(stream));
+    return decode_typed<T>(p, batch, num_kv_heads, head_dim, hs.gmax, static_cast<int>(variant), pdl,
+                           static_cast<cudaStream_t>(stream));
   };
   if (dtype == static_cast<int>(DType::kFloat16)) return fill(static_cast<__half*>(out));
   return fill(static_cast<__nv_bfloat16*>(out));

@@ -51,15 +51,13 @@ PYBIND11_MODULE(_C, m) {
             "rotary_embedding",
             "reshape_and_cache",
             "decode_attention",
-            "decode_attention_fused",  // decode_attention's one-launch variant (variant 2), experimental
             "sample",
             "prefill_attention",
             "prefill_attention_sm90",            // the wgmma variants prefill_attention picks when
             "prefill_attention_sm90_pipelined",  // enabled (the pipelined one first)
             "int8_linear",
             "int4_linear",
-            "int4_linear_deep",  // int4_linear's experimental 8-stage pipeline at M <= 8 (variant 1)
-            "int4_linear_wgmma",  // int4_linear's experimental wgmma path at M 9..64 (variant 2)
+            "int4_linear_wgmma",  // int4_linear's wgmma path at M 9..64 (variant 2)
         };
       },
       "Names of the kernels compiled in.");
@@ -155,7 +153,7 @@ PYBIND11_MODULE(_C, m) {
       py::arg("sliding_window"), py::arg("requested_splits"), py::arg("dtype"), py::arg("variant") = 0,
       "(num_splits, workspace_floats) for decode_attention on the current device: requested_splits (1..256), or "
       "0 to choose from the batch, heads and max_seq_len (a host-side bound on seq_lens), for kernel variant "
-      "0, 1 or 2 (see decode_attention); workspace_floats = batch * num_q_heads * num_splits * (head_dim + 2) fp32 "
+      "0 or 1 (see decode_attention); workspace_floats = batch * num_q_heads * num_splits * (head_dim + 2) fp32 "
       "when num_splits > 1, else 0.");
 
   m.def(
@@ -165,27 +163,25 @@ PYBIND11_MODULE(_C, m) {
          std::int64_t num_q_heads, std::int64_t num_kv_heads, std::int64_t head_dim, std::int64_t q_token_stride,
          std::int64_t q_head_stride, std::int64_t num_blocks, std::int64_t block_size, std::int64_t max_blocks,
          float scale, std::int64_t sliding_window, std::int64_t num_splits, int dtype, std::uintptr_t stream,
-         std::int64_t variant, std::uintptr_t counters) {
+         std::int64_t variant) {
         check("decode_attention",
-              fastllm::launch_decode_attention(ptr(out), ptr(workspace), ptr(counters), ptr(q), ptr(k_cache),
-                                               ptr(v_cache), ptr(block_tables), ptr(seq_lens), batch, num_q_heads,
-                                               num_kv_heads, head_dim, q_token_stride, q_head_stride, num_blocks,
-                                               block_size, max_blocks, scale, sliding_window, num_splits, variant,
-                                               dtype, ptr(stream)));
+              fastllm::launch_decode_attention(ptr(out), ptr(workspace), ptr(q), ptr(k_cache), ptr(v_cache),
+                                               ptr(block_tables), ptr(seq_lens), batch, num_q_heads, num_kv_heads,
+                                               head_dim, q_token_stride, q_head_stride, num_blocks, block_size,
+                                               max_blocks, scale, sliding_window, num_splits, variant, dtype,
+                                               ptr(stream)));
       },
       py::arg("out"), py::arg("workspace"), py::arg("q"), py::arg("k_cache"), py::arg("v_cache"),
       py::arg("block_tables"), py::arg("seq_lens"), py::arg("batch"), py::arg("num_q_heads"),
       py::arg("num_kv_heads"), py::arg("head_dim"), py::arg("q_token_stride"), py::arg("q_head_stride"),
       py::arg("num_blocks"), py::arg("block_size"), py::arg("max_blocks"), py::arg("scale"),
       py::arg("sliding_window"), py::arg("num_splits"), py::arg("dtype"), py::arg("stream"),
-      py::arg("variant") = 0, py::arg("counters") = 0,
+      py::arg("variant") = 0,
       "out [batch, Hq, D] = softmax(q k^T * scale) v for one query token per sequence over its cached keys "
       "[max(0, L - window), L), L = seq_lens[b] (int32, device), slots from int32 block_tables [batch, max_blocks] "
       "(device); caches [num_blocks, block_size, Hk, D]; fp16/bf16 (dtype 1/2); sliding_window 0 = none; "
       "workspace and num_splits from decode_attention_plan (made for the same variant); variant 0 (default: "
-      "the tensor-core split kernel for D 64/128/256, the CUDA-core one otherwise), 1 (the CUDA-core one) or 2 "
-      "(experimental: variant 0 with the combine fused into the split kernel's launch); counters (variant 2 with "
-      "num_splits > 1): zeroed int32, >= batch * num_q_heads, left zeroed, not shared by concurrent launches.");
+      "the tensor-core split kernel for D 64/128/256, the CUDA-core one otherwise) or 1 (the CUDA-core one).");
 
   m.def(
       "prefill_attention",
@@ -289,9 +285,8 @@ PYBIND11_MODULE(_C, m) {
       "out [M, N] = x [M, K] @ w.T + bias with w = (q - zeros) * scales per group of `group` columns, q the "
       "nibbles of uint8 qweight [N, K/2] (low nibble = even column), scales [N, K/group] in the activation dtype, "
       "uint8 zeros [N, K/group]; x, out, bias fp16/bf16 (dtype 1/2), contiguous; bias 0 = none. num_splits and "
-      "the fp32 workspace (0 when num_splits == 1) from int4_linear_plan (made for the same variant); variant 0 (default), 1 (8-stage pipeline at M <= 8, "
-      "experimental) or 2 (warpgroup MMA at M 9..64 on an sm_90 GPU with the 90a build, experimental; variant 0 "
-      "elsewhere).");
+      "the fp32 workspace (0 when num_splits == 1) from int4_linear_plan (made for the same variant); variant 0 "
+      "(default) or 2 (warpgroup MMA at M 9..64 on an sm_90 GPU with the 90a build; variant 0 elsewhere).");
 
   m.def(
       "int4_dequantize",

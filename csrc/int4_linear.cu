@@ -34,11 +34,13 @@
  *   recomputed every address per tile: 4096 x 14336 at M = 1 went from 23.2
  *   to 20.4 us on an H200, M = 16 from 39 to 30 (bench/RESULTS.md).
  *
- * Variant 2 (experimental, opt-in as int4_linear_wgmma): at M 9..64 on an
- * sm_90 GPU with the 90a build, int4_linear_sm90.cu's warpgroup-MMA kernel
+ * Variants: 0 (default) the kernels of this file. 2 (kernel name
+ * int4_linear_wgmma; the Python wrapper's default at M 17..64): at M 9..64 on
+ * an sm_90 GPU with the 90a build, int4_linear_sm90.cu's warpgroup-MMA kernel
  * (dequantized weights as the register A operand of wgmma, which runs
  * asynchronously beside the dequantisation), with this file's split-K plan
- * and reduction; elsewhere variant 2 is variant 0 (wgmma_path below).
+ * and reduction; elsewhere variant 2 is variant 0 (wgmma_path below). There
+ * is no variant 1 (an 8-stage ring at M <= 8, removed: no faster on an H200).
  *
  * Memory traffic: each weight byte is read once from DRAM (N*K/2 bytes plus
  * 3 bytes per group-row for scales and zeros); every CTA re-reads its x rows
@@ -54,18 +56,11 @@ namespace {
 
 using namespace qlinear;
 
-// DEEP (variant 1, experimental until timed on a GPU; M <= 8 only): an
-// 8-stage ring instead of 4, i.e. 7 K tiles (56 KB of weights) in flight per
-// CTA instead of 3. At M = 1 a 4096 x 14336 grid is 224 CTAs, 1-2 per SM, so
-// an SM has 24-48 KB of loads in flight, under the ~50 KB that HBM's
-// bandwidth-latency product asks per SM; the first 8-warp round showed more
-// warps alone did not help. Same arithmetic in the same order: results are
-// bit-identical to variant 0 for the same split count.
-template <int TT, bool DEEP = false>
+template <int TT>
 struct Int4Cfg {
   static constexpr int R = TT == 1 ? 1 : 2;          // 16-row tiles per warp
   static constexpr int BK = TT <= 2 ? 256 : 128;     // K per pipeline stage
-  static constexpr int STAGES = DEEP ? 8 : 4;
+  static constexpr int STAGES = 4;
   // Warps along N, and warp groups along K: at M <= 8 two groups split each
   // K tile's k-blocks between them (summed through shared memory at the end),
   // so that an SM has twice the warps to hide the dequantisation chains.
@@ -88,9 +83,9 @@ struct Int4Cfg {
 // set separates them, and flipping bit 1 on odd rows separates rows g and g+1.
 __device__ __forceinline__ int x_chunk(int row, int c) { return c ^ ((c >> 3) & 1) ^ ((row & 1) << 1); }
 
-template <typename T, int TT, bool G128, bool DEEP>
-__global__ void __launch_bounds__(Int4Cfg<TT, DEEP>::THREADS) int4_mma_kernel(const Int4Params p) {
-  using C = Int4Cfg<TT, DEEP>;
+template <typename T, int TT, bool G128>
+__global__ void __launch_bounds__(Int4Cfg<TT>::THREADS) int4_mma_kernel(const Int4Params p) {
+  using C = Int4Cfg<TT>;
   constexpr int R = C::R, JW = C::JW, STAGES = C::STAGES;
   extern __shared__ __align__(128) uint8_t smem[];
   uint8_t* const sw = smem;
@@ -395,48 +390,42 @@ int shift_of(int64_t group) { return group == 32 ? 5 : group == 64 ? 6 : 7; }
 template <typename T>
 const char* opt_in_all() {
   const char* err = nullptr;
-  if (!err) err = opt_in_smem<int4_mma_kernel<T, 1, true, false>>(Int4Cfg<1>::SMEM);
-  if (!err) err = opt_in_smem<int4_mma_kernel<T, 1, false, false>>(Int4Cfg<1>::SMEM);
-  if (!err) err = opt_in_smem<int4_mma_kernel<T, 1, true, true>>(Int4Cfg<1, true>::SMEM);
-  if (!err) err = opt_in_smem<int4_mma_kernel<T, 1, false, true>>(Int4Cfg<1, true>::SMEM);
-  if (!err) err = opt_in_smem<int4_mma_kernel<T, 2, true, false>>(Int4Cfg<2>::SMEM);
-  if (!err) err = opt_in_smem<int4_mma_kernel<T, 2, false, false>>(Int4Cfg<2>::SMEM);
-  if (!err) err = opt_in_smem<int4_mma_kernel<T, 4, false, false>>(Int4Cfg<4>::SMEM);
-  if (!err) err = opt_in_smem<int4_mma_kernel<T, 8, false, false>>(Int4Cfg<8>::SMEM);
+  if (!err) err = opt_in_smem<int4_mma_kernel<T, 1, true>>(Int4Cfg<1>::SMEM);
+  if (!err) err = opt_in_smem<int4_mma_kernel<T, 1, false>>(Int4Cfg<1>::SMEM);
+  if (!err) err = opt_in_smem<int4_mma_kernel<T, 2, true>>(Int4Cfg<2>::SMEM);
+  if (!err) err = opt_in_smem<int4_mma_kernel<T, 2, false>>(Int4Cfg<2>::SMEM);
+  if (!err) err = opt_in_smem<int4_mma_kernel<T, 4, false>>(Int4Cfg<4>::SMEM);
+  if (!err) err = opt_in_smem<int4_mma_kernel<T, 8, false>>(Int4Cfg<8>::SMEM);
   return err;
 }
 
-template <typename T, int TT, bool G128, bool DEEP = false>
+template <typename T, int TT, bool G128>
 const char* run_mma(const Int4Params& p, cudaStream_t stream) {
-  using Cfg = Int4Cfg<TT, DEEP>;
+  using Cfg = Int4Cfg<TT>;
   if (const char* err = opt_in_all<T>()) return err;
   const unsigned token_blocks = static_cast<unsigned>(ceil_div(p.M, kMaxTokensPerCta));
   const dim3 grid(static_cast<unsigned>(ceil_div(p.N, Cfg::BN)), static_cast<unsigned>(p.splits), token_blocks);
-  int4_mma_kernel<T, TT, G128, DEEP><<<grid, Cfg::THREADS, Cfg::SMEM, stream>>>(p);
+  int4_mma_kernel<T, TT, G128><<<grid, Cfg::THREADS, Cfg::SMEM, stream>>>(p);
   FASTLLM_CHECK_LAUNCH();
   return nullptr;
 }
 
 template <typename T>
-const char* run_tiles(const Int4Params& p, int group, bool deep, cudaStream_t stream) {
+const char* run_tiles(const Int4Params& p, int group, cudaStream_t stream) {
   const int tiles = token_tiles(p.M);
   const bool g128 = group == 128 && tiles <= 2;
   switch (tiles) {
-    case 1:
-      if (deep) return g128 ? run_mma<T, 1, true, true>(p, stream) : run_mma<T, 1, false, true>(p, stream);
-      return g128 ? run_mma<T, 1, true>(p, stream) : run_mma<T, 1, false>(p, stream);
+    case 1: return g128 ? run_mma<T, 1, true>(p, stream) : run_mma<T, 1, false>(p, stream);
     case 2: return g128 ? run_mma<T, 2, true>(p, stream) : run_mma<T, 2, false>(p, stream);
     case 4: return run_mma<T, 4, false>(p, stream);
     default: return run_mma<T, 8, false>(p, stream);
   }
 }
 
-// The main loop (the wgmma kernel, or the mma.sync kernels with the deep ring
-// or not), then the split-K reduction.
+// The main loop (the wgmma kernel or the mma.sync kernels), then the split-K reduction.
 template <typename T>
-const char* launch_typed(const Int4Params& p, int group, bool deep, bool wgmma, cudaStream_t stream) {
-  const char* err = wgmma ? launch_int4_wgmma(p, std::is_same_v<T, __half>, stream)
-                          : run_tiles<T>(p, group, deep, stream);
+const char* launch_typed(const Int4Params& p, int group, bool wgmma, cudaStream_t stream) {
+  const char* err = wgmma ? launch_int4_wgmma(p, std::is_same_v<T, __half>, stream) : run_tiles<T>(p, group, stream);
   if (err) return err;
   if (p.splits > 1)
     return launch_splitk_reduce<T>(static_cast<T*>(p.out), p.ws, static_cast<const T*>(p.bias), p.M, p.N, p.splits,
@@ -480,9 +469,9 @@ const char* launch_dequant(void* out, const void* qweight, const void* scales, c
 
 int k_tile_of(int64_t m) { return token_tiles(m) <= 2 ? Int4Cfg<1>::BK : Int4Cfg<4>::BK; }
 int rows_of(int64_t m) { return token_tiles(m) == 1 ? Int4Cfg<1>::BN : Int4Cfg<2>::BN; }
-int smem_of(int64_t m, bool deep) {
+int smem_of(int64_t m) {
   const int tiles = token_tiles(m);
-  if (tiles == 1) return deep ? Int4Cfg<1, true>::SMEM : Int4Cfg<1>::SMEM;
+  if (tiles == 1) return Int4Cfg<1>::SMEM;
   return tiles == 2 ? Int4Cfg<2>::SMEM : tiles == 4 ? Int4Cfg<4>::SMEM : Int4Cfg<8>::SMEM;
 }
 
@@ -495,9 +484,8 @@ const char* check_shapes(int64_t m, int64_t n, int64_t k, int64_t group) {
   return nullptr;
 }
 
-constexpr const char* kVariantError =
-    "variant must be 0 (default), 1 (8-stage pipeline at M <= 8, experimental) or 2 (wgmma at M 9..64 on sm_90, "
-    "experimental)";
+constexpr const char* kVariantError = "variant must be 0 (default) or 2 (wgmma at M 9..64 on sm_90)";
+bool valid_variant(int64_t variant) { return variant == 0 || variant == 2; }
 
 // Variant 2 runs the wgmma kernel (int4_linear_sm90.cu) at M 9..64 on an sm_90
 // device with the 90a build; everywhere else (other M, other GPUs, a build
@@ -514,7 +502,7 @@ const char* int4_linear_plan(int64_t* num_splits, int64_t* workspace_floats, int
   *num_splits = 1;
   *workspace_floats = 0;
   if (const char* err = check_shapes(m, n, k, group)) return err;
-  if (variant < 0 || variant > 2) return kVariantError;
+  if (!valid_variant(variant)) return kVariantError;
   if (requested_splits < 0 || requested_splits > kMaxSplits) return "num_splits must be in [1, 16] (0 = automatic)";
   if (m == 0) return nullptr;
   if (wgmma_path(m, k, variant)) {
@@ -523,7 +511,7 @@ const char* int4_linear_plan(int64_t* num_splits, int64_t* workspace_floats, int
   } else {
     const int64_t ctas = ceil_div<int64_t>(n, rows_of(m)) * ceil_div<int64_t>(m, kMaxTokensPerCta);
     *num_splits = choose_splits(ctas, ceil_div<int64_t>(k, k_tile_of(m)), num_sms, requested_splits, m,
-                                ctas_per_sm(smem_of(m, variant == 1)));
+                                ctas_per_sm(smem_of(m)));
   }
   *workspace_floats = *num_splits > 1 ? *num_splits * m * n : 0;
   return nullptr;
@@ -535,7 +523,7 @@ const char* launch_int4_linear(void* out, void* workspace, const void* x, const 
   if (const char* err = check_shapes(m, n, k, group)) return err;
   if (dtype != static_cast<int>(DType::kFloat16) && dtype != static_cast<int>(DType::kBFloat16))
     return "activations must be float16 or bfloat16";
-  if (variant < 0 || variant > 2) return kVariantError;
+  if (!valid_variant(variant)) return kVariantError;
   if (m == 0) return nullptr;
   const cudaStream_t st = static_cast<cudaStream_t>(stream);
   const int shift = shift_of(group);
@@ -569,8 +557,8 @@ const char* launch_int4_linear(void* out, void* workspace, const void* x, const 
                static_cast<int>(groups),
                shift,
                static_cast<int>(num_splits)};
-  return half ? launch_typed<__half>(p, static_cast<int>(group), variant == 1, wgmma, st)
-              : launch_typed<__nv_bfloat16>(p, static_cast<int>(group), variant == 1, wgmma, st);
+  return half ? launch_typed<__half>(p, static_cast<int>(group), wgmma, st)
+              : launch_typed<__nv_bfloat16>(p, static_cast<int>(group), wgmma, st);
 }
 
 const char* launch_int4_dequantize(void* out, const void* qweight, const void* scales, const void* zeros, int64_t n,

@@ -39,7 +39,7 @@ const char* launch_reshape_and_cache(void* k_cache, void* v_cache, const void* k
                                      void* stream);
 
 // Grid plan of launch_decode_attention: the number of key splits (requested_splits,
-// or chosen for the device and variant (0, 1 or 2) when 0) and the fp32 workspace it
+// or chosen for the device and variant (0 or 1) when 0) and the fp32 workspace it
 // needs, batch * num_q_heads * num_splits * (head_dim + 2) floats when num_splits > 1,
 // else 0. max_seq_len: a host-side upper bound on seq_lens (only sizes the grid).
 const char* decode_attention_plan(int64_t* num_splits, int64_t* workspace_floats, int64_t batch,
@@ -55,13 +55,9 @@ const char* decode_attention_plan(int64_t* num_splits, int64_t* workspace_floats
 // workspace: decode_attention_plan's fp32 floats (may be null when num_splits == 1).
 // variant: 0 (default) the tensor-core split kernel for head dims 64, 128, 256
 // (the CUDA-core one for 80, 96 and caches of 2^31 slots or more); 1 the
-// CUDA-core split kernel for every head dim; 2 (experimental) variant 0 with the
-// combine fused into the split kernel's launch where the tensor-core kernel runs
-// (elsewhere exactly variant 0). The plan must be made for the same variant.
-// counters: variant 2's arrival counters when num_splits > 1 (else unused, may be
-// null): int32, zero before the launch and left zero after it, at least
-// batch * num_q_heads of them; launches that run concurrently must not share them.
-const char* launch_decode_attention(void* out, void* workspace, void* counters, const void* q, const void* k_cache,
+// CUDA-core split kernel for every head dim. The plan must be made for the same
+// variant.
+const char* launch_decode_attention(void* out, void* workspace, const void* q, const void* k_cache,
                                     const void* v_cache, const void* block_tables, const void* seq_lens,
                                     int64_t batch, int64_t num_q_heads, int64_t num_kv_heads, int64_t head_dim,
                                     int64_t q_token_stride, int64_t q_head_stride, int64_t num_blocks,
@@ -124,10 +120,9 @@ const char* launch_int8_dequantize(void* out, const void* qweight, const void* s
 // int4: qweight uint8 [N, K/2] (low nibble = even column), scales [N, K/g] in
 // dtype, zeros uint8 [N, K/g] in [0, 15], g in {32, 64, 128}, K % g == 0;
 // w = (q - zero) * scale per group of g columns.
-// variant: 0 the default kernels; 1 (experimental) an 8-stage pipeline at M <= 8
-// (bit-identical results); 2 (experimental) the wgmma kernel at M 9..64 on an
-// sm_90a build and device (int4_linear_sm90.cu; elsewhere exactly variant 0).
-// The plan must be made for the same variant.
+// variant: 0 the default kernels; 2 the wgmma kernel at M 9..64 on an sm_90a
+// build and device (int4_linear_sm90.cu; elsewhere exactly variant 0); there
+// is no variant 1. The plan must be made for the same variant.
 const char* int4_linear_plan(int64_t* num_splits, int64_t* workspace_floats, int64_t m, int64_t n, int64_t k,
                              int64_t group, int64_t num_sms, int64_t requested_splits, int64_t variant);
 const char* launch_int4_linear(void* out, void* workspace, const void* x, const void* qweight, const void* scales,

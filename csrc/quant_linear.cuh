@@ -300,7 +300,7 @@ const char* launch_splitk_reduce(T* out, const float* ws, const T* bias, int64_t
 }
 
 // ---------------------------------------------------------------------------
-// int4_linear's wgmma path (int4_linear_sm90.cu; variant 2, experimental): M
+// int4_linear's wgmma path (int4_linear_sm90.cu; variant 2): M
 // 9..64 tokens on an sm_90 GPU with the sm_90a build. Declared here so that
 // int4_linear.cu can plan for it and dispatch to it.
 // ---------------------------------------------------------------------------

@@ -71,11 +71,8 @@ def check_close(out, expect_fp32, peer):
 # The split kernels (csrc/attention.cu): 0, the default, runs on tensor cores
 # for head dims 64/128/256 (decode_split_tc_kernel) and on CUDA cores for the
 # others; 1 runs the CUDA-core one (decode_split_kernel, also the fallback for
-# caches of 2^31 slots) for every head dim; 2 (experimental, opt-in as
-# decode_attention_fused) is 0 with the combine fused into the split kernel's
-# launch (arrival counters; exactly 0 where the tensor-core kernel does not
-# run). All are tested everywhere.
-VARIANTS = [0, 1, 2]
+# caches of 2^31 slots) for every head dim. Both are tested everywhere.
+VARIANTS = [0, 1]
 VARIANT_ARG = 21  # position of `variant` in _C.decode_attention's arguments
 
 
@@ -256,8 +253,9 @@ def test_bad_input():
         cuda.decode_attention(q, k_cache, v_cache, tables, lens, 0.1, num_splits=1000)
     with pytest.raises(ValueError, match="sliding_window"):
         cuda.decode_attention(q, k_cache, v_cache, tables, lens, 0.1, 0)
-    with pytest.raises(ValueError, match="_variant"):
-        cuda.decode_attention(q, k_cache, v_cache, tables, lens, 0.1, _variant=3)
+    for variant in (2, 3, -1):  # 2 (the combine fused into the split kernel) was removed
+        with pytest.raises(ValueError, match=r"_variant must be 0 \(default: tensor cores\) or 1 \(CUDA cores\)"):
+            cuda.decode_attention(q, k_cache, v_cache, tables, lens, 0.1, _variant=variant)
 
 
 @requires_cuda
@@ -275,201 +273,26 @@ def test_default_variant_is_tensor_cores(monkeypatch):
     assert variants == [0, 0, 1]
 
 
-# --------------------------------------------------------------------------- #
-# Variant 2: the combine fused into the split kernel's launch
-# --------------------------------------------------------------------------- #
-def test_fused_variant_is_opt_in_and_discoverable(monkeypatch):
-    """Variant 2 is not verified on a GPU yet: it is the default only when
-    decode_attention_fused is named in FASTLLM_KERNELS (never through
-    VERIFIED_KERNELS), and bench/sweep.py finds it in the wrapper's literal
+def test_variants_are_discoverable():
+    """bench/sweep.py finds the variants, 0 and 1, in the wrapper's literal
     ``_variant not in (...)`` check."""
     import inspect
 
     from fastllm.ops import cuda_attention
 
-    assert cuda_attention.FUSED_KERNEL == "decode_attention_fused"
-    assert cuda_attention.FUSED_KERNEL not in backend.VERIFIED_KERNELS
     m = re.search(r"_variant not in \(([\d,\s]+)\)", inspect.getsource(cuda_attention.decode_attention))
-    assert m and [int(v) for v in m.group(1).replace(",", " ").split()] == [0, 1, 2]
-    monkeypatch.setattr(backend, "compiled_kernels", lambda: ["decode_attention", "decode_attention_fused"])
-    for setting, want in (("", 0), ("decode_attention", 0), ("decode_attention_fused", 2), ("all", 2)):
-        monkeypatch.setenv("FASTLLM_KERNELS", setting)
-        backend.reset_settings()
-        assert cuda_attention._default_variant() == want, setting
+    assert m and [int(v) for v in m.group(1).replace(",", " ").split()] == [0, 1]
 
 
-def _bits_differ(got, want) -> str:
-    diff = (got.float() - want.float()).abs()
-    return f"{int((got != want).sum())} of {got.numel()} elements differ, max |diff| {diff.max().item():.3g}"
-
-
-FUSED_CASES = {  # lens, Hq, Hk, D, dtype, sliding window
-    "32q8kv-d128-ragged": ([4096, 33, 1, 700], 32, 8, 128, torch.bfloat16, None),
-    "16q4kv-d64-fp16": ([3000, 1, 50, 2500, 9], 16, 4, 64, torch.float16, None),
-    "8q1kv-d256": ([8192, 2048], 8, 1, 256, torch.float16, None),
-    "40q4kv-two-head-groups": ([1000, 17, 300], 40, 4, 128, torch.bfloat16, None),
-    "28q4kv-g7": ([5000, 10], 28, 4, 128, torch.bfloat16, None),
-    "window100": ([1, 50, 700, 3000], 16, 4, 64, torch.float16, 100),
-    "d96-falls-back": ([2000, 5], 8, 2, 96, torch.bfloat16, None),
-}
-
-
-@requires_cuda
-@pytest.mark.parametrize("num_splits", [2, 3, 7, 33, 64, 256])
-@pytest.mark.parametrize("case", list(FUSED_CASES))
-def test_fused_is_bitwise_variant_0(case, num_splits):
-    """Variant 2 runs variant 0's split kernel (the same partials) and its
-    last CTA per (sequence, KV head, head group) merges them with the combine
-    kernel's arithmetic in the combine's order (split s in chain s % 8, the
-    chains added in order, sum_s w_s l_s by groups of 32 splits:
-    combine_weight in csrc/attention.cu). So for the same split count the
-    output is the same bits as variant 0's, not merely close; head dim 96
-    runs variant 0's own kernels."""
-    lens, hq, hk, d, dtype, window = FUSED_CASES[case]
-    want = run_case(lens, hq, hk, d, dtype, window=window, num_splits=num_splits, variant=0)
-    got = run_case(lens, hq, hk, d, dtype, window=window, num_splits=num_splits, variant=2)
-    assert torch.equal(got, want), _bits_differ(got, want)
-
-
-@requires_cuda
-def test_fused_counters_are_left_zeroed():
-    """Every launch resets the counters it used: the same call twice in a
-    row, with other batches, heads and split counts in between (other
-    counters, other numbers of arrivals), gives variant 0's bits every time
-    (a counter left non-zero would leave its heads unwritten: poisoned), and
-    the buffer reads all zero afterwards."""
-    from fastllm.ops import cuda, cuda_attention
-
-    cases = [  # lens, Hq, Hk, D, num_splits
-        ([4096, 33, 1], 32, 8, 128, 64),
-        ([700] * 7, 16, 4, 64, 7),
-        ([4096, 33, 1], 32, 8, 128, 3),
-        ([2500], 8, 1, 256, 256),
-        ([1, 1, 2, 1], 32, 8, 128, 16),  # one split per sequence (graph padding rows): no counter touched
-        ([4096, 33, 1], 32, 8, 128, 64),
-    ]
-    for i, (lens, hq, hk, d, splits) in enumerate(cases):
-        k_cache, v_cache, tables, seq_lens = paged_cache(lens, hk, d, torch.bfloat16, seed=i)
-        q = torch.randn(len(lens), hq, d, device="cuda", dtype=torch.bfloat16)
-        want = cuda.decode_attention(q, k_cache, v_cache, tables, seq_lens, 0.1, num_splits=splits, _variant=0)
-        for _ in range(2):
-            poison_cuda_allocator()
-            got = cuda.decode_attention(q, k_cache, v_cache, tables, seq_lens, 0.1, num_splits=splits, _variant=2)
-            assert torch.equal(got, want), (i, _bits_differ(got, want))
-    torch.cuda.synchronize()
-    counters = cuda_attention._COUNTERS[torch.cuda.current_device()]
-    assert counters.dtype == torch.int32 and not counters.any()
-
-
-@requires_cuda
-def test_fused_repeated_calls_are_stable():
-    """Thousands of CTAs arriving on hundreds of counters, call after call:
-    a missing fence or a stale read would show as an occasional difference."""
-    from fastllm.ops import cuda
-
-    g = torch.Generator().manual_seed(5)
-    lens = torch.randint(1, 3000, (16,), generator=g).tolist()
-    k_cache, v_cache, tables, seq_lens = paged_cache(lens, 8, 128, torch.bfloat16, seed=5)
-    q = torch.randn(16, 32, 128, device="cuda", dtype=torch.bfloat16)
-    want = cuda.decode_attention(q, k_cache, v_cache, tables, seq_lens, 0.1, num_splits=32, _variant=0)
-    outs = [cuda.decode_attention(q, k_cache, v_cache, tables, seq_lens, 0.1, num_splits=32, _variant=2)
-            for _ in range(50)]
-    for i, got in enumerate(outs):
-        assert torch.equal(got, want), (i, _bits_differ(got, want))
-
-
-@requires_cuda
-def test_fused_counters_grow_and_keep_the_old_buffers(monkeypatch):
-    """A bigger grid gets a new zeroed buffer; the outgrown ones are kept
-    (a captured graph may still use them) and stay zeroed."""
-    from fastllm.ops import cuda, cuda_attention
-
-    monkeypatch.setattr(cuda_attention, "_COUNTERS", {})
-    monkeypatch.setattr(cuda_attention, "_OUTGROWN_COUNTERS", [])
-    monkeypatch.setattr(cuda_attention, "_MIN_COUNTERS", 4)
-    for b in (1, 3, 2, 9):  # needs 32 b counters: 32, then 96, fits, then 288
-        k_cache, v_cache, tables, lens = paged_cache([1500 + 100 * i for i in range(b)], 8, 128, torch.bfloat16)
-        q = torch.randn(b, 32, 128, device="cuda", dtype=torch.bfloat16)
-        want = cuda.decode_attention(q, k_cache, v_cache, tables, lens, 0.1, num_splits=16, _variant=0)
-        got = cuda.decode_attention(q, k_cache, v_cache, tables, lens, 0.1, num_splits=16, _variant=2)
-        assert torch.equal(got, want), (b, _bits_differ(got, want))
-    torch.cuda.synchronize()
-    assert cuda_attention._COUNTERS[torch.cuda.current_device()].numel() == 288
-    assert [c.numel() for c in cuda_attention._OUTGROWN_COUNTERS] == [32, 96]
-    assert not any(c.any() for c in [*cuda_attention._OUTGROWN_COUNTERS, *cuda_attention._COUNTERS.values()])
-
-
-@requires_cuda
-def test_fused_under_cuda_graph_captured_before_its_counters_exist(monkeypatch):
-    """A capture that needs more counters than any call before it gets its
-    own (the graph's memory, zeroed at each replay) and leaves the shared
-    buffer alone; every replay is right as the lengths change."""
-    from fastllm.ops import cuda, cuda_attention
-
-    monkeypatch.setattr(cuda_attention, "_COUNTERS", {})
-    monkeypatch.setattr(cuda_attention, "_MIN_COUNTERS", 1)
-    k_cache, v_cache, tables, lens = paged_cache([500, 900], 8, 128, torch.bfloat16)
-    q = torch.randn(2, 32, 128, device="cuda", dtype=torch.bfloat16)
-    bound = 1024
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    kw = dict(max_seq_len=bound, num_splits=8)
-    with torch.cuda.stream(stream):  # warm-up at batch 1: 32 counters, fewer than the capture needs
-        cuda.decode_attention(q[:1], k_cache, v_cache, tables[:1], lens[:1], 0.1, **kw, _variant=2)
-    torch.cuda.current_stream().wait_stream(stream)
-    dev = torch.cuda.current_device()
-    shared = cuda_attention._COUNTERS[dev]
-    assert shared.numel() == 32
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = cuda.decode_attention(q, k_cache, v_cache, tables, lens, 0.1, **kw, _variant=2)
-    assert cuda_attention._COUNTERS[dev] is shared
-    for new_lens in ([20, 901], [1000, 1], [700, 650]):
-        lens.copy_(torch.tensor(new_lens, dtype=torch.int32))
-        q.normal_()
-        graph.replay()
-        torch.cuda.synchronize()
-        expect = ref.decode_attention(q.float(), k_cache.float(), v_cache.float(), tables, lens, 0.1)
-        check_close(out, expect, torch_peer(q, k_cache, v_cache, tables, lens, 0.1))
-        want = cuda.decode_attention(q, k_cache, v_cache, tables, lens, 0.1, **kw, _variant=0)
-        assert torch.equal(out, want), _bits_differ(out, want)
-
-
-@requires_cuda
-def test_fused_plan():
-    """Variant 2 plans as variant 0 (its own occupancy) but caps the splits
-    so that one CTA's merge reads at most 64 KB of partials (heads * splits
-    * D floats <= 16384): no cap at B = 1 x 4096 with 32q/8kv heads of 128,
-    8 splits at most for 8 heads of 256."""
+@pytest.mark.skipif(not backend.HAS_C, reason="needs fastllm's compiled extension")
+def test_plan_rejects_unknown_variants():
     from fastllm.ops.cuda_common import DTYPE_CODES
 
     plan = backend._C.decode_attention_plan
     bf16 = DTYPE_CODES[torch.bfloat16]
-    assert plan(1, 32, 8, 128, 4096, 0, 0, bf16, 2) == plan(1, 32, 8, 128, 4096, 0, 0, bf16, 0)
-    splits, ws = plan(1, 8, 1, 256, 32768, 0, 0, bf16, 2)
-    assert 1 < splits <= 8 and ws == 8 * splits * (256 + 2)
-    assert plan(3, 8, 1, 256, 32768, 0, 100, bf16, 2) == (100, 3 * 8 * 100 * 258)  # forced: as asked
-    assert plan(1, 8, 2, 96, 32768, 0, 0, bf16, 2) == plan(1, 8, 2, 96, 32768, 0, 0, bf16, 0)  # no tensor cores
-    with pytest.raises(RuntimeError, match="variant"):
-        plan(1, 32, 8, 128, 4096, 0, 0, bf16, 3)
-
-
-@requires_cuda
-def test_fused_variant_is_the_default_only_when_opted_in(monkeypatch):
-    from fastllm import ops
-    from fastllm.ops import cuda
-
-    assert "decode_attention_fused" in backend.compiled_kernels()
-    k_cache, v_cache, tables, lens = paged_cache([3000, 9], 2, 64, torch.bfloat16)
-    q = torch.randn(2, 4, 64, device="cuda", dtype=torch.bfloat16)
-    variants = spy_variants(monkeypatch, "decode_attention", VARIANT_ARG)
-    for setting, want in (("", 0), ("decode_attention_fused", 2)):
-        monkeypatch.setenv("FASTLLM_KERNELS", setting)
-        backend.reset_settings()
-        cuda.decode_attention(q, k_cache, v_cache, tables, lens, 0.1)
-        ops.decode_attention(q, k_cache, v_cache, tables, lens, 0.1)
-        cuda.decode_attention(q, k_cache, v_cache, tables, lens, 0.1, _variant=0)
-        assert variants[-3:] == [want, want, 0], setting
+    for variant in (2, 3, -1):
+        with pytest.raises(RuntimeError, match=r"variant must be 0 \(default"):
+            plan(1, 32, 8, 128, 4096, 0, 0, bf16, variant)
 
 
 @requires_cuda

@@ -218,42 +218,27 @@ def test_bad_input():
 
 
 @requires_cuda
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("m", [1, 5, 8])
-@pytest.mark.parametrize("group", [32, 64, 128])
-@pytest.mark.parametrize("k", [2176, 128, 4352])
-def test_deep_pipeline_is_bitwise_the_default(k, group, m, dtype):
-    """Variant 1 (int4_linear_deep, experimental: an 8-stage ring at M <= 8)
-    computes the same tiles in the same order, only with more of them in
-    flight: bit-identical to the verified kernel for the same split count,
-    with fewer K tiles than stages (k = 128, 2176 split in 3) and more."""
-    from fastllm.ops import cuda_quant
-
-    q, s, z, b = _weights(k, 1000, group, dtype)
-    x = _x((m, k), dtype)
-    for splits in (1, 3):
-        want = cuda_quant._int4_fused(x, q, s, z, group, b, splits=splits, _variant=0)
-        got = cuda_quant._int4_fused(x, q, s, z, group, b, splits=splits, _variant=1)
-        assert torch.equal(got, want)
-    poison_cuda_allocator()
-    _check(cuda_quant._int4_fused(x, q, s, z, group, b, _variant=1), x, q, s, z, group, b)  # its own split choice
-
-
-@requires_cuda
-def test_deep_pipeline_is_opt_in(monkeypatch):
-    from fastllm import ops
+@pytest.mark.parametrize("variant", [1, 3, -1])
+def test_unknown_variant_is_rejected(variant):
+    """Variants are 0 and 2: 1 (an 8-stage pipeline at M <= 8) was removed."""
     from fastllm.ops import cuda_quant
 
     q, s, z, _ = _weights(512, 256, 128, torch.bfloat16)
     x = _x((1, 512), torch.bfloat16)
-    variants = spy_variants(monkeypatch, "int4_linear", -1)
-    for setting, want in (("", 0), ("int4_linear_deep", 1)):
-        monkeypatch.setenv("FASTLLM_KERNELS", setting)
-        backend.reset_settings()
-        ops.int4_linear(x, q, s, z, 128)
-        assert variants[-1] == want
-    with pytest.raises(ValueError, match="_variant"):
-        cuda_quant._int4_fused(x, q, s, z, 128, _variant=3)
+    with pytest.raises(ValueError, match=r"_variant must be 0 \(default\) or 2 \(wgmma\)"):
+        cuda_quant._int4_fused(x, q, s, z, 128, _variant=variant)
+
+
+def test_variants_are_discoverable():
+    """bench/sweep.py finds the variants, 0 and 2, in the wrapper's literal
+    ``_variant not in (...)`` check."""
+    import inspect
+    import re
+
+    from fastllm.ops import cuda_quant
+
+    m = re.search(r"_variant not in \(([\d,\s]+)\)", inspect.getsource(cuda_quant._int4_fused))
+    assert m and [int(v) for v in m.group(1).replace(",", " ").split()] == [0, 2]
 
 
 # --------------------------------------------------------------------------- #
@@ -409,8 +394,6 @@ def test_wgmma_is_the_default_from_17_tokens(monkeypatch):
         ("", 17, 2),
         ("", 64, 2),
         ("", 8, 0),
-        ("int4_linear_deep", 1, 1),
-        ("int4_linear_deep", 32, 2),
     ):
         monkeypatch.setenv("FASTLLM_KERNELS", setting)
         backend.reset_settings()
@@ -510,10 +493,9 @@ def test_plan():
         assert splits == 8
         assert plan(16, 14336, 4096, 128, 132, 0) == (2, 2 * 16 * 14336)  # 112 CTAs of 96 KB, 2 per SM
         assert plan(16, 4096, 14336, 128, 132, 0)[0] == 8  # 32 CTAs
-        assert plan(1, 4096, 14336, 128, 132, 0, 1)[0] == 4  # the 8-stage variant: 96 KB, 2 CTAs per SM
-        assert plan(16, 4096, 14336, 128, 132, 0, 1)[0] == 8  # M > 8: the variant changes nothing
-    with pytest.raises(RuntimeError, match="variant"):
-        plan(1, 10, 64, 32, 132, 0, 3)
+    for variant in (1, 3, -1):  # variants 0 and 2 only (1, the 8-stage pipeline, was removed)
+        with pytest.raises(RuntimeError, match=r"variant must be 0 \(default\) or 2"):
+            plan(1, 10, 64, 32, 132, 0, variant)
     assert plan(7, 1000, 4096, 64, 132, 3) == (3, 3 * 7 * 1000)
     assert plan(1, 100, 128, 32, 132, 16)[0] == 1  # clamped to the one K tile
     for m in (1, 8, 9, 16, 17, 33, 64, 65, 1000):

@@ -14,7 +14,6 @@ import math
 import torch
 from torch import Tensor
 
-from fastllm import backend
 from fastllm.ops.cuda_common import DTYPE_CODES, check_tensor, current_stream, ext
 
 DECODE_HEAD_DIMS = (64, 80, 96, 128, 256)
@@ -22,43 +21,8 @@ DECODE_DTYPES = (torch.float16, torch.bfloat16)
 MAX_SPLITS = 256
 FLOAT32_MAX = torch.finfo(torch.float32).max
 # decode_attention's ``_variant`` (split kernels): 0 tensor cores where the head dim allows (default),
-# 1 CUDA cores, 2 variant 0 with the combine fused into its launch (experimental; exactly variant 0 where
-# the tensor-core kernel does not run). 2 is the default only when opted in by this name in
-# FASTLLM_KERNELS, until it is verified on a GPU.
-FUSED_KERNEL = "decode_attention_fused"
-
-# Variant 2's arrival counters (csrc/attention.cu): one zeroed int32 buffer per device, which every launch
-# leaves zeroed, so no call pays a memset. One per device, not per stream: a graph is warmed up on one
-# stream and captured on another, and must capture the buffer the warm-up sized. The price: variant-2
-# launches that overlap in time on two streams of one device would share counters (fastllm decodes on
-# one stream). A buffer that is outgrown is kept, never freed: a captured graph may hold its address.
-_COUNTERS: dict[int, Tensor] = {}
-_OUTGROWN_COUNTERS: list[Tensor] = []
-_MIN_COUNTERS = 4096
-
-
-def _default_variant() -> int:
-    """2 when ``decode_attention_fused`` is opted in (FASTLLM_KERNELS), else 0."""
-    return 2 if backend.kernel_enabled(FUSED_KERNEL) else 0
-
-
-def _fused_counters(device: torch.device, needed: int) -> Tensor:
-    """At least ``needed`` zeroed int32 counters on ``device`` (the current device) for a variant-2 launch."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    buf = _COUNTERS.get(index)
-    if buf is not None and buf.numel() >= needed:
-        return buf
-    if torch.cuda.is_current_stream_capturing():
-        # Growing inside a capture (a bigger grid than any call before it, e.g. no warm-up): memory of the
-        # graph's own pool, zeroed by a memset node at each replay; not kept (it belongs to the graph).
-        return torch.zeros(needed, dtype=torch.int32, device=device)
-    fresh = torch.zeros(max(needed, 2 * buf.numel() if buf is not None else 0, _MIN_COUNTERS), dtype=torch.int32,
-                        device=device)
-    torch.cuda.current_stream(device).synchronize()  # zeroed before a launch on any stream reads it (rare: growth)
-    if buf is not None:
-        _OUTGROWN_COUNTERS.append(buf)
-    _COUNTERS[index] = fresh
-    return fresh
+# 1 CUDA cores. (A variant 2, the combine fused into the split kernel's launch, was removed: no faster
+# on an H200.)
 
 
 def _check_rows(op: str, name: str, t: Tensor, dims: int) -> None:
@@ -188,12 +152,9 @@ def decode_attention(
     None it is read with one ``seq_lens.max().item()`` (a host sync: pass it
     when capturing). ``num_splits`` forces the number of key splits (1..256;
     tests and tuning); None lets the kernel choose. ``_variant`` (tests and
-    benchmarks): 0 runs the tensor-core split kernel for head dims 64, 128
-    and 256 and the CUDA-core one otherwise; 1 the CUDA-core one for every
-    head dim; 2 (experimental) variant 0 with the combine of the splits fused
-    into the same launch (bit-identical to 0 for the same split count); None
-    picks 2 when ``decode_attention_fused`` is in FASTLLM_KERNELS, else 0
-    (csrc/attention.cu).
+    benchmarks): 0 (and None) runs the tensor-core split kernel for head dims
+    64, 128 and 256 and the CUDA-core one otherwise; 1 the CUDA-core one for
+    every head dim (csrc/attention.cu).
     """
     op = "decode_attention"
     _check_rows(op, "q", q, 3)
@@ -228,10 +189,9 @@ def decode_attention(
     if num_splits is not None and (not isinstance(num_splits, int) or not 1 <= num_splits <= MAX_SPLITS):
         raise ValueError(f"{op}: num_splits must be None or an int in [1, {MAX_SPLITS}], got {num_splits!r}")
     if _variant is None:
-        _variant = _default_variant()
-    if _variant not in (0, 1, 2):
-        raise ValueError(f"{op}: _variant must be 0 (default: tensor cores), 1 (CUDA cores) or 2 (tensor cores, "
-                         f"the combine fused; experimental), got {_variant!r}")
+        _variant = 0
+    if _variant not in (0, 1):
+        raise ValueError(f"{op}: _variant must be 0 (default: tensor cores) or 1 (CUDA cores), got {_variant!r}")
     if b == 0:
         return torch.empty_like(q)
     qs = _strides(q)
@@ -252,13 +212,10 @@ def decode_attention(
                                                         _variant)
         out = torch.empty((b, hq, d), dtype=q.dtype, device=device)
         workspace = torch.empty(ws_floats, dtype=torch.float32, device=device) if ws_floats else None
-        # >= B * Hk * ceil((Hq / Hk) / 8), the (sequence, KV head, head group) CTA sets of the split grid
-        counters = _fused_counters(device, b * hq) if _variant == 2 and splits > 1 else None
         ext().decode_attention(
             out.data_ptr(), workspace.data_ptr() if workspace is not None else 0, q.data_ptr(),
             k_cache.data_ptr(), v_cache.data_ptr(), block_tables.data_ptr(), seq_lens.data_ptr(),
             b, hq, hk, d, qs[0], qs[1], num_blocks, block_size, block_tables.shape[1],
             float(scale), window, splits, dtype, current_stream(device), _variant,
-            counters.data_ptr() if counters is not None else 0,
         )
     return out

@@ -25,9 +25,6 @@ ACT_DTYPES = (torch.float16, torch.bfloat16)
 INT4_GROUP_SIZES = (32, 64, 128)
 # Tokens up to which the fused kernel runs; beyond, dequantize + cuBLAS.
 FUSED_MAX_TOKENS = 64
-# int4_linear's experimental 8-stage pipeline at M <= 8 (``_variant=1``):
-# opt-in by this name in FASTLLM_KERNELS until it is timed on a GPU.
-INT4_DEEP_KERNEL = "int4_linear_deep"
 # int4_linear's warpgroup-MMA kernel on sm_90 GPUs (``_variant=2``,
 # csrc/int4_linear_sm90.cu). It covers M 9..64 (variant 2 is variant 0
 # elsewhere) and is the default at M 17..64: on an H200 it took 18-22% off
@@ -223,23 +220,18 @@ def _int4_fused(
     splits: int = 0, _variant: int | None = None,
 ) -> Tensor:
     """The fused kernel for any number of tokens; ``splits`` 0 = automatic split-K.
-    ``_variant``: 0 the verified kernel, 1 the experimental 8-stage pipeline
-    (at M <= 8; bit-identical results), 2 the experimental warpgroup-MMA kernel
-    (at M 9..64 on an sm_90 GPU with the 90a build; variant 0 elsewhere; not
-    bitwise equal to 0). None picks 2 at M 17..64 when ``int4_linear_wgmma`` is
-    enabled (the default), else 1 when ``int4_linear_deep`` is, else 0."""
+    ``_variant``: 0 the mma.sync kernels, 2 the warpgroup-MMA kernel (at M
+    9..64 on an sm_90 GPU with the 90a build; variant 0 elsewhere; not bitwise
+    equal to 0); there is no variant 1 (an 8-stage pipeline at M <= 8, removed:
+    no faster on an H200). None picks 2 at M 17..64 when ``int4_linear_wgmma``
+    is enabled (the default), else 0."""
     n, k = _check_int4(x, qweight, scales, zeros, group_size, bias)
     m = x.numel() // k
     if _variant is None:
         lo, hi = INT4_WGMMA_DEFAULT_TOKENS
-        if lo <= m <= hi and backend.kernel_enabled(INT4_WGMMA_KERNEL):
-            _variant = 2
-        else:
-            _variant = 1 if backend.kernel_enabled(INT4_DEEP_KERNEL) else 0
-    if _variant not in (0, 1, 2):
-        raise ValueError(
-            f"int4_linear: _variant must be 0 (default), 1 (8-stage pipeline) or 2 (wgmma), got {_variant!r}"
-        )
+        _variant = 2 if lo <= m <= hi and backend.kernel_enabled(INT4_WGMMA_KERNEL) else 0
+    if _variant not in (0, 2):
+        raise ValueError(f"int4_linear: _variant must be 0 (default) or 2 (wgmma), got {_variant!r}")
     out = _out(x, n)
     if m == 0:
         return out
