@@ -113,10 +113,19 @@ class BlockManager:
         """Make room for ``seq`` to hold ``num_tokens`` tokens; False (and no
         change) when there are not enough free blocks."""
         need = self.blocks_for(num_tokens) - len(seq.block_table)
+        if need <= 0:
+            return True
         if need > len(self._free):
             return False
-        seq.block_table.extend(self._take() for _ in range(max(need, 0)))
+        seq.block_table.extend(self._take() for _ in range(need))
         return True
+
+    def has_unregistered(self, seq: SequenceBlocks, num_tokens: int | None = None) -> bool:
+        """Whether ``register(seq, tokens, num_tokens)`` could register a block:
+        prefix caching is on and the cached tokens (up to ``num_tokens``) fill
+        a block past those already registered."""
+        upto = seq.num_cached if num_tokens is None else min(num_tokens, seq.num_cached)
+        return self.enable_prefix_caching and upto // self.block_size > len(seq.hashes)
 
     def register(self, seq: SequenceBlocks, tokens: list[int], num_tokens: int | None = None) -> None:
         """Register the blocks of ``seq`` that its first ``num_tokens`` cached

@@ -151,6 +151,25 @@ def append_slots(cache: KVCache, seq: CachedSequence, n: int) -> list[int]:
     return [seq.block_table[p // bs] * bs + p % bs for p in range(start, end)]
 
 
+def append_one_slot(cache: KVCache, seqs: Iterable[CachedSequence]) -> tuple[list[int], list[int]]:
+    """``append_slots(cache, seq, 1)`` for each of ``seqs`` in one pass (a
+    decode step): the new tokens' flat cache slots and their positions (each
+    sequence's ``num_cached`` before it advanced)."""
+    bs, allocator = cache.block_size, cache.allocator
+    slots: list[int] = []
+    positions: list[int] = []
+    for seq in seqs:
+        p = seq.num_cached
+        q, r = divmod(p, bs)
+        table = seq.block_table
+        if q >= len(table):
+            table.extend(allocator.allocate(q + 1 - len(table)))
+        seq.num_cached = p + 1
+        slots.append(table[q] * bs + r)
+        positions.append(p)
+    return slots, positions
+
+
 def to_device(values: list[int] | list[float], dtype: torch.dtype, device: torch.device) -> Tensor:
     """``values`` as a tensor on ``device``: through pinned memory with an
     asynchronous copy for a GPU (the host buffer lives until the copy ran)."""

@@ -32,7 +32,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from fastllm.cache import DEFAULT_BLOCK_SIZE, CachedSequence, KVCache, append_slots, blocks_needed
+from fastllm.cache import DEFAULT_BLOCK_SIZE, CachedSequence, KVCache, append_one_slot, append_slots, blocks_needed
 from fastllm.ops import AttentionMetadata
 
 
@@ -153,20 +153,22 @@ class DecodeGraphRunner:
         longs, lens = self._np_longs, self._np_lens
         on_device = isinstance(tokens, Tensor)
         if w == 1:
-            longs[2, :b] = [append_slots(self.cache, seq, 1)[0] for seq in seqs]
+            slots, positions = append_one_slot(self.cache, seqs)
+            longs[2, :b] = slots
             longs[0, :b] = 0 if on_device else tokens
-            longs[1, :b] = [seq.num_cached - 1 for seq in seqs]
+            longs[1, :b] = positions
+            lens[:b] = [p + 1 for p in positions]  # num_cached, now that it advanced
         else:
             if not on_device and any(len(t) != w for t in tokens):
                 raise ValueError(f"each sequence takes {w} tokens per step, got {[len(t) for t in tokens]}")
             longs[2, : b * w] = [s for seq in seqs for s in append_slots(self.cache, seq, w)]
             longs[0, : b * w] = 0 if on_device else [t for ts in tokens for t in ts]
             longs[1, : b * w] = [p for seq in seqs for p in range(seq.num_cached - w, seq.num_cached)]
+            lens[:b] = [seq.num_cached for seq in seqs]
         # padding: w tokens at positions 0..w-1 of the reserved block(s)
         longs[0, b * w : n * w] = 0
         longs[1, b * w : n * w] = list(range(w)) * (n - b)
         longs[2, b * w : n * w] = [self.pad_block * bs + i % bs for i in range(w)] * (n - b)
-        lens[:b] = [seq.num_cached for seq in seqs]
         lens[b:n] = w
         lo, hi = self._update_tables(seqs, n)
         # all of _longs (a few KB): [:, :n * w] is not contiguous, and a strided

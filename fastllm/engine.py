@@ -87,7 +87,7 @@ class StepOutput:
     prompt_token_ids: list[int] | None = None
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity (ids are unique): list.remove need not compare fields
 class _Seq:
     id: int
     req: Request
@@ -254,7 +254,7 @@ class LLMEngine:
             if self._flight is not None:
                 alive = {id(s) for s in self.running}
                 if any(id(s) in alive for s in self._flight_seqs):
-                    return self._read_ahead()
+                    return self._read_ahead(alive)
                 self._flight, self._flight_seqs = None, []  # every row in it was aborted: nothing to read
             batch = self._schedule()
             if batch and self._steady([w.seq for w in batch], [w.n for w in batch]):
@@ -278,16 +278,18 @@ class LLMEngine:
         without its last token on the host. (The steps that follow carry the
         same sequences, less those that finish, until one of these changes.)"""
         return (self.runner is not None and self.draft_model is None and len(seqs) == len(self.running)
-                and all(n == 1 and s.req.output_ids and s.blocks.num_cached + 1 == len(s.tokens())
+                and all(n == 1 and s.req.output_ids and s.blocks.num_cached + 1 == s.req.num_tokens()
                         for s, n in zip(seqs, counts))
                 and all(can_step_ahead(s.req) for s in seqs) and self._steady_ahead(seqs))
 
-    def _read_ahead(self) -> list[StepOutput]:
+    def _read_ahead(self, alive: set[int] | None = None) -> list[StepOutput]:
         """Launch the step after the one in flight (when the decode is still
-        steady), then read the one in flight and return its outputs."""
+        steady), then read the one in flight and return its outputs. alive:
+        ids of the running sequences, when the caller has them."""
         flight, seqs = self._flight, self._flight_seqs
         self._flight, self._flight_seqs = None, []
-        alive = {id(s) for s in self.running}
+        if alive is None:
+            alive = {id(s) for s in self.running}
         keep = [i for i, s in enumerate(seqs) if id(s) in alive and s.req.finish_reason is None
                 and len(s.req.output_ids) + 1 < s.req.max_new_tokens]
         following = [seqs[i] for i in keep]
@@ -322,13 +324,13 @@ class LLMEngine:
         all cached sample their next token. With a draft, the draft runs over
         the prompt chunks too, to stay level with the target."""
         seqs = [w.seq for w in batch]
-        new_tokens = [s.tokens()[s.blocks.num_cached : s.blocks.num_cached + w.n] for s, w in zip(seqs, batch)]
+        new_tokens = [s.req.token_range(s.blocks.num_cached, s.blocks.num_cached + w.n) for s, w in zip(seqs, batch)]
         with device_scope(self.cache.device):
             if self.draft_model is not None:
                 self._draft_prefill(batch)
             logits = forward_step(self.model.network, self.cache, [s.blocks for s in seqs], new_tokens,
                                   self.runner, [s.req for s in seqs])  # [B, V]
-            ready = [i for i, s in enumerate(seqs) if s.blocks.num_cached == len(s.tokens())]
+            ready = [i for i, s in enumerate(seqs) if s.blocks.num_cached == s.req.num_tokens()]
             for s in seqs:
                 self._register(s)
             if not ready:
@@ -347,19 +349,19 @@ class LLMEngine:
         far as the draft's context reaches."""
         ctx = self.draft_model.config.max_position_embeddings
         rows = [(w.seq, min(w.seq.blocks.num_cached + w.n, ctx)) for w in batch]
-        rows = [(s, end) for s, end in rows if s.draft_cached < end < len(s.tokens())]
+        rows = [(s, end) for s, end in rows if s.draft_cached < end < s.req.num_tokens()]
         if not rows:
             return
         drafts = [CachedSequence(s.blocks.block_table, s.draft_cached) for s, _ in rows]
         forward_step(self.draft_model.network, self.draft_cache, drafts,
-                     [s.tokens()[s.draft_cached : end] for s, end in rows])
+                     [s.req.token_range(s.draft_cached, end) for s, end in rows])
         for (s, _), d in zip(rows, drafts):
             s.draft_cached = d.num_cached
 
     def _speculative_step(self, batch: list[_Work]) -> list[StepOutput]:
         """One speculative round over ``batch`` (draft proposals, one target pass)."""
         props = [Proposal(w.seq.req, w.seq.blocks, CachedSequence(w.seq.blocks.block_table, w.seq.draft_cached),
-                          len(w.seq.tokens()), w.k) for w in batch]
+                          w.seq.req.num_tokens(), w.k) for w in batch]
         speculative_round(self.model.network, self.cache, self.draft_model.network, self.draft_cache, props,
                           self.model.eos_ids, self.spec_runners)
         outs = []
@@ -377,7 +379,8 @@ class LLMEngine:
         upto = s.blocks.num_cached
         if self.draft_model is not None and s.draft_cached < self.draft_model.config.max_position_embeddings:
             upto = min(upto, s.draft_cached)
-        self.blocks.register(s.blocks, s.tokens(), upto)
+        if self.blocks.has_unregistered(s.blocks, upto):  # else nothing to do: skip building the token list
+            self.blocks.register(s.blocks, s.tokens(), upto)
 
     def _output(self, s: _Seq, tokens: list[int]) -> StepOutput:
         """The StepOutput of ``s`` that just accepted ``tokens``; a finished
@@ -403,7 +406,7 @@ class LLMEngine:
         would make (so seeded draws do not depend on the load); what does not
         fit waits: a prompt chunk stops one token short of the round, and a
         round that does not fit waits for the next step."""
-        remaining = len(s.tokens()) - cached  # 1 when decoding, more mid-chunked-prefill
+        remaining = s.req.num_tokens() - cached  # 1 when decoding, more mid-chunked-prefill
         if self.draft_model is None:
             return _Work(s, min(remaining, budget))
         k = proposals_allowed(s.req, self.num_speculative_tokens, self.draft_model.config.max_position_embeddings)

@@ -57,6 +57,23 @@ class Request:
         """The prompt and the tokens generated so far."""
         return self.prompt_ids + self.output_ids
 
+    def num_tokens(self) -> int:
+        """``len(token_ids())``, without building the list."""
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    def token_range(self, start: int, end: int) -> list[int]:
+        """``token_ids()[start:end]`` (0 <= start, 0 <= end), copying only that part."""
+        if start < 0 or end < 0:
+            raise ValueError(f"token_range takes non-negative bounds, got {start}, {end}")
+        n = len(self.prompt_ids)
+        if end <= start:
+            return []
+        if start >= n:
+            return self.output_ids[start - n : end - n]
+        if end <= n:
+            return self.prompt_ids[start:end]
+        return self.prompt_ids[start:] + self.output_ids[: end - n]
+
     def logit_context(self, extra: list[int] = ()) -> LogitContext:
         """What the logit processors need for the next token, with ``extra``
         (draft tokens) appended to the output: prompt + output for the
@@ -64,6 +81,9 @@ class Request:
         penalties, and the ids min_new_tokens still bans; each empty when
         unused (so nothing is copied to the device)."""
         c = self.config
+        if (c.repetition_penalty == 1.0 and not c.frequency_penalty and not c.presence_penalty
+                and self.matcher is None and len(self.output_ids) + len(extra) >= c.min_new_tokens):
+            return LogitContext([], [], [])  # the common case, without building anything
         seen = self.token_ids() + list(extra) if c.repetition_penalty != 1.0 else []
         counted = self.output_ids + list(extra) if c.frequency_penalty or c.presence_penalty else []
         banned: list[int] = []
@@ -104,12 +124,25 @@ class Request:
         return piece
 
     def _stop_prefix_len(self) -> int:
-        longest = max((len(s) for s in self.config.stop), default=0)
-        for k in range(min(longest - 1, len(self.text)), 0, -1):
-            tail = self.text[-k:]
-            if any(s.startswith(tail) for s in self.config.stop):
-                return k
-        return 0
+        """The length of the longest tail of the text, shorter than the longest
+        stop string, that some stop string starts with (0: none)."""
+        stops = self.config.stop
+        if not stops:
+            return 0
+        text = self.text
+        cap = min(max(map(len, stops)) - 1, len(text))
+        best = 0
+        for s in stops:  # per stop string, its longest prefix that ends the text
+            k = min(cap, len(s))  # a tail of k characters starts at len(text) - k
+            if k <= best:
+                continue
+            j = text.find(s[0], len(text) - k)  # a tail that s starts with starts with s[0]
+            while j >= 0 and len(text) - j > best:
+                if s.startswith(text[j:]):
+                    best = len(text) - j
+                    break
+                j = text.find(s[0], j + 1)
+        return best
 
     def output(self) -> GenerationOutput:
         return GenerationOutput(
@@ -133,8 +166,8 @@ class Request:
             self.logprobs.append(logprob)
         if self.matcher is not None:
             self.matcher.consume(token)
-        stop_ids = set(self.config.stop_token_ids) | (set() if self.config.ignore_eos else eos_ids)
-        if token in stop_ids:
+        c = self.config
+        if token in c.stop_token_ids or (not c.ignore_eos and token in eos_ids):
             self._finish("stop")
             return
         if self.decoder is not None:
@@ -297,7 +330,8 @@ def launch_decode(cache: KVCache, runner: DecodeGraphRunner, requests: list[Requ
     its rows waits for ``DecodeFlight.read``). ``pending``: tokens each request has drawn that the host has not accepted
     yet (0 or 1); the draw is its ``len(output_ids) + pending``-th."""
     logits = runner.step(seqs, tokens)
-    contexts = [r.logit_context([0] * pending) for r in requests]  # no history is read: only the count
+    extra = [0] * pending  # no history is read: only the count
+    contexts = [r.logit_context(extra) for r in requests]
     drawn = sample_next(logits, [r.config for r in requests], contexts, [r.seed for r in requests],
                         [len(r.output_ids) + pending for r in requests], check=False)
     if cache.device.type != "cuda":

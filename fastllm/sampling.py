@@ -37,6 +37,8 @@ def apply_logit_processors(logits: Tensor, contexts: list[LogitContext], configs
     ``logit_bias`` is added; last, ``banned`` tokens and those the row's
     grammar (structured output) does not allow get -inf. logits: [B, V] fp32."""
     for b, ((seen, counted, banned, grammar), cfg) in enumerate(zip(contexts, configs)):
+        if not (seen or counted or banned or cfg.logit_bias or grammar is not None):
+            continue  # nothing to apply (most rows): not even a view of the row
         row = logits[b]
         if cfg.repetition_penalty != 1.0 and seen:
             pen = cfg.repetition_penalty
