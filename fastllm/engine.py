@@ -297,8 +297,13 @@ class LLMEngine:
                 and all(self.blocks.grow(s.blocks, s.blocks.num_cached + 1) for s in following)):
             self._flight = launch_next(self.cache, self.runner, flight, keep, [s.blocks for s in following])
             self._flight_seqs = following
+        try:
+            drawn = flight.read()
+        except Exception:  # a row the sampler could not draw: the step launched on its draws is never read
+            self._flight, self._flight_seqs = None, []
+            raise
         outs = []
-        for s, tok in zip(seqs, flight.read()):
+        for s, tok in zip(seqs, drawn):
             if id(s) not in alive or s.req.finish_reason is not None:
                 continue  # aborted, or finished by the step before: this row was computed ahead
             s.req.accept(tok, self.model.eos_ids)

@@ -499,6 +499,41 @@ def test_engine_steps_ahead_with_a_full_batch_and_requests_waiting(monkeypatch, 
     assert any(w > 0 for w in launches), "no step ran ahead while requests waited"
 
 
+def test_engine_drops_the_step_ahead_of_a_failed_read(monkeypatch, model):
+    """A step whose draw failed (a status code, read one step late) raises
+    from step(); the step launched on its draws is dropped, not read later,
+    and once its requests are aborted the engine is clean and runs on."""
+    from fastllm import generate
+
+    engine = LLMEngine(model, max_num_seqs=4)
+    engine.runner = DecodeGraphRunner(model.network, engine.cache, 4, model.config.max_position_embeddings,
+                                      use_graphs=False)
+    calls = []
+    real = generate.sample_next
+
+    def failing(*args, **kwargs):
+        calls.append(kwargs.get("check", True))
+        out = real(*args, **kwargs)
+        if len(calls) == 4:
+            out = out.clone()
+            out[0] = -3
+        return out
+
+    monkeypatch.setattr(generate, "sample_next", failing)
+    ids = [engine.add_request(p, max_new_tokens=20, ignore_eos=True) for p in PROMPTS[:2]]
+    with pytest.raises(ValueError, match=r"sampling parameters out of range in rows \[0\]"):
+        while engine.has_unfinished():
+            engine.step()
+    assert engine._flight is None and not any(calls[1:3])  # the failed draw was launched ahead, unchecked
+    monkeypatch.setattr(generate, "sample_next", real)
+    for rid in ids:
+        engine.abort(rid)
+    assert not engine.has_unfinished() and engine.blocks.num_free == engine.blocks.num_blocks
+    got = engine.generate(PROMPTS[:2], max_new_tokens=8, ignore_eos=True)
+    want = model.generate(PROMPTS[:2], max_new_tokens=8, ignore_eos=True)
+    assert [o.token_ids for o in got] == [o.token_ids for o in want]
+
+
 def test_engine_steps_ahead_only_with_every_running_sequence(model):
     """A token budget below the batch schedules part of the running sequences
     per step: those steps are not run ahead (the others would starve), and
