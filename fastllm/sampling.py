@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from fastllm import ops
+from fastllm.cache import to_device
 from fastllm.config import GenerationConfig
 
 
@@ -35,25 +36,27 @@ def apply_logit_processors(logits: Tensor, contexts: list[LogitContext], configs
     ``logit -= frequency_penalty * c + presence_penalty * (c > 0)`` with c each
     token's count in ``counted`` (the output; OpenAI's rule, as vLLM); then
     ``logit_bias`` is added; last, ``banned`` tokens and those the row's
-    grammar (structured output) does not allow get -inf. logits: [B, V] fp32."""
+    grammar (structured output) does not allow get -inf. logits: [B, V] fp32.
+    The token ids go to the device through pinned memory (``to_device``): a
+    plain ``torch.tensor(..., device=cuda)`` would wait for the device per row."""
     for b, ((seen, counted, banned, grammar), cfg) in enumerate(zip(contexts, configs)):
         if not (seen or counted or banned or cfg.logit_bias or grammar is not None):
             continue  # nothing to apply (most rows): not even a view of the row
         row = logits[b]
         if cfg.repetition_penalty != 1.0 and seen:
             pen = cfg.repetition_penalty
-            idx = torch.tensor(sorted(set(seen)), dtype=torch.int64, device=logits.device)
+            idx = to_device(sorted(set(seen)), torch.int64, logits.device)
             vals = row.index_select(0, idx)
             row.index_copy_(0, idx, torch.where(vals > 0, vals / pen, vals * pen))
         if (cfg.frequency_penalty or cfg.presence_penalty) and counted:
-            ids = torch.tensor(list(counted), dtype=torch.int64, device=logits.device)
+            ids = to_device(list(counted), torch.int64, logits.device)
             counts = torch.zeros_like(row).index_add_(0, ids, torch.ones_like(ids, dtype=row.dtype))
             row.sub_(counts * cfg.frequency_penalty + (counts > 0).to(row.dtype) * cfg.presence_penalty)
         if cfg.logit_bias:
-            ids = torch.tensor(list(cfg.logit_bias), dtype=torch.int64, device=logits.device)
-            row.index_add_(0, ids, torch.tensor(list(cfg.logit_bias.values()), dtype=row.dtype, device=row.device))
+            ids = to_device(list(cfg.logit_bias), torch.int64, logits.device)
+            row.index_add_(0, ids, to_device(list(cfg.logit_bias.values()), row.dtype, row.device))
         if banned:
-            row.index_fill_(0, torch.tensor(list(banned), dtype=torch.int64, device=logits.device), float("-inf"))
+            row.index_fill_(0, to_device(list(banned), torch.int64, logits.device), float("-inf"))
         if grammar is not None:
             row.masked_fill_(~grammar.allowed(logits.device), float("-inf"))
 

@@ -142,7 +142,9 @@ class GrammarMatcher:
         """bool [V]: the tokens the grammar allows next."""
         raw = torch.frombuffer(bytearray(self._m.compute_bitmask()), dtype=torch.uint8)
         bits = (raw.unsqueeze(-1) & _BITS) != 0  # [bytes, 8]
-        return bits.reshape(-1)[: self.vocab_size].to(device)
+        mask = bits.reshape(-1)[: self.vocab_size]
+        # through pinned memory: a pageable host-to-device copy would wait for the device
+        return mask.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else mask
 
     def consume(self, token: int) -> None:
         if not self._m.consume_token(token):

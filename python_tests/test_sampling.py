@@ -7,6 +7,7 @@ import pytest
 import torch
 from scipy import stats
 
+from conftest import requires_cuda
 from fastllm.config import GenerationConfig
 from fastllm.ops import reference as ref
 from fastllm.sampling import LogitContext, apply_logit_processors, check_drawn
@@ -168,6 +169,30 @@ def test_logit_processors_against_a_loop():
             want[b, t] = float("-inf") if t in banned[b] else x
     torch.testing.assert_close(ours, want)
     assert torch.equal(ours[2], logits[2])
+
+
+@requires_cuda
+def test_logit_processors_on_a_gpu_do_not_wait_for_it():
+    """The processors' token ids reach the GPU through pinned memory: no
+    synchronising copy per row (torch's sync debug mode raises on one), and
+    the CPU's results up to rounding (CUDA divides by a scalar through its
+    reciprocal)."""
+    g = torch.Generator().manual_seed(8)
+    logits = torch.randn(3, 50, generator=g) * 3
+    contexts = [LogitContext([1, 2, 3, 3], [3, 9, 9], [0, 7]), LogitContext([], [5], []), LogitContext([4], [], [])]
+    configs = [GenerationConfig(repetition_penalty=1.3, frequency_penalty=0.5, presence_penalty=0.2),
+               GenerationConfig(frequency_penalty=1.0, logit_bias={5: -3.0, 49: 2.0}),
+               GenerationConfig(repetition_penalty=0.8)]
+    want = logits.clone()
+    apply_logit_processors(want, contexts, configs)
+    ours = logits.cuda()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        apply_logit_processors(ours, contexts, configs)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.testing.assert_close(ours.cpu(), want, rtol=1e-6, atol=1e-6)
 
 
 def test_moe_route_and_fused_moe_against_dense_loop():
