@@ -37,28 +37,62 @@ def apply_logit_processors(logits: Tensor, contexts: list[LogitContext], configs
     token's count in ``counted`` (the output; OpenAI's rule, as vLLM); then
     ``logit_bias`` is added; last, ``banned`` tokens and those the row's
     grammar (structured output) does not allow get -inf. logits: [B, V] fp32.
-    The token ids go to the device through pinned memory (``to_device``): a
-    plain ``torch.tensor(..., device=cuda)`` would wait for the device per row."""
+    Each processor runs once over every row that uses it (a few launches per
+    step, not a few per row), and the token ids go to the device through
+    pinned memory (``to_device``): ``torch.tensor(..., device=cuda)`` would
+    wait for the device."""
+    dev, dtype = logits.device, logits.dtype
+    rep_r: list[int] = []
+    rep_t: list[int] = []
+    rep_p: list[float] = []
+    freq_rows: list[int] = []
+    bias_r: list[int] = []
+    bias_t: list[int] = []
+    bias_v: list[float] = []
+    ban_r: list[int] = []
+    ban_t: list[int] = []
+    grammars: list[tuple[int, object]] = []
     for b, ((seen, counted, banned, grammar), cfg) in enumerate(zip(contexts, configs)):
-        if not (seen or counted or banned or cfg.logit_bias or grammar is not None):
-            continue  # nothing to apply (most rows): not even a view of the row
-        row = logits[b]
         if cfg.repetition_penalty != 1.0 and seen:
-            pen = cfg.repetition_penalty
-            idx = to_device(sorted(set(seen)), torch.int64, logits.device)
-            vals = row.index_select(0, idx)
-            row.index_copy_(0, idx, torch.where(vals > 0, vals / pen, vals * pen))
+            toks = sorted(set(seen))
+            rep_r += [b] * len(toks)
+            rep_t += toks
+            rep_p += [cfg.repetition_penalty] * len(toks)
         if (cfg.frequency_penalty or cfg.presence_penalty) and counted:
-            ids = to_device(list(counted), torch.int64, logits.device)
-            counts = torch.zeros_like(row).index_add_(0, ids, torch.ones_like(ids, dtype=row.dtype))
-            row.sub_(counts * cfg.frequency_penalty + (counts > 0).to(row.dtype) * cfg.presence_penalty)
+            freq_rows.append(b)
         if cfg.logit_bias:
-            ids = to_device(list(cfg.logit_bias), torch.int64, logits.device)
-            row.index_add_(0, ids, to_device(list(cfg.logit_bias.values()), row.dtype, row.device))
+            bias_r += [b] * len(cfg.logit_bias)
+            bias_t += list(cfg.logit_bias)
+            bias_v += list(cfg.logit_bias.values())
         if banned:
-            row.index_fill_(0, to_device(list(banned), torch.int64, logits.device), float("-inf"))
+            ban_r += [b] * len(banned)
+            ban_t += list(banned)
         if grammar is not None:
-            row.masked_fill_(~grammar.allowed(logits.device), float("-inf"))
+            grammars.append((b, grammar))
+    if rep_r:
+        at = (to_device(rep_r, torch.int64, dev), to_device(rep_t, torch.int64, dev))
+        pen = to_device(rep_p, dtype, dev)
+        vals = logits[at]
+        logits.index_put_(at, torch.where(vals > 0, vals / pen, vals * pen))
+    if freq_rows:
+        rows = to_device(freq_rows, torch.int64, dev)
+        counted = [list(contexts[b].counted) for b in freq_rows]
+        at = (to_device([i for i, c in enumerate(counted) for _ in c], torch.int64, dev),
+              to_device([t for c in counted for t in c], torch.int64, dev))
+        counts = torch.zeros(len(freq_rows), logits.shape[-1], dtype=dtype, device=dev)
+        counts.index_put_(at, torch.ones(at[0].shape, dtype=dtype, device=dev), accumulate=True)
+        fp = to_device([configs[b].frequency_penalty for b in freq_rows], dtype, dev)[:, None]
+        pp = to_device([configs[b].presence_penalty for b in freq_rows], dtype, dev)[:, None]
+        sel = logits.index_select(0, rows)
+        logits.index_copy_(0, rows, sel.sub_(counts * fp + (counts > 0).to(dtype) * pp))
+    if bias_r:
+        at = (to_device(bias_r, torch.int64, dev), to_device(bias_t, torch.int64, dev))
+        logits.index_put_(at, to_device(bias_v, dtype, dev), accumulate=True)
+    if ban_r:
+        at = (to_device(ban_r, torch.int64, dev), to_device(ban_t, torch.int64, dev))
+        logits.index_put_(at, torch.full((), float("-inf"), dtype=dtype, device=dev))  # a fill: no copy
+    for b, grammar in grammars:
+        logits[b].masked_fill_(~grammar.allowed(dev), float("-inf"))
 
 
 def sample_next(

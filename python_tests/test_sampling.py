@@ -171,6 +171,32 @@ def test_logit_processors_against_a_loop():
     assert torch.equal(ours[2], logits[2])
 
 
+def test_logit_processors_batched_equal_row_by_row():
+    """The processors run once over all the rows that use each of them: bit
+    for bit what each row gets alone, on a strided view of the logits too,
+    with rows that use nothing, repeated ids and different settings per row."""
+    g = torch.Generator().manual_seed(9)
+    base = torch.randn(40, 6, generator=g) * 4
+    contexts = [LogitContext([1, 1, 5, 30], [2, 2, 2, 39], [0, 0, 7]), LogitContext([], [], []),
+                LogitContext([3], [3], [39]), LogitContext([8, 9], [9, 9, 1], []), LogitContext([2], [4], [4, 4])]
+    configs = [GenerationConfig(repetition_penalty=1.25, frequency_penalty=0.4, presence_penalty=-0.6),
+               GenerationConfig(logit_bias={3: 1.5}),
+               GenerationConfig(repetition_penalty=0.7, logit_bias={0: -2.0, 39: 9.0}),
+               GenerationConfig(frequency_penalty=-1.1),
+               GenerationConfig(presence_penalty=2.0, logit_bias={1: 0.25})]
+    ours = base.t()[:5]  # [5, 40], not contiguous
+    before = ours.clone()
+    want = ours.clone()
+    apply_logit_processors(ours, contexts, configs)
+    for b in range(5):
+        apply_logit_processors(want[b : b + 1], contexts[b : b + 1], configs[b : b + 1])
+    assert torch.equal(ours, want)
+    assert torch.equal(base.t()[:5], ours)  # in place, through the view
+    changed = (ours != before).nonzero().tolist()
+    assert [t for b, t in changed if b == 1] == [3]  # a row with only a bias: that token alone
+    assert ours[0, 0] == float("-inf") and ours[4, 4] == float("-inf")  # banned, listed twice
+
+
 @requires_cuda
 def test_logit_processors_on_a_gpu_do_not_wait_for_it():
     """The processors' token ids reach the GPU through pinned memory: no
