@@ -327,8 +327,9 @@ def launch_decode(cache: KVCache, runner: DecodeGraphRunner, requests: list[Requ
     on ``tokens`` (host ids, or the last step's samples on the device), its
     draw and the copy of the draws to the host, all enqueued without waiting
     (nothing here may synchronise with the device: the sampler's check of
-    its rows waits for ``DecodeFlight.read``). ``pending``: tokens each request has drawn that the host has not accepted
-    yet (0 or 1); the draw is its ``len(output_ids) + pending``-th."""
+    its rows waits for ``DecodeFlight.read``). ``pending``: tokens each
+    request has drawn that the host has not accepted yet (0 or 1); the draw
+    is its ``len(output_ids) + pending``-th."""
     logits = runner.step(seqs, tokens)
     extra = [0] * pending  # no history is read: only the count
     contexts = [r.logit_context(extra) for r in requests]
