@@ -77,6 +77,12 @@ class GenerationConfig:
     structured_output: Any = None  # a fastllm.StructuredOutput (or a dict of its fields)
     skip_special_tokens: bool = True
 
+    @property
+    def penalizes_history(self) -> bool:
+        """Whether drawing the next token reads the tokens so far (repetition,
+        frequency or presence penalty), not only how many there are."""
+        return self.repetition_penalty != 1.0 or bool(self.frequency_penalty) or bool(self.presence_penalty)
+
     def replace(self, **params: Any) -> "GenerationConfig":
         """A copy with ``params`` changed; unknown names raise TypeError."""
         names = {f.name for f in dataclasses.fields(self)}

@@ -81,8 +81,8 @@ class Request:
         penalties, and the ids min_new_tokens still bans; each empty when
         unused (so nothing is copied to the device)."""
         c = self.config
-        if (c.repetition_penalty == 1.0 and not c.frequency_penalty and not c.presence_penalty
-                and self.matcher is None and len(self.output_ids) + len(extra) >= c.min_new_tokens):
+        if (not c.penalizes_history and self.matcher is None
+                and len(self.output_ids) + len(extra) >= c.min_new_tokens):
             return LogitContext([], [], [])  # the common case, without building anything
         seen = self.token_ids() + list(extra) if c.repetition_penalty != 1.0 else []
         counted = self.output_ids + list(extra) if c.frequency_penalty or c.presence_penalty else []
@@ -296,8 +296,7 @@ def can_step_ahead(r: Request) -> bool:
     last token: its logit processors need no token history (the count alone
     sets what min_new_tokens bans) and it wants no logprobs."""
     c = r.config
-    return (c.repetition_penalty == 1.0 and not c.frequency_penalty and not c.presence_penalty
-            and r.matcher is None and c.logprobs is None)
+    return not c.penalizes_history and r.matcher is None and c.logprobs is None
 
 
 @dataclass

@@ -121,7 +121,7 @@ def _first_draft_step(net: Transformer, cache: KVCache, rows: list[Proposal],
     and the step fits, re-feeding the token before where a row lacks one.
     Returns each row's last logits [B, V]."""
     drafts = [p.draft for p in rows]
-    missing = [len(p.req.prompt_ids) + len(p.req.output_ids) - d.num_cached for p, d in zip(rows, drafts)]
+    missing = [p.req.num_tokens() - d.num_cached for p, d in zip(rows, drafts)]
     if pair is not None and all(m == 2 or (m == 1 and d.num_cached > 0) for m, d in zip(missing, drafts)):
         back = [CachedSequence(d.block_table, d.num_cached - (2 - m)) for d, m in zip(drafts, missing)]
         if pair.fits(back):
@@ -155,8 +155,7 @@ def _stays_on_device(rows: list[Proposal], k: int, runner: DecodeGraphRunner | N
     ``k - 1`` steps fit ``runner``."""
     return (runner is not None and len(rows) <= runner.max_batch_size
             and all(p.k == k and p.draft.num_cached + k - 1 <= runner.max_seq_len for p in rows)
-            and all(c.repetition_penalty == 1.0 and not c.frequency_penalty and not c.presence_penalty
-                    for c in (p.req.config for p in rows)))
+            and not any(p.req.config.penalizes_history for p in rows))
 
 
 def _draft_round(net: Transformer, cache: KVCache, props: list[Proposal], runners: SpecRunners) -> None:
