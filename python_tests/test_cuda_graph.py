@@ -39,6 +39,15 @@ def graphed(path):
     return m
 
 
+def _eager_runner_engine(model, max_num_seqs: int, **kwargs) -> LLMEngine:
+    """An LLMEngine on the CPU whose decode steps go through a graph runner
+    stepping eagerly (the padded static-buffer path the graphs replay)."""
+    engine = LLMEngine(model, max_num_seqs=max_num_seqs, **kwargs)
+    engine.runner = DecodeGraphRunner(model.network, engine.cache, max_num_seqs, model.config.max_position_embeddings,
+                                      use_graphs=False)
+    return engine
+
+
 @pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe"])
 def test_moe_models_decode_eagerly(tmp_path, arch):
     """An MoE layer's routing reads token counts on the host: no graphs, a warning."""
@@ -403,9 +412,7 @@ def test_engine_through_runner_equals_generate(model):
     prompts = PROMPTS * 2
     want = model.generate(prompts, max_new_tokens=25, ignore_eos=True)
     for settings in (dict(), dict(num_blocks=16, block_size=4)):  # roomy, then preempting
-        engine = LLMEngine(model, max_num_seqs=6, **settings)
-        engine.runner = DecodeGraphRunner(model.network, engine.cache, 6, model.config.max_position_embeddings,
-                                          use_graphs=False)
+        engine = _eager_runner_engine(model, 6, **settings)
         got = engine.generate(prompts, max_new_tokens=25, ignore_eos=True)
         assert [o.token_ids for o in got] == [o.token_ids for o in want]
         assert engine.runner.num_steps > 10
@@ -424,9 +431,7 @@ def test_engine_steps_ahead_equal_generate(monkeypatch, model, params):
     launches = []
     real = engine_mod.launch_decode
     monkeypatch.setattr(engine_mod, "launch_decode", lambda *a: (launches.append(len(a[2])), real(*a))[1])
-    engine = LLMEngine(model, max_num_seqs=8)
-    engine.runner = DecodeGraphRunner(model.network, engine.cache, 8, model.config.max_position_embeddings,
-                                      use_graphs=False)
+    engine = _eager_runner_engine(model, 8)
     ids = [engine.add_request(p, seed_index=i, **params) for i, p in enumerate(PROMPTS[:3])]
     outs: dict[int, list[int]] = {}
     done: dict = {}
@@ -457,9 +462,7 @@ def test_engine_steps_ahead_equal_generate(monkeypatch, model, params):
 def test_engine_drops_a_step_ahead_whose_requests_were_all_aborted(model):
     """Aborting every request with a step in flight leaves nothing to read:
     the next request is scheduled at the next step() as on a fresh engine."""
-    engine = LLMEngine(model, max_num_seqs=4)
-    engine.runner = DecodeGraphRunner(model.network, engine.cache, 4, model.config.max_position_embeddings,
-                                      use_graphs=False)
+    engine = _eager_runner_engine(model, 4)
     ids = [engine.add_request(p, max_new_tokens=30, ignore_eos=True) for p in PROMPTS[:2]]
     for _ in range(4):
         engine.step()
@@ -488,9 +491,7 @@ def test_engine_steps_ahead_with_a_full_batch_and_requests_waiting(monkeypatch, 
     monkeypatch.setattr(engine_mod, "launch_decode",
                         lambda *a: (launches.append(len(engine.waiting)), real(*a))[1])
     params = dict(temperature=0.8, top_p=0.9, seed=4, stop=["e"], max_new_tokens=24)
-    engine = LLMEngine(model, max_num_seqs=2)
-    engine.runner = DecodeGraphRunner(model.network, engine.cache, 2, model.config.max_position_embeddings,
-                                      use_graphs=False)
+    engine = _eager_runner_engine(model, 2)
     got = engine.generate(PROMPTS, **params)
     want = model.generate(PROMPTS, **params)
     assert [(o.token_ids, o.text, o.finish_reason) for o in got] == [
@@ -505,9 +506,7 @@ def test_engine_drops_the_step_ahead_of_a_failed_read(monkeypatch, model):
     and once its requests are aborted the engine is clean and runs on."""
     from fastllm import generate
 
-    engine = LLMEngine(model, max_num_seqs=4)
-    engine.runner = DecodeGraphRunner(model.network, engine.cache, 4, model.config.max_position_embeddings,
-                                      use_graphs=False)
+    engine = _eager_runner_engine(model, 4)
     calls = []
     real = generate.sample_next
 
@@ -539,9 +538,7 @@ def test_engine_steps_ahead_only_with_every_running_sequence(model):
     per step: those steps are not run ahead (the others would starve), and
     the outputs are still generate's."""
     want = model.generate(PROMPTS, max_new_tokens=20, ignore_eos=True)
-    engine = LLMEngine(model, max_num_seqs=8, max_num_batched_tokens=3)
-    engine.runner = DecodeGraphRunner(model.network, engine.cache, 8, model.config.max_position_embeddings,
-                                      use_graphs=False)
+    engine = _eager_runner_engine(model, 8, max_num_batched_tokens=3)
     got = engine.generate(PROMPTS, max_new_tokens=20, ignore_eos=True)
     assert [o.token_ids for o in got] == [o.token_ids for o in want]
 
@@ -580,9 +577,7 @@ def test_speculative_through_runners_equals_eager(monkeypatch, path, graphed, mo
     assert steps[0] > 10 and steps[1] > 3 and steps[2] > 3, steps
     assert True in on_device and False in on_device
     assert not graphed_draft._graphs.busy and not graphed._graphs.busy
-    engine = LLMEngine(model, max_num_seqs=6, draft_model=draft, num_speculative_tokens=3)
-    ctx = model.config.max_position_embeddings
-    engine.runner = DecodeGraphRunner(model.network, engine.cache, 6, ctx, use_graphs=False)
+    engine = _eager_runner_engine(model, 6, draft_model=draft, num_speculative_tokens=3)
     engine.spec_runners = engine._spec_runners(6, use_graphs=False)
     got = engine.generate(PROMPTS, **params)
     assert [(o.token_ids, o.text) for o in got] == [(o.token_ids, o.text) for o in want]
@@ -602,9 +597,7 @@ def test_speculative_engine_runners_with_requests_waiting(model, tmp_path):
     draft = Model.from_pretrained(tmp_path, device="cpu")
     params = dict(max_new_tokens=20, ignore_eos=True)
     want = model.generate(PROMPTS, draft_model=draft, num_speculative_tokens=2, **params)
-    engine = LLMEngine(model, max_num_seqs=2, draft_model=draft, num_speculative_tokens=2)
-    engine.runner = DecodeGraphRunner(model.network, engine.cache, 2, model.config.max_position_embeddings,
-                                      use_graphs=False)
+    engine = _eager_runner_engine(model, 2, draft_model=draft, num_speculative_tokens=2)
     engine.spec_runners = engine._spec_runners(2, use_graphs=False)
     got = engine.generate(PROMPTS, **params)
     assert [o.token_ids for o in got] == [o.token_ids for o in want]
