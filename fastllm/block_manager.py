@@ -35,6 +35,7 @@ class BlockPlan:
     reused: list[int]
     hashes: list[bytes]
     new: int
+    missing: bytes | None = None  # the first block hash looked up and not found (None: no lookup failed)
 
 
 @dataclass
@@ -63,6 +64,9 @@ class BlockManager:
         self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self.queried_tokens = 0  # prompt tokens looked up / found in the prefix cache
         self.hit_tokens = 0
+        # Bumped whenever the free list, a reference count or the prefix cache
+        # changes: while it stands, whatever was decided from them (can_admit) stands.
+        self.version = 0
 
     @property
     def num_free(self) -> int:
@@ -76,7 +80,7 @@ class BlockManager:
         """The cached prefix blocks of ``tokens`` (never the one holding the last
         token, nor past ``max_reused_tokens`` tokens) and the number of new
         blocks the rest needs."""
-        bs, reused, hashes, h = self.block_size, [], [], None
+        bs, reused, hashes, h, missing = self.block_size, [], [], None, None
         full = (len(tokens) - 1) // bs
         if max_reused_tokens is not None:
             full = min(full, max_reused_tokens // bs)
@@ -85,10 +89,21 @@ class BlockManager:
                 h = block_hash(h, tokens[i * bs : (i + 1) * bs])
                 block = self._block_of.get(h)
                 if block is None:
+                    missing = h
                     break
                 reused.append(block)
                 hashes.append(h)
-        return BlockPlan(reused, hashes, self.blocks_for(len(tokens)) - len(reused))
+        return BlockPlan(reused, hashes, self.blocks_for(len(tokens)) - len(reused), missing)
+
+    def plan_stands(self, plan: BlockPlan) -> bool:
+        """Whether ``plan(tokens, ...)`` would give ``plan`` again for the same
+        arguments: every block it reuses still holds its hash, and the block
+        hash it stopped at is still not registered (registrations and
+        evictions elsewhere do not change it, so no hashing is needed)."""
+        if plan.missing is not None and plan.missing in self._block_of:
+            return False
+        hash_of = self._hash_of
+        return all(hash_of[b] == h for b, h in zip(plan.reused, plan.hashes))
 
     def can_admit(self, plan: BlockPlan, reserve: int = 0) -> bool:
         """Whether ``plan`` fits, keeping ``reserve`` blocks free. Reused blocks
@@ -105,6 +120,7 @@ class BlockManager:
         seq.block_table = plan.reused + [self._take() for _ in range(plan.new)]
         seq.hashes = list(plan.hashes)
         seq.num_cached = len(plan.reused) * self.block_size
+        self.version += 1
         self.queried_tokens += num_tokens
         self.hit_tokens += seq.num_cached
 
@@ -118,6 +134,7 @@ class BlockManager:
         if need > len(self._free):
             return False
         seq.block_table.extend(self._take() for _ in range(need))
+        self.version += 1
         return True
 
     def has_unregistered(self, seq: SequenceBlocks, num_tokens: int | None = None) -> bool:
@@ -144,6 +161,7 @@ class BlockManager:
             if h not in self._block_of:  # else another sequence computed the same block first: keep that one
                 self._block_of[h] = block
                 self._hash_of[block] = h
+                self.version += 1
 
     def release(self, seq: SequenceBlocks) -> None:
         """Drop ``seq``'s blocks (tail first, so a prefix outlives its tail in the cache)."""
@@ -152,6 +170,7 @@ class BlockManager:
             if self._ref[b] == 0:
                 self._free[b] = None
         seq.block_table, seq.hashes, seq.num_cached = [], [], 0
+        self.version += 1
 
     def _take(self) -> int:
         """The least recently released free block, unregistered, referenced once."""

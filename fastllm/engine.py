@@ -11,7 +11,9 @@ Each ``step()`` schedules one forward pass:
    (``max_num_seqs``), the step's token budget (``max_num_batched_tokens``)
    and the cache allow; their prompt's cached prefix is reused
    (``BlockManager``), and a prompt longer than the budget is prefilled in
-   chunks over several steps;
+   chunks over several steps. A head that does not fit is not planned
+   again while it waits: its plan is kept while it stands, and its verdict
+   until the blocks change (``BlockManager.version``);
 3. the network runs on the packed batch, and every sequence whose tokens are
    now all cached samples its next token.
 
@@ -55,7 +57,7 @@ from typing import Any
 
 import torch
 
-from fastllm.block_manager import BlockManager, SequenceBlocks
+from fastllm.block_manager import BlockManager, BlockPlan, SequenceBlocks
 from fastllm.cache import DEFAULT_BLOCK_SIZE, CachedSequence, KVCache, blocks_needed, device_scope
 from fastllm.config import GenerationConfig, GenerationOutput, TokenLogprob
 from fastllm.cuda_graph import DecodeGraphRunner, graphs_supported
@@ -173,6 +175,10 @@ class LLMEngine:
         self._flight_seqs: list[_Seq] = []
         self._ids = itertools.count()
         self.num_preemptions = 0
+        # Admission of the waiting head (_schedule): its plan while it stands,
+        # and the (head, budget, blocks.version) at which it last did not fit.
+        self._plan: tuple[tuple[_Seq, int, int | None], BlockPlan] | None = None
+        self._blocked: tuple[_Seq, int, int] | None = None
 
     def _spec_runners(self, max_num_seqs: int, use_graphs: bool | None = None) -> SpecRunners:
         """The runners of a speculative round: the draft's decode steps and its
@@ -439,22 +445,37 @@ class LLMEngine:
                 budget -= w.n
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             s = self.waiting[0]
-            tokens = s.tokens()
-            plan = self.blocks.plan(tokens, s.req.reusable_prefix())  # a prompt to score is computed
+            verdict = (s, budget, self.blocks.version)
+            if verdict == self._blocked:
+                break  # the head could not be admitted, and nothing it depends on has changed since
+            plan = self._head_plan(s)
+            n = s.req.num_tokens()
             w = self._work(s, len(plan.reused) * self.blocks.block_size, budget)
-            if w is None:
-                break
-            proposals = self.blocks.blocks_for(len(tokens) + w.k) - self.blocks.blocks_for(len(tokens))
-            if not self.blocks.can_admit(plan, reserve=proposals):
+            proposals = 0 if w is None else self.blocks.blocks_for(n + w.k) - self.blocks.blocks_for(n)
+            if w is None or not self.blocks.can_admit(plan, reserve=proposals):
+                self._blocked = verdict
                 break
             self.waiting.popleft()
-            self.blocks.admit(s.blocks, plan, len(tokens))
+            self._plan = None
+            self.blocks.admit(s.blocks, plan, n)
             self.blocks.grow(s.blocks, s.blocks.num_cached + w.n)  # fits: reserved above
             s.draft_cached = s.blocks.num_cached  # reused blocks hold the draft's keys too (see _register)
             self.running.append(s)
             batch.append(w)
             budget -= w.n
         return batch
+
+    def _head_plan(self, s: _Seq) -> BlockPlan:
+        """``BlockManager.plan`` of the waiting head ``s`` (its cached prefix:
+        a prompt that still has to score prompt tokens is computed from
+        there), kept while it stands (``BlockManager.plan_stands``): a head
+        that waits for blocks is not hashed again at every step."""
+        key = (s, s.req.num_tokens(), s.req.reusable_prefix())
+        if self._plan is not None and self._plan[0] == key and self.blocks.plan_stands(self._plan[1]):
+            return self._plan[1]
+        plan = self.blocks.plan(s.tokens(), key[2])
+        self._plan = (key, plan)
+        return plan
 
     def _preempt(self, s: _Seq) -> None:
         self.running.remove(s)

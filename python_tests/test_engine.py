@@ -184,3 +184,55 @@ def test_register_stops_at_the_tokens_kept():
     assert len(a.hashes) == 1
     bm.register(a, [1, 2, 3, 4, 5, 6], num_tokens=4)  # at most 4 of them
     assert len(a.hashes) == 2 and bm.plan([1, 2, 3, 4, 9]).reused == a.block_table[:2]
+
+
+def _count_calls(monkeypatch, obj, name) -> list[int]:
+    calls = [0]
+    original = getattr(obj, name)
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(obj, name, counted)
+    return calls
+
+
+@pytest.mark.parametrize("free_by", ["finishing", "abort"])
+def test_a_head_waiting_for_blocks_is_not_planned_again_until_they_free(model, monkeypatch, free_by):
+    """While the cache is full and the waiting head cannot be admitted, steps
+    that change no block or prefix-cache state do no admission work (the
+    head's prompt is planned once, its verdict decided again only when the
+    blocks change); the step after its blocks free up admits it."""
+    engine = LLMEngine(model, num_blocks=10, block_size=4)
+    big = list(range(10, 26))  # 16 tokens: 4 blocks, growing to 9 over 20 new tokens
+    head = list(range(100, 124))  # 24 tokens: needs 6 blocks, never more than 5 free while `big` runs
+    first = engine.add_request(big, max_new_tokens=20, ignore_eos=True)
+    engine.step()  # prefill `big`
+    second = engine.add_request(head, max_new_tokens=4, ignore_eos=True)
+    plans = _count_calls(monkeypatch, engine.blocks, "plan")
+    verdicts = _count_calls(monkeypatch, engine.blocks, "can_admit")
+    changes, freed_at, admitted_at, step = 0, None, None, 1
+    while admitted_at is None:
+        version = engine.blocks.version
+        outs = engine.step()
+        step += 1
+        if any(o.request_id == second for o in outs):
+            admitted_at = step
+            break
+        assert engine.waiting and engine.waiting[0].id == second
+        changes += engine.blocks.version != version  # big grew or registered a block: the verdict is stale
+        if free_by == "abort" and step == 9:
+            assert engine.abort(first)
+            freed_at = step
+        if any(o.request_id == first and o.finished for o in outs):
+            freed_at = step
+    assert freed_at is not None and admitted_at == freed_at + 1
+    assert plans[0] == 1  # the head's plan stood while `big` grew: no prompt hashed again
+    assert 0 < changes < step - 2 and verdicts[0] <= changes + 2  # decided again only when the blocks changed
+    alone = model.generate(head, max_new_tokens=4, ignore_eos=True)
+    while engine.has_unfinished():
+        for o in engine.step():
+            if o.finished:
+                assert o.request_id == second and o.output.token_ids == alone.token_ids
+

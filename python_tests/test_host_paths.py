@@ -99,3 +99,53 @@ def test_has_unregistered_says_whether_register_would_register(caching):
             said = bm.has_unregistered(seq, upto)
             bm.register(seq, tokens[:n], upto)
             assert said == (len(seq.hashes) > before), (n, upto)
+
+
+def test_a_plan_stands_exactly_when_planning_again_gives_it():
+    """BlockManager.plan_stands (the engine keeps a waiting head's plan while
+    it holds) against planning again, and BlockManager.version against what
+    can_admit decides, over random admissions, growth, registrations (shared
+    prefixes: a two-token vocabulary) and releases."""
+    rng = random.Random(0)
+    bm = BlockManager(num_blocks=24, block_size=2)
+    running: list[tuple[SequenceBlocks, list[int]]] = []
+    watched = []  # (tokens, limit, plan as it was made)
+    stood = fell = 0
+    for _ in range(3000):
+        version = bm.version
+        before = [(bm.plan(t, lim), bm.can_admit(bm.plan(t, lim))) for t, lim, _ in watched]
+        op = rng.random()
+        if op < 0.3 or not running:
+            tokens = [rng.randint(0, 1) for _ in range(rng.randint(1, 9))]
+            plan = bm.plan(tokens)
+            if bm.can_admit(plan):
+                seq = SequenceBlocks()
+                bm.admit(seq, plan, len(tokens))
+                running.append((seq, tokens))
+        elif op < 0.8:
+            seq, tokens = rng.choice(running)
+            tokens.extend(rng.randint(0, 1) for _ in range(rng.randint(1, 3)))
+            if bm.grow(seq, len(tokens)):
+                seq.num_cached = len(tokens)
+                bm.register(seq, tokens)
+            else:
+                del tokens[seq.num_cached :]
+        else:
+            seq, _ = running.pop(rng.randrange(len(running)))
+            bm.release(seq)
+        if bm.version == version:  # nothing changed: neither does any plan nor verdict
+            assert [(bm.plan(t, lim), bm.can_admit(bm.plan(t, lim))) for t, lim, _ in watched] == before
+        for i, (tokens, limit, plan) in enumerate(watched):
+            fresh = bm.plan(tokens, limit)
+            if bm.plan_stands(plan):
+                assert fresh == plan
+                stood += 1
+            else:
+                assert fresh != plan
+                watched[i] = (tokens, limit, fresh)
+                fell += 1
+        if len(watched) < 6:
+            tokens = [rng.randint(0, 1) for _ in range(rng.randint(1, 12))]
+            limit = rng.choice([None, None, rng.randint(0, 12)])
+            watched.append((tokens, limit, bm.plan(tokens, limit)))
+    assert stood > 1000 and fell > 100
