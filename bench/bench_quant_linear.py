@@ -5,7 +5,9 @@ dequantize-then-matmul, and torch's tinygemm int4 kernel
 (``torch._weight_int4pack_mm``) where this torch build has it;
 ``fastllm-int4`` is int4's mma.sync kernel (``_variant=0``),
 ``fastllm-int4-wgmma`` its warpgroup-MMA kernel (``_variant=2``, M 9..64,
-sm_90 GPUs; variant 0 elsewhere; the default at M 17..64). Reports
+sm_90 GPUs; variant 0 elsewhere; the default at M 17..64),
+``fastllm-int4-wide`` / ``fastllm-int4-wide2`` its wide M <= 8 tile with one /
+two mma chains per warp (``_variant=3`` / ``4``; experimental). Reports
 microseconds per call and effective bandwidth: weight bytes (with scales and
 zeros) + activations read + outputs written, over the time.
     pytest bench/bench_quant_linear.py --benchmark-only -s
@@ -23,7 +25,8 @@ from fastllm.quant import quantize_int4, quantize_int8
 SHAPES = [(4096, 14336), (4096, 4096), (14336, 4096)]  # (K, N)
 TOKENS = [1, 16, 64, 256]
 GROUP = 128
-IMPLS = ["fastllm-int8", "fastllm-int4", "fastllm-int4-wgmma", "fastllm-int4-fused", "torch-bf16",
+IMPLS = ["fastllm-int8", "fastllm-int4", "fastllm-int4-wgmma", "fastllm-int4-wide", "fastllm-int4-wide2",
+         "fastllm-int4-fused", "torch-bf16",
          "torch-int8-dequant", "torch-int4pack"]
 
 _weights: dict = {}
@@ -69,6 +72,9 @@ def _bytes(impl: str, m: int, k: int, n: int) -> int:
     return n * k * 2 + act
 
 
+INT4_VARIANTS = {"fastllm-int4": 0, "fastllm-int4-wgmma": 2, "fastllm-int4-wide": 3, "fastllm-int4-wide2": 4}
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("m", TOKENS)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}to{s[1]}")
@@ -79,6 +85,8 @@ def test_quant_linear(gpu_bench, benchmark, shape, m, impl):
         pytest.skip("same as fastllm-int4 up to 64 tokens")
     if impl == "fastllm-int4-wgmma" and not 9 <= m <= 64:
         pytest.skip("the wgmma variant changes only M 9..64")
+    if impl.startswith("fastllm-int4-wide") and m > 8:
+        pytest.skip("the wide variants change only M <= 8")
     from fastllm.ops import cuda, cuda_quant
 
     k, n = shape
@@ -90,8 +98,8 @@ def test_quant_linear(gpu_bench, benchmark, shape, m, impl):
         fn = lambda: cuda_quant._int8_fused(x, d["q8"], d["s8"])  # noqa: E731
     elif impl == "fastllm-int4" and m > 64:  # dequantize + cuBLAS
         fn = lambda: cuda.int4_linear(x, d["q4"], d["s4"], d["z4"], GROUP)  # noqa: E731
-    elif impl in ("fastllm-int4", "fastllm-int4-wgmma"):  # variant 0 or 2, explicitly
-        variant = {"fastllm-int4": 0, "fastllm-int4-wgmma": 2}[impl]
+    elif impl in INT4_VARIANTS:  # a variant, explicitly
+        variant = INT4_VARIANTS[impl]
         fn = lambda: cuda_quant._int4_fused(x, d["q4"], d["s4"], d["z4"], GROUP, _variant=variant)  # noqa: E731
     elif impl == "fastllm-int4-fused":  # the fused kernel past FUSED_MAX_TOKENS (64-token blocks)
         fn = lambda: cuda_quant._int4_fused(x, d["q4"], d["s4"], d["z4"], GROUP)  # noqa: E731

@@ -39,8 +39,13 @@
  * an sm_90 GPU with the 90a build, int4_linear_sm90.cu's warpgroup-MMA kernel
  * (dequantized weights as the register A operand of wgmma, which runs
  * asynchronously beside the dequantisation), with this file's split-K plan
- * and reduction; elsewhere variant 2 is variant 0 (wgmma_path below). There
- * is no variant 1 (an 8-stage ring at M <= 8, removed: no faster on an H200).
+ * and reduction; elsewhere variant 2 is variant 0 (wgmma_path below). 3
+ * and 4 (kernel name int4_linear_wide; experimental, not yet run on a GPU):
+ * at M <= 8 the wide tile (Int4Cfg<1, W> below: twice the warps per SM; 4
+ * also two mma chains per warp), with its own split-K rule; elsewhere
+ * variant 0.
+ * There is no variant 1 (an 8-stage ring at M <= 8, removed: no faster on an
+ * H200).
  *
  * Memory traffic: each weight byte is read once from DRAM (N*K/2 bytes plus
  * 3 bytes per group-row for scales and zeros); every CTA re-reads its x rows
@@ -56,15 +61,32 @@ namespace {
 
 using namespace qlinear;
 
-template <int TT>
+// W > 0: the wide tile (variants 3 and 4, M <= 8 only; experimental): half
+// the weight rows per CTA (BN = 32: 2 warps along N) and four warp groups
+// along K (BK = 512, one 128-column k-block per warp per stage as before),
+// 3 stages (48 KB, 4 CTAs per SM by shared memory and, bounded to 64
+// registers a thread, by registers). 4096 -> 14336 then runs 448 CTAs, ~27
+// warps per SM against ~14 (224 CTAs of 8 warps). W = 2 (variant 4) also
+// keeps two mma accumulator chains per warp (the pairs 0/1 and 2/3 of a
+// word) instead of one chain of 8, at the price of a few spilled registers.
+// Why: the M = 1 profile (issue 43%, top stall `wait`, occupancy 20%) says
+// the dequantisation and mma chains lack warps to hide them, not bytes in
+// flight (an 8-stage ring did not help).
+template <int TT, int W = 0>
 struct Int4Cfg {
+  static constexpr bool WIDE = W > 0;
+  static_assert(!WIDE || TT == 1, "the wide tile is for one token tile");
   static constexpr int R = TT == 1 ? 1 : 2;          // 16-row tiles per warp
-  static constexpr int BK = TT <= 2 ? 256 : 128;     // K per pipeline stage
-  static constexpr int STAGES = 4;
+  static constexpr int BK = WIDE ? 512 : TT <= 2 ? 256 : 128;  // K per pipeline stage
+  static constexpr int STAGES = WIDE ? 3 : 4;
   // Warps along N, and warp groups along K: at M <= 8 two groups split each
   // K tile's k-blocks between them (summed through shared memory at the end),
   // so that an SM has twice the warps to hide the dequantisation chains.
-  static constexpr int WARPS_N = 4, KW = TT == 1 ? 2 : 1;
+  static constexpr int WARPS_N = WIDE ? 2 : 4, KW = WIDE ? 4 : TT == 1 ? 2 : 1;
+  static constexpr int CHAINS = W > 1 ? W : 1;      // independent mma accumulator chains per warp
+  // CTAs per SM the registers must allow (the wide tile's 4, which its shared
+  // memory allows, need <= 64 registers a thread; unbounded it takes ~80).
+  static constexpr int MIN_CTAS = WIDE ? 4 : 0;
   static constexpr int WARPS = WARPS_N * KW, THREADS = WARPS * 32;
   static constexpr int BN = 16 * R * WARPS_N;        // weight rows per CTA
   static constexpr int BM = 8 * TT;                  // token rows per CTA
@@ -83,10 +105,11 @@ struct Int4Cfg {
 // set separates them, and flipping bit 1 on odd rows separates rows g and g+1.
 __device__ __forceinline__ int x_chunk(int row, int c) { return c ^ ((c >> 3) & 1) ^ ((row & 1) << 1); }
 
-template <typename T, int TT, bool G128>
-__global__ void __launch_bounds__(Int4Cfg<TT>::THREADS) int4_mma_kernel(const Int4Params p) {
-  using C = Int4Cfg<TT>;
-  constexpr int R = C::R, JW = C::JW, STAGES = C::STAGES;
+template <typename T, int TT, bool G128, int W = 0>
+__global__ void __launch_bounds__(Int4Cfg<TT, W>::THREADS, Int4Cfg<TT, W>::MIN_CTAS)
+    int4_mma_kernel(const Int4Params p) {
+  using C = Int4Cfg<TT, W>;
+  constexpr int R = C::R, JW = C::JW, STAGES = C::STAGES, CH = C::CHAINS;
   extern __shared__ __align__(128) uint8_t smem[];
   uint8_t* const sw = smem;
   uint8_t* const sx = smem + STAGES * C::W_STAGE;
@@ -117,7 +140,7 @@ __global__ void __launch_bounds__(Int4Cfg<TT>::THREADS) int4_mma_kernel(const In
   // The copies' addresses and the scale/zero rows are computed once here and
   // advanced per K tile (recomputing them every tile was about two thirds of
   // the main loop's instructions).
-  LeanTileCopies<C, 32> lean;
+  LeanTileCopies<C, 32, C::WIDE> lean;  // the wide tile is short of registers: compact x copies
   lean.init(p.qweight, x, sw, sx, tid, n0, p.N, m0, mrows, p.K, kt0, [](int r, int c) { return x_chunk(r, c); });
   const unsigned short* s_row[R][2];
   const uint8_t* z_row[R][2];
@@ -151,13 +174,17 @@ __global__ void __launch_bounds__(Int4Cfg<TT>::THREADS) int4_mma_kernel(const In
     }
   };
 
-  float acc[R][TT][4];
+  // acc[c]: chain c's sums (CH > 1: summed into acc[0] after the main loop;
+  // with G128 the chains are the per-k-block parts, and acc[0] alone is used).
+  float acc[CH][R][TT][4];
 #pragma unroll
-  for (int r = 0; r < R; ++r)
+  for (int c = 0; c < CH; ++c)
 #pragma unroll
-    for (int tt = 0; tt < TT; ++tt)
+    for (int r = 0; r < R; ++r)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) acc[r][tt][e] = 0.f;
+      for (int tt = 0; tt < TT; ++tt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[c][r][tt][e] = 0.f;
 
   auto compute = [&](int slot, const uint32_t (&sz)[R][2][JW]) {
     const uint8_t* const tw = sw + slot * C::W_STAGE;
@@ -183,13 +210,15 @@ __global__ void __launch_bounds__(Int4Cfg<TT>::THREADS) int4_mma_kernel(const In
           scale2[r][h] = (v & 0xFFFFu) * 0x10001u;
           scale[r][h] = Pair<T>::bits_to_float(v & 0xFFFFu);
         }
-      float part[R][TT][4];  // G128: this k-block's sum over q - zero, before the scale
+      float part[CH][R][TT][4];  // G128: this k-block's sum over q - zero, before the scale
 #pragma unroll
-      for (int r = 0; r < R; ++r)
+      for (int c = 0; c < CH; ++c)
 #pragma unroll
-        for (int tt = 0; tt < TT; ++tt)
+        for (int r = 0; r < R; ++r)
 #pragma unroll
-          for (int e = 0; e < 4; ++e) part[r][tt][e] = 0.f;  // dead (removed) unless G128
+          for (int tt = 0; tt < TT; ++tt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) part[c][r][tt][e] = 0.f;  // dead (removed) unless G128
 #pragma unroll
       for (int w = 0; w < 4; ++w) {
         // B: x columns 8w..8w+7 of this lane's 32; pair i = (x_i, x_{i+4}).
@@ -232,9 +261,10 @@ __global__ void __launch_bounds__(Int4Cfg<TT>::THREADS) int4_mma_kernel(const In
           }
 #pragma unroll
           for (int tt = 0; tt < TT; ++tt) {
-            float(&d)[4] = *(G128 ? &part[r][tt] : &acc[r][tt]);
-            mma16816<T>(d, a[0][0], a[1][0], a[0][1], a[1][1], b[tt][0], b[tt][1]);  // pairs 0, 1
-            mma16816<T>(d, a[0][2], a[1][2], a[0][3], a[1][3], b[tt][2], b[tt][3]);  // pairs 2, 3
+            float(&d0)[4] = *(G128 ? &part[0][r][tt] : &acc[0][r][tt]);
+            float(&d1)[4] = *(G128 ? &part[CH - 1][r][tt] : &acc[CH - 1][r][tt]);  // d0 itself unless CH > 1
+            mma16816<T>(d0, a[0][0], a[1][0], a[0][1], a[1][1], b[tt][0], b[tt][1]);  // pairs 0, 1
+            mma16816<T>(d1, a[0][2], a[1][2], a[0][3], a[1][3], b[tt][2], b[tt][3]);  // pairs 2, 3
           }
         }
       }
@@ -243,10 +273,16 @@ __global__ void __launch_bounds__(Int4Cfg<TT>::THREADS) int4_mma_kernel(const In
         for (int r = 0; r < R; ++r)
 #pragma unroll
           for (int tt = 0; tt < TT; ++tt) {
-            acc[r][tt][0] = fmaf(part[r][tt][0], scale[r][0], acc[r][tt][0]);
-            acc[r][tt][1] = fmaf(part[r][tt][1], scale[r][0], acc[r][tt][1]);
-            acc[r][tt][2] = fmaf(part[r][tt][2], scale[r][1], acc[r][tt][2]);
-            acc[r][tt][3] = fmaf(part[r][tt][3], scale[r][1], acc[r][tt][3]);
+            float(&pt)[4] = part[0][r][tt];
+            if constexpr (CH > 1) {
+#pragma unroll
+              for (int e = 0; e < 4; ++e) pt[e] += part[1][r][tt][e];
+            }
+            float(&ac)[4] = acc[0][r][tt];
+            ac[0] = fmaf(pt[0], scale[r][0], ac[0]);
+            ac[1] = fmaf(pt[1], scale[r][0], ac[1]);
+            ac[2] = fmaf(pt[2], scale[r][1], ac[2]);
+            ac[3] = fmaf(pt[3], scale[r][1], ac[3]);
           }
       }
     }
@@ -276,6 +312,14 @@ __global__ void __launch_bounds__(Int4Cfg<TT>::THREADS) int4_mma_kernel(const In
         for (int jj = 0; jj < JW; ++jj) sz[r][h][jj] = sz_next[r][h][jj];
   }
   cp_async_wait<0>();
+  if constexpr (CH > 1 && !G128) {
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+#pragma unroll
+      for (int tt = 0; tt < TT; ++tt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[0][r][tt][e] += acc[1][r][tt][e];
+  }
 
   // Warp groups along K: groups 1.. hand their sums to group 0 through the
   // (now idle) pipeline memory, which adds them in a fixed order.
@@ -285,7 +329,7 @@ __global__ void __launch_bounds__(Int4Cfg<TT>::THREADS) int4_mma_kernel(const In
     float* const red = reinterpret_cast<float*>(smem);
     // Group k's value v of this lane (lanes contiguous: no bank conflicts).
     auto slot = [&](int k, int v) -> float& { return red[(((k - 1) * C::WARPS_N + warp) * V + v) * 32 + lane]; };
-    float* const sums = &acc[0][0][0];  // acc as V floats (unrolled: stays in registers)
+    float* const sums = &acc[0][0][0][0];  // acc[0] as V floats (unrolled: stays in registers)
     __syncthreads();  // every warp is past its last tile
     if (kw > 0) {
 #pragma unroll
@@ -311,7 +355,7 @@ __global__ void __launch_bounds__(Int4Cfg<TT>::THREADS) int4_mma_kernel(const In
         const int n = n0 + warp * R * 16 + r * 16 + g + (e >> 1) * 8;
         const int m = m0 + tt * 8 + 2 * t + (e & 1);
         if (n < p.N && m < p.M) {
-          const float v = acc[r][tt][e];
+          const float v = acc[0][r][tt][e];
           if (p.ws != nullptr) {
             p.ws[(static_cast<int64_t>(blockIdx.y) * p.M + m) * p.N + n] = v;
           } else {
@@ -396,24 +440,30 @@ const char* opt_in_all() {
   if (!err) err = opt_in_smem<int4_mma_kernel<T, 2, false>>(Int4Cfg<2>::SMEM);
   if (!err) err = opt_in_smem<int4_mma_kernel<T, 4, false>>(Int4Cfg<4>::SMEM);
   if (!err) err = opt_in_smem<int4_mma_kernel<T, 8, false>>(Int4Cfg<8>::SMEM);
+  if (!err) err = opt_in_smem<int4_mma_kernel<T, 1, true, 1>>(Int4Cfg<1, 1>::SMEM);
+  if (!err) err = opt_in_smem<int4_mma_kernel<T, 1, false, 1>>(Int4Cfg<1, 1>::SMEM);
+  if (!err) err = opt_in_smem<int4_mma_kernel<T, 1, true, 2>>(Int4Cfg<1, 2>::SMEM);
+  if (!err) err = opt_in_smem<int4_mma_kernel<T, 1, false, 2>>(Int4Cfg<1, 2>::SMEM);
   return err;
 }
 
-template <typename T, int TT, bool G128>
+template <typename T, int TT, bool G128, int W = 0>
 const char* run_mma(const Int4Params& p, cudaStream_t stream) {
-  using Cfg = Int4Cfg<TT>;
+  using Cfg = Int4Cfg<TT, W>;
   if (const char* err = opt_in_all<T>()) return err;
   const unsigned token_blocks = static_cast<unsigned>(ceil_div(p.M, kMaxTokensPerCta));
   const dim3 grid(static_cast<unsigned>(ceil_div(p.N, Cfg::BN)), static_cast<unsigned>(p.splits), token_blocks);
-  int4_mma_kernel<T, TT, G128><<<grid, Cfg::THREADS, Cfg::SMEM, stream>>>(p);
+  int4_mma_kernel<T, TT, G128, W><<<grid, Cfg::THREADS, Cfg::SMEM, stream>>>(p);
   FASTLLM_CHECK_LAUNCH();
   return nullptr;
 }
 
 template <typename T>
-const char* run_tiles(const Int4Params& p, int group, cudaStream_t stream) {
+const char* run_tiles(const Int4Params& p, int group, int wide, cudaStream_t stream) {
   const int tiles = token_tiles(p.M);
   const bool g128 = group == 128 && tiles <= 2;
+  if (wide == 1) return g128 ? run_mma<T, 1, true, 1>(p, stream) : run_mma<T, 1, false, 1>(p, stream);
+  if (wide == 2) return g128 ? run_mma<T, 1, true, 2>(p, stream) : run_mma<T, 1, false, 2>(p, stream);
   switch (tiles) {
     case 1: return g128 ? run_mma<T, 1, true>(p, stream) : run_mma<T, 1, false>(p, stream);
     case 2: return g128 ? run_mma<T, 2, true>(p, stream) : run_mma<T, 2, false>(p, stream);
@@ -424,8 +474,9 @@ const char* run_tiles(const Int4Params& p, int group, cudaStream_t stream) {
 
 // The main loop (the wgmma kernel or the mma.sync kernels), then the split-K reduction.
 template <typename T>
-const char* launch_typed(const Int4Params& p, int group, bool wgmma, cudaStream_t stream) {
-  const char* err = wgmma ? launch_int4_wgmma(p, std::is_same_v<T, __half>, stream) : run_tiles<T>(p, group, stream);
+const char* launch_typed(const Int4Params& p, int group, bool wgmma, int wide, cudaStream_t stream) {
+  const char* err =
+      wgmma ? launch_int4_wgmma(p, std::is_same_v<T, __half>, stream) : run_tiles<T>(p, group, wide, stream);
   if (err) return err;
   if (p.splits > 1)
     return launch_splitk_reduce<T>(static_cast<T*>(p.out), p.ws, static_cast<const T*>(p.bias), p.M, p.N, p.splits,
@@ -467,10 +518,19 @@ const char* launch_dequant(void* out, const void* qweight, const void* scales, c
   return nullptr;
 }
 
-int k_tile_of(int64_t m) { return token_tiles(m) <= 2 ? Int4Cfg<1>::BK : Int4Cfg<4>::BK; }
-int rows_of(int64_t m) { return token_tiles(m) == 1 ? Int4Cfg<1>::BN : Int4Cfg<2>::BN; }
-int smem_of(int64_t m) {
+// Tile sizes of the mma.sync kernel that M tokens launch (wide: variants 3 and
+// 4's, which differ only in their mma chains).
+int k_tile_of(int64_t m, bool wide) {
+  if (wide) return Int4Cfg<1, 1>::BK;
+  return token_tiles(m) <= 2 ? Int4Cfg<1>::BK : Int4Cfg<4>::BK;
+}
+int rows_of(int64_t m, bool wide) {
+  if (wide) return Int4Cfg<1, 1>::BN;
+  return token_tiles(m) == 1 ? Int4Cfg<1>::BN : Int4Cfg<2>::BN;
+}
+int smem_of(int64_t m, bool wide) {
   const int tiles = token_tiles(m);
+  if (wide) return Int4Cfg<1, 1>::SMEM;
   if (tiles == 1) return Int4Cfg<1>::SMEM;
   return tiles == 2 ? Int4Cfg<2>::SMEM : tiles == 4 ? Int4Cfg<4>::SMEM : Int4Cfg<8>::SMEM;
 }
@@ -484,8 +544,30 @@ const char* check_shapes(int64_t m, int64_t n, int64_t k, int64_t group) {
   return nullptr;
 }
 
-constexpr const char* kVariantError = "variant must be 0 (default) or 2 (wgmma at M 9..64 on sm_90)";
-bool valid_variant(int64_t variant) { return variant == 0 || variant == 2; }
+constexpr const char* kVariantError =
+    "variant must be 0 (default), 2 (wgmma at M 9..64 on sm_90), 3 or 4 (wide tiles at M <= 8)";
+bool valid_variant(int64_t variant) { return variant == 0 || variant == 2 || variant == 3 || variant == 4; }
+
+// Variants 3 and 4 run the wide M <= 8 tile (Int4Cfg<1, 1> / <1, 2>): the
+// W of the tile, or 0 (variant 0's kernels: M > 8, or another variant).
+int wide_path(int64_t m, int64_t variant) {
+  return (variant == 3 || variant == 4) && token_tiles(m) == 1 ? static_cast<int>(variant) - 2 : 0;
+}
+
+// Split-K for the wide tile: its grid has twice the CTAs of variant 0's M <= 8
+// grid, at the same 4 CTAs per SM, so it is not split once every SM has a CTA;
+// below that, splits fill the SMs (each keeping two K tiles), as choose_splits.
+// A first guess, to be fitted to the sweep like choose_splits was.
+int64_t wide_splits(int64_t ctas, int64_t k_tiles, int64_t sms, int64_t requested, int resident) {
+  if (requested > 0) return requested < k_tiles ? requested : k_tiles;
+  if (sms <= 0) sms = 132;
+  if (ctas >= sms) return 1;
+  int64_t s = sms * resident / ctas;
+  const int64_t cap = k_tiles / 2 > 1 ? k_tiles / 2 : 1;
+  if (s > cap) s = cap;
+  if (s > kMaxSplits) s = kMaxSplits;
+  return s < 1 ? 1 : s;
+}
 
 // Variant 2 runs the wgmma kernel (int4_linear_sm90.cu) at M 9..64 on an sm_90
 // device with the 90a build; everywhere else (other M, other GPUs, a build
@@ -505,13 +587,17 @@ const char* int4_linear_plan(int64_t* num_splits, int64_t* workspace_floats, int
   if (!valid_variant(variant)) return kVariantError;
   if (requested_splits < 0 || requested_splits > kMaxSplits) return "num_splits must be in [1, 16] (0 = automatic)";
   if (m == 0) return nullptr;
+  const bool wide = wide_path(m, variant) > 0;
   if (wgmma_path(m, k, variant)) {
     *num_splits = choose_splits(ceil_div<int64_t>(n, kWgmmaRows), ceil_div<int64_t>(k, kWgmmaKTile), num_sms,
                                 requested_splits, m, ctas_per_sm(int4_wgmma_smem(m)));
+  } else if (wide) {
+    *num_splits = wide_splits(ceil_div<int64_t>(n, rows_of(m, true)), ceil_div<int64_t>(k, k_tile_of(m, true)),
+                              num_sms, requested_splits, ctas_per_sm(smem_of(m, true)));
   } else {
-    const int64_t ctas = ceil_div<int64_t>(n, rows_of(m)) * ceil_div<int64_t>(m, kMaxTokensPerCta);
-    *num_splits = choose_splits(ctas, ceil_div<int64_t>(k, k_tile_of(m)), num_sms, requested_splits, m,
-                                ctas_per_sm(smem_of(m)));
+    const int64_t ctas = ceil_div<int64_t>(n, rows_of(m, false)) * ceil_div<int64_t>(m, kMaxTokensPerCta);
+    *num_splits = choose_splits(ctas, ceil_div<int64_t>(k, k_tile_of(m, false)), num_sms, requested_splits, m,
+                                ctas_per_sm(smem_of(m, false)));
   }
   *workspace_floats = *num_splits > 1 ? *num_splits * m * n : 0;
   return nullptr;
@@ -535,7 +621,8 @@ const char* launch_int4_linear(void* out, void* workspace, const void* x, const 
                 : launch_generic<__nv_bfloat16>(out, x, qweight, scales, zeros, bias, m, n, k, groups, shift, st);
   }
   const bool wgmma = wgmma_path(m, k, variant);
-  const int64_t k_tiles = ceil_div<int64_t>(k, wgmma ? kWgmmaKTile : k_tile_of(m));
+  const int wide = wide_path(m, variant);
+  const int64_t k_tiles = ceil_div<int64_t>(k, wgmma ? kWgmmaKTile : k_tile_of(m, wide > 0));
   // A variant-2 plan made on another (sm_90) device than this one counts the
   // wgmma path's 128-column K tiles; here variant 0 may have fewer: clamp
   // (the workspace is only larger than needed).
@@ -557,8 +644,8 @@ const char* launch_int4_linear(void* out, void* workspace, const void* x, const 
                static_cast<int>(groups),
                shift,
                static_cast<int>(num_splits)};
-  return half ? launch_typed<__half>(p, static_cast<int>(group), wgmma, st)
-              : launch_typed<__nv_bfloat16>(p, static_cast<int>(group), wgmma, st);
+  return half ? launch_typed<__half>(p, static_cast<int>(group), wgmma, wide, st)
+              : launch_typed<__nv_bfloat16>(p, static_cast<int>(group), wgmma, wide, st);
 }
 
 const char* launch_int4_dequantize(void* out, const void* qweight, const void* scales, const void* zeros, int64_t n,

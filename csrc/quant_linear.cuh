@@ -213,22 +213,32 @@ __device__ __forceinline__ int w_chunk(int row, int c) {
 // computed once per CTA, then the sources advance by one tile per call (tiles
 // are requested in order, kt0, kt0 + 1, ...). C: the kernel's tile config
 // (BN, BM, BK, THREADS, W_ROW, X_ROW, W_STAGE, X_STAGE); W_COLS: weight
-// columns per 16-byte chunk (16 for int8, 32 for packed int4).
-template <typename C, int W_COLS>
+// columns per 16-byte chunk (16 for int8, 32 for packed int4). COMPACT_X:
+// keep one x chunk's source and destination and derive the thread's others
+// (the same column, XR rows further each) at issue time, for a kernel short
+// of registers; needs THREADS to be a multiple of an x row's chunks and the
+// x swizzle to depend on the row's parity only.
+template <typename C, int W_COLS, bool COMPACT_X = false>
 struct LeanTileCopies {
   static constexpr int WC = C::W_ROW / 16, XC = C::X_ROW / 16;  // chunks per weight / x row of a tile
   static constexpr int WJ = C::BN * WC / C::THREADS, XJ = C::BM * XC / C::THREADS;
   static_assert((C::BN * WC) % C::THREADS == 0 && (C::BM * XC) % C::THREADS == 0,
                 "tile chunks must divide among the threads");
+  static constexpr int XR = C::THREADS / XC;  // COMPACT_X: rows between a thread's x chunks
+  static_assert(!COMPACT_X || (C::THREADS % XC == 0 && XR % 2 == 0), "COMPACT_X needs an even row step");
+  static constexpr int XS = COMPACT_X ? 1 : XJ;  // x chunks whose addresses are kept
   // Per chunk: its source (at the current tile), its stage-0 destination, and
   // its column within a K tile (-1: nothing to copy, a weight row past N or a
-  // token row past M).
+  // token row past M; COMPACT_X: x_col is the column, x_rows the thread's
+  // chunks that are copied).
   const uint8_t* w_src[WJ];
   uint32_t w_dst[WJ];
   int w_col[WJ];
-  const uint8_t* x_src[XJ];
-  uint32_t x_dst[XJ];
-  int x_col[XJ];
+  const uint8_t* x_src[XS];
+  uint32_t x_dst[XS];
+  int x_col[XS];
+  int x_rows;
+  int64_t x_step;  // COMPACT_X: bytes between the sources of a thread's x chunks
 
   // x_chunk(row, chunk): the kernel's swizzle of the x tile.
   template <typename T, typename XChunk>
@@ -242,13 +252,23 @@ struct LeanTileCopies {
       w_dst[j] = smem_u32(sw + r * C::W_ROW + w_chunk<C::W_ROW>(r, c) * 16);
       w_col[j] = n < N ? c * W_COLS : -1;
     }
-#pragma unroll
-    for (int j = 0; j < XJ; ++j) {
-      const int i = tid + j * C::THREADS, r = i / XC, c = i % XC;
-      x_src[j] = reinterpret_cast<const uint8_t*>(x + static_cast<int64_t>(m0 + (r < mrows ? r : 0)) * K +
+    if constexpr (COMPACT_X) {
+      const int r = tid / XC, c = tid % XC;
+      x_src[0] = reinterpret_cast<const uint8_t*>(x + static_cast<int64_t>(m0 + (r < mrows ? r : 0)) * K +
                                                   kt0 * C::BK + c * 8);
-      x_dst[j] = smem_u32(sx + r * C::X_ROW + x_chunk(r, c) * 16);
-      x_col[j] = r < mrows ? c * 8 : -1;
+      x_dst[0] = smem_u32(sx + r * C::X_ROW + x_chunk(r, c) * 16);
+      x_col[0] = c * 8;
+      x_rows = r < mrows ? (mrows - r + XR - 1) / XR : 0;  // chunks j with r + j * XR < mrows
+      x_step = static_cast<int64_t>(XR) * K * 2;
+    } else {
+#pragma unroll
+      for (int j = 0; j < XJ; ++j) {
+        const int i = tid + j * C::THREADS, r = i / XC, c = i % XC;
+        x_src[j] = reinterpret_cast<const uint8_t*>(x + static_cast<int64_t>(m0 + (r < mrows ? r : 0)) * K +
+                                                    kt0 * C::BK + c * 8);
+        x_dst[j] = smem_u32(sx + r * C::X_ROW + x_chunk(r, c) * 16);
+        x_col[j] = r < mrows ? c * 8 : -1;
+      }
     }
   }
 
@@ -263,11 +283,20 @@ struct LeanTileCopies {
       cp_async16_to(w_dst[j] + wo, w_src[j], static_cast<unsigned>(w_col[j]) < static_cast<unsigned>(left));
       w_src[j] += C::BK / W_COLS * 16;
     }
+    if constexpr (COMPACT_X) {
 #pragma unroll
-    for (int j = 0; j < XJ; ++j) {
-      if (x_col[j] >= 0)  // token rows past M stay zero
-        cp_async16_to(x_dst[j] + xo, x_src[j], x_col[j] < left);
-      x_src[j] += C::BK * 2;
+      for (int j = 0; j < XJ; ++j) {
+        if (j < x_rows)  // token rows past M stay zero
+          cp_async16_to(x_dst[0] + xo + j * XR * C::X_ROW, x_src[0] + j * x_step, x_col[0] < left);
+      }
+      x_src[0] += C::BK * 2;
+    } else {
+#pragma unroll
+      for (int j = 0; j < XJ; ++j) {
+        if (x_col[j] >= 0)  // token rows past M stay zero
+          cp_async16_to(x_dst[j] + xo, x_src[j], x_col[j] < left);
+        x_src[j] += C::BK * 2;
+      }
     }
   }
 };

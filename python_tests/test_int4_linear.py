@@ -218,27 +218,27 @@ def test_bad_input():
 
 
 @requires_cuda
-@pytest.mark.parametrize("variant", [1, 3, -1])
+@pytest.mark.parametrize("variant", [1, 5, -1])
 def test_unknown_variant_is_rejected(variant):
-    """Variants are 0 and 2: 1 (an 8-stage pipeline at M <= 8) was removed."""
+    """Variants are 0, 2, 3 and 4: 1 (an 8-stage pipeline at M <= 8) was removed."""
     from fastllm.ops import cuda_quant
 
     q, s, z, _ = _weights(512, 256, 128, torch.bfloat16)
     x = _x((1, 512), torch.bfloat16)
-    with pytest.raises(ValueError, match=r"_variant must be 0 \(default\) or 2 \(wgmma\)"):
+    with pytest.raises(ValueError, match=r"_variant must be 0 \(default\), 2 \(wgmma\), 3 or 4 \(wide\)"):
         cuda_quant._int4_fused(x, q, s, z, 128, _variant=variant)
 
 
 def test_variants_are_discoverable():
-    """bench/sweep.py finds the variants, 0 and 2, in the wrapper's literal
-    ``_variant not in (...)`` check."""
+    """bench/sweep.py finds the variants, 0, 2, 3 and 4, in the wrapper's
+    literal ``_variant not in (...)`` check."""
     import inspect
     import re
 
     from fastllm.ops import cuda_quant
 
     m = re.search(r"_variant not in \(([\d,\s]+)\)", inspect.getsource(cuda_quant._int4_fused))
-    assert m and [int(v) for v in m.group(1).replace(",", " ").split()] == [0, 2]
+    assert m and [int(v) for v in m.group(1).replace(",", " ").split()] == [0, 2, 3, 4]
 
 
 # --------------------------------------------------------------------------- #
@@ -401,6 +401,155 @@ def test_wgmma_is_the_default_from_17_tokens(monkeypatch):
         assert variants[-1] == want, (setting, m)
 
 
+# --------------------------------------------------------------------------- #
+# Variants 3 and 4 (int4_linear_wide, opt-in, not yet run on a GPU): the wide
+# M <= 8 tile, 32 weight rows and 4 warp groups along K per CTA, one (3) or
+# two (4) mma chains per warp. Another summation order than variant 0's, so
+# held to the reference; above 8 tokens they are variant 0.
+# --------------------------------------------------------------------------- #
+WIDE = [3, 4]
+
+
+@requires_cuda
+@pytest.mark.parametrize("variant", WIDE)
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("m", [1, 3, 5, 8])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}g{s[2]}")
+def test_wide_matches_reference(shape, m, dtype, bias, variant):
+    from fastllm.ops import cuda_quant
+
+    k, n, group = shape
+    q, s, z, b = _weights(k, n, group, dtype)
+    b = b if bias else None
+    x = _x((m, k), dtype)
+    poison_cuda_allocator()
+    _check(cuda_quant._int4_fused(x, q, s, z, group, b, _variant=variant), x, q, s, z, group, b)
+
+
+@requires_cuda
+@pytest.mark.parametrize("variant", WIDE)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("m", [1, 4, 7, 8])
+@pytest.mark.parametrize("group", [32, 64, 128])
+def test_wide_every_group_size(group, m, dtype, variant):
+    """Every group size (g = 128 scales once per k-block, the others per pair)
+    and token counts that leave the x rows of a thread partly copied (rows r and
+    r + 4 of the compact x copies)."""
+    from fastllm.ops import cuda_quant
+
+    q, s, z, b = _weights(1536, 520, group, dtype)
+    x = _x((m, 1536), dtype)
+    poison_cuda_allocator()
+    _check(cuda_quant._int4_fused(x, q, s, z, group, b, _variant=variant), x, q, s, z, group, b)
+    _check(cuda_quant._int4_fused(x, q, s, z, group, _variant=variant), x, q, s, z, group, None)
+
+
+@requires_cuda
+@pytest.mark.parametrize("variant", WIDE)
+@pytest.mark.parametrize("splits", [1, 2, 3, 7, 16])
+@pytest.mark.parametrize("m", [1, 8])
+def test_wide_split_k(m, splits, variant):
+    """Forced split counts (uneven K shares; 16 is clamped to the 8 K tiles of
+    512), into poisoned workspaces and outputs."""
+    from fastllm.ops import cuda_quant
+
+    q, s, z, b = _weights(4096, 1000, 128, torch.bfloat16)
+    x = _x((m, 4096), torch.bfloat16)
+    poison_cuda_allocator()
+    _check(cuda_quant._int4_fused(x, q, s, z, 128, b, splits=splits, _variant=variant), x, q, s, z, 128, b)
+    poison_cuda_allocator()
+    _check(cuda_quant._int4_fused(x, q, s, z, 128, None, splits=splits, _variant=variant), x, q, s, z, 128, None)
+
+
+@requires_cuda
+@pytest.mark.parametrize("variant", WIDE)
+@pytest.mark.parametrize("k", [32, 96, 160, 288, 544, 1056])
+def test_wide_k_not_a_multiple_of_the_tile(k, variant):
+    """K only a multiple of the group: partial 512-column K tiles, k-blocks of
+    a warp group past K, partial 128-column k-blocks."""
+    from fastllm.ops import cuda_quant
+
+    for m in (1, 6):
+        for dtype in DTYPES:
+            q, s, z, b = _weights(k, 70, 32, dtype)
+            x = _x((m, k), dtype)
+            _check(cuda_quant._int4_fused(x, q, s, z, 32, b, _variant=variant), x, q, s, z, 32, b)
+
+
+@requires_cuda
+@pytest.mark.parametrize("variant", WIDE)
+@pytest.mark.parametrize("group", [32, 128])
+def test_wide_zeros_past_15(group, variant):
+    from fastllm.ops import cuda_quant
+
+    q, s, _, b = _weights(1536, 200, group, torch.float16)
+    g = torch.Generator(device="cuda").manual_seed(5)
+    z = torch.randint(14, 17, (200, 1536 // group), generator=g, device="cuda").to(torch.uint8)
+    z[::7] = 127
+    for dtype in DTYPES:
+        x = _x((3, 1536), dtype)
+        _check(cuda_quant._int4_fused(x, q, s.to(dtype), z, group, b.to(dtype), _variant=variant),
+               x, q, s.to(dtype), z, group, b.to(dtype))
+
+
+@requires_cuda
+@pytest.mark.parametrize("variant", WIDE)
+def test_wide_variant_above_8_tokens_is_variant_0(variant):
+    """Above 8 tokens variants 3 and 4 are variant 0, bit for bit (plan and kernel)."""
+    from fastllm.ops import cuda_quant
+
+    q, s, z, b = _weights(2048, 777, 64, torch.bfloat16)
+    for m in (9, 16, 33, 65):
+        x = _x((m, 2048), torch.bfloat16)
+        for splits in (0, 1, 3):
+            want = cuda_quant._int4_fused(x, q, s, z, 64, b, splits=splits, _variant=0)
+            assert torch.equal(cuda_quant._int4_fused(x, q, s, z, 64, b, splits=splits, _variant=variant), want)
+
+
+@requires_cuda
+@pytest.mark.parametrize("variant", WIDE)
+def test_wide_under_cuda_graph(variant):
+    from fastllm.ops import cuda_quant
+
+    q, s, z, b = _weights(4096, 1024, 128, torch.bfloat16)
+    x = _x((1, 4096), torch.bfloat16)  # 32 CTAs: split-K and its reduction are captured too
+    run = lambda: cuda_quant._int4_fused(x, q, s, z, 128, b, _variant=variant)  # noqa: E731
+    eager = run()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        run()  # warm-up on a side stream
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = run()
+    x.copy_(x * 0.5)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(y, run())
+    assert not torch.equal(y, eager)
+
+
+@requires_cuda
+def test_wide_is_the_choice_at_8_tokens_when_opted_in(monkeypatch):
+    from fastllm import ops
+
+    q, s, z, _ = _weights(512, 256, 128, torch.bfloat16)
+    variants = spy_variants(monkeypatch, "int4_linear", -1)
+    for setting, m, want in (
+        ("", 1, 0),  # not verified on a GPU yet: off by default
+        ("int4_linear_wide", 1, 3),
+        ("int4_linear_wide", 8, 3),
+        ("int4_linear_wide", 9, 0),
+        ("int4_linear_wide", 17, 2),
+    ):
+        monkeypatch.setenv("FASTLLM_KERNELS", setting)
+        backend.reset_settings()
+        ops.int4_linear(_x((m, 512), torch.bfloat16), q, s, z, 128)
+        assert variants[-1] == want, (setting, m)
+
+
 @requires_cuda
 def test_under_cuda_graph():
     from fastllm.ops import cuda
@@ -493,9 +642,26 @@ def test_plan():
         assert splits == 8
         assert plan(16, 14336, 4096, 128, 132, 0) == (2, 2 * 16 * 14336)  # 112 CTAs of 96 KB, 2 per SM
         assert plan(16, 4096, 14336, 128, 132, 0)[0] == 8  # 32 CTAs
-    for variant in (1, 3, -1):  # variants 0 and 2 only (1, the 8-stage pipeline, was removed)
-        with pytest.raises(RuntimeError, match=r"variant must be 0 \(default\) or 2"):
+    for variant in (1, 5, -1):  # variants 0, 2, 3 and 4 only (1, the 8-stage pipeline, was removed)
+        with pytest.raises(RuntimeError, match=r"variant must be 0 \(default\), 2 .* 3 or 4"):
             plan(1, 10, 64, 32, 132, 0, variant)
+    for variant in (3, 4):  # the wide M <= 8 tile: 32 rows, K tiles of 512, 4 CTAs per SM
+        assert plan(1, 14336, 4096, 128, 132, 0, variant) == (1, 0)  # 448 CTAs: every SM has some
+        assert plan(8, 4096, 14336, 128, 132, 0, variant) == (4, 4 * 8 * 4096)  # 128 CTAs: 4 splits fill 132 SMs
+        assert plan(1, 100, 1024, 32, 132, 16, variant)[0] == 2  # clamped to its two K tiles (variant 0: 4)
+        assert plan(1, 8000, 1024, 32, 132, 0, variant) == (1, 0)  # 250 CTAs
+        assert plan(1, 64, 512, 32, 132, 0, variant) == (1, 0)  # one K tile: nothing to split
+        for m in (9, 16, 33, 64, 65):  # variant 0's plan above 8 tokens
+            for requested in (0, 3):
+                assert plan(m, 4864, 896, 128, 132, requested, variant) == plan(m, 4864, 896, 128, 132, requested)
+    assert plan(1, 100, 1024, 32, 132, 16)[0] == 4
+    # The launch counts the same K tiles as the plan (checked before anything
+    # touches the device, so fake aligned pointers do): 3 splits of K = 1024
+    # are too many for the wide tile's two K tiles, 5 for variant 0's four.
+    launch = backend._C.int4_linear
+    for variant, splits in ((3, 3), (4, 3), (0, 5)):
+        with pytest.raises(RuntimeError, match=r"num_splits must be in \[1, min\(16, K tiles\)\]"):
+            launch(256, 256, 256, 256, 256, 256, 0, 1, 100, 1024, 32, splits, 2, 0, variant)
     assert plan(7, 1000, 4096, 64, 132, 3) == (3, 3 * 7 * 1000)
     assert plan(1, 100, 128, 32, 132, 16)[0] == 1  # clamped to the one K tile
     for m in (1, 8, 9, 16, 17, 33, 64, 65, 1000):
