@@ -30,6 +30,8 @@ from fastllm.logprobs import prompt_rows, raw_logprobs, score_prompts, token_log
 from fastllm.model import Transformer
 from fastllm.sampling import LogitContext, check_drawn, sample_next
 
+_RECENT = 256  # characters of a Request's text kept in one short string (see Request._recent)
+
 
 @dataclass
 class Request:
@@ -41,8 +43,7 @@ class Request:
     max_new_tokens: int  # config's, clipped to the context left
     decoder: object | None = None  # tokenizer's IncrementalDecoder
     output_ids: list[int] = field(default_factory=list)
-    text: str = ""
-    emitted: int = 0
+    emitted: int = 0  # characters of the text handed out by pending_text
     finish_reason: str | None = None
     cached: CachedSequence = field(default_factory=CachedSequence)
     spec_draws: int = 0  # speculative decoding: uniforms drawn, draft tokens proposed and accepted
@@ -52,6 +53,54 @@ class Request:
     prompt_scores: list[TokenLogprob] = field(default_factory=list)  # of prompt ids 1.. (config.prompt_logprobs)
     eos_ids: frozenset[int] = frozenset()  # the model's, for min_new_tokens
     matcher: object | None = None  # a fastllm.structured.GrammarMatcher (config.structured_output)
+    # The decoded text is ``"".join(_chunks) + _recent``, ``_recent`` its last
+    # _RECENT to 2 * _RECENT characters: a step appends its piece to the short
+    # ``_recent`` and reads only the tail it needs (stop strings, pending_text),
+    # so generating n characters costs O(n), not the O(n^2) of ``text += piece``.
+    _chunks: list[str] = field(default_factory=list, repr=False)
+    _recent: str = field(default="", repr=False)
+    _length: int = field(default=0, repr=False)  # len(text)
+    _stop_len: int = field(init=False, repr=False)  # the longest stop string's length (0: none)
+
+    def __post_init__(self) -> None:
+        self._stop_len = max(map(len, self.config.stop), default=0)
+
+    @property
+    def text(self) -> str:
+        """The text decoded so far (cut at a stop string)."""
+        chunks = self._chunks
+        if not chunks:
+            return self._recent
+        if len(chunks) > 1:
+            chunks[:] = ["".join(chunks)]
+        return chunks[0] + self._recent
+
+    @text.setter
+    def text(self, value: str) -> None:
+        self._chunks, self._recent, self._length = [], value, len(value)
+
+    def _append_text(self, piece: str) -> None:
+        if not piece:
+            return
+        r = self._recent + piece
+        if len(r) >= 2 * _RECENT:
+            self._chunks.append(r[: len(r) - _RECENT])
+            r = r[len(r) - _RECENT :]
+        self._recent = r
+        self._length += len(piece)
+
+    def _tail(self, k: int) -> str:
+        """``text[-k:]`` for k >= 0 (the whole text when k exceeds it)."""
+        r = self._recent
+        if k <= len(r):
+            return r[len(r) - k :]
+        need, parts, chunks, i = k - len(r), [r], self._chunks, len(self._chunks)
+        while need > 0 and i > 0:
+            i -= 1
+            c = chunks[i]
+            parts.append(c if len(c) <= need else c[len(c) - need :])
+            need -= len(c)
+        return "".join(reversed(parts))
 
     def token_ids(self) -> list[int]:
         """The prompt and the tokens generated so far."""
@@ -118,9 +167,12 @@ class Request:
     def pending_text(self) -> str:
         """Text that is final and not yet handed out. While running, a tail
         that could still grow into a stop string is held back."""
-        end = len(self.text) if self.finish_reason else len(self.text) - self._stop_prefix_len()
-        piece = self.text[self.emitted : end]
-        self.emitted = max(self.emitted, end)
+        n = self._length
+        end = n if self.finish_reason else n - self._stop_prefix_len()
+        if end <= self.emitted:
+            return ""
+        piece = self._tail(n - self.emitted)[: end - self.emitted]  # text[emitted:end]
+        self.emitted = end
         return piece
 
     def _stop_prefix_len(self) -> int:
@@ -129,8 +181,10 @@ class Request:
         stops = self.config.stop
         if not stops:
             return 0
-        text = self.text
-        cap = min(max(map(len, stops)) - 1, len(text))
+        text = self._recent  # only a tail of _stop_len - 1 characters can matter: the search is the same on it
+        if len(text) < self._stop_len - 1 and self._chunks:
+            text = self._tail(self._stop_len - 1)
+        cap = min(self._stop_len - 1, len(text))
         best = 0
         for s in stops:  # per stop string, its longest prefix that ends the text
             k = min(cap, len(s))  # a tail of k characters starts at len(text) - k
@@ -171,8 +225,8 @@ class Request:
             self._finish("stop")
             return
         if self.decoder is not None:
-            before = len(self.text)
-            self.text += self.decoder.feed(token)
+            before = self._length
+            self._append_text(self.decoder.feed(token))
             if self._cut_at_stop_string(before):
                 return
         if self.matcher is not None and self.matcher.done:
@@ -183,16 +237,28 @@ class Request:
     def _finish(self, reason: str) -> None:
         self.finish_reason = reason
         if self.decoder is not None:
-            before = len(self.text)
-            self.text += self.decoder.flush()
+            before = self._length
+            self._append_text(self.decoder.flush())
             self._cut_at_stop_string(before)
 
     def _cut_at_stop_string(self, before: int) -> bool:
+        """Cut the text at the first stop string that ends past ``before`` (the
+        length before the last piece); only the tail such a string can start in is read."""
+        stops = self.config.stop
+        if not stops:
+            return False
+        tail = self._recent
+        start = self._length - len(tail)  # where tail starts in the text
+        lo = before - self._stop_len + 1  # no stop string found here starts before lo
+        if lo < start:  # a long stop string (or piece): it may start in the chunks
+            lo = lo if lo > 0 else 0
+            tail, start = self._tail(self._length - lo), lo
         hits = []
-        for s in self.config.stop:
-            pos = self.text.find(s, max(0, before - len(s) + 1))
+        for s in stops:
+            i = before - len(s) + 1 - start  # >= 0 unless start is 0
+            pos = tail.find(s, i if i > 0 else 0)
             if pos >= 0:
-                hits.append(pos)
+                hits.append(start + pos)
         if not hits:
             return False
         self.text = self.text[: min(hits)]

@@ -11,6 +11,7 @@ import torch
 from fastllm.block_manager import BlockManager, SequenceBlocks
 from fastllm.cache import CachedSequence, KVCache, append_one_slot, append_slots
 from fastllm.config import GenerationConfig
+from fastllm import generate
 from fastllm.generate import Request
 
 
@@ -149,3 +150,89 @@ def test_a_plan_stands_exactly_when_planning_again_gives_it():
             limit = rng.choice([None, None, rng.randint(0, 12)])
             watched.append((tokens, limit, bm.plan(tokens, limit)))
     assert stood > 1000 and fell > 100
+
+
+class _Pieces:
+    """An IncrementalDecoder stand-in: hands out a fixed piece per token, and one at flush."""
+
+    def __init__(self, pieces: list[str], last: str):
+        self.pieces, self.last = iter(pieces), last
+
+    def feed(self, token: int) -> str:
+        return next(self.pieces)
+
+    def flush(self) -> str:
+        return self.last
+
+
+class _WholeText:
+    """What Request did with its text before it kept pieces: ``text += piece``
+    and every read on the whole text."""
+
+    def __init__(self, stops: list[str]):
+        self.text, self.emitted, self.stops, self.finish_reason = "", 0, stops, None
+
+    def add(self, piece: str) -> bool:
+        before = len(self.text)
+        self.text += piece
+        hits = [p for s in self.stops if (p := self.text.find(s, max(0, before - len(s) + 1))) >= 0]
+        if hits:
+            self.text, self.finish_reason = self.text[: min(hits)], "stop"
+        return bool(hits)
+
+    def pending_text(self) -> str:
+        end = len(self.text) if self.finish_reason else len(self.text) - _stop_prefix_len_by_scan(self.text, self.stops)
+        piece = self.text[self.emitted : end]
+        self.emitted = max(self.emitted, end)
+        return piece
+
+
+@pytest.mark.parametrize("recent", [2, 5, 256])
+def test_text_kept_in_pieces_reads_as_the_whole_text_did(monkeypatch, recent):
+    """Request keeps its text as chunks and a short recent part and reads
+    tails (stop strings, pending_text): the text, the streamed pieces and
+    the finish reason are those of appending to one string and reading all
+    of it (a small ``_RECENT`` sends tails across the chunks)."""
+    monkeypatch.setattr(generate, "_RECENT", recent)
+    rng = random.Random(recent)
+    alphabet = "ab é\n日"
+    for trial in range(1500):
+        stops = ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 5))) for _ in range(rng.randint(0, 3))]
+        n = rng.randint(1, 40)
+        pieces = ["".join(rng.choice(alphabet) for _ in range(rng.choice([0, 1, 1, 2, 3, 7]))) for _ in range(n)]
+        last = rng.choice(["", "a", "é日"])
+        r = Request([1], GenerationConfig(stop=stops), seed=0, max_new_tokens=n, decoder=_Pieces(pieces, last))
+        want = _WholeText(stops)
+        got_stream, want_stream = [], []
+        for i, piece in enumerate(pieces):
+            r.accept(100 + i, frozenset())
+            if not want.add(piece) and i == n - 1:  # the last token by length: the decoder is flushed
+                want.finish_reason = "length"
+                want.add(last)
+            assert r.finish_reason == want.finish_reason, (trial, i)
+            if rng.random() < 0.7:  # streamed (the engine reads every step; generate() never does)
+                got_stream.append(r.pending_text())
+                want_stream.append(want.pending_text())
+                assert got_stream[-1] == want_stream[-1], (trial, i, stops, pieces[: i + 1])
+            if rng.random() < 0.1:
+                assert r.text == want.text  # a whole read in between (joins the pieces)
+            if r.finish_reason:
+                break
+        assert r.text == want.text and r.output().text == want.text, (trial, stops, pieces)
+        assert r.pending_text() == want.pending_text()
+
+
+def test_text_setter_and_tail(monkeypatch):
+    monkeypatch.setattr(generate, "_RECENT", 2)
+    r = _request()
+    whole = ""
+    for piece in ("ab", "", "cdé", "f", "ghijk", "l", "", "mn"):
+        r._append_text(piece)
+        whole += piece
+        assert r._length == len(whole) and len(r._recent) < 4
+        for k in range(len(whole) + 3):
+            assert r._tail(k) == whole[max(0, len(whole) - k) :], (whole, k)
+        assert r.text == whole
+    assert r._chunks and len(r._chunks) == 1  # the whole read joined them
+    r.text = "xy"
+    assert r.text == "xy" and r._tail(5) == "xy" and r._length == 2 and not r._chunks
