@@ -61,8 +61,8 @@ from fastllm.block_manager import BlockManager, BlockPlan, SequenceBlocks
 from fastllm.cache import DEFAULT_BLOCK_SIZE, CachedSequence, KVCache, blocks_needed, device_scope
 from fastllm.config import GenerationConfig, GenerationOutput, TokenLogprob
 from fastllm.cuda_graph import DecodeGraphRunner, graphs_supported
-from fastllm.generate import (DecodeFlight, Request, can_step_ahead, forward_step, launch_decode, launch_next,
-                              sample_requests)
+from fastllm.generate import (DecodeFlight, DrawRing, Request, can_step_ahead, forward_step, launch_decode,
+                              launch_next, sample_requests)
 from fastllm.sampling import derive_seed
 from fastllm.speculative import Proposal, SpecRunners, proposals_allowed, speculative_round
 
@@ -173,6 +173,7 @@ class LLMEngine:
         self.running: list[_Seq] = []
         self._flight: DecodeFlight | None = None  # a decode step launched ahead, not yet read (see step)
         self._flight_seqs: list[_Seq] = []
+        self._draws = DrawRing()  # host buffers the steps ahead copy their draws into
         self._ids = itertools.count()
         self.num_preemptions = 0
         # Admission of the waiting head (_schedule): its plan while it stands,
@@ -267,7 +268,8 @@ class LLMEngine:
                 seqs = [w.seq for w in batch]
                 with device_scope(self.cache.device):
                     self._flight = launch_decode(self.cache, self.runner, [s.req for s in seqs],
-                                                 [s.blocks for s in seqs], [s.req.output_ids[-1] for s in seqs], 0)
+                                                 [s.blocks for s in seqs], [s.req.output_ids[-1] for s in seqs], 0,
+                                                 self._draws)
                 self._flight_seqs = seqs
                 return self._read_ahead()
             plain = [w for w in batch if not w.spec]

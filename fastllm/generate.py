@@ -17,6 +17,7 @@ for logprobs take the plain loop.
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -365,36 +366,93 @@ def can_step_ahead(r: Request) -> bool:
     return not c.penalizes_history and r.matcher is None and c.logprobs is None
 
 
-@dataclass
+class DrawRing:
+    """Pinned host buffers, each with a CUDA event, that decode steps copy
+    their draws into: reused from step to step instead of a buffer and an
+    event allocated per step. A buffer is handed out again only when no
+    unread ``DecodeFlight`` holds it (read, or dropped) and its event has
+    fired (``Event.query``, which does not synchronise); when none is free a
+    buffer is added, so the ring grows to the steps in flight at once (two
+    when one step is launched ahead of the one being read). The decode loop
+    owns it (``_overlapped``, ``LLMEngine``) and ``launch_next`` hands it on.
+    ``pinned`` and ``new_event``: for tests without a GPU."""
+
+    def __init__(self, pinned: bool = True, new_event=None):
+        self._pinned = pinned
+        self._new_event = new_event if new_event is not None else torch.cuda.Event
+        self._buffers: list[Tensor | None] = []
+        self._events: list = []
+        self._holders: list[weakref.ref | None] = []  # the DecodeFlight reading each buffer, or None
+        self._next = 0  # round robin from here: the buffer used longest ago is the likeliest free
+
+    def __len__(self) -> int:
+        return len(self._buffers)
+
+    def take(self, n: int, dtype: torch.dtype) -> tuple[int, Tensor, object]:
+        """A free buffer's index, its first ``n`` entries and its event."""
+        k = len(self._buffers)
+        for j in range(k):
+            i = (self._next + j) % k
+            holder = self._holders[i]
+            if (holder is None or holder() is None) and self._events[i].query():
+                break
+        else:
+            i = k
+            self._buffers.append(None)
+            self._events.append(self._new_event())
+            self._holders.append(None)
+        buf = self._buffers[i]
+        if buf is None or buf.numel() < n or buf.dtype != dtype:
+            buf = self._buffers[i] = torch.empty(n, dtype=dtype, pin_memory=self._pinned)
+        self._next = (i + 1) % len(self._buffers)
+        return i, buf if buf.numel() == n else buf[:n], self._events[i]
+
+    def hold(self, i: int, flight: "DecodeFlight") -> None:
+        """Buffer ``i`` is ``flight``'s until it is read or dropped."""
+        self._holders[i] = weakref.ref(flight)
+
+    def release(self, i: int) -> None:
+        self._holders[i] = None
+
+
+@dataclass(eq=False)
 class DecodeFlight:
     """A decode step launched and not yet read: its requests, their sampled
-    tokens on the device, and the host copy of them (ready once ``copied``)."""
+    tokens on the device, and the host copy of them (ready once ``copied``),
+    in buffer ``slot`` of ``ring`` on a GPU."""
 
     requests: list[Request]
     tokens: Tensor  # [B] int64 on the device
     host: Tensor  # [B] int64, pinned on a GPU
     copied: torch.cuda.Event | None
+    ring: DrawRing | None = None
+    slot: int = -1
+    _drawn: list[int] | None = None
 
     def read(self) -> list[int]:
         """The sampled tokens, once the device has them on the host (waits).
         Raises the sampler's ValueError for a row it could not draw (NaN
         logits, say), which the launch did not wait to check."""
-        if self.copied is not None:
-            self.copied.synchronize()
-        tokens = self.host.tolist()
-        check_drawn(tokens)
-        return tokens
+        if self._drawn is None:
+            if self.copied is not None:
+                self.copied.synchronize()
+            self._drawn = self.host.tolist()
+            if self.ring is not None:  # read: the buffer may take a later step's draws
+                self.ring.release(self.slot)
+        check_drawn(self._drawn)
+        return self._drawn
 
 
 def launch_decode(cache: KVCache, runner: DecodeGraphRunner, requests: list[Request], seqs: list[CachedSequence],
-                  tokens: list[int] | Tensor, pending: int) -> DecodeFlight:
+                  tokens: list[int] | Tensor, pending: int, ring: DrawRing | None = None) -> DecodeFlight:
     """One decode step of ``requests`` (their sequences in the cache: ``seqs``)
     on ``tokens`` (host ids, or the last step's samples on the device), its
     draw and the copy of the draws to the host, all enqueued without waiting
     (nothing here may synchronise with the device: the sampler's check of
     its rows waits for ``DecodeFlight.read``). ``pending``: tokens each
     request has drawn that the host has not accepted yet (0 or 1); the draw
-    is its ``len(output_ids) + pending``-th."""
+    is its ``len(output_ids) + pending``-th. ``ring``: where the draws are
+    copied on a GPU (a new one when None; the decode loop passes its own)."""
     logits = runner.step(seqs, tokens)
     extra = [0] * pending  # no history is read: only the count
     contexts = [r.logit_context(extra) for r in requests]
@@ -402,22 +460,26 @@ def launch_decode(cache: KVCache, runner: DecodeGraphRunner, requests: list[Requ
                         [len(r.output_ids) + pending for r in requests], check=False)
     if cache.device.type != "cuda":
         return DecodeFlight(requests, drawn, drawn, None)
-    host = torch.empty(drawn.shape, dtype=drawn.dtype, pin_memory=True)
+    if ring is None:
+        ring = DrawRing()
+    slot, host, copied = ring.take(drawn.shape[0], drawn.dtype)
     host.copy_(drawn, non_blocking=True)
-    copied = torch.cuda.Event()
     copied.record()
-    return DecodeFlight(requests, drawn, host, copied)
+    flight = DecodeFlight(requests, drawn, host, copied, ring, slot)
+    ring.hold(slot, flight)
+    return flight
 
 
 def launch_next(cache: KVCache, runner: DecodeGraphRunner, flight: DecodeFlight, keep: list[int],
                 seqs: list[CachedSequence]) -> DecodeFlight:
     """The step after ``flight`` for its requests at indices ``keep`` (their
-    sequences in the cache: ``seqs``), on its samples still on the device."""
+    sequences in the cache: ``seqs``), on its samples still on the device,
+    its draws copied into ``flight``'s ring."""
     with device_scope(cache.device):
         tokens = flight.tokens
         if len(keep) < len(flight.requests):
             tokens = tokens.index_select(0, to_device(keep, torch.int64, tokens.device))  # pinned: no sync
-        return launch_decode(cache, runner, [flight.requests[i] for i in keep], seqs, tokens, 1)
+        return launch_decode(cache, runner, [flight.requests[i] for i in keep], seqs, tokens, 1, flight.ring)
 
 
 def _overlapped(cache: KVCache, active: list[Request], eos_ids: frozenset[int],
@@ -429,7 +491,8 @@ def _overlapped(cache: KVCache, active: list[Request], eos_ids: frozenset[int],
     if not runner.fits([r.cached for r in active]):
         return active
     with device_scope(cache.device):
-        flight = launch_decode(cache, runner, active, [r.cached for r in active], [r.output_ids[-1] for r in active], 0)
+        flight = launch_decode(cache, runner, active, [r.cached for r in active], [r.output_ids[-1] for r in active], 0,
+                               DrawRing())  # handed on to each next step by launch_next
     while True:
         # The next step, for what may still need a token after this one: not
         # the requests that finished before this step (their row here is

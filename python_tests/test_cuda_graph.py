@@ -735,6 +735,7 @@ def test_steps_ahead_never_wait_for_the_device(monkeypatch):
     launches.clear()
     assert [o.token_ids for o in engine.generate(prompts, **params)] == want
     assert launches.count("launch_next") > 10
+    assert 2 <= len(engine._draws) <= 3  # the draws' host buffers: one per step in flight, reused
     # the sampler's status, read late: a failed row raises and leaves the GPU usable
     real = generate.sample_next
     calls = []
@@ -750,3 +751,76 @@ def test_steps_ahead_never_wait_for_the_device(monkeypatch):
     monkeypatch.setattr(generate, "sample_next", real)
     torch.cuda.synchronize()
     assert [o.token_ids for o in model.generate(prompts, **params)] == want
+
+
+class _FakeEvent:
+    """A CUDA event stand-in for DrawRing on the CPU: fires when told to."""
+
+    def __init__(self):
+        self.fired, self.records = True, 0
+
+    def record(self):
+        self.fired, self.records = False, self.records + 1
+
+    def query(self):
+        return self.fired
+
+    def synchronize(self):
+        self.fired = True
+
+
+def _launch(ring, draws):
+    """What launch_decode does with its draws on a GPU, on the CPU: a ring
+    buffer, the copy, the event recorded, a flight holding them."""
+    from fastllm.generate import DecodeFlight
+
+    drawn = torch.tensor(draws)
+    slot, host, copied = ring.take(len(draws), drawn.dtype)
+    host.copy_(drawn)
+    copied.record()
+    flight = DecodeFlight([], drawn, host, copied, ring, slot)
+    ring.hold(slot, flight)
+    return flight
+
+
+def test_draw_ring_reuses_a_buffer_only_once_read_and_copied():
+    """The decode loop's ring of host buffers (one per step in flight): with a
+    step launched ahead of each read it holds two buffers; an unread
+    flight's buffer, or one whose copy has not completed, is never handed
+    out again; a dropped flight's buffer is; every flight reads its own draws."""
+    from fastllm.generate import DrawRing
+
+    ring = DrawRing(pinned=False, new_event=_FakeEvent)
+    draws = [1, 2, 3]
+    flight = _launch(ring, draws)
+    for step in range(1, 40):  # steps ahead: launch step + 1, then read step
+        following = [10 * step + i for i in range(3 - step // 15)]  # rows dropped as requests finish
+        nxt = _launch(ring, following)
+        assert nxt.slot != flight.slot
+        assert flight.read() == draws
+        flight, draws = nxt, following
+    assert len(ring) == 2 and sum(e.records for e in ring._events) == 40
+    assert flight.read() == draws and flight.read() == draws  # read once; a second read repeats it
+    # copies not complete yet (events that have not fired): their buffers are not handed out
+    for e in ring._events:
+        e.fired = False
+    third = _launch(ring, [7])
+    assert len(ring) == 3 and third.slot == 2
+    # a flight dropped unread frees its buffer once its copy completed
+    for e in ring._events:
+        e.synchronize()
+    held = third.slot
+    del third
+    taken = set()
+    for i in range(3):
+        dropped = _launch(ring, [i])
+        taken.add(dropped.slot)
+        dropped.copied.synchronize()
+        del dropped
+    assert held in taken and len(ring) == 3
+    kept = _launch(ring, [5, 6])
+    kept.copied.synchronize()
+    for i in range(4):  # kept is unread: the other two buffers go round
+        other = _launch(ring, [i])
+        assert other.slot != kept.slot and other.read() == [i]
+    assert kept.read() == [5, 6] and len(ring) == 3
