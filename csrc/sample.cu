@@ -47,131 +47,13 @@
  * HBM read spread over 16 SMs, ~6 group barriers and a few passes over ~8k
  * elements per block, i.e. some microseconds instead of a sort of V.
  */
-#include <cooperative_groups.h>
-
-#include <cfloat>
-#include <climits>
-
-#include "common.cuh"
-#include "philox.cuh"
+#include "sample_common.cuh"
 
 namespace fastllm {
 namespace {
 
-namespace cg = cooperative_groups;
-
-constexpr int kThreads = 1024;
-constexpr int kWarps = kThreads / 32;
-constexpr int kBins = 1024;                      // histogram bins per radix level (10 bits)
-constexpr int kMaxGroup = 16;
-constexpr uint32_t kKeyMax = 0x3F800000u;        // bit pattern of 1.0f, the largest q
-constexpr float kMassScale = 1099511627776.0f;  // 2^40: fixed-point scale of a mass
 constexpr int kDefaultCache = 40960;             // q values cached per block (160 KiB of shared memory)
 constexpr int kMinChunk = 4096;                  // below this a bigger group only adds barriers
-constexpr uint32_t kSampleStream = 0x73616d70u;  // Philox counter word that names this use ("samp")
-constexpr unsigned kFull = 0xffffffffu;
-
-constexpr int64_t kNaN = -1, kAllNegInf = -2, kBadParams = -3;
-
-using u64 = unsigned long long;
-
-// The blocks sampling one row. G == 1 is a plain block (any architecture);
-// G > 1 is a thread-block cluster (sm_90+, launched only there).
-template <int G>
-struct Group {
-  static __device__ __forceinline__ void sync() {
-    if constexpr (G == 1) {
-      __syncthreads();
-    } else {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-      cg::this_cluster().sync();
-#else
-      __trap();
-#endif
-    }
-  }
-  // The same shared-memory object in block `rank` of the group.
-  template <typename P>
-  static __device__ __forceinline__ P* peer(P* p, int rank) {
-    if constexpr (G == 1) {
-      return p;
-    } else {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-      return cg::this_cluster().map_shared_rank(p, static_cast<unsigned>(rank));
-#else
-      __trap();
-      return p;
-#endif
-    }
-  }
-};
-
-struct ScanScratch {
-  uint32_t c[kWarps + 1];
-  u64 m[kWarps + 1];
-};
-
-// Inclusive scan of (c, m) over the block in thread order; totals to *tc, *tm.
-// Every thread of the block must call it.
-__device__ __forceinline__ void block_scan(uint32_t& c, u64& m, ScanScratch& s, uint32_t& tc, u64& tm) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-#pragma unroll
-  for (int o = 1; o < 32; o <<= 1) {
-    const uint32_t c2 = __shfl_up_sync(kFull, c, o);
-    const u64 m2 = __shfl_up_sync(kFull, m, o);
-    if (lane >= o) {
-      c += c2;
-      m += m2;
-    }
-  }
-  if (lane == 31) {
-    s.c[warp] = c;
-    s.m[warp] = m;
-  }
-  __syncthreads();
-  if (warp == 0) {
-    const uint32_t c0 = s.c[lane];
-    const u64 m0 = s.m[lane];
-    uint32_t wc = c0;
-    u64 wm = m0;
-#pragma unroll
-    for (int o = 1; o < 32; o <<= 1) {
-      const uint32_t c2 = __shfl_up_sync(kFull, wc, o);
-      const u64 m2 = __shfl_up_sync(kFull, wm, o);
-      if (lane >= o) {
-        wc += c2;
-        wm += m2;
-      }
-    }
-    s.c[lane] = wc - c0;
-    s.m[lane] = wm - m0;
-    if (lane == 31) {
-      s.c[kWarps] = wc;
-      s.m[kWarps] = wm;
-    }
-  }
-  __syncthreads();
-  c += s.c[warp];
-  m += s.m[warp];
-  tc = s.c[kWarps];
-  tm = s.m[kWarps];
-  __syncthreads();  // s is free again
-}
-
-// (value, index) max with the lowest index on ties.
-__device__ __forceinline__ void argmax_merge(float& v, int& i, float v2, int i2) {
-  if (v2 > v || (v2 == v && i2 < i)) {
-    v = v2;
-    i = i2;
-  }
-}
-
-__device__ __forceinline__ void warp_argmax(float& v, int& i) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) argmax_merge(v, i, __shfl_xor_sync(kFull, v, o), __shfl_xor_sync(kFull, i, o));
-}
-
-__device__ __forceinline__ u64 mass_of(float q) { return __float2ull_rn(q * kMassScale); }
 
 template <int G>
 struct SampleShared {
@@ -204,11 +86,6 @@ struct SampleShared {
   u64 b_bm, b_ac2, b_am2;
   int s_owner;
   u64 s_target;
-};
-
-struct Threshold {
-  uint32_t key;  // keep q with bits(q) >= key
-  u64 mass;      // total mass kept by this filter alone
 };
 
 template <typename T, int G>
