@@ -52,6 +52,7 @@ PYBIND11_MODULE(_C, m) {
             "reshape_and_cache",
             "decode_attention",
             "sample",
+            "sample_v1",  // sample's variant 1 (the same draws, rescheduled) by default when enabled
             "prefill_attention",
             "prefill_attention_sm90",            // the wgmma variants prefill_attention picks when
             "prefill_attention_sm90_pipelined",  // enabled (the pipelined one first)
@@ -107,18 +108,20 @@ PYBIND11_MODULE(_C, m) {
       "sample",
       [](std::uintptr_t out, std::uintptr_t logits, std::uintptr_t temperature, std::uintptr_t top_k,
          std::uintptr_t top_p, std::uintptr_t min_p, std::uintptr_t seeds, std::uintptr_t offsets, std::int64_t rows,
-         std::int64_t vocab, int dtype, int force_group, std::int64_t cache_limit, std::uintptr_t stream) {
+         std::int64_t vocab, int dtype, int force_group, std::int64_t cache_limit, std::uintptr_t stream,
+         int variant) {
         check("sample", fastllm::launch_sample(ptr(out), ptr(logits), ptr(temperature), ptr(top_k), ptr(top_p),
                                                ptr(min_p), ptr(seeds), ptr(offsets), rows, vocab, dtype, force_group,
-                                               cache_limit, ptr(stream)));
+                                               cache_limit, variant, ptr(stream)));
       },
       py::arg("out"), py::arg("logits"), py::arg("temperature"), py::arg("top_k"), py::arg("top_p"),
       py::arg("min_p"), py::arg("seeds"), py::arg("offsets"), py::arg("rows"), py::arg("vocab"), py::arg("dtype"),
-      py::arg("force_group"), py::arg("cache_limit"), py::arg("stream"),
+      py::arg("force_group"), py::arg("cache_limit"), py::arg("stream"), py::arg("variant") = 0,
       "out[b] (int64) = one token drawn from softmax(logits[b] / temperature[b]) after top-k (int32), top-p and "
       "min-p (fp32) per row, with Philox(seeds[b], offsets[b]) (int64); temperature 0 = argmax. Rows with NaN, "
       "all -inf logits or out-of-range parameters get -1, -2, -3. force_group: 0 = auto, else blocks per row; "
-      "cache_limit: -1 = default, else q values cached in shared memory per block.");
+      "cache_limit: -1 = default, else q values cached in shared memory per block; variant: 0 = the verified "
+      "kernel, 1 = the rescheduled one (bit-identical draws).");
 
   m.def(
       "reshape_and_cache",

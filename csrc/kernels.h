@@ -70,10 +70,12 @@ const char* launch_decode_attention(void* out, void* workspace, const void* q, c
 // argmax. Rows with NaN / all -inf logits / bad parameters get -1 / -2 / -3.
 // force_group: 0 = choose, else the blocks per row (1, 2, 4, 8, 16; >1 needs
 // sm_90); cache_limit: < 0 = default, else at most this many q values cached
-// in shared memory per block (tests use both to reach every path).
+// in shared memory per block (tests use both to reach every path). variant:
+// 0 = the verified kernel, 1 = the same algorithm rescheduled (sample_v1.cuh;
+// bit-identical tokens).
 const char* launch_sample(void* out, const void* logits, const void* temperature, const void* top_k,
                           const void* top_p, const void* min_p, const void* seeds, const void* offsets, int64_t rows,
-                          int64_t vocab, int dtype, int force_group, int64_t cache_limit, void* stream);
+                          int64_t vocab, int dtype, int force_group, int64_t cache_limit, int variant, void* stream);
 
 // Prefill attention over a paged KV cache (any number of queries per sequence):
 // for sequence b, queries q[cu_seqlens_q[b] .. cu_seqlens_q[b+1]) (int32 [batch+1],

@@ -46,8 +46,15 @@
  * memory on each pass. Cost per row at V = 128k on an H100 (G = 16): one
  * HBM read spread over 16 SMs, ~6 group barriers and a few passes over ~8k
  * elements per block, i.e. some microseconds instead of a sort of V.
+ *
+ * Variants (launch_sample's `variant`): 0 is this file's kernel, verified on
+ * an H200 and the default; 1 (sample_v1.cuh) is the same algorithm with the
+ * same bins, thresholds, masses and draw, rescheduled to cut the barriers
+ * between the passes (bit-identical tokens). Both share sample_common.cuh and
+ * this file's launch plan.
  */
 #include "sample_common.cuh"
+#include "sample_v1.cuh"
 
 namespace fastllm {
 namespace {
@@ -444,11 +451,12 @@ struct DeviceInfo {
   bool known = false;
   int sms = 0;
   int major = 0;
-  bool cluster16[3] = {false, false, false};  // per dtype code
-  bool cluster16_known[3] = {false, false, false};
-  bool smem_set[3][5] = {};
-  int smem_optin = 0;                // cudaDevAttrMaxSharedMemoryPerBlockOptin (bytes)
-  int cache_capacity[3] = {0, 0, 0};  // q values a block can cache on this device, per dtype code
+  // Per variant (0, 1) and dtype code.
+  bool cluster16[2][3] = {};
+  bool cluster16_known[2][3] = {};
+  bool smem_set[2][3][5] = {};
+  int smem_optin = 0;              // cudaDevAttrMaxSharedMemoryPerBlockOptin (bytes)
+  int cache_capacity[2][3] = {};   // q values a block can cache on this device
   int cluster_code[3] = {-1, -1, -1};  // cluster kernels usable on this device, per dtype code (-1: not asked yet)
 };
 
@@ -470,37 +478,60 @@ DeviceInfo* device_info(int dev) {
 
 int group_index(int g) { return g == 1 ? 0 : g == 2 ? 1 : g == 4 ? 2 : g == 8 ? 3 : 4; }
 
+// The kernel of variant V for dtype T and group G.
+template <typename T, int G, int V>
+constexpr auto kernel_of() {
+  if constexpr (V == 0) {
+    return sample_kernel<T, G>;
+  } else {
+    return sample_kernel_v1<T, G>;
+  }
+}
+
+// Static shared memory of variant V's largest instantiation (variant 0: G = 1;
+// variant 1: G = 2, as its G = 1 keeps no slice copy); 0 if unknown.
+template <typename T, int V>
+int64_t static_smem() {
+  int64_t most = 0;
+  auto take = [&](auto kernel) {
+    cudaFuncAttributes attr;
+    if (cudaFuncGetAttributes(&attr, kernel) == cudaSuccess) {
+      most = most > static_cast<int64_t>(attr.sharedSizeBytes) ? most : static_cast<int64_t>(attr.sharedSizeBytes);
+    } else {
+      cudaGetLastError();
+    }
+  };
+  take(kernel_of<T, 1, V>());
+  if constexpr (V == 1) take(kernel_of<T, 2, V>());
+  return most;
+}
+
 // The q values a block can cache in dynamic shared memory on this device:
 // kDefaultCache (160 KiB) on an H100 (227 KiB per block), less where the
 // opt-in limit is smaller (A100: 163 KiB, sm_89: 99 KiB), always leaving room
-// for the static shared memory of the largest instantiation (G = 1).
-template <typename T>
+// for the static shared memory of the largest instantiation.
+template <typename T, int V>
 int cache_capacity(DeviceInfo& info, int dtype) {
-  if (info.cache_capacity[dtype] > 0) return info.cache_capacity[dtype];
-  cudaFuncAttributes attr;
-  int64_t floats = 0;
-  if (cudaFuncGetAttributes(&attr, sample_kernel<T, 1>) == cudaSuccess) {
-    floats = (static_cast<int64_t>(info.smem_optin) - static_cast<int64_t>(attr.sharedSizeBytes)) /
-             static_cast<int64_t>(sizeof(float));
-  } else {
-    cudaGetLastError();
-  }
+  if (info.cache_capacity[V][dtype] > 0) return info.cache_capacity[V][dtype];
+  const int64_t fixed = static_smem<T, V>();
+  int64_t floats = fixed > 0 ? (static_cast<int64_t>(info.smem_optin) - fixed) / static_cast<int64_t>(sizeof(float))
+                             : 0;
   floats = floats < kDefaultCache ? floats : kDefaultCache;
   floats = floats < 8 ? 8 : floats / 8 * 8;  // at least one 8-value row keeps the code paths uniform
-  info.cache_capacity[dtype] = static_cast<int>(floats);
-  return info.cache_capacity[dtype];
+  info.cache_capacity[V][dtype] = static_cast<int>(floats);
+  return info.cache_capacity[V][dtype];
 }
 
-template <typename T, int G>
+template <typename T, int G, int V>
 const char* launch_group(DeviceInfo& info, int dtype, int64_t* out, const T* logits, const float* temperature,
                          const int* top_k, const float* top_p, const float* min_p, const int64_t* seeds,
                          const int64_t* offsets, int rows, int vocab, int chunk, int cache, bool vec_ok,
                          cudaStream_t stream) {
-  auto kernel = sample_kernel<T, G>;
-  bool& smem_set = info.smem_set[dtype][group_index(G)];
+  auto kernel = kernel_of<T, G, V>();
+  bool& smem_set = info.smem_set[V][dtype][group_index(G)];
   if (!smem_set) {
     FASTLLM_RETURN_IF_ERROR(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                                 cache_capacity<T>(info, dtype) * static_cast<int>(sizeof(float))));
+                                                 cache_capacity<T, V>(info, dtype) * static_cast<int>(sizeof(float))));
     if (G > 8) FASTLLM_RETURN_IF_ERROR(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
     smem_set = true;
   }
@@ -530,12 +561,12 @@ const char* launch_group(DeviceInfo& info, int dtype, int64_t* out, const T* log
 }
 
 // Whether a cluster of 16 of these blocks can be resident on this device.
-template <typename T>
+template <typename T, int V>
 bool cluster16_fits(DeviceInfo& info, int dtype, int cache) {
-  if (info.cluster16_known[dtype]) return info.cluster16[dtype];
-  auto kernel = sample_kernel<T, 16>;
+  if (info.cluster16_known[V][dtype]) return info.cluster16[V][dtype];
+  auto kernel = kernel_of<T, 16, V>();
   bool ok = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                 cache_capacity<T>(info, dtype) * static_cast<int>(sizeof(float))) == cudaSuccess &&
+                                 cache_capacity<T, V>(info, dtype) * static_cast<int>(sizeof(float))) == cudaSuccess &&
             cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) == cudaSuccess;
   if (ok) {
     cudaLaunchConfig_t config = {};
@@ -553,8 +584,8 @@ bool cluster16_fits(DeviceInfo& info, int dtype, int cache) {
     ok = cudaOccupancyMaxActiveClusters(&clusters, kernel, &config) == cudaSuccess && clusters > 0;
   }
   cudaGetLastError();  // a refused query must not linger as the launch error
-  info.cluster16[dtype] = ok;
-  info.cluster16_known[dtype] = true;
+  info.cluster16[V][dtype] = ok;
+  info.cluster16_known[V][dtype] = true;
   return ok;
 }
 
@@ -574,7 +605,9 @@ bool cluster_code(DeviceInfo& info, int dtype) {
   return ok;
 }
 
-template <typename T>
+// The plan (group size, chunk, cache) is the same for both variants; only the
+// cache capacity follows each variant's static shared memory.
+template <typename T, int V>
 const char* launch_typed(int64_t* out, const T* logits, const float* temperature, const int* top_k,
                          const float* top_p, const float* min_p, const int64_t* seeds, const int64_t* offsets,
                          int rows, int vocab, int dtype, int force_group, int64_t cache_limit, cudaStream_t stream) {
@@ -583,7 +616,7 @@ const char* launch_typed(int64_t* out, const T* logits, const float* temperature
   DeviceInfo* info = device_info(dev);
   if (info == nullptr) return "cannot query the CUDA device";
   const bool clusters = info->major >= 9 && cluster_code<T>(*info, dtype);
-  int cache = cache_capacity<T>(*info, dtype);
+  int cache = cache_capacity<T, V>(*info, dtype);
   if (cache_limit >= 0 && cache_limit < cache) cache = static_cast<int>(cache_limit / 8 * 8);
 
   int group = 1;
@@ -592,7 +625,7 @@ const char* launch_typed(int64_t* out, const T* logits, const float* temperature
       return "group size must be 1, 2, 4, 8 or 16";
     }
     if (force_group > 1 && !clusters) return "groups of more than one block need thread-block clusters (sm_90+)";
-    if (force_group == 16 && !cluster16_fits<T>(*info, dtype, cache)) return "a cluster of 16 blocks does not fit";
+    if (force_group == 16 && !cluster16_fits<T, V>(*info, dtype, cache)) return "a cluster of 16 blocks does not fit";
     group = force_group;
   } else if (clusters) {
     // The smallest group whose chunks fit the cache, then wider while the
@@ -602,27 +635,27 @@ const char* launch_typed(int64_t* out, const T* logits, const float* temperature
            vocab / (group * 2) >= kMinChunk) {
       group *= 2;
     }
-    if (group == 16 && !cluster16_fits<T>(*info, dtype, cache)) group = 8;
+    if (group == 16 && !cluster16_fits<T, V>(*info, dtype, cache)) group = 8;
   }
   const int chunk = static_cast<int>(ceil_div<int64_t>(ceil_div<int64_t>(vocab, group), 8) * 8);
   constexpr int VEC = 16 / sizeof(T);
   const bool vec_ok = vocab % VEC == 0 && aligned16(logits);
   switch (group) {
     case 1:
-      return launch_group<T, 1>(*info, dtype, out, logits, temperature, top_k, top_p, min_p, seeds, offsets, rows,
-                                vocab, chunk, cache, vec_ok, stream);
+      return launch_group<T, 1, V>(*info, dtype, out, logits, temperature, top_k, top_p, min_p, seeds, offsets, rows,
+                                   vocab, chunk, cache, vec_ok, stream);
     case 2:
-      return launch_group<T, 2>(*info, dtype, out, logits, temperature, top_k, top_p, min_p, seeds, offsets, rows,
-                                vocab, chunk, cache, vec_ok, stream);
+      return launch_group<T, 2, V>(*info, dtype, out, logits, temperature, top_k, top_p, min_p, seeds, offsets, rows,
+                                   vocab, chunk, cache, vec_ok, stream);
     case 4:
-      return launch_group<T, 4>(*info, dtype, out, logits, temperature, top_k, top_p, min_p, seeds, offsets, rows,
-                                vocab, chunk, cache, vec_ok, stream);
+      return launch_group<T, 4, V>(*info, dtype, out, logits, temperature, top_k, top_p, min_p, seeds, offsets, rows,
+                                   vocab, chunk, cache, vec_ok, stream);
     case 8:
-      return launch_group<T, 8>(*info, dtype, out, logits, temperature, top_k, top_p, min_p, seeds, offsets, rows,
-                                vocab, chunk, cache, vec_ok, stream);
+      return launch_group<T, 8, V>(*info, dtype, out, logits, temperature, top_k, top_p, min_p, seeds, offsets, rows,
+                                   vocab, chunk, cache, vec_ok, stream);
     default:
-      return launch_group<T, 16>(*info, dtype, out, logits, temperature, top_k, top_p, min_p, seeds, offsets, rows,
-                                 vocab, chunk, cache, vec_ok, stream);
+      return launch_group<T, 16, V>(*info, dtype, out, logits, temperature, top_k, top_p, min_p, seeds, offsets,
+                                    rows, vocab, chunk, cache, vec_ok, stream);
   }
 }
 
@@ -630,18 +663,19 @@ const char* launch_typed(int64_t* out, const T* logits, const float* temperature
 
 const char* launch_sample(void* out, const void* logits, const void* temperature, const void* top_k,
                           const void* top_p, const void* min_p, const void* seeds, const void* offsets, int64_t rows,
-                          int64_t vocab, int dtype, int force_group, int64_t cache_limit, void* stream) {
+                          int64_t vocab, int dtype, int force_group, int64_t cache_limit, int variant, void* stream) {
   if (rows == 0) return nullptr;
   if (rows < 0 || rows > 65535) return "rows out of range (at most 65535)";
   if (vocab < 1 || vocab >= (1LL << 24)) return "vocabulary size out of range (1 .. 2^24 - 1)";
   if (dtype < 0 || dtype > 2) return "unsupported dtype code";
+  if (variant != 0 && variant != 1) return "variant must be 0 or 1";
   return FASTLLM_DISPATCH_FLOAT(dtype, [&] {
-    return launch_typed<scalar_t>(static_cast<int64_t*>(out), static_cast<const scalar_t*>(logits),
-                                  static_cast<const float*>(temperature), static_cast<const int*>(top_k),
-                                  static_cast<const float*>(top_p), static_cast<const float*>(min_p),
-                                  static_cast<const int64_t*>(seeds), static_cast<const int64_t*>(offsets),
-                                  static_cast<int>(rows), static_cast<int>(vocab), dtype, force_group, cache_limit,
-                                  static_cast<cudaStream_t>(stream));
+    auto launch = variant == 0 ? launch_typed<scalar_t, 0> : launch_typed<scalar_t, 1>;
+    return launch(static_cast<int64_t*>(out), static_cast<const scalar_t*>(logits),
+                  static_cast<const float*>(temperature), static_cast<const int*>(top_k),
+                  static_cast<const float*>(top_p), static_cast<const float*>(min_p),
+                  static_cast<const int64_t*>(seeds), static_cast<const int64_t*>(offsets), static_cast<int>(rows),
+                  static_cast<int>(vocab), dtype, force_group, cache_limit, static_cast<cudaStream_t>(stream));
   });
 }
 

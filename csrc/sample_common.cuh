@@ -1,8 +1,8 @@
 /*
- * Device pieces shared by the sampling kernels (sample.cu): constants, the
- * status codes, the group of blocks that samples one row (a thread-block
- * cluster on sm_90), block scan, argmax merge and the fixed-point mass.
- * Included by .cu files only; everything is internal to each translation unit.
+ * Device pieces shared by the sampling kernels (sample.cu: variant 0,
+ * sample_v1.cuh: variant 1): constants, the status codes, the group of blocks that samples one row (a thread-block cluster on sm_90),
+ * block scan, argmax merge and the fixed-point mass. Included by .cu files
+ * only; everything is internal to each translation unit.
  */
 #pragma once
 
@@ -46,6 +46,22 @@ struct Group {
       __trap();
 #endif
     }
+  }
+  // sync() in two halves (G > 1): arrive once this thread's accesses to its
+  // peers are done, wait before what must follow every arrival (the exit).
+  static __device__ __forceinline__ void arrive() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    if constexpr (G > 1) __cluster_barrier_arrive();
+#else
+    if constexpr (G > 1) __trap();
+#endif
+  }
+  static __device__ __forceinline__ void wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    if constexpr (G > 1) __cluster_barrier_wait();
+#else
+    if constexpr (G > 1) __trap();
+#endif
   }
   // The same shared-memory object in block `rank` of the group.
   template <typename P>

@@ -7,10 +7,16 @@ distribution. Plus exact argmax, ties at the boundary, seeds, the group
 CUDA graphs. The Philox generator is checked on the CPU: the Python reference
 against Random123's known answers, and csrc/philox.cuh compiled for the host
 against the Python reference.
+
+Variant 1 of the kernel (``_variant=1``, csrc/sample_v1.cuh) is the same
+algorithm rescheduled, so its tokens must equal variant 0's bit for bit on
+every input.
 """
 
 from __future__ import annotations
 
+import inspect
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -20,7 +26,9 @@ import pytest
 import torch
 from scipy import stats
 
-from conftest import requires_cuda
+from conftest import requires_cuda, spy_variants
+from fastllm import backend
+from fastllm.ops import cuda_sample
 from fastllm.ops import reference as ref
 
 REPO = Path(__file__).resolve().parents[1]
@@ -94,10 +102,14 @@ def _ids(setting):
     return ",".join(f"{k}={v}" for k, v in setting.items())
 
 
+VARIANTS = [0, 1]
+
+
 @requires_cuda
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("setting", SETTINGS, ids=_ids)
-def test_frequencies_match_exact_distribution(setting, dtype):
+def test_frequencies_match_exact_distribution(setting, dtype, variant):
     from fastllm.ops import cuda
 
     vocab, draws = 40, 20000
@@ -105,7 +117,8 @@ def test_frequencies_match_exact_distribution(setting, dtype):
     keep, p = ref.sampling_mask(logits.float(), **_params(1, device="cpu", **setting))
     keep, p = keep[0].numpy(), p[0].double().numpy()
     batch = logits.cuda().expand(draws, vocab).contiguous()
-    tokens = cuda.sample(batch, **_params(draws, **setting), seeds=[11] * draws, offsets=list(range(draws)))
+    tokens = cuda.sample(batch, **_params(draws, **setting), seeds=[11] * draws, offsets=list(range(draws)),
+                         _variant=variant)
     counts = np.bincount(tokens.cpu().numpy(), minlength=vocab)
     assert counts[~keep].sum() == 0, "sampled outside the allowed support"
     if keep.sum() > 1:  # one kept token (top_k=1): chi-square has no degree of freedom (p-value NaN)
@@ -113,9 +126,10 @@ def test_frequencies_match_exact_distribution(setting, dtype):
 
 
 @requires_cuda
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("vocab", [1, 7, 1000, 32000, 50257, 128256, 151936])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_support_large_vocab(vocab, dtype):
+def test_support_large_vocab(vocab, dtype, variant):
     """Every draw is inside the reference's support, for many rows and settings."""
     from fastllm.ops import cuda
 
@@ -130,16 +144,18 @@ def test_support_large_vocab(vocab, dtype):
     min_p[::2] = 0.0
     keep, _ = ref.sampling_mask(logits, temperature, top_k, top_p, min_p)
     for offset in range(8):
-        tok = cuda.sample(logits, temperature, top_k, top_p, min_p, seeds=list(range(rows)), offsets=[offset] * rows)
+        tok = cuda.sample(logits, temperature, top_k, top_p, min_p, seeds=list(range(rows)), offsets=[offset] * rows,
+                          _variant=variant)
         assert tok.dtype == torch.int64 and tok.shape == (rows,)
         assert ((tok >= 0) & (tok < vocab)).all()
         assert keep.gather(1, tok[:, None]).all(), "a draw outside the support"
 
 
 @requires_cuda
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("vocab", [5, 1001, 128256])
-def test_greedy_is_exact_argmax(vocab, dtype):
+def test_greedy_is_exact_argmax(vocab, dtype, variant):
     from fastllm.ops import cuda
 
     g = torch.Generator(device="cuda").manual_seed(1)
@@ -147,17 +163,19 @@ def test_greedy_is_exact_argmax(vocab, dtype):
     logits[3] = 1.0  # every token tied: the lowest id
     logits[4, vocab // 2 :] = 100.0  # ties in the upper half
     logits[5, -1] = float("inf")
-    tok = cuda.sample(logits, **_params(33, temperature=0.0), seeds=[0] * 33, offsets=[0] * 33)
+    tok = cuda.sample(logits, **_params(33, temperature=0.0), seeds=[0] * 33, offsets=[0] * 33, _variant=variant)
     assert torch.equal(tok, torch.argmax(logits.float(), dim=-1))
 
 
 @requires_cuda
-def test_ties_at_boundary_are_all_kept_and_equally_likely():
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_ties_at_boundary_are_all_kept_and_equally_likely(variant):
     from fastllm.ops import cuda
 
     draws = 20000
     logits = torch.tensor([[3.0, 1.0, 1.0, 1.0, 0.0, -5.0]], device="cuda").expand(draws, 6).contiguous()
-    tok = cuda.sample(logits, **_params(draws, top_k=2), seeds=[5] * draws, offsets=list(range(draws)))
+    tok = cuda.sample(logits, **_params(draws, top_k=2), seeds=[5] * draws, offsets=list(range(draws)),
+                      _variant=variant)
     counts = np.bincount(tok.cpu().numpy(), minlength=6)
     assert counts[4:].sum() == 0 and (counts[:4] > 0).all()
     assert stats.chisquare(counts[1:4]).pvalue > 1e-3
@@ -172,7 +190,8 @@ def test_ties_at_boundary_are_all_kept_and_equally_likely():
     for top_p, support in ((0.5, {0, 1, 2, 3}), (0.4, {0}), (0.45, {0, 1, 2, 3})):
         keep, _ = ref.sampling_mask(logits[:1].cpu(), **_params(1, top_p=top_p, device="cpu"))
         assert set(keep[0].nonzero().flatten().tolist()) == support, top_p  # the reference agrees
-        tok = cuda.sample(logits, **_params(draws, top_p=top_p), seeds=[6] * draws, offsets=list(range(draws)))
+        tok = cuda.sample(logits, **_params(draws, top_p=top_p), seeds=[6] * draws, offsets=list(range(draws)),
+                          _variant=variant)
         assert set(tok.tolist()) == support, top_p
 
 
@@ -181,7 +200,8 @@ def test_ties_at_boundary_are_all_kept_and_equally_likely():
 def test_group_size_and_cache_do_not_change_a_draw(vocab):
     """Masses are fixed point, so the token is a function of (logits, params,
     seed, offset) alone: every group size and shared-memory cache size (which
-    moves part of the row to the global-memory path) gives the same draws."""
+    moves part of the row to the global-memory path) and both kernel variants
+    give the same draws."""
     from fastllm.ops import cuda
 
     rows = 6
@@ -198,16 +218,15 @@ def test_group_size_and_cache_do_not_change_a_draw(vocab):
     results = []
     for offset in range(4):
         base = None
-        for group in [0, *groups]:
-            for cache in (None, 1024):
-                try:
-                    tok = cuda.sample(logits, **params, seeds=[9] * rows, offsets=[offset] * rows, _group=group,
-                                      _cache_limit=cache)
-                except RuntimeError as e:  # a cluster of 16 may not fit some GPUs
-                    assert "does not fit" in str(e)
-                    continue
-                base = tok if base is None else base
-                assert torch.equal(tok, base), (group, cache, tok.tolist(), base.tolist())
+        for group, cache, variant in [(gr, c, v) for gr in [0, *groups] for c in (None, 1024) for v in VARIANTS]:
+            try:
+                tok = cuda.sample(logits, **params, seeds=[9] * rows, offsets=[offset] * rows, _group=group,
+                                  _cache_limit=cache, _variant=variant)
+            except RuntimeError as e:  # a cluster of 16 may not fit some GPUs
+                assert "does not fit" in str(e)
+                continue
+            base = tok if base is None else base
+            assert torch.equal(tok, base), (group, cache, variant, tok.tolist(), base.tolist())
         results.append(base)
     assert len({tuple(r.tolist()) for r in results}) > 1  # offsets change the draws
 
@@ -243,31 +262,36 @@ def test_row_independent_of_batch():
 
 
 @requires_cuda
-def test_infinite_logits_share_the_mass():
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_infinite_logits_share_the_mass(variant):
     from fastllm.ops import cuda
 
     row = torch.tensor([0.0, float("inf"), 3.0, float("inf"), float("-inf")], device="cuda")
-    tok = cuda.sample(row.expand(400, 5).contiguous(), **_params(400), seeds=[1] * 400, offsets=list(range(400)))
+    tok = cuda.sample(row.expand(400, 5).contiguous(), **_params(400), seeds=[1] * 400, offsets=list(range(400)),
+                      _variant=variant)
     assert set(tok.tolist()) == {1, 3}
     some_neg_inf = torch.tensor([[float("-inf"), 0.0, float("-inf"), 1.0]] * 200, device="cuda")
-    tok = cuda.sample(some_neg_inf, **_params(200), seeds=[2] * 200, offsets=list(range(200)))
+    tok = cuda.sample(some_neg_inf, **_params(200), seeds=[2] * 200, offsets=list(range(200)), _variant=variant)
     assert set(tok.tolist()) <= {1, 3}
 
 
 @requires_cuda
-def test_bad_rows_and_parameters():
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_bad_rows_and_parameters(variant):
     from fastllm.ops import cuda
 
     p = _params(2)
+    v = dict(_variant=variant)
     with pytest.raises(ValueError, match="NaN"):
-        cuda.sample(torch.tensor([[0.0, float("nan")], [0.0, 1.0]], device="cuda"), **p, seeds=[0, 0], offsets=[0, 0])
+        cuda.sample(torch.tensor([[0.0, float("nan")], [0.0, 1.0]], device="cuda"), **p, seeds=[0, 0], offsets=[0, 0],
+                    **v)
     with pytest.raises(ValueError, match="-inf"):
-        cuda.sample(torch.full((2, 3), float("-inf"), device="cuda"), **p, seeds=[0, 0], offsets=[0, 0])
+        cuda.sample(torch.full((2, 3), float("-inf"), device="cuda"), **p, seeds=[0, 0], offsets=[0, 0], **v)
     logits = torch.randn(2, 10, device="cuda")
     for bad in (dict(temperature=-1.0), dict(top_p=0.0), dict(top_p=1.5), dict(min_p=2.0), dict(top_k=-2)):
         with pytest.raises(ValueError, match="out of range"):
-            cuda.sample(logits, **_params(2, **bad), seeds=[0, 0], offsets=[0, 0])
-    unchecked = cuda.sample(logits, **_params(2, top_p=0.0), seeds=[0, 0], offsets=[0, 0], check=False)
+            cuda.sample(logits, **_params(2, **bad), seeds=[0, 0], offsets=[0, 0], **v)
+    unchecked = cuda.sample(logits, **_params(2, top_p=0.0), seeds=[0, 0], offsets=[0, 0], check=False, **v)
     assert unchecked.tolist() == [-3, -3]
     with pytest.raises(TypeError, match="dtype"):
         cuda.sample(logits.double(), **p, seeds=[0, 0], offsets=[0, 0])
@@ -283,12 +307,13 @@ def test_bad_rows_and_parameters():
 
 
 @requires_cuda
-def test_under_cuda_graph():
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_under_cuda_graph(variant):
     from fastllm.ops import cuda
 
     rows, vocab = 8, 32000
     logits = torch.randn(rows, vocab, device="cuda")
-    p = _params(rows, temperature=0.8, top_k=50, top_p=0.9)
+    p = dict(_params(rows, temperature=0.8, top_k=50, top_p=0.9), _variant=variant)
     seeds = torch.arange(rows, device="cuda")
     offsets = torch.zeros(rows, dtype=torch.int64, device="cuda")
     eager = cuda.sample(logits, **p, seeds=seeds, offsets=offsets)
@@ -321,3 +346,125 @@ def test_op_table_uses_kernel_when_enabled(monkeypatch):
     monkeypatch.setattr(backend._C, "sample", lambda *a: (calls.append(a), real(*a))[1], raising=False)
     ops.sample(logits, **_params(2), seeds=[0, 1], offsets=[0, 0])
     assert calls
+
+
+# --------------------------------------------------------------------------- #
+# Variant 1 (csrc/sample_v1.cuh): the same tokens as variant 0, bit for bit
+# --------------------------------------------------------------------------- #
+def test_variant_values_for_the_sweep():
+    """bench/sweep.py reads the variants from the wrapper's literal ``_variant
+    not in (...)`` check; they are 0 and 1."""
+    m = re.search(r"_variant not in \(([\d,\s]+)\)", inspect.getsource(cuda_sample.sample))
+    assert m and [int(v) for v in m.group(1).replace(",", " ").split()] == [0, 1]
+
+
+def test_bad_variant_is_rejected_first():
+    logits = torch.zeros(2, 5)  # on the CPU: the variant check comes before the device check
+    p = _params(2, device="cpu")
+    with pytest.raises(ValueError, match="_variant must be 0"):
+        cuda_sample.sample(logits, **p, seeds=[0, 0], offsets=[0, 0], _variant=2)
+    for bad in ("1", 1.0, True):
+        with pytest.raises(TypeError, match="_variant must be an int"):
+            cuda_sample.sample(logits, **p, seeds=[0, 0], offsets=[0, 0], _variant=bad)
+    with pytest.raises(ValueError, match="CUDA"):  # a good variant reaches the device check
+        cuda_sample.sample(logits, **p, seeds=[0, 0], offsets=[0, 0], _variant=1)
+
+
+def test_new_kernels_are_opt_in(monkeypatch):
+    """sample_v1 is not verified: on only when named in FASTLLM_KERNELS."""
+    assert "sample_v1" not in backend.VERIFIED_KERNELS
+    monkeypatch.setattr(backend, "compiled_kernels", lambda: ["sample", "sample_v1"])
+    monkeypatch.delenv("FASTLLM_KERNELS", raising=False)
+    backend.reset_settings()
+    assert cuda_sample.default_variant() == 0
+    monkeypatch.setenv("FASTLLM_KERNELS", "sample_v1")
+    backend.reset_settings()
+    assert cuda_sample.default_variant() == 1
+
+
+def _variant_rows(vocab: int, dtype: torch.dtype, seed: int):
+    """24 rows that reach every path: greedy, each filter alone and together,
+    top-k >= V, tiny top-p, min-p 1, extreme temperatures, ties at the
+    boundaries, +inf, NaN, all -inf, bad parameters, some -inf, huge logits,
+    constant rows. Returns (logits, params, indices of the plain rows)."""
+    g = torch.Generator().manual_seed(seed)
+    rows = 24
+    logits = torch.randn(rows, vocab, generator=g) * 3
+    settings = [dict(temperature=0.0), dict(), dict(temperature=0.8, top_p=0.9), dict(temperature=0.7, top_k=50),
+                dict(temperature=1.2, top_k=5, top_p=0.8, min_p=0.05), dict(min_p=0.2), dict(top_k=1),
+                dict(top_k=vocab, top_p=0.5), dict(top_k=vocab + 3), dict(top_p=1e-6), dict(min_p=1.0),
+                dict(temperature=1e-30), dict(temperature=1e30), dict(top_k=3, top_p=0.6), dict(top_p=0.3),
+                dict(top_p=0.9), dict(), dict(), dict(temperature=-1.0), dict(top_p=0.0), dict(top_p=0.95),
+                dict(top_p=0.5), dict(top_k=2), dict(temperature=2.0, top_p=0.999)]
+    logits[13:15] = torch.randint(-3, 4, (2, vocab), generator=g).float()  # many ties at the boundaries
+    logits[15, :: max(1, vocab // 3)] = float("inf")
+    logits[16, vocab // 2] = float("nan")
+    logits[17] = float("-inf")
+    logits[20, ::2] = float("-inf")
+    logits[21] *= 1e30  # inf in fp16
+    logits[22] = 1.5
+    p = {k: torch.tensor([float(s.get(k, d)) for s in settings])
+         for k, d in (("temperature", 1.0), ("top_p", 1.0), ("min_p", 0.0))}
+    p["top_k"] = torch.tensor([int(s.get("top_k", 0)) for s in settings], dtype=torch.int32)
+    plain = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 23]
+    return logits.to(dtype), p, plain
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("vocab", [1, 7, 1000, 32000, 128256, 151936, 262144])
+def test_variant1_draws_equal_variant0(vocab, dtype):
+    """Every group size (cluster of 1..16 blocks: the 16-16-9-bit masses when a
+    chunk is <= 65536 values, the carry scheme above), shared-memory caches down
+    to nothing (the recomputed tail), every row kind of _variant_rows: variant 1
+    returns variant 0's tokens and status codes exactly, and they are right."""
+    from fastllm.ops import cuda
+
+    logits, p, plain = _variant_rows(vocab, dtype, seed=vocab)
+    rows = logits.shape[0]
+    dev_logits = logits.cuda()
+    params = {k: v.cuda() for k, v in p.items()}
+    groups = [0, 1, 2, 4, 8, 16] if torch.cuda.get_device_capability()[0] >= 9 else [0, 1]
+    seen = 0
+    for offset in (0, 1):
+        seeds = list(range(100, 100 + rows))
+        for group in groups:
+            for cache in (None, 0, 1000):
+                got = {}
+                for variant in VARIANTS:
+                    try:
+                        got[variant] = cuda.sample(dev_logits, **params, seeds=seeds, offsets=[offset] * rows,
+                                                   check=False, _group=group, _cache_limit=cache, _variant=variant)
+                    except RuntimeError as e:  # a cluster of 16 may not fit some GPUs
+                        assert "does not fit" in str(e)
+                if not got:
+                    continue
+                assert len(got) == 2, (group, cache)
+                assert torch.equal(got[1], got[0]), (group, cache, offset, got[0].tolist(), got[1].tolist())
+                seen += 1
+    assert seen >= 2 * len(groups)
+    tok = got[1].cpu()
+    assert tok[16] == -1 and tok[17] == -2 and tok[18] == -3 and tok[19] == -3  # NaN, all -inf, bad parameters
+    assert tok[0] == torch.argmax(logits[0].float()) and tok[6] == torch.argmax(logits[6].float())
+    good = [r for r in range(rows) if r not in (16, 17, 18, 19)]
+    assert ((tok[good] >= 0) & (tok[good] < vocab)).all()
+    assert not torch.isneginf(logits[20].float()[tok[20]]) and torch.isposinf(logits[15].float()[tok[15]])
+    keep, _ = ref.sampling_mask(logits[plain].float(), **{k: v[plain] for k, v in p.items()})
+    assert keep.gather(1, tok[plain][:, None]).all(), "a draw outside the support"
+
+
+@requires_cuda
+def test_variant_follows_sample_v1_kernel(monkeypatch):
+    """Without ``_variant`` the wrapper runs variant 0, or 1 once FASTLLM_KERNELS names sample_v1."""
+    from fastllm.ops import cuda
+
+    logits = torch.randn(3, 1000, device="cuda")
+    seen = spy_variants(monkeypatch, "sample", 14)
+    cuda.sample(logits, **_params(3, top_p=0.9), seeds=[0, 1, 2], offsets=[0, 0, 0])
+    monkeypatch.setenv("FASTLLM_KERNELS", "sample_v1")
+    backend.reset_settings()
+    cuda.sample(logits, **_params(3, top_p=0.9), seeds=[0, 1, 2], offsets=[0, 0, 0])
+    cuda.sample(logits, **_params(3, top_p=0.9), seeds=[0, 1, 2], offsets=[0, 0, 0], _variant=0)
+    assert seen == [0, 1, 0]
+    assert "sample_v1" in backend.compiled_kernels()
+

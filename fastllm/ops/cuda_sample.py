@@ -7,6 +7,11 @@ the reference's ``ValueError``: that needs the output on the host, i.e. one
 synchronisation per call (free in the generation loop, which reads the tokens
 right away). Inside CUDA-graph capture, or with ``check=False``, there is no
 check: bad rows come back as their negative status codes.
+
+An unverified kernel sits beside the verified one, opted into by name
+(``FASTLLM_KERNELS=sample_v1``): variant 1 of the sampler (csrc/sample_v1.cuh:
+the same draws bit for bit, fewer barriers), which ``sample`` then runs by
+default.
 """
 
 from __future__ import annotations
@@ -16,8 +21,10 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from fastllm import backend
 from fastllm.ops.cuda_common import DTYPE_CODES, check_tensor, current_stream, ext
 
+SAMPLE_V1_KERNEL = "sample_v1"  # enabled: sample's default _variant is 1
 _STATUS = {-1: "logits contain NaN", -2: "every logit is -inf", -3: "sampling parameters out of range"}
 _MAX_ROWS = 65535
 _MAX_VOCAB = (1 << 24) - 1
@@ -78,6 +85,7 @@ def sample(
     check: bool = True,
     _group: int = 0,
     _cache_limit: int | None = None,
+    _variant: int | None = None,
 ) -> Tensor:
     """CUDA sampler: one token per row; see ``reference.sample``.
 
@@ -91,9 +99,17 @@ def sample(
     while a CUDA graph is being captured). With check=False nothing waits for
     the device: ``raise_for_status`` turns the codes into that error once the
     host reads the tokens. _group / _cache_limit force the blocks
-    per row and the shared-memory cache size (tests).
+    per row and the shared-memory cache size (tests). _variant: 0 the verified
+    kernel, 1 the rescheduled one (bit-identical tokens); None: 1 when
+    ``sample_v1`` is enabled (``FASTLLM_KERNELS=sample_v1``), else 0.
     """
     op = "sample"
+    if _variant is None:
+        _variant = default_variant()
+    if isinstance(_variant, bool) or not isinstance(_variant, int):
+        raise TypeError(f"{op}: _variant must be an int (0 or 1), got {type(_variant).__name__}")
+    if _variant not in (0, 1):
+        raise ValueError(f"{op}: _variant must be 0 (the verified kernel) or 1 (rescheduled), got {_variant}")
     if not isinstance(logits, Tensor):
         raise TypeError(f"{op}: logits must be a torch.Tensor, got {type(logits).__name__}")
     if logits.dtype not in DTYPE_CODES:
@@ -142,7 +158,15 @@ def sample(
             int(_group),
             -1 if _cache_limit is None else int(_cache_limit),
             current_stream(device),
+            _variant,
         )
     if check and not torch.cuda.is_current_stream_capturing() and int(out.min()) < 0:
         raise_for_status(out)
     return out
+
+
+def default_variant() -> int:
+    """``sample``'s ``_variant`` when none is given: 1 when the unverified
+    ``sample_v1`` kernel is enabled (opted into with FASTLLM_KERNELS), else 0."""
+    return 1 if backend.kernel_enabled(SAMPLE_V1_KERNEL) else 0
+
