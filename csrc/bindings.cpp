@@ -52,7 +52,8 @@ PYBIND11_MODULE(_C, m) {
             "reshape_and_cache",
             "decode_attention",
             "sample",
-            "sample_v1",  // sample's variant 1 (the same draws, rescheduled) by default when enabled
+            "sample_v1",      // sample's variant 1 (the same draws, rescheduled) by default when enabled
+            "sample_argmax",  // greedy rows: sampling.sample_next routes all-greedy steps here when enabled
             "prefill_attention",
             "prefill_attention_sm90",            // the wgmma variants prefill_attention picks when
             "prefill_attention_sm90_pipelined",  // enabled (the pipelined one first)
@@ -122,6 +123,18 @@ PYBIND11_MODULE(_C, m) {
       "all -inf logits or out-of-range parameters get -1, -2, -3. force_group: 0 = auto, else blocks per row; "
       "cache_limit: -1 = default, else q values cached in shared memory per block; variant: 0 = the verified "
       "kernel, 1 = the rescheduled one (bit-identical draws).");
+
+  m.def(
+      "sample_argmax",
+      [](std::uintptr_t out, std::uintptr_t logits, std::int64_t rows, std::int64_t vocab, int dtype,
+         int force_group, std::uintptr_t stream) {
+        check("sample_argmax",
+              fastllm::launch_sample_argmax(ptr(out), ptr(logits), rows, vocab, dtype, force_group, ptr(stream)));
+      },
+      py::arg("out"), py::arg("logits"), py::arg("rows"), py::arg("vocab"), py::arg("dtype"), py::arg("force_group"),
+      py::arg("stream"),
+      "out[b] (int64) = argmax of logits[b] (the lowest id on ties), or -1 for a row with NaN, -2 for a row of "
+      "-inf only. force_group: 0 = auto, else blocks per row (1, 2, 4, 8; more than 1 needs sm_90).");
 
   m.def(
       "reshape_and_cache",

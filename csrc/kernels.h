@@ -77,6 +77,13 @@ const char* launch_sample(void* out, const void* logits, const void* temperature
                           const void* top_p, const void* min_p, const void* seeds, const void* offsets, int64_t rows,
                           int64_t vocab, int dtype, int force_group, int64_t cache_limit, int variant, void* stream);
 
+// Greedy decoding: out[b] (int64) = argmax of logits[b] (rows x vocab, dtype
+// code), the lowest id on ties; -1 for a row with NaN, -2 for a row whose
+// logits are all -inf (sample's status codes; no parameters are read).
+// force_group: 0 = choose, else the blocks per row (1, 2, 4, 8; >1 needs sm_90).
+const char* launch_sample_argmax(void* out, const void* logits, int64_t rows, int64_t vocab, int dtype,
+                                 int force_group, void* stream);
+
 // Prefill attention over a paged KV cache (any number of queries per sequence):
 // for sequence b, queries q[cu_seqlens_q[b] .. cu_seqlens_q[b+1]) (int32 [batch+1],
 // device) sit at positions L - query_len + i (L = seq_lens[b], int32 [batch],

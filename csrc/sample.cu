@@ -51,7 +51,8 @@
  * an H200 and the default; 1 (sample_v1.cuh) is the same algorithm with the
  * same bins, thresholds, masses and draw, rescheduled to cut the barriers
  * between the passes (bit-identical tokens). Both share sample_common.cuh and
- * this file's launch plan.
+ * this file's launch plan. Greedy steps have their own kernel,
+ * sample_argmax.cu.
  */
 #include "sample_common.cuh"
 #include "sample_v1.cuh"

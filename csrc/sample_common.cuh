@@ -1,6 +1,7 @@
 /*
  * Device pieces shared by the sampling kernels (sample.cu: variant 0,
- * sample_v1.cuh: variant 1): constants, the status codes, the group of blocks that samples one row (a thread-block cluster on sm_90),
+ * sample_v1.cuh: variant 1, sample_argmax.cu): constants, the status codes,
+ * the group of blocks that samples one row (a thread-block cluster on sm_90),
  * block scan, argmax merge and the fixed-point mass. Included by .cu files
  * only; everything is internal to each translation unit.
  */

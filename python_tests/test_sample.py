@@ -10,7 +10,8 @@ against the Python reference.
 
 Variant 1 of the kernel (``_variant=1``, csrc/sample_v1.cuh) is the same
 algorithm rescheduled, so its tokens must equal variant 0's bit for bit on
-every input.
+every input; the argmax kernel (``cuda_sample.argmax``) must equal the
+reference at temperature 0, status codes included.
 """
 
 from __future__ import annotations
@@ -371,15 +372,15 @@ def test_bad_variant_is_rejected_first():
 
 
 def test_new_kernels_are_opt_in(monkeypatch):
-    """sample_v1 is not verified: on only when named in FASTLLM_KERNELS."""
-    assert "sample_v1" not in backend.VERIFIED_KERNELS
-    monkeypatch.setattr(backend, "compiled_kernels", lambda: ["sample", "sample_v1"])
+    """sample_v1 and sample_argmax are not verified: on only when named in FASTLLM_KERNELS."""
+    assert {"sample_v1", "sample_argmax"}.isdisjoint(backend.VERIFIED_KERNELS)
+    monkeypatch.setattr(backend, "compiled_kernels", lambda: ["sample", "sample_v1", "sample_argmax"])
     monkeypatch.delenv("FASTLLM_KERNELS", raising=False)
     backend.reset_settings()
-    assert cuda_sample.default_variant() == 0
+    assert cuda_sample.default_variant() == 0 and not backend.kernel_enabled("sample_argmax")
     monkeypatch.setenv("FASTLLM_KERNELS", "sample_v1")
     backend.reset_settings()
-    assert cuda_sample.default_variant() == 1
+    assert cuda_sample.default_variant() == 1 and not backend.kernel_enabled("sample_argmax")
 
 
 def _variant_rows(vocab: int, dtype: torch.dtype, seed: int):
@@ -466,5 +467,129 @@ def test_variant_follows_sample_v1_kernel(monkeypatch):
     cuda.sample(logits, **_params(3, top_p=0.9), seeds=[0, 1, 2], offsets=[0, 0, 0])
     cuda.sample(logits, **_params(3, top_p=0.9), seeds=[0, 1, 2], offsets=[0, 0, 0], _variant=0)
     assert seen == [0, 1, 0]
-    assert "sample_v1" in backend.compiled_kernels()
+    assert {"sample_v1", "sample_argmax"} <= set(backend.compiled_kernels())
+
+
+# --------------------------------------------------------------------------- #
+# The argmax kernel (csrc/sample_argmax.cu)
+# --------------------------------------------------------------------------- #
+def _expected_argmax(logits: torch.Tensor) -> torch.Tensor:
+    """reference.sample at temperature 0 row by row, with its errors as status codes."""
+    out = []
+    for row in logits:
+        try:
+            out.append(int(ref.sample(row[None], **_params(1, temperature=0.0, device="cpu"), seeds=[0],
+                                      offsets=[0])[0]))
+        except ValueError as e:
+            out.append(-1 if "NaN" in str(e) else -2 if "-inf" in str(e) else -99)
+    return torch.tensor(out)
+
+
+def _argmax_rows(rows: int, vocab: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(rows, vocab, generator=g)
+    logits[1] = 0.25  # every token tied: the lowest id
+    logits[2, vocab // 3:] = 50.0  # ties in the upper part
+    logits[3, -1] = float("inf")
+    logits[4, ::3] = float("inf")  # several +inf: the first
+    logits[5] = float("-inf")
+    logits[6, vocab // 2] = float("nan")
+    logits[7, :-1] = float("-inf")  # only the last is finite
+    logits[8] = -0.0
+    logits[8, vocab // 2:] = 0.0  # -0 and +0 are equal: the first
+    logits[9, 0] = float("nan")
+    logits[9, 1:] = float("-inf")  # NaN wins over all -inf, as in the reference
+    logits[10] = torch.randint(-2, 3, (vocab,), generator=g).float()
+    return logits.to(dtype)
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("vocab", [1, 7, 1000, 1001, 32000, 128256, 151936, 262144])
+def test_argmax_matches_reference(vocab, dtype):
+    """Every group size, aligned and misaligned rows (the 16-byte path and the
+    scalar one), ties, +-inf, -0, NaN and all -inf rows: reference.sample's
+    greedy tokens, and its errors as status codes."""
+    rows = 33
+    logits = _argmax_rows(rows, vocab, dtype, seed=vocab)
+    want = _expected_argmax(logits)
+    assert (want[[5, 6, 9]] == torch.tensor([-2, -1, -1])).all() and want[4] == 0 and want[1] == 0
+    groups = [0, 1, 2, 4, 8] if torch.cuda.get_device_capability()[0] >= 9 else [0, 1]
+    flat = torch.empty(rows * vocab + 1, dtype=dtype, device="cuda")
+    misaligned = flat[1:].view(rows, vocab)  # 2 or 4 bytes past a 16-byte boundary
+    misaligned.copy_(logits)
+    for x in (logits.cuda(), misaligned):
+        for group in groups:
+            got = cuda_sample.argmax(x, check=False, _group=group)
+            assert got.dtype == torch.int64 and got.shape == (rows,)
+            assert torch.equal(got.cpu(), want), (group, x.data_ptr() % 16, got.tolist(), want.tolist())
+
+
+@requires_cuda
+def test_argmax_equals_sample_greedy_on_many_rows():
+    """Many rows (one block per row and beyond): the argmax kernel and the
+    sampler at temperature 0 agree on every row."""
+    from fastllm.ops import cuda
+
+    rows, vocab = 300, 50257
+    logits = torch.randn(rows, vocab, device="cuda", dtype=torch.bfloat16) * 2
+    logits[::7, 123] = 20.0
+    want = cuda.sample(logits, **_params(rows, temperature=0.0), seeds=[0] * rows, offsets=[0] * rows)
+    assert torch.equal(cuda_sample.argmax(logits), want)
+    assert torch.equal(want, torch.argmax(logits.float(), dim=-1))
+
+
+@requires_cuda
+def test_argmax_errors_and_checks():
+    with pytest.raises(ValueError, match="NaN in rows \\[1\\]"):
+        cuda_sample.argmax(torch.tensor([[0.0, 1.0], [float("nan"), 0.0]], device="cuda"))
+    with pytest.raises(ValueError, match="-inf in rows \\[0\\]"):
+        cuda_sample.argmax(torch.full((1, 9), float("-inf"), device="cuda"))
+    x = torch.randn(4, 10, device="cuda")
+    with pytest.raises(TypeError, match="dtype"):
+        cuda_sample.argmax(x.double())
+    with pytest.raises(ValueError, match="contiguous"):
+        cuda_sample.argmax(torch.randn(10, 4, device="cuda").t())
+    with pytest.raises(ValueError, match=r"\[B, V\]"):
+        cuda_sample.argmax(x[0])
+    with pytest.raises(ValueError, match="_group"):
+        cuda_sample.argmax(x, _group=16)
+    assert cuda_sample.argmax(x[:0]).shape == (0,)
+    if torch.cuda.get_device_capability()[0] < 9:
+        with pytest.raises(RuntimeError, match="clusters"):
+            cuda_sample.argmax(x, _group=2)
+
+
+def test_argmax_rejects_bad_input_on_cpu():
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        cuda_sample.argmax([[0.0, 1.0]])
+    with pytest.raises(TypeError, match="dtype"):
+        cuda_sample.argmax(torch.zeros(2, 3, dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"\[B, V\]"):
+        cuda_sample.argmax(torch.zeros(2, 3, 4))
+    with pytest.raises(ValueError, match="_group"):
+        cuda_sample.argmax(torch.zeros(2, 3), _group=3)
+    with pytest.raises(ValueError, match="CUDA"):
+        cuda_sample.argmax(torch.zeros(2, 3))
+
+
+@requires_cuda
+def test_argmax_under_cuda_graph():
+    logits = torch.randn(16, 32000, device="cuda")
+    eager = cuda_sample.argmax(logits)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        cuda_sample.argmax(logits)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = cuda_sample.argmax(logits)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, eager)
+    logits[:, 7] = 100.0
+    graph.replay()
+    torch.cuda.synchronize()
+    assert (out == 7).all()
 

@@ -8,10 +8,12 @@ synchronisation per call (free in the generation loop, which reads the tokens
 right away). Inside CUDA-graph capture, or with ``check=False``, there is no
 check: bad rows come back as their negative status codes.
 
-An unverified kernel sits beside the verified one, opted into by name
-(``FASTLLM_KERNELS=sample_v1``): variant 1 of the sampler (csrc/sample_v1.cuh:
-the same draws bit for bit, fewer barriers), which ``sample`` then runs by
-default.
+Two unverified kernels sit beside the verified one, each opted into by name
+(``FASTLLM_KERNELS``): ``sample_v1``, variant 1 of the sampler
+(csrc/sample_v1.cuh: the same draws bit for bit, fewer barriers), which
+``sample`` then runs by default; and ``sample_argmax`` (csrc/sample_argmax.cu),
+the argmax of every row, which ``sampling.sample_next`` uses for steps whose
+rows are all greedy.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from fastllm import backend
 from fastllm.ops.cuda_common import DTYPE_CODES, check_tensor, current_stream, ext
 
 SAMPLE_V1_KERNEL = "sample_v1"  # enabled: sample's default _variant is 1
+ARGMAX_KERNEL = "sample_argmax"  # enabled: sampling.sample_next sends all-greedy steps to argmax()
 _STATUS = {-1: "logits contain NaN", -2: "every logit is -inf", -3: "sampling parameters out of range"}
 _MAX_ROWS = 65535
 _MAX_VOCAB = (1 << 24) - 1
@@ -170,3 +173,43 @@ def default_variant() -> int:
     ``sample_v1`` kernel is enabled (opted into with FASTLLM_KERNELS), else 0."""
     return 1 if backend.kernel_enabled(SAMPLE_V1_KERNEL) else 0
 
+
+def argmax(logits: Tensor, *, check: bool = True, _group: int = 0) -> Tensor:
+    """Greedy draw: ``reference.sample`` with every temperature 0, i.e. the
+    argmax of each row, the lowest id on ties; +inf is a maximum like any.
+
+    logits: [B, V] fp32/fp16/bf16, contiguous, on a GPU. Returns int64 [B].
+    A row with NaN, or with every logit -inf, raises the reference's
+    ValueError (one host sync; skipped with ``check=False`` or while a CUDA
+    graph is being captured: such rows hold -1 / -2, see ``raise_for_status``).
+    No sampling parameter is read, so nothing here is "out of range": the
+    caller sends only rows whose temperature is 0. _group forces the blocks
+    per row (0 auto, 1, 2, 4, 8; more than one needs sm_90).
+    """
+    op = "sample_argmax"
+    if not isinstance(logits, Tensor):
+        raise TypeError(f"{op}: logits must be a torch.Tensor, got {type(logits).__name__}")
+    if logits.dtype not in DTYPE_CODES:
+        raise TypeError(f"{op}: logits has dtype {logits.dtype}; supported: float32, float16, bfloat16")
+    if logits.dim() != 2:
+        raise ValueError(f"{op}: logits must be [B, V], got shape {tuple(logits.shape)}")
+    if isinstance(_group, bool) or _group not in (0, 1, 2, 4, 8):
+        raise ValueError(f"{op}: _group must be 0 (auto), 1, 2, 4 or 8, got {_group!r}")
+    if not logits.is_cuda:
+        raise ValueError(f"{op}: logits must be on a CUDA device, got {logits.device}")
+    device = logits.device
+    check_tensor(op, "logits", logits, device)
+    rows, vocab = logits.shape
+    if vocab < 1 or vocab > _MAX_VOCAB:
+        raise ValueError(f"{op}: vocabulary size must be in [1, {_MAX_VOCAB}], got {vocab}")
+    if rows > _MAX_ROWS:
+        raise ValueError(f"{op}: at most {_MAX_ROWS} rows per call, got {rows}")
+    out = torch.empty(rows, dtype=torch.int64, device=device)
+    if rows == 0:
+        return out
+    with torch.cuda.device(device):
+        ext().sample_argmax(out.data_ptr(), logits.data_ptr(), rows, vocab, DTYPE_CODES[logits.dtype], int(_group),
+                            current_stream(device))
+    if check and not torch.cuda.is_current_stream_capturing() and int(out.min()) < 0:
+        raise_for_status(out)
+    return out
