@@ -15,9 +15,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fastllm import ops
+from fastllm import backend, ops
 from fastllm.cache import to_device
 from fastllm.config import GenerationConfig
+from fastllm.ops.cuda_sample import ARGMAX_KERNEL
 
 
 class LogitContext(NamedTuple):
@@ -109,8 +110,14 @@ def sample_next(
     (the pair fixes the row's random number); contexts: each row's
     ``Request.logit_context()``. Returns [B] int64. ``check=False``: on a GPU,
     do not wait for the device to validate the rows (a bad row comes back as
-    a negative status code; ``check_drawn`` raises for it once read)."""
+    a negative status code; ``check_drawn`` raises for it once read).
+    A step whose rows are all greedy runs ``cuda_sample.argmax`` when
+    ``greedy_on_device`` says so (the same tokens as ``ops.sample``)."""
     apply_logit_processors(logits, contexts, configs)
+    if greedy_on_device(logits, configs):
+        from fastllm.ops import cuda_sample
+
+        return cuda_sample.argmax(logits, check=check)
     temperature, top_k, top_p, min_p, seeds_t, offsets_t = step_inputs(configs, seeds, steps, logits.device)
     return ops.sample(
         logits,
@@ -122,6 +129,16 @@ def sample_next(
         offsets=offsets_t,
         check=check,
     )
+
+
+def greedy_on_device(logits: Tensor, configs: list[GenerationConfig]) -> bool:
+    """Whether a step's draw can be the plain argmax kernel: every row greedy
+    (temperature 0), the logits on a GPU and the unverified ``sample_argmax``
+    kernel enabled (FASTLLM_KERNELS). It reads no other parameter, as the
+    reference does not for greedy rows (GenerationConfig.validate keeps them
+    in range anyway)."""
+    return (bool(configs) and logits.is_cuda and all(c.temperature == 0 for c in configs)
+            and backend.kernel_enabled(ARGMAX_KERNEL))
 
 
 def check_drawn(tokens: list[int]) -> None:

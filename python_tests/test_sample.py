@@ -21,6 +21,7 @@ import re
 import shutil
 import subprocess
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -28,7 +29,8 @@ import torch
 from scipy import stats
 
 from conftest import requires_cuda, spy_variants
-from fastllm import backend
+from fastllm import backend, sampling
+from fastllm.config import GenerationConfig
 from fastllm.ops import cuda_sample
 from fastllm.ops import reference as ref
 
@@ -593,3 +595,79 @@ def test_argmax_under_cuda_graph():
     torch.cuda.synchronize()
     assert (out == 7).all()
 
+
+# --------------------------------------------------------------------------- #
+# sampling.sample_next: all-greedy steps go to the argmax kernel when enabled
+# --------------------------------------------------------------------------- #
+def _greedy_step(rows: int = 3, vocab: int = 50, device: str = "cpu"):
+    logits = torch.randn(rows, vocab, generator=torch.Generator().manual_seed(4)).to(device)
+    configs = [GenerationConfig(temperature=0.0) for _ in range(rows)]
+    contexts = [sampling.LogitContext(seen=[], counted=[]) for _ in range(rows)]
+    return logits, configs, contexts
+
+
+def test_greedy_route_decision(monkeypatch):
+    enabled = {"sample_argmax"}
+    monkeypatch.setattr(backend, "kernel_enabled", lambda name: name in enabled)
+    on_gpu = SimpleNamespace(is_cuda=True)
+    greedy = [GenerationConfig(temperature=0.0)] * 2
+    assert sampling.greedy_on_device(on_gpu, greedy)
+    assert not sampling.greedy_on_device(on_gpu, [greedy[0], GenerationConfig(temperature=0.5)])
+    assert not sampling.greedy_on_device(on_gpu, [])
+    assert not sampling.greedy_on_device(torch.zeros(2, 5), greedy)  # CPU logits: the reference
+    enabled.clear()
+    assert not sampling.greedy_on_device(on_gpu, greedy)  # not opted in
+
+
+def test_greedy_route_keeps_cpu_results(monkeypatch):
+    """CPU steps never reach the kernel, even with it enabled: the reference's tokens."""
+    logits, configs, contexts = _greedy_step()
+    want = ref.sample(logits.clone(), **_params(3, temperature=0.0, device="cpu"), seeds=[0] * 3, offsets=[0] * 3)
+    monkeypatch.setattr(backend, "kernel_enabled", lambda name: True)
+
+    def fail(*a, **k):
+        raise AssertionError("the argmax kernel ran on CPU logits")
+
+    monkeypatch.setattr(cuda_sample, "argmax", fail)
+    got = sampling.sample_next(logits, configs, contexts, seeds=[1, 2, 3], steps=[0, 0, 0])
+    assert torch.equal(got, want)
+
+
+def test_greedy_route_calls_argmax_after_the_processors(monkeypatch):
+    """With the route on, sample_next draws with cuda_sample.argmax (here a CPU
+    stand-in) after the logit processors, passing check through, and the
+    tokens are the reference's."""
+    logits, configs, contexts = _greedy_step()
+    top = int(torch.argmax(logits[0]))
+    contexts[0] = sampling.LogitContext(seen=[], counted=[], banned=[top])  # the argmax of row 0 is banned
+    calls = []
+
+    def fake_argmax(x, *, check=True):
+        calls.append((x.clone(), check))
+        return torch.argmax(x, dim=-1)
+
+    monkeypatch.setattr(sampling, "greedy_on_device", lambda x, c: True)
+    monkeypatch.setattr(cuda_sample, "argmax", fake_argmax)
+    got = sampling.sample_next(logits, configs, contexts, seeds=[1, 2, 3], steps=[0, 0, 0], check=False)
+    assert len(calls) == 1 and calls[0][1] is False
+    assert torch.isneginf(calls[0][0][0, top]) and got[0] != top
+    want = ref.sample(calls[0][0], **_params(3, temperature=0.0, device="cpu"), seeds=[0] * 3, offsets=[0] * 3)
+    assert torch.equal(got, want)
+
+
+@requires_cuda
+def test_greedy_steps_use_the_argmax_kernel_when_enabled(monkeypatch):
+    logits, configs, contexts = _greedy_step(rows=5, vocab=32000, device="cuda")
+    want = sampling.sample_next(logits.clone(), configs, contexts, seeds=[0] * 5, steps=[0] * 5)
+    calls = []
+    real = backend._C.sample_argmax
+    monkeypatch.setattr(backend._C, "sample_argmax", lambda *a: (calls.append(a), real(*a))[1], raising=False)
+    assert sampling.sample_next(logits.clone(), configs, contexts, seeds=[0] * 5, steps=[0] * 5).tolist() == \
+        want.tolist() and not calls  # not opted in: the sampler
+    monkeypatch.setenv("FASTLLM_KERNELS", "sample_argmax")
+    backend.reset_settings()
+    got = sampling.sample_next(logits.clone(), configs, contexts, seeds=[0] * 5, steps=[0] * 5)
+    assert len(calls) == 1 and torch.equal(got, want)
+    configs[2] = GenerationConfig(temperature=0.7)
+    sampling.sample_next(logits.clone(), configs, contexts, seeds=[0] * 5, steps=[0] * 5)
+    assert len(calls) == 1  # a sampled row: the whole step goes to the sampler
