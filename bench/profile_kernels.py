@@ -19,11 +19,12 @@ Cases (shapes as bench/bench_*.py; bf16; decode: 32 q / 8 kv heads, d 128,
   int4_M<m>             fastllm int4_linear g128, 4096 -> 14336   suffixes: _<K>x<N> _s<splits> _v<_variant>
   int8_M<m>             fastllm int8_linear, same shapes and suffixes
   linear_bf16_M<m>      torch F.linear bf16, the peer   suffix: _<K>x<N>
-  sample_topp_B<b>      fastllm sample, V 128256 fp32, temperature 0.8, top-p 0.9   suffix: _g<group>
+  sample_topp_B<b>      fastllm sample, V 128256 fp32, temperature 0.8, top-p 0.9   suffixes: _g<group> _v<_variant>
   sample_topk_B<b>      the same with top-k 50
-  sample_greedy_B<b>    temperature 0 (argmax)
+  sample_greedy_B<b>    temperature 0 (the sampler's argmax)
+  sample_argmax_B<b>    fastllm's argmax kernel (cuda_sample.argmax, what all-greedy steps can use)   suffix: _g<group>
   argmax_B<b>           torch.argmax over the same logits, the peer
-e.g. decode_B1x4096_s16_v1, int4_M1_14336x4096_s4_v1, sample_topp_B32_g4. Where a
+e.g. decode_B1x4096_s16_v1, int4_M1_14336x4096_s4_v1, sample_topp_B32_g4, sample_topp_B32_v1. Where a
 wrapper takes ``_variant`` it is always passed (0 unless _v<N> says otherwise),
 so FASTLLM_KERNELS never changes what a case profiles.
 """
@@ -46,12 +47,12 @@ HQ, HK, D, BLOCK = 32, 8, 128, 16
 VOCAB = 128256
 GROUP = 128
 DEFAULT_CASES = ["decode_B1x4096", "int4_M1", "sample_topp_B32", "sdpa_B1x4096", "linear_bf16_M1", "int8_M1",
-                 "int4_M16", "decode_B32x2048", "sample_greedy_B256"]
+                 "int4_M16", "decode_B32x2048", "sample_greedy_B256", "sample_topp_B32_v1", "sample_argmax_B256"]
 
 _BASE = re.compile(
     r"^(?P<kind>decode|sdpa)_B(?P<b>\d+)x(?P<L>\d+)"
     r"|^(?P<qkind>int4|int8|linear_bf16)_M(?P<m>\d+)"
-    r"|^sample_(?P<mode>topp|topk|greedy)_B(?P<sb>\d+)"
+    r"|^sample_(?P<mode>topp|topk|greedy|argmax)_B(?P<sb>\d+)"
     r"|^argmax_B(?P<ab>\d+)"
 )
 _SUFFIX = re.compile(r"_(?:s(?P<s>\d+)|v(?P<v>\d+)|g(?P<g>\d+)|(?P<k>\d+)x(?P<n>\d+))")
@@ -168,16 +169,24 @@ def build(c: dict):
     from fastllm.ops import cuda_sample
 
     mode = c["mode"]
+    group = c.get("group", 0)
+    if mode == "argmax":
+        if c.get("variant"):
+            raise ValueError(f"{c['name']}: the argmax kernel has no variants")
+        if not hasattr(cuda_sample, "argmax"):
+            raise ValueError(f"{c['name']}: this fastllm has no cuda_sample.argmax")
+        return (lambda: cuda_sample.argmax(logits, check=False, _group=group)), \
+            f"fastllm sample_argmax B={b} V={VOCAB} fp32, _group={group or 'auto'}"
     temperature = torch.full((b,), 0.0 if mode == "greedy" else 0.8, device=dev)
     top_k = torch.full((b,), 50 if mode == "topk" else 0, dtype=torch.int32, device=dev)
     top_p = torch.full((b,), 1.0 if mode == "greedy" else 0.9, device=dev)
     min_p = torch.zeros(b, device=dev)
     seeds = torch.arange(b, dtype=torch.int64, device=dev)
     offsets = torch.zeros(b, dtype=torch.int64, device=dev)
-    group = c.get("group", 0)
+    vkw = _variant_kw(cuda_sample.sample, c)
     return (lambda: cuda_sample.sample(logits, temperature, top_k, top_p, min_p, seeds, offsets, check=False,
-                                       _group=group)), \
-        f"fastllm sample {mode} B={b} V={VOCAB} fp32, _group={group or 'auto'}"
+                                       _group=group, **vkw)), \
+        f"fastllm sample {mode} B={b} V={VOCAB} fp32, _group={group or 'auto'}, _variant={vkw.get('_variant')}"
 
 
 def run_case(name: str, warmup: int) -> int:

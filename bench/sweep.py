@@ -33,10 +33,13 @@ The settings:
   F.linear. GB/s counts the weight bytes (with scales and zeros).
 - sample, V = 128256 fp32 logits, top-p 0.9 (temperature 0.8) and greedy, B in
   1, 8, 32, 256: ``_group`` (blocks per row) in auto (0), 1, 2, 4, 8, 16 (the
-  auto choice is not exposed: compare the auto column with the forced ones),
-  and for greedy one block per row with no shared-memory cache (``1/nc``:
-  ``_cache_limit=8``, what a launch for all-greedy rows could use); peer for
-  greedy: torch.argmax.
+  auto choice is not exposed: compare the auto column with the forced ones)
+  x ``_variant`` (found and passed as for decode: 0 the verified kernel, 1 the
+  rescheduled one), and for greedy one block per row with no shared-memory
+  cache (``1/nc``: ``_cache_limit=8``) and the argmax kernel
+  (``argmax``: cuda_sample.argmax, what sampling.sample_next uses for
+  all-greedy steps when ``sample_argmax`` is enabled); peer for greedy:
+  torch.argmax.
 ``--quick`` drops decode splits 2 and 128, int splits 3 and 6, M = 4, sample
 B = 8, and takes 30 instead of 100 cold samples.
 
@@ -47,9 +50,9 @@ poisoned (an illegal address), the setting is recorded as failed and a fresh
 child continues with the next one. --budget bounds the whole sweep: what did
 not fit is marked ``not run``; sweep.json is rewritten after every child.
 
-Time (estimate, H200): 371 settings with no variants, 531 with decode's two
-variants and int4's two (--dry-run counts them); each is 3 warm-up calls
-and a check, two graph captures (1 and 20 calls), 100 cold samples (~0.1 ms
+Time (estimate, H200): 375 settings with no variants, 827 with every variant
+(decode 0/1, int4 0/2/3/4, sample 0/1; --dry-run counts them); each is 3
+warm-up calls and a check, two graph captures (1 and 20 calls), 100 cold samples (~0.1 ms
 each with the flush; ~0.4 ms for sample at B=256) and 7 hot replays of 20
 calls: ~20 ms (80 ms for the slowest), 5-15 s in all; plus ~10-15 s to start the child (torch
 import, CUDA context) and build the inputs (quantizing 6 weights, fp32
@@ -99,7 +102,8 @@ TITLES = {
     "decode": "decode_attention (bf16, Hq 32 / Hk 8, d 128, 16-token pages; columns: num_splits; GB/s of K+V)",
     "int4": "int4_linear g128 (bf16; columns: split-K, ~ = clamped; peer: bf16 F.linear; GB/s of weights+scales+zeros)",
     "int8": "int8_linear (bf16; columns: split-K, ~ = clamped; peer: bf16 F.linear; GB/s of weights+scales)",
-    "sample": "sample (V 128256 fp32; columns: blocks per row (_group); peer: torch.argmax for greedy; GB/s of logits)",
+    "sample": ("sample (V 128256 fp32; columns: blocks per row (_group), argmax = the argmax kernel; rows per "
+               "_variant; peer: torch.argmax for greedy; GB/s of logits)"),
 }
 
 
@@ -122,6 +126,7 @@ VARIANT_FUNCS = {  # the kernels whose wrapper may take ``_variant`` (experiment
     "decode": ("fastllm.ops.cuda_attention", "decode_attention"),
     "int4": ("fastllm.ops.cuda_quant", "_int4_fused"),
     "int8": ("fastllm.ops.cuda_quant", "_int8_fused"),
+    "sample": ("fastllm.ops.cuda_sample", "sample"),
 }
 
 
@@ -182,16 +187,20 @@ def enumerate_settings(families: list[str], quick: bool, variants: dict[str, lis
         for mode in SAMPLE_MODES:
             for b in SAMPLE_BATCHES_QUICK if quick else SAMPLE_BATCHES:
                 case = f"{mode} B={b}"
-                for g in SAMPLE_GROUPS:
-                    col = "auto" if g == 0 else str(g)
-                    add(family="sample", case=case, row=case, col=col, label=f"sample {case} group={col}",
-                        knobs=dict(mode=mode, b=b, group=g))
-                if mode == "greedy":  # one block per row caching nothing: what an all-greedy launch could use
-                    add(family="sample", case=case, row=case, col="1/nc", label=f"sample {case} group=1 no cache",
-                        knobs=dict(mode=mode, b=b, group=1, cache=8))
-                if mode == "greedy":
-                    add(family="sample", case=case, row=case, col="peer", label=f"sample {case} torch.argmax",
-                        knobs=dict(mode=mode, b=b), peer=True)
+                for i, variant in enumerate(variants.get("sample") or (None,)):
+                    row = case + ("" if variant is None else f" v{variant}")
+                    for g in SAMPLE_GROUPS:
+                        col = "auto" if g == 0 else str(g)
+                        add(family="sample", case=case, row=row, col=col, label=f"sample {row} group={col}",
+                            knobs=dict(mode=mode, b=b, group=g, variant=variant))
+                    if mode == "greedy":  # one block per row caching nothing
+                        add(family="sample", case=case, row=row, col="1/nc", label=f"sample {row} group=1 no cache",
+                            knobs=dict(mode=mode, b=b, group=1, cache=8, variant=variant))
+                    if mode == "greedy" and i == 0:  # the argmax kernel for all-greedy steps, and the peer
+                        add(family="sample", case=case, row=row, col="argmax", label=f"sample {case} argmax kernel",
+                            knobs=dict(mode=mode, b=b, argmax=True))
+                        add(family="sample", case=case, row=row, col="peer", label=f"sample {case} torch.argmax",
+                            knobs=dict(mode=mode, b=b), peer=True)
     return out
 
 
@@ -406,13 +415,17 @@ class Runner:
             if s.peer:
                 def fn():
                     return torch.argmax(d["logits"], dim=-1)
+            elif kn.get("argmax"):
+                def fn():
+                    return cuda_sample.argmax(d["logits"], check=False)
             else:
                 group, cache = kn["group"], kn.get("cache")
+                vkw = {} if kn.get("variant") is None else {"_variant": kn["variant"]}  # always explicit
 
                 def fn():
                     return cuda_sample.sample(d["logits"], d["temperature"], d["top_k"], d["top_p"], d["min_p"],
                                               d["seeds"], d["offsets"], check=False, _group=group,
-                                              _cache_limit=cache)
+                                              _cache_limit=cache, **vkw)
 
             def check(out):
                 if kn["mode"] == "greedy":

@@ -16,10 +16,12 @@ reference at temperature 0, status codes included.
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -354,11 +356,33 @@ def test_op_table_uses_kernel_when_enabled(monkeypatch):
 # --------------------------------------------------------------------------- #
 # Variant 1 (csrc/sample_v1.cuh): the same tokens as variant 0, bit for bit
 # --------------------------------------------------------------------------- #
-def test_variant_values_for_the_sweep():
+def _bench_module(monkeypatch, name: str):
+    spec = importlib.util.spec_from_file_location(f"fastllm_bench_{name}", REPO / "bench" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, mod)  # dataclasses look their module up
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_variant_values_for_the_sweep(monkeypatch):
     """bench/sweep.py reads the variants from the wrapper's literal ``_variant
-    not in (...)`` check; they are 0 and 1."""
+    not in (...)`` check; they are 0 and 1, and its sample settings cover both
+    and the argmax kernel."""
     m = re.search(r"_variant not in \(([\d,\s]+)\)", inspect.getsource(cuda_sample.sample))
     assert m and [int(v) for v in m.group(1).replace(",", " ").split()] == [0, 1]
+    sweep = _bench_module(monkeypatch, "sweep")
+    assert sweep.kernel_variants("sample") == (0, 1)
+    settings = sweep.enumerate_settings(["sample"], False, {"sample": [0, 1]})
+    assert {s.knobs.get("variant") for s in settings if not s.peer and "argmax" not in s.knobs} == {0, 1}
+    assert {s.case for s in settings if s.knobs.get("argmax")} == {f"greedy B={b}" for b in sweep.SAMPLE_BATCHES}
+
+
+def test_profile_cases_for_the_variant_and_argmax(monkeypatch):
+    prof = _bench_module(monkeypatch, "profile_kernels")
+    assert prof.parse_case("sample_topp_B32_v1") == dict(name="sample_topp_B32_v1", kind="sample", mode="topp", b=32,
+                                                         variant=1)
+    assert prof.parse_case("sample_argmax_B256_g2") == dict(name="sample_argmax_B256_g2", kind="sample",
+                                                            mode="argmax", b=256, group=2)
 
 
 def test_bad_variant_is_rejected_first():
