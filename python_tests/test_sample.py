@@ -464,9 +464,8 @@ def test_variant1_draws_equal_variant0(vocab, dtype):
                                                    check=False, _group=group, _cache_limit=cache, _variant=variant)
                     except RuntimeError as e:  # a cluster of 16 may not fit some GPUs
                         assert "does not fit" in str(e)
-                if not got:
+                if len(got) < 2:  # a cluster of 16 that does not fit one variant's shared memory
                     continue
-                assert len(got) == 2, (group, cache)
                 assert torch.equal(got[1], got[0]), (group, cache, offset, got[0].tolist(), got[1].tolist())
                 seen += 1
     assert seen >= 2 * len(groups)
