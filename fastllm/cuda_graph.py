@@ -36,6 +36,18 @@ from fastllm.cache import DEFAULT_BLOCK_SIZE, CachedSequence, KVCache, append_on
 from fastllm.ops import AttentionMetadata
 
 
+_num_captures = 0  # graph captures tried in this process (see num_captures)
+
+
+def num_captures() -> int:
+    """How many CUDA graph captures this process has made (or tried). A
+    capture synchronises the device and empties torch's device and pinned
+    host allocator caches (``torch.cuda.graph``), so the work after one
+    allocates from the driver again: a benchmark's warm-up goes on until a
+    run captures nothing (``fastllm.benchmark``)."""
+    return _num_captures
+
+
 def batch_buckets(max_batch_size: int) -> list[int]:
     """Batch sizes that get a graph: 1, 2, 4, 8, then every multiple of 8 up
     to the first one >= ``max_batch_size``."""
@@ -133,8 +145,7 @@ class DecodeGraphRunner:
                              f"tokens before the step's {self.step_tokens})")
         b = len(seqs)
         n = self.buckets[bisect.bisect_left(self.buckets, b)]
-        if self.use_graphs and n not in self._graphs:
-            self._capture(n)
+        self._ensure_graph(n)
         self._load(seqs, tokens, n)
         self.num_steps += 1
         rows = b if self.last_logits_only else b * self.step_tokens
@@ -143,6 +154,20 @@ class DecodeGraphRunner:
             self.num_replays += 1
             return self._outputs[n][:rows]
         return self._forward(n)[:rows]
+
+    def capture(self, max_batch_size: int | None = None) -> None:
+        """Capture now (not on first use) the graphs of every bucket up to the
+        one that holds ``max_batch_size`` sequences (default: all of them);
+        nothing when the runner steps eagerly."""
+        upto = self.max_batch_size if max_batch_size is None else min(max(max_batch_size, 1), self.max_batch_size)
+        for n in self.buckets[: bisect.bisect_left(self.buckets, upto) + 1]:
+            self._ensure_graph(n)
+
+    def _ensure_graph(self, n: int) -> None:
+        global _num_captures
+        if self.use_graphs and n not in self._graphs:
+            _num_captures += 1
+            self._capture(n)
 
     # ------------------------------------------------------------------ inputs
     def _load(self, seqs: Sequence[CachedSequence], tokens, n: int) -> None:

@@ -6,6 +6,8 @@ and is released when a stream is abandoned."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -824,3 +826,86 @@ def test_draw_ring_reuses_a_buffer_only_once_read_and_copied():
         other = _launch(ring, [i])
         assert other.slot != kept.slot and other.read() == [i]
     assert kept.read() == [5, 6] and len(ring) == 3
+
+
+class _EagerGraph:
+    """A captured graph stand-in on the CPU: its replay runs the step eagerly."""
+
+    def __init__(self, runner, n):
+        self.runner, self.n = runner, n
+
+    def replay(self):
+        self.runner._outputs[self.n] = self.runner._forward(self.n)
+
+
+@pytest.fixture
+def fake_captures(monkeypatch):
+    """Graph runners that "capture" on the CPU (use_graphs=True with the
+    capture replaced); returns the log of captures and of the benchmark's clock reads."""
+    from fastllm import benchmark
+
+    log = []
+
+    def capture(self, n):
+        log.append(("capture", n))
+        self._graphs[n] = _EagerGraph(self, n)
+
+    class Clock:
+        @staticmethod
+        def perf_counter():
+            log.append(("clock",))
+            return time.perf_counter()
+
+    monkeypatch.setattr(DecodeGraphRunner, "_capture", capture)
+    monkeypatch.setattr(benchmark, "time", Clock)
+    return log
+
+
+def test_latency_bench_warms_up_again_after_a_run_that_captured(model, fake_captures, monkeypatch):
+    """A capture empties the allocator caches (torch.cuda.graph), so the run
+    after the one that captured allocates again: measure_latency adds a
+    warm-up run after a warm-up run that captured; no timed run captures."""
+    from fastllm import benchmark
+
+    monkeypatch.setattr(model, "_graphs", GraphedDecoding(model.network, use_graphs=True))
+    runs = []
+    real = model._run
+    monkeypatch.setattr(model, "_run", lambda *a: (runs.append(len(fake_captures)), real(*a))[1])
+    r = benchmark.measure_latency(model, batch_size=3, input_len=5, output_len=6, iters=3, warmup=1, progress=False)
+    assert [e for e in fake_captures if e[0] == "capture"] == [("capture", 4)]  # 3 rows: the bucket of 4
+    assert len(runs) == 1 + 1 + 3 and r["warmup_runs"] == 2 and len(r["runs"]["ttft_ms"]) == 3
+    assert fake_captures.index(("capture", 4)) < runs[1]  # in the first run, the second warmed up again
+    timed = fake_captures[runs[2]:]  # from the first timed run on: clock reads only
+    assert timed and all(e == ("clock",) for e in timed)
+    # nothing captured: no extra run
+    fake_captures.clear()
+    runs.clear()
+    r = benchmark.measure_latency(model, batch_size=3, input_len=5, output_len=6, iters=2, warmup=1, progress=False)
+    assert len(runs) == 3 and r["warmup_runs"] == 1
+    assert benchmark.measure_latency(model, input_len=5, output_len=3, iters=1, warmup=0,
+                                     progress=False)["warmup_runs"] == 0
+
+
+def test_throughput_bench_captures_before_it_times(model, fake_captures, monkeypatch):
+    """measure_throughput captures every batch size the timed loop can step
+    before its clock starts, and warms up on a batch of the timed shape."""
+    from fastllm import benchmark
+    from fastllm import engine as engine_mod
+
+    engines = []
+
+    def engine_with_runner(m, **kwargs):
+        e = LLMEngine(m, **kwargs)
+        e.runner = DecodeGraphRunner(m.network, e.cache, kwargs["max_num_seqs"], m.config.max_position_embeddings,
+                                     use_graphs=True)
+        engines.append(e)
+        return e
+
+    monkeypatch.setattr(engine_mod, "LLMEngine", engine_with_runner)
+    r = benchmark.measure_throughput(model, num_prompts=7, input_len=6, output_len=9, max_num_seqs=5,
+                                     progress=False)
+    assert r["output_tokens"] == 7 * 9
+    start = fake_captures.index(("clock",))
+    assert sorted(n for _, n in fake_captures[:start]) == [1, 2, 4, 8]  # the buckets up to 5 sequences
+    assert all(e == ("clock",) for e in fake_captures[start:])
+    assert engines[0].runner.num_replays > 10  # the timed steps replayed the captured graphs
