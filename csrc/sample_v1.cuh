@@ -44,10 +44,12 @@
  *    group syncs to 1 + 1 and an overlapped arrive/wait; step 1 from 2 + 1 to
  *    1 + 1 (G == 1: one barrier, no group exchange).
  * 5. Latency inside the passes: step 1 keeps 4 16-byte loads per thread in
- *    flight (variant 0 uses each load before issuing the next: at B = 32 a
- *    thread's 8 loads are 8 DRAM round trips in a row), and a histogram pass
- *    loads two elements before their atomics (the compiler does not move a
- *    shared load above a shared atomic that may alias it).
+ *    flight (variant 0's loop, unrolled twice by the compiler, keeps 2: at
+ *    B = 32 a thread's 8 loads take 4 DRAM round trips there, 2 here), and a
+ *    histogram pass loads two elements before their atomics (the compiler
+ *    does not move a shared load above a shared atomic that may alias it:
+ *    variant 0's loop, unrolled 4 times, still loads each element after the
+ *    previous element's returning atomic).
  *
  * Each group sync is a cluster barrier with release/acquire semantics, which
  * ptxas implements as MEMBAR.ALL.GPU + UCGABAR_ARV / UCGABAR_WAIT + CCTL.IVALL
@@ -184,9 +186,9 @@ __global__ void __launch_bounds__(kThreads, 1)
   constexpr int VEC = 16 / sizeof(T);
   int scalar_from = 0;
   if (vec_ok) {
-    // kLoadsInFlight 16-byte loads per thread before the first is used:
-    // variant 0's loop waits for each load in turn (at B = 32, eight DRAM
-    // round trips per thread in a row).
+    // kLoadsInFlight 16-byte loads per thread before the first is used
+    // (variant 0's loop has two in flight: at B = 32 four DRAM round trips
+    // per thread in a row, here two).
     const int nvec = ncache / VEC;
     for (int v0 = tid; v0 < nvec; v0 += kThreads * kLoadsInFlight) {
       Vec<T, VEC> x[kLoadsInFlight];
