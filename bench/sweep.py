@@ -148,6 +148,17 @@ def kernel_variants(family: str) -> tuple[int, ...]:
     return values if 0 in values else (0, 1)
 
 
+# The tokens M where an int4 variant runs its own kernel (elsewhere it is variant 0:
+# csrc/int4_linear.cu's wgmma_path and wide_path); variants not named cover every M.
+INT4_VARIANT_TOKENS = {2: (9, 64), 3: (1, 8), 4: (1, 8)}
+
+
+def variant_covers(family: str, variant: int | None, m: int) -> bool:
+    """Whether ``_variant=variant`` of ``family`` runs a kernel of its own at M = m."""
+    lo, hi = INT4_VARIANT_TOKENS.get(variant, (0, 1 << 30)) if family == "int4" else (0, 1 << 30)
+    return lo <= m <= hi
+
+
 def enumerate_settings(families: list[str], quick: bool, variants: dict[str, list[int]]) -> list[Setting]:
     """``variants``: per kernel, the ``_variant`` values to sweep ([] = do not pass ``_variant``)."""
     out: list[Setting] = []
@@ -175,6 +186,8 @@ def enumerate_settings(families: list[str], quick: bool, variants: dict[str, lis
             for m in INT_TOKENS_QUICK if quick else INT_TOKENS:
                 case = f"{k}x{n}"
                 for i, variant in enumerate(variants.get(fam) or (None,)):
+                    if i > 0 and not variant_covers(fam, variant, m):
+                        continue  # the same kernel as variant 0 there
                     row = f"{k}->{n} M={m}" + ("" if variant is None else f" v{variant}")
                     for s in INT_SPLITS_QUICK if quick else INT_SPLITS:
                         col = "auto" if s == 0 else str(s)

@@ -241,6 +241,23 @@ def test_variants_are_discoverable():
     assert m and [int(v) for v in m.group(1).replace(",", " ").split()] == [0, 2, 3, 4]
 
 
+def test_sweep_times_a_variant_only_where_it_has_a_kernel(monkeypatch):
+    """bench/sweep.py skips the settings where a variant is variant 0 (2 outside
+    M 9..64, 3 and 4 above M = 8), so its time goes to the kernels that differ."""
+    import importlib.util
+    import pathlib
+    import sys
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "bench" / "sweep.py"
+    spec = importlib.util.spec_from_file_location("fastllm_bench_sweep_int4", path)
+    sweep = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, sweep)  # dataclasses look their module up
+    spec.loader.exec_module(sweep)
+    settings = [s for s in sweep.enumerate_settings(["int4"], True, {"int4": [0, 2, 3, 4]}) if not s.peer]
+    tokens = {v: {s.knobs["m"] for s in settings if s.knobs["variant"] == v} for v in (0, 2, 3, 4)}
+    assert tokens == {0: {1, 16, 32, 64}, 2: {16, 32, 64}, 3: {1}, 4: {1}}
+
+
 # --------------------------------------------------------------------------- #
 # Variant 2 (int4_linear_wgmma, the default at M 17..64): the warpgroup-MMA kernel at M
 # 9..64 on an sm_90 GPU with the 90a build (variant 0 elsewhere). Its fp32 sums
