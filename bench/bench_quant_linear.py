@@ -6,8 +6,8 @@ dequantize-then-matmul, and torch's tinygemm int4 kernel
 ``fastllm-int4`` is int4's mma.sync kernel (``_variant=0``),
 ``fastllm-int4-wgmma`` its warpgroup-MMA kernel (``_variant=2``, M 9..64,
 sm_90 GPUs; variant 0 elsewhere; the default at M 17..64),
-``fastllm-int4-wide`` / ``fastllm-int4-wide2`` its wide M <= 8 tile with one /
-two mma chains per warp (``_variant=3`` / ``4``; experimental). Reports
+``fastllm-int4-wide`` / ``fastllm-int4-wide2`` its wide tiles at M <= 16 with
+one / two mma chains per warp (``_variant=3`` / ``4``; experimental). Reports
 microseconds per call and effective bandwidth: weight bytes (with scales and
 zeros) + activations read + outputs written, over the time.
     pytest bench/bench_quant_linear.py --benchmark-only -s
@@ -85,8 +85,8 @@ def test_quant_linear(gpu_bench, benchmark, shape, m, impl):
         pytest.skip("same as fastllm-int4 up to 64 tokens")
     if impl == "fastllm-int4-wgmma" and not 9 <= m <= 64:
         pytest.skip("the wgmma variant changes only M 9..64")
-    if impl.startswith("fastllm-int4-wide") and m > 8:
-        pytest.skip("the wide variants change only M <= 8")
+    if impl.startswith("fastllm-int4-wide") and m > 16:
+        pytest.skip("the wide variants change only M <= 16")
     from fastllm.ops import cuda, cuda_quant
 
     k, n = shape

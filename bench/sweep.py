@@ -150,7 +150,7 @@ def kernel_variants(family: str) -> tuple[int, ...]:
 
 # The tokens M where an int4 variant runs its own kernel (elsewhere it is variant 0:
 # csrc/int4_linear.cu's wgmma_path and wide_path); variants not named cover every M.
-INT4_VARIANT_TOKENS = {2: (9, 64), 3: (1, 8), 4: (1, 8)}
+INT4_VARIANT_TOKENS = {2: (9, 64), 3: (1, 16), 4: (1, 16)}
 
 
 def variant_covers(family: str, variant: int | None, m: int) -> bool:

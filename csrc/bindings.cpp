@@ -60,7 +60,7 @@ PYBIND11_MODULE(_C, m) {
             "int8_linear",
             "int4_linear",
             "int4_linear_wgmma",  // int4_linear's wgmma path at M 9..64 (variant 2)
-            "int4_linear_wide",   // int4_linear's wide M <= 8 tile (variants 3 and 4; experimental)
+            "int4_linear_wide",   // int4_linear's wide tiles at M <= 16 (variants 3 and 4; experimental)
         };
       },
       "Names of the kernels compiled in.");
@@ -304,7 +304,7 @@ PYBIND11_MODULE(_C, m) {
       "uint8 zeros [N, K/group]; x, out, bias fp16/bf16 (dtype 1/2), contiguous; bias 0 = none. num_splits and "
       "the fp32 workspace (0 when num_splits == 1) from int4_linear_plan (made for the same variant); variant 0 "
       "(default), 2 (warpgroup MMA at M 9..64 on an sm_90 GPU with the 90a build; variant 0 elsewhere), 3 or 4 (the "
-      "wide M <= 8 tile, one or two mma chains per warp; variant 0 at M > 8).");
+      "wide tiles at M <= 16, one or two mma chains per warp; variant 0 at M > 16).");
 
   m.def(
       "int4_dequantize",

@@ -41,8 +41,8 @@
  * asynchronously beside the dequantisation), with this file's split-K plan
  * and reduction; elsewhere variant 2 is variant 0 (wgmma_path below). 3
  * and 4 (kernel name int4_linear_wide; experimental, not yet run on a GPU):
- * at M <= 8 the wide tile (Int4Cfg<1, W> below: twice the warps per SM; 4
- * also two mma chains per warp), with its own split-K rule; elsewhere
+ * at M <= 16 the wide tiles (Int4Cfg<TT, W> below: twice the warps per SM;
+ * 4 also two mma chains per warp), with their own split-K rule; elsewhere
  * variant 0.
  * There is no variant 1 (an 8-stage ring at M <= 8, removed: no faster on an
  * H200).
@@ -61,32 +61,39 @@ namespace {
 
 using namespace qlinear;
 
-// W > 0: the wide tile (variants 3 and 4, M <= 8 only; experimental): half
-// the weight rows per CTA (BN = 32: 2 warps along N) and four warp groups
-// along K (BK = 512, one 128-column k-block per warp per stage as before),
-// 3 stages (48 KB, 4 CTAs per SM by shared memory and, bounded to 64
-// registers a thread, by registers). 4096 -> 14336 then runs 448 CTAs, ~27
-// warps per SM against ~14 (224 CTAs of 8 warps). W = 2 (variant 4) also
-// keeps two mma accumulator chains per warp (the pairs 0/1 and 2/3 of a
-// word) instead of one chain of 8, at the price of a few spilled registers.
-// Why: the M = 1 profile (issue 43%, top stall `wait`, occupancy 20%) says
-// the dequantisation and mma chains lack warps to hide them, not bytes in
-// flight (an 8-stage ring did not help).
+// W > 0: the wide tiles (variants 3 and 4, M <= 16; experimental), twice the
+// warps per SM of variant 0's tiles for the same weight rows:
+// - M <= 8 (TT = 1): half the weight rows per CTA (BN = 32: 2 warps along N)
+//   and four warp groups along K (BK = 512, one 128-column k-block per warp
+//   per stage as before), 3 stages (48 KB, 4 CTAs per SM by shared memory
+//   and, bounded to 64 registers a thread, by registers). 4096 -> 14336 then
+//   runs 448 CTAs, ~27 warps per SM against ~14 (224 CTAs of 8 warps).
+// - M 9..16 (TT = 2): variant 0's M <= 8 layout (BN = 64, 4 warps along N,
+//   2 warp groups along K, BK = 256, 4 stages) for both token tiles, 16 rows
+//   per warp instead of 32 (64 KB, 3 CTAs per SM, <= 80 registers): 224 CTAs
+//   of 8 warps at 4096 -> 14336 against 112 of 4 (split 2) for variant 0.
+// W = 2 (variant 4) also keeps two mma accumulator chains per warp (the
+// pairs 0/1 and 2/3 of a word) instead of one chain, at the price of a few
+// spilled registers. Why: the M = 1 profile (issue 43%, top stall `wait`,
+// occupancy 20%) and M = 16's (occupancy 21%) say the dequantisation and mma
+// chains lack warps to hide them, not bytes in flight (an 8-stage ring did
+// not help).
 template <int TT, int W = 0>
 struct Int4Cfg {
   static constexpr bool WIDE = W > 0;
-  static_assert(!WIDE || TT == 1, "the wide tile is for one token tile");
-  static constexpr int R = TT == 1 ? 1 : 2;          // 16-row tiles per warp
-  static constexpr int BK = WIDE ? 512 : TT <= 2 ? 256 : 128;  // K per pipeline stage
-  static constexpr int STAGES = WIDE ? 3 : 4;
+  static constexpr bool WIDE1 = WIDE && TT == 1;     // the wide M <= 8 tile
+  static_assert(!WIDE || TT <= 2, "the wide tiles are for one or two token tiles");
+  static constexpr int R = TT == 1 || WIDE ? 1 : 2;  // 16-row tiles per warp
+  static constexpr int BK = WIDE1 ? 512 : TT <= 2 ? 256 : 128;  // K per pipeline stage
+  static constexpr int STAGES = WIDE1 ? 3 : 4;
   // Warps along N, and warp groups along K: at M <= 8 two groups split each
   // K tile's k-blocks between them (summed through shared memory at the end),
   // so that an SM has twice the warps to hide the dequantisation chains.
-  static constexpr int WARPS_N = WIDE ? 2 : 4, KW = WIDE ? 4 : TT == 1 ? 2 : 1;
+  static constexpr int WARPS_N = WIDE1 ? 2 : 4, KW = WIDE1 ? 4 : TT == 1 || WIDE ? 2 : 1;
   static constexpr int CHAINS = W > 1 ? W : 1;      // independent mma accumulator chains per warp
-  // CTAs per SM the registers must allow (the wide tile's 4, which its shared
-  // memory allows, need <= 64 registers a thread; unbounded it takes ~80).
-  static constexpr int MIN_CTAS = WIDE ? 4 : 0;
+  // CTAs per SM the registers must allow, as many as the shared memory does
+  // (the wide M <= 8 tile unbounded takes ~80 registers: 3 CTAs).
+  static constexpr int MIN_CTAS = !WIDE ? 0 : TT == 1 ? 4 : 3;
   static constexpr int WARPS = WARPS_N * KW, THREADS = WARPS * 32;
   static constexpr int BN = 16 * R * WARPS_N;        // weight rows per CTA
   static constexpr int BM = 8 * TT;                  // token rows per CTA
@@ -140,7 +147,7 @@ __global__ void __launch_bounds__(Int4Cfg<TT, W>::THREADS, Int4Cfg<TT, W>::MIN_C
   // The copies' addresses and the scale/zero rows are computed once here and
   // advanced per K tile (recomputing them every tile was about two thirds of
   // the main loop's instructions).
-  LeanTileCopies<C, 32, C::WIDE> lean;  // the wide tile is short of registers: compact x copies
+  LeanTileCopies<C, 32, C::WIDE> lean;  // the wide tiles are short of registers: compact x copies
   lean.init(p.qweight, x, sw, sx, tid, n0, p.N, m0, mrows, p.K, kt0, [](int r, int c) { return x_chunk(r, c); });
   const unsigned short* s_row[R][2];
   const uint8_t* z_row[R][2];
@@ -444,6 +451,10 @@ const char* opt_in_all() {
   if (!err) err = opt_in_smem<int4_mma_kernel<T, 1, false, 1>>(Int4Cfg<1, 1>::SMEM);
   if (!err) err = opt_in_smem<int4_mma_kernel<T, 1, true, 2>>(Int4Cfg<1, 2>::SMEM);
   if (!err) err = opt_in_smem<int4_mma_kernel<T, 1, false, 2>>(Int4Cfg<1, 2>::SMEM);
+  if (!err) err = opt_in_smem<int4_mma_kernel<T, 2, true, 1>>(Int4Cfg<2, 1>::SMEM);
+  if (!err) err = opt_in_smem<int4_mma_kernel<T, 2, false, 1>>(Int4Cfg<2, 1>::SMEM);
+  if (!err) err = opt_in_smem<int4_mma_kernel<T, 2, true, 2>>(Int4Cfg<2, 2>::SMEM);
+  if (!err) err = opt_in_smem<int4_mma_kernel<T, 2, false, 2>>(Int4Cfg<2, 2>::SMEM);
   return err;
 }
 
@@ -462,8 +473,12 @@ template <typename T>
 const char* run_tiles(const Int4Params& p, int group, int wide, cudaStream_t stream) {
   const int tiles = token_tiles(p.M);
   const bool g128 = group == 128 && tiles <= 2;
-  if (wide == 1) return g128 ? run_mma<T, 1, true, 1>(p, stream) : run_mma<T, 1, false, 1>(p, stream);
-  if (wide == 2) return g128 ? run_mma<T, 1, true, 2>(p, stream) : run_mma<T, 1, false, 2>(p, stream);
+  if (wide > 0 && tiles == 1)
+    return wide == 1 ? (g128 ? run_mma<T, 1, true, 1>(p, stream) : run_mma<T, 1, false, 1>(p, stream))
+                     : (g128 ? run_mma<T, 1, true, 2>(p, stream) : run_mma<T, 1, false, 2>(p, stream));
+  if (wide > 0)
+    return wide == 1 ? (g128 ? run_mma<T, 2, true, 1>(p, stream) : run_mma<T, 2, false, 1>(p, stream))
+                     : (g128 ? run_mma<T, 2, true, 2>(p, stream) : run_mma<T, 2, false, 2>(p, stream));
   switch (tiles) {
     case 1: return g128 ? run_mma<T, 1, true>(p, stream) : run_mma<T, 1, false>(p, stream);
     case 2: return g128 ? run_mma<T, 2, true>(p, stream) : run_mma<T, 2, false>(p, stream);
@@ -521,16 +536,16 @@ const char* launch_dequant(void* out, const void* qweight, const void* scales, c
 // Tile sizes of the mma.sync kernel that M tokens launch (wide: variants 3 and
 // 4's, which differ only in their mma chains).
 int k_tile_of(int64_t m, bool wide) {
-  if (wide) return Int4Cfg<1, 1>::BK;
+  if (wide) return token_tiles(m) == 1 ? Int4Cfg<1, 1>::BK : Int4Cfg<2, 1>::BK;
   return token_tiles(m) <= 2 ? Int4Cfg<1>::BK : Int4Cfg<4>::BK;
 }
 int rows_of(int64_t m, bool wide) {
-  if (wide) return Int4Cfg<1, 1>::BN;
+  if (wide) return token_tiles(m) == 1 ? Int4Cfg<1, 1>::BN : Int4Cfg<2, 1>::BN;
   return token_tiles(m) == 1 ? Int4Cfg<1>::BN : Int4Cfg<2>::BN;
 }
 int smem_of(int64_t m, bool wide) {
   const int tiles = token_tiles(m);
-  if (wide) return Int4Cfg<1, 1>::SMEM;
+  if (wide) return tiles == 1 ? Int4Cfg<1, 1>::SMEM : Int4Cfg<2, 1>::SMEM;
   if (tiles == 1) return Int4Cfg<1>::SMEM;
   return tiles == 2 ? Int4Cfg<2>::SMEM : tiles == 4 ? Int4Cfg<4>::SMEM : Int4Cfg<8>::SMEM;
 }
@@ -545,18 +560,19 @@ const char* check_shapes(int64_t m, int64_t n, int64_t k, int64_t group) {
 }
 
 constexpr const char* kVariantError =
-    "variant must be 0 (default), 2 (wgmma at M 9..64 on sm_90), 3 or 4 (wide tiles at M <= 8)";
+    "variant must be 0 (default), 2 (wgmma at M 9..64 on sm_90), 3 or 4 (wide tiles at M <= 16)";
 bool valid_variant(int64_t variant) { return variant == 0 || variant == 2 || variant == 3 || variant == 4; }
 
-// Variants 3 and 4 run the wide M <= 8 tile (Int4Cfg<1, 1> / <1, 2>): the
-// W of the tile, or 0 (variant 0's kernels: M > 8, or another variant).
+// Variants 3 and 4 run the wide tiles at M <= 16 (Int4Cfg<TT, 1> / <TT, 2>):
+// the W of the tile, or 0 (variant 0's kernels: M > 16, or another variant).
 int wide_path(int64_t m, int64_t variant) {
-  return (variant == 3 || variant == 4) && token_tiles(m) == 1 ? static_cast<int>(variant) - 2 : 0;
+  return (variant == 3 || variant == 4) && token_tiles(m) <= 2 ? static_cast<int>(variant) - 2 : 0;
 }
 
-// Split-K for the wide tile: its grid has twice the CTAs of variant 0's M <= 8
-// grid, at the same 4 CTAs per SM, so it is not split once every SM has a CTA;
-// below that, splits fill the SMs (each keeping two K tiles), as choose_splits.
+// Split-K for the wide tiles: their grids have twice the CTAs of variant 0's
+// M <= 8 grid (or twice the warps per CTA, M 9..16), so they are not split
+// once every SM has a CTA; below that, splits fill the SMs (each keeping two
+// K tiles), as choose_splits.
 // A first guess, to be fitted to the sweep like choose_splits was.
 int64_t wide_splits(int64_t ctas, int64_t k_tiles, int64_t sms, int64_t requested, int resident) {
   if (requested > 0) return requested < k_tiles ? requested : k_tiles;

@@ -131,8 +131,8 @@ const char* launch_int8_dequantize(void* out, const void* qweight, const void* s
 // w = (q - zero) * scale per group of g columns.
 // variant: 0 the default kernels; 2 the wgmma kernel at M 9..64 on an sm_90a
 // build and device (int4_linear_sm90.cu; elsewhere exactly variant 0); 3 and 4
-// the wide M <= 8 tile (variant 0 at M > 8); there is no variant 1. The plan
-// must be made for the same variant.
+// the wide tiles at M <= 16 (variant 0 at M > 16); there is no variant 1. The
+// plan must be made for the same variant.
 const char* int4_linear_plan(int64_t* num_splits, int64_t* workspace_floats, int64_t m, int64_t n, int64_t k,
                              int64_t group, int64_t num_sms, int64_t requested_splits, int64_t variant);
 const char* launch_int4_linear(void* out, void* workspace, const void* x, const void* qweight, const void* scales,

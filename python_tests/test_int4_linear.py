@@ -243,7 +243,7 @@ def test_variants_are_discoverable():
 
 def test_sweep_times_a_variant_only_where_it_has_a_kernel(monkeypatch):
     """bench/sweep.py skips the settings where a variant is variant 0 (2 outside
-    M 9..64, 3 and 4 above M = 8), so its time goes to the kernels that differ."""
+    M 9..64, 3 and 4 above M = 16), so its time goes to the kernels that differ."""
     import importlib.util
     import pathlib
     import sys
@@ -255,7 +255,7 @@ def test_sweep_times_a_variant_only_where_it_has_a_kernel(monkeypatch):
     spec.loader.exec_module(sweep)
     settings = [s for s in sweep.enumerate_settings(["int4"], True, {"int4": [0, 2, 3, 4]}) if not s.peer]
     tokens = {v: {s.knobs["m"] for s in settings if s.knobs["variant"] == v} for v in (0, 2, 3, 4)}
-    assert tokens == {0: {1, 16, 32, 64}, 2: {16, 32, 64}, 3: {1}, 4: {1}}
+    assert tokens == {0: {1, 16, 32, 64}, 2: {16, 32, 64}, 3: {1, 16}, 4: {1, 16}}
 
 
 # --------------------------------------------------------------------------- #
@@ -420,9 +420,11 @@ def test_wgmma_is_the_default_from_17_tokens(monkeypatch):
 
 # --------------------------------------------------------------------------- #
 # Variants 3 and 4 (int4_linear_wide, opt-in, not yet run on a GPU): the wide
-# M <= 8 tile, 32 weight rows and 4 warp groups along K per CTA, one (3) or
-# two (4) mma chains per warp. Another summation order than variant 0's, so
-# held to the reference; above 8 tokens they are variant 0.
+# tiles, twice variant 0's warps per SM: at M <= 8 32 weight rows and 4 warp
+# groups along K per CTA (K tiles of 512), at M 9..16 64 rows, 16 per warp, and
+# 2 warp groups; one (3) or two (4) mma chains per warp. Another summation
+# order than variant 0's, so held to the reference; above 16 tokens they are
+# variant 0.
 # --------------------------------------------------------------------------- #
 WIDE = [3, 4]
 
@@ -431,7 +433,7 @@ WIDE = [3, 4]
 @pytest.mark.parametrize("variant", WIDE)
 @pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("m", [1, 3, 5, 8])
+@pytest.mark.parametrize("m", [1, 3, 5, 8, 9, 16])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}g{s[2]}")
 def test_wide_matches_reference(shape, m, dtype, bias, variant):
     from fastllm.ops import cuda_quant
@@ -447,12 +449,12 @@ def test_wide_matches_reference(shape, m, dtype, bias, variant):
 @requires_cuda
 @pytest.mark.parametrize("variant", WIDE)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("m", [1, 4, 7, 8])
+@pytest.mark.parametrize("m", [1, 4, 7, 8, 9, 12, 15, 16])
 @pytest.mark.parametrize("group", [32, 64, 128])
 def test_wide_every_group_size(group, m, dtype, variant):
     """Every group size (g = 128 scales once per k-block, the others per pair)
     and token counts that leave the x rows of a thread partly copied (rows r and
-    r + 4 of the compact x copies)."""
+    r + 4, or r + 8 at M > 8, of the compact x copies)."""
     from fastllm.ops import cuda_quant
 
     q, s, z, b = _weights(1536, 520, group, dtype)
@@ -465,10 +467,10 @@ def test_wide_every_group_size(group, m, dtype, variant):
 @requires_cuda
 @pytest.mark.parametrize("variant", WIDE)
 @pytest.mark.parametrize("splits", [1, 2, 3, 7, 16])
-@pytest.mark.parametrize("m", [1, 8])
+@pytest.mark.parametrize("m", [1, 8, 16])
 def test_wide_split_k(m, splits, variant):
     """Forced split counts (uneven K shares; 16 is clamped to the 8 K tiles of
-    512), into poisoned workspaces and outputs."""
+    512 at M <= 8), into poisoned workspaces and outputs."""
     from fastllm.ops import cuda_quant
 
     q, s, z, b = _weights(4096, 1000, 128, torch.bfloat16)
@@ -487,7 +489,7 @@ def test_wide_k_not_a_multiple_of_the_tile(k, variant):
     a warp group past K, partial 128-column k-blocks."""
     from fastllm.ops import cuda_quant
 
-    for m in (1, 6):
+    for m in (1, 6, 13):
         for dtype in DTYPES:
             q, s, z, b = _weights(k, 70, 32, dtype)
             x = _x((m, k), dtype)
@@ -505,19 +507,20 @@ def test_wide_zeros_past_15(group, variant):
     z = torch.randint(14, 17, (200, 1536 // group), generator=g, device="cuda").to(torch.uint8)
     z[::7] = 127
     for dtype in DTYPES:
-        x = _x((3, 1536), dtype)
-        _check(cuda_quant._int4_fused(x, q, s.to(dtype), z, group, b.to(dtype), _variant=variant),
-               x, q, s.to(dtype), z, group, b.to(dtype))
+        for m in (3, 11):
+            x = _x((m, 1536), dtype)
+            _check(cuda_quant._int4_fused(x, q, s.to(dtype), z, group, b.to(dtype), _variant=variant),
+                   x, q, s.to(dtype), z, group, b.to(dtype))
 
 
 @requires_cuda
 @pytest.mark.parametrize("variant", WIDE)
-def test_wide_variant_above_8_tokens_is_variant_0(variant):
-    """Above 8 tokens variants 3 and 4 are variant 0, bit for bit (plan and kernel)."""
+def test_wide_variant_above_16_tokens_is_variant_0(variant):
+    """Above 16 tokens variants 3 and 4 are variant 0, bit for bit (plan and kernel)."""
     from fastllm.ops import cuda_quant
 
     q, s, z, b = _weights(2048, 777, 64, torch.bfloat16)
-    for m in (9, 16, 33, 65):
+    for m in (17, 33, 65):
         x = _x((m, 2048), torch.bfloat16)
         for splits in (0, 1, 3):
             want = cuda_quant._int4_fused(x, q, s, z, 64, b, splits=splits, _variant=0)
@@ -532,6 +535,7 @@ def test_wide_under_cuda_graph(variant):
     q, s, z, b = _weights(4096, 1024, 128, torch.bfloat16)
     x = _x((1, 4096), torch.bfloat16)  # 32 CTAs: split-K and its reduction are captured too
     run = lambda: cuda_quant._int4_fused(x, q, s, z, 128, b, _variant=variant)  # noqa: E731
+    assert cuda_quant._int4_plan(1, 1024, 4096, 128, cuda_quant._num_sms(0), 0, variant)[0] > 1
     eager = run()
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
@@ -549,7 +553,7 @@ def test_wide_under_cuda_graph(variant):
 
 
 @requires_cuda
-def test_wide_is_the_choice_at_8_tokens_when_opted_in(monkeypatch):
+def test_wide_is_the_choice_up_to_16_tokens_when_opted_in(monkeypatch):
     from fastllm import ops
 
     q, s, z, _ = _weights(512, 256, 128, torch.bfloat16)
@@ -558,8 +562,9 @@ def test_wide_is_the_choice_at_8_tokens_when_opted_in(monkeypatch):
         ("", 1, 0),  # not verified on a GPU yet: off by default
         ("int4_linear_wide", 1, 3),
         ("int4_linear_wide", 8, 3),
-        ("int4_linear_wide", 9, 0),
+        ("int4_linear_wide", 16, 3),
         ("int4_linear_wide", 17, 2),
+        ("", 16, 0),
     ):
         monkeypatch.setenv("FASTLLM_KERNELS", setting)
         backend.reset_settings()
@@ -662,13 +667,15 @@ def test_plan():
     for variant in (1, 5, -1):  # variants 0, 2, 3 and 4 only (1, the 8-stage pipeline, was removed)
         with pytest.raises(RuntimeError, match=r"variant must be 0 \(default\), 2 .* 3 or 4"):
             plan(1, 10, 64, 32, 132, 0, variant)
-    for variant in (3, 4):  # the wide M <= 8 tile: 32 rows, K tiles of 512, 4 CTAs per SM
+    for variant in (3, 4):  # the wide tiles: M <= 8 32 rows, K tiles of 512, 4 CTAs per SM; M <= 16 64, 256, 3
         assert plan(1, 14336, 4096, 128, 132, 0, variant) == (1, 0)  # 448 CTAs: every SM has some
         assert plan(8, 4096, 14336, 128, 132, 0, variant) == (4, 4 * 8 * 4096)  # 128 CTAs: 4 splits fill 132 SMs
         assert plan(1, 100, 1024, 32, 132, 16, variant)[0] == 2  # clamped to its two K tiles (variant 0: 4)
         assert plan(1, 8000, 1024, 32, 132, 0, variant) == (1, 0)  # 250 CTAs
         assert plan(1, 64, 512, 32, 132, 0, variant) == (1, 0)  # one K tile: nothing to split
-        for m in (9, 16, 33, 64, 65):  # variant 0's plan above 8 tokens
+        assert plan(16, 14336, 4096, 128, 132, 0, variant) == (1, 0)  # 224 CTAs
+        assert plan(9, 4096, 14336, 128, 132, 0, variant) == (6, 6 * 9 * 4096)  # 64 CTAs, 3 per SM: 6 splits
+        for m in (17, 33, 64, 65):  # variant 0's plan above 16 tokens
             for requested in (0, 3):
                 assert plan(m, 4864, 896, 128, 132, requested, variant) == plan(m, 4864, 896, 128, 132, requested)
     assert plan(1, 100, 1024, 32, 132, 16)[0] == 4

@@ -33,12 +33,12 @@ FUSED_MAX_TOKENS = 64
 INT4_WGMMA_KERNEL = "int4_linear_wgmma"
 INT4_WGMMA_TOKENS = (9, 64)  # the M range it covers
 INT4_WGMMA_DEFAULT_TOKENS = (17, 64)  # the M range where it is picked by default
-# int4_linear's wide M <= 8 tile (``_variant=3``, or 4 with two mma chains per
-# warp; csrc/int4_linear.cu): twice the warps per SM of variant 0's. Not yet
-# run on a GPU, so off unless opted in (FASTLLM_KERNELS=int4_linear_wide),
-# which makes it the choice at M <= 8.
+# int4_linear's wide tiles at M <= 16 (``_variant=3``, or 4 with two mma chains
+# per warp; csrc/int4_linear.cu): twice the warps per SM of variant 0's. Not
+# yet run on a GPU, so off unless opted in (FASTLLM_KERNELS=int4_linear_wide),
+# which makes them the choice at M <= 16.
 INT4_WIDE_KERNEL = "int4_linear_wide"
-INT4_WIDE_TOKENS = 8
+INT4_WIDE_TOKENS = 16
 
 
 @functools.lru_cache(maxsize=None)
@@ -228,11 +228,11 @@ def _int4_fused(
     """The fused kernel for any number of tokens; ``splits`` 0 = automatic split-K.
     ``_variant``: 0 the mma.sync kernels, 2 the warpgroup-MMA kernel (at M
     9..64 on an sm_90 GPU with the 90a build; variant 0 elsewhere; not bitwise
-    equal to 0), 3 / 4 the wide M <= 8 tile with one / two mma chains per warp
-    (variant 0 at M > 8; 4 is not bitwise equal to 0); there is no variant 1
-    (an 8-stage pipeline at M <= 8, removed: no faster on an H200). None picks
-    2 at M 17..64 when ``int4_linear_wgmma`` is enabled (the default), 3 at
-    M <= 8 when ``int4_linear_wide`` is (opt-in), else 0."""
+    equal to 0), 3 / 4 the wide tiles at M <= 16 with one / two mma chains
+    per warp (variant 0 at M > 16; not bitwise equal to 0); there is no
+    variant 1 (an 8-stage pipeline at M <= 8, removed: no faster on an H200).
+    None picks 2 at M 17..64 when ``int4_linear_wgmma`` is enabled (the
+    default), 3 at M <= 16 when ``int4_linear_wide`` is (opt-in), else 0."""
     n, k = _check_int4(x, qweight, scales, zeros, group_size, bias)
     m = x.numel() // k
     if _variant is None:
