@@ -2,7 +2,8 @@
 
 A kernel runs by default on CUDA tensors only once it has passed its tests on
 a GPU (``VERIFIED_KERNELS``). ``FASTLLM_KERNELS=name,name`` (or ``all``) opts
-into kernels that are built but not yet verified; ``FASTLLM_BACKEND=torch``
+into kernels that are built but not yet verified, and into the experimental
+torch-side paths (``TORCH_PATHS``); ``FASTLLM_BACKEND=torch``
 forces the PyTorch reference everywhere.
 """
 
@@ -37,6 +38,10 @@ VERIFIED_KERNELS: frozenset[str] = frozenset({
     "prefill_attention", "prefill_attention_sm90", "prefill_attention_sm90_pipelined",
     "int8_linear", "int4_linear", "int4_linear_wgmma",
 })
+# Experimental paths written with torch's own CUDA ops instead of a compiled
+# kernel: they take effect where a kernel would (CUDA tensors), once named in
+# FASTLLM_KERNELS, with or without the extension (fastllm/ops/grouped_moe.py).
+TORCH_PATHS: frozenset[str] = frozenset({"fused_moe_grouped"})
 
 
 def compiled_kernels() -> list[str]:
@@ -52,8 +57,8 @@ def _settings() -> tuple[bool, frozenset[str]]:
                       "reference ops); ignored", RuntimeWarning, stacklevel=2)
     wanted = {k.strip() for k in os.environ.get("FASTLLM_KERNELS", "").split(",") if k.strip()}
     if "all" in wanted:
-        wanted = set(compiled_kernels())
-    unknown = sorted(wanted - set(compiled_kernels()))
+        wanted = set(compiled_kernels()) | TORCH_PATHS
+    unknown = sorted(wanted - set(compiled_kernels()) - TORCH_PATHS)
     if unknown and HAS_C:  # without the extension, warn_once_no_extension says why nothing runs
         warnings.warn(f"fastllm: FASTLLM_KERNELS names no compiled kernel {unknown}; the compiled ones are "
                       f"{compiled_kernels()}", RuntimeWarning, stacklevel=2)
@@ -68,9 +73,14 @@ def reset_settings() -> None:
 
 @functools.lru_cache(maxsize=None)
 def kernel_enabled(name: str) -> bool:
-    """Whether CUDA tensors going through op ``name`` use the compiled kernel."""
+    """Whether CUDA tensors going through op ``name`` use the compiled kernel
+    (or, for a name in ``TORCH_PATHS``, that path)."""
     forced, wanted = _settings()
-    if forced or name not in compiled_kernels():
+    if forced:
+        return False
+    if name in TORCH_PATHS:
+        return name in wanted
+    if name not in compiled_kernels():
         return False
     return name in VERIFIED_KERNELS or name in wanted
 
@@ -109,7 +119,7 @@ def backend_info() -> dict[str, Any]:
         "cuda_archs": list(_C.cuda_archs()) if HAS_C else [],
         "compiled_kernels": compiled_kernels(),
         "verified_kernels": sorted(VERIFIED_KERNELS),
-        "enabled_kernels": [k for k in compiled_kernels() if kernel_enabled(k)],
+        "enabled_kernels": [k for k in [*compiled_kernels(), *sorted(TORCH_PATHS)] if kernel_enabled(k)],
         "backend_override": "torch" if forced else None,
         "opted_in_kernels": sorted(wanted),
     }

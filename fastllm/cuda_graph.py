@@ -16,7 +16,9 @@ replays fixed addresses and shapes, so:
   synchronise with the host: the decode-attention kernel gets the runner's
   ``max_seq_len`` as its grid bound, and the reference decode attention masks
   on the device lengths. A mixture-of-experts layer's reference synchronises,
-  so MoE models decode eagerly.
+  so MoE models decode eagerly unless the experimental grouped path is
+  enabled (``FASTLLM_KERNELS=fused_moe_grouped``; fastllm/ops/grouped_moe.py),
+  which reads nothing on the host.
 
 Models loaded on a GPU decode this way by default (``cuda_graphs=None``;
 ``False`` turns it off). Without a GPU (and in tests) the runner runs the same
@@ -55,11 +57,26 @@ def batch_buckets(max_batch_size: int) -> list[int]:
     return small + list(range(8, max_batch_size + 8, 8)) if max_batch_size > 4 else small + [max_batch_size]
 
 
+def moe_capturable(network: torch.nn.Module) -> bool:
+    """Whether ``network``'s mixture-of-experts layers (if any) run without a
+    host sync: the grouped path (``fastllm.ops.grouped_moe``) enabled and
+    available for the network's dtype and device."""
+    if not network.config.is_moe:
+        return True
+    from fastllm import backend
+    from fastllm.ops import grouped_moe
+
+    w = network.embed_tokens.weight
+    return backend.kernel_enabled(grouped_moe.KERNEL) and grouped_moe.available(w.dtype, w.device)
+
+
 def graphs_supported(network: torch.nn.Module) -> bool:
     """Whether ``network``'s decode step can be captured; warns when not (a
-    mixture-of-experts layer's routing reads token counts on the host)."""
-    if network.config.is_moe:
-        warnings.warn("fastllm: cuda_graphs is not supported for mixture-of-experts models; decoding eagerly",
+    mixture-of-experts layer's reference routing reads token counts on the
+    host; the opt-in grouped path does not)."""
+    if not moe_capturable(network):
+        warnings.warn("fastllm: cuda_graphs is not supported for mixture-of-experts models (unless "
+                      "FASTLLM_KERNELS=fused_moe_grouped, bf16 on an sm_90 GPU); decoding eagerly",
                       RuntimeWarning, stacklevel=3)
         return False
     return True
@@ -299,7 +316,7 @@ class GraphedDecoding:
         (with a warning, see ``graphs_supported``)."""
         if cuda_graphs is None:
             on_gpu = network.embed_tokens.weight.device.type == "cuda"
-            return cls(network) if on_gpu and not network.config.is_moe else None
+            return cls(network) if on_gpu and moe_capturable(network) else None
         return cls(network) if cuda_graphs and graphs_supported(network) else None
 
     def acquire(self, lengths: list[int]) -> "_Lease | None":

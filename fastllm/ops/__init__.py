@@ -12,7 +12,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from fastllm import backend
-from fastllm.ops import reference
+from fastllm.ops import grouped_moe, reference
 from fastllm.ops.reference import AttentionMetadata
 
 __all__ = [
@@ -81,7 +81,14 @@ rotary_embedding = _op("rotary_embedding")
 reshape_and_cache = _op("reshape_and_cache")
 attention = _op("attention")
 moe_route = _op("moe_route")
-fused_moe = _op("fused_moe")
+def fused_moe(x: Tensor, w13: Tensor, w2: Tensor, weights: Tensor, expert_ids: Tensor) -> Tensor:
+    if x.is_cuda and backend.kernel_enabled(grouped_moe.KERNEL) and grouped_moe.supported(x, w13, w2):
+        return grouped_moe.fused_moe(x, w13, w2, weights, expert_ids)  # no host sync: graph-capturable
+    return reference.fused_moe(x, w13, w2, weights, expert_ids)
+
+
+fused_moe.__doc__ = reference.fused_moe.__doc__
+fused_moe.__wrapped__ = reference.fused_moe
 sigmoid_gated_add = _op("sigmoid_gated_add")
 sample = _op("sample")
 decode_attention = _op("decode_attention")
