@@ -306,17 +306,7 @@ __global__ void __launch_bounds__(kThreads, 1)
             u64 total = smm;
 #pragma unroll
             for (int o = 16; o > 0; o >>= 1) total += __shfl_xor_sync(kFull, total, o);
-            // top-p's boundary at fp32 resolution, as the reference compares fp32
-            // probabilities: a mass above q_i whose fraction of the total rounds to
-            // top_p in fp32 reaches top_p. Without this, probs 0.4 / 0.2 / 0.2 / 0.2
-            // and top_p = 0.4 (0.4f > 0.4) keep all four tokens when __expf gives
-            // the 0.2 tokens q = 0.5 exactly, and only the first one when it
-            // rounds to 0.49999997. The edge is the midpoint between top_p and the
-            // float below it (exact in double), so the test is fl32(above / total) < top_p.
-            const double edge = 0.5 * (static_cast<double>(tp) + static_cast<double>(nextafterf(tp, 0.f)));
-            const double want = ceil(edge * static_cast<double>(total));
-            tgt = want >= static_cast<double>(total) ? total : static_cast<u64>(want);
-            if (tgt < 1) tgt = 1;
+            tgt = top_p_target(tp, total);
           }
           int owner = -1;
           u64 ac = above_c, am = above_m;
@@ -543,19 +533,8 @@ const char* launch_group(DeviceInfo& info, int dtype, int64_t* out, const T* log
     FASTLLM_CHECK_LAUNCH();
     return nullptr;
   }
-  cudaLaunchConfig_t config = {};
-  config.gridDim = dim3(G, rows);
-  config.blockDim = dim3(kThreads);
-  config.dynamicSmemBytes = smem;
-  config.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = G;
-  attr[0].val.clusterDim.y = 1;
-  attr[0].val.clusterDim.z = 1;
-  config.attrs = attr;
-  config.numAttrs = 1;
-  FASTLLM_RETURN_IF_ERROR(cudaLaunchKernelEx(&config, kernel, out, logits, temperature, top_k, top_p, min_p, seeds,
+  const ClusterLaunch launch(G, rows, kThreads, smem, stream);
+  FASTLLM_RETURN_IF_ERROR(cudaLaunchKernelEx(&launch.config, kernel, out, logits, temperature, top_k, top_p, min_p, seeds,
                                              offsets, vocab, chunk, cache, vec_ok));
   FASTLLM_CHECK_LAUNCH();
   return nullptr;
@@ -570,19 +549,9 @@ bool cluster16_fits(DeviceInfo& info, int dtype, int cache) {
                                  cache_capacity<T, V>(info, dtype) * static_cast<int>(sizeof(float))) == cudaSuccess &&
             cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) == cudaSuccess;
   if (ok) {
-    cudaLaunchConfig_t config = {};
-    config.gridDim = dim3(16, 1);
-    config.blockDim = dim3(kThreads);
-    config.dynamicSmemBytes = static_cast<size_t>(cache) * sizeof(float);
-    cudaLaunchAttribute attr[1];
-    attr[0].id = cudaLaunchAttributeClusterDimension;
-    attr[0].val.clusterDim.x = 16;
-    attr[0].val.clusterDim.y = 1;
-    attr[0].val.clusterDim.z = 1;
-    config.attrs = attr;
-    config.numAttrs = 1;
+    const ClusterLaunch launch(16, 1, kThreads, static_cast<size_t>(cache) * sizeof(float), nullptr);
     int clusters = 0;
-    ok = cudaOccupancyMaxActiveClusters(&clusters, kernel, &config) == cudaSuccess && clusters > 0;
+    ok = cudaOccupancyMaxActiveClusters(&clusters, kernel, &launch.config) == cudaSuccess && clusters > 0;
   }
   cudaGetLastError();  // a refused query must not linger as the launch error
   info.cluster16[V][dtype] = ok;
@@ -596,14 +565,10 @@ bool cluster16_fits(DeviceInfo& info, int dtype, int cache) {
 template <typename T>
 bool cluster_code(DeviceInfo& info, int dtype) {
   if (info.cluster_code[dtype] >= 0) return info.cluster_code[dtype] != 0;
-  cudaFuncAttributes attr;
-  if (cudaFuncGetAttributes(&attr, sample_kernel<T, 2>) != cudaSuccess) {
-    cudaGetLastError();
-    return false;  // not cached: asked again next time
-  }
-  const bool ok = attr.binaryVersion >= 90 && (attr.ptxVersion == 0 || attr.ptxVersion >= 90);
-  info.cluster_code[dtype] = ok ? 1 : 0;
-  return ok;
+  const int code = cluster_code_of(sample_kernel<T, 2>);
+  if (code < 0) return false;  // not cached: asked again next time
+  info.cluster_code[dtype] = code;
+  return code == 1;
 }
 
 // The plan (group size, chunk, cache) is the same for both variants; only the

@@ -197,14 +197,10 @@ constexpr int kArgmaxMaxDevices = 64;
 template <typename T>
 bool argmax_cluster_code(ArgmaxDevice& d, int dtype) {
   if (d.cluster_code[dtype] >= 0) return d.cluster_code[dtype] != 0;
-  cudaFuncAttributes attr;
-  if (cudaFuncGetAttributes(&attr, argmax_kernel<T, 2>) != cudaSuccess) {
-    cudaGetLastError();
-    return false;
-  }
-  const bool ok = attr.binaryVersion >= 90 && (attr.ptxVersion == 0 || attr.ptxVersion >= 90);
-  d.cluster_code[dtype] = ok ? 1 : 0;
-  return ok;
+  const int code = cluster_code_of(argmax_kernel<T, 2>);
+  if (code < 0) return false;  // not cached: asked again next time
+  d.cluster_code[dtype] = code;
+  return code == 1;
 }
 
 template <typename T, int G>
@@ -215,19 +211,8 @@ const char* launch_argmax_group(int64_t* out, const T* logits, int rows, int voc
     FASTLLM_CHECK_LAUNCH();
     return nullptr;
   }
-  cudaLaunchConfig_t config = {};
-  config.gridDim = dim3(G, rows);
-  config.blockDim = dim3(kArgmaxThreads);
-  config.dynamicSmemBytes = 0;
-  config.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = G;
-  attr[0].val.clusterDim.y = 1;
-  attr[0].val.clusterDim.z = 1;
-  config.attrs = attr;
-  config.numAttrs = 1;
-  FASTLLM_RETURN_IF_ERROR(cudaLaunchKernelEx(&config, argmax_kernel<T, G>, out, logits, vocab, chunk, vec_ok));
+  const ClusterLaunch launch(G, rows, kArgmaxThreads, 0, stream);
+  FASTLLM_RETURN_IF_ERROR(cudaLaunchKernelEx(&launch.config, argmax_kernel<T, G>, out, logits, vocab, chunk, vec_ok));
   FASTLLM_CHECK_LAUNCH();
   return nullptr;
 }

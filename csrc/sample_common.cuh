@@ -2,7 +2,8 @@
  * Device pieces shared by the sampling kernels (sample.cu: variant 0,
  * sample_v1.cuh: variant 1, sample_argmax.cu): constants, the status codes,
  * the group of blocks that samples one row (a thread-block cluster on sm_90),
- * block scan, argmax merge and the fixed-point mass. Included by .cu files
+ * block scan, argmax merge and the fixed-point mass; on the host, the cluster
+ * launch configuration and the sm_90-code query. Included by .cu files
  * only; everything is internal to each translation unit.
  */
 #pragma once
@@ -147,10 +148,60 @@ __device__ __forceinline__ void warp_argmax(float& v, int& i) {
 
 __device__ __forceinline__ u64 mass_of(float q) { return __float2ull_rn(q * kMassScale); }
 
+// top-p's target mass, out of `total` (the mass top-k kept), at fp32
+// resolution of top_p, as the reference compares fp32 probabilities: a mass
+// above q_i whose fraction of the total rounds to top_p in fp32 reaches top_p.
+// Without this, probs 0.4 / 0.2 / 0.2 / 0.2 and top_p = 0.4 (0.4f > 0.4) keep
+// all four tokens when __expf gives the 0.2 tokens q = 0.5 exactly, and only
+// the first one when it rounds to 0.49999997. The edge is the midpoint between
+// top_p and the float below it (exact in double), so the test is
+// fl32(above / total) < top_p. At least 1, at most total.
+__device__ __forceinline__ u64 top_p_target(float tp, u64 total) {
+  const double edge = 0.5 * (static_cast<double>(tp) + static_cast<double>(nextafterf(tp, 0.f)));
+  const double want = ceil(edge * static_cast<double>(total));
+  const u64 tgt = want >= static_cast<double>(total) ? total : static_cast<u64>(want);
+  return tgt < 1 ? 1 : tgt;
+}
+
 struct Threshold {
   uint32_t key;  // keep q with bits(q) >= key
   u64 mass;      // total mass kept by this filter alone
 };
+
+// ---- host side --------------------------------------------------------------
+// A launch of `rows` rows of `group` blocks, each row one thread-block cluster
+// along x, for cudaLaunchKernelEx / cudaOccupancyMaxActiveClusters. Not
+// copyable: config.attrs points at attr.
+struct ClusterLaunch {
+  cudaLaunchConfig_t config = {};
+  cudaLaunchAttribute attr[1] = {};
+  ClusterLaunch(int group, int rows, int threads, size_t smem, cudaStream_t stream) {
+    config.gridDim = dim3(group, rows);
+    config.blockDim = dim3(threads);
+    config.dynamicSmemBytes = smem;
+    config.stream = stream;
+    attr[0].id = cudaLaunchAttributeClusterDimension;
+    attr[0].val.clusterDim.x = group;
+    attr[0].val.clusterDim.y = 1;
+    attr[0].val.clusterDim.z = 1;
+    config.attrs = attr;
+    config.numAttrs = 1;
+  }
+  ClusterLaunch(const ClusterLaunch&) = delete;
+  ClusterLaunch& operator=(const ClusterLaunch&) = delete;
+};
+
+// Whether `kernel` in this binary is sm_90+ code (it can run as clusters), not
+// a JIT of older PTX: 1 or 0, or -1 when the query failed (ask again later).
+template <typename K>
+int cluster_code_of(K kernel) {
+  cudaFuncAttributes attr;
+  if (cudaFuncGetAttributes(&attr, kernel) != cudaSuccess) {
+    cudaGetLastError();
+    return -1;
+  }
+  return attr.binaryVersion >= 90 && (attr.ptxVersion == 0 || attr.ptxVersion >= 90) ? 1 : 0;
+}
 
 }  // namespace
 }  // namespace fastllm
