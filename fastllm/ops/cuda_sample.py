@@ -113,21 +113,8 @@ def sample(
         raise TypeError(f"{op}: _variant must be an int (0 or 1), got {type(_variant).__name__}")
     if _variant not in (0, 1):
         raise ValueError(f"{op}: _variant must be 0 (the verified kernel) or 1 (rescheduled), got {_variant}")
-    if not isinstance(logits, Tensor):
-        raise TypeError(f"{op}: logits must be a torch.Tensor, got {type(logits).__name__}")
-    if logits.dtype not in DTYPE_CODES:
-        raise TypeError(f"{op}: logits has dtype {logits.dtype}; supported: float32, float16, bfloat16")
-    if logits.dim() != 2:
-        raise ValueError(f"{op}: logits must be [B, V], got shape {tuple(logits.shape)}")
-    if not logits.is_cuda:
-        raise ValueError(f"{op}: logits must be on a CUDA device, got {logits.device}")
+    rows, vocab = _check_logits(op, logits)
     device = logits.device
-    check_tensor(op, "logits", logits, device)
-    rows, vocab = logits.shape
-    if vocab < 1 or vocab > _MAX_VOCAB:
-        raise ValueError(f"{op}: vocabulary size must be in [1, {_MAX_VOCAB}], got {vocab}")
-    if rows > _MAX_ROWS:
-        raise ValueError(f"{op}: at most {_MAX_ROWS} rows per call, got {rows}")
     for name, t in (("temperature", temperature), ("top_p", top_p), ("min_p", min_p)):
         check_tensor(op, name, t, device, torch.float32)
     check_tensor(op, "top_k", top_k, device)
@@ -168,6 +155,26 @@ def sample(
     return out
 
 
+def _check_logits(op: str, logits: Tensor) -> tuple[int, int]:
+    """(rows, vocab) of logits [B, V] that the kernels take: fp32/fp16/bf16,
+    contiguous, on a GPU, within the row and vocabulary limits; else the error."""
+    if not isinstance(logits, Tensor):
+        raise TypeError(f"{op}: logits must be a torch.Tensor, got {type(logits).__name__}")
+    if logits.dtype not in DTYPE_CODES:
+        raise TypeError(f"{op}: logits has dtype {logits.dtype}; supported: float32, float16, bfloat16")
+    if logits.dim() != 2:
+        raise ValueError(f"{op}: logits must be [B, V], got shape {tuple(logits.shape)}")
+    if not logits.is_cuda:
+        raise ValueError(f"{op}: logits must be on a CUDA device, got {logits.device}")
+    check_tensor(op, "logits", logits, logits.device)
+    rows, vocab = logits.shape
+    if vocab < 1 or vocab > _MAX_VOCAB:
+        raise ValueError(f"{op}: vocabulary size must be in [1, {_MAX_VOCAB}], got {vocab}")
+    if rows > _MAX_ROWS:
+        raise ValueError(f"{op}: at most {_MAX_ROWS} rows per call, got {rows}")
+    return rows, vocab
+
+
 def default_variant() -> int:
     """``sample``'s ``_variant`` when none is given: 1 when the unverified
     ``sample_v1`` kernel is enabled (opted into with FASTLLM_KERNELS), else 0."""
@@ -187,23 +194,10 @@ def argmax(logits: Tensor, *, check: bool = True, _group: int = 0) -> Tensor:
     per row (0 auto, 1, 2, 4, 8; more than one needs sm_90).
     """
     op = "sample_argmax"
-    if not isinstance(logits, Tensor):
-        raise TypeError(f"{op}: logits must be a torch.Tensor, got {type(logits).__name__}")
-    if logits.dtype not in DTYPE_CODES:
-        raise TypeError(f"{op}: logits has dtype {logits.dtype}; supported: float32, float16, bfloat16")
-    if logits.dim() != 2:
-        raise ValueError(f"{op}: logits must be [B, V], got shape {tuple(logits.shape)}")
     if isinstance(_group, bool) or _group not in (0, 1, 2, 4, 8):
         raise ValueError(f"{op}: _group must be 0 (auto), 1, 2, 4 or 8, got {_group!r}")
-    if not logits.is_cuda:
-        raise ValueError(f"{op}: logits must be on a CUDA device, got {logits.device}")
+    rows, vocab = _check_logits(op, logits)
     device = logits.device
-    check_tensor(op, "logits", logits, device)
-    rows, vocab = logits.shape
-    if vocab < 1 or vocab > _MAX_VOCAB:
-        raise ValueError(f"{op}: vocabulary size must be in [1, {_MAX_VOCAB}], got {vocab}")
-    if rows > _MAX_ROWS:
-        raise ValueError(f"{op}: at most {_MAX_ROWS} rows per call, got {rows}")
     out = torch.empty(rows, dtype=torch.int64, device=device)
     if rows == 0:
         return out
