@@ -259,11 +259,22 @@ def test_sweep_times_a_variant_only_where_it_has_a_kernel(monkeypatch):
 
 
 # --------------------------------------------------------------------------- #
-# Variant 2 (int4_linear_wgmma, the default at M 17..64): the warpgroup-MMA kernel at M
-# 9..64 on an sm_90 GPU with the 90a build (variant 0 elsewhere). Its fp32 sums
-# run in another order than variant 0's, so it is held to the reference.
+# The variants, held to the reference (their fp32 sums run in another order
+# than variant 0's):
+# - 2 (int4_linear_wgmma, the default at M 17..64): the warpgroup-MMA kernel
+#   at M 9..64 on an sm_90 GPU with the 90a build (variant 0 elsewhere);
+# - 3 and 4 (int4_linear_wide, opt-in, not yet run on a GPU): the wide tiles,
+#   twice variant 0's warps per SM: at M <= 8 32 weight rows and 4 warp groups
+#   along K per CTA (K tiles of 512), at M 9..16 64 rows, 16 per warp, and 2
+#   warp groups; one (3) or two (4) mma chains per warp; variant 0 above 16.
 # --------------------------------------------------------------------------- #
 WGMMA_TOKENS = [9, 16, 32, 33, 64]
+WIDE = [3, 4]
+
+
+def _variant_tokens(wgmma, wide) -> list[tuple[int, int]]:
+    """(variant, M) pairs: variant 2 at the M in ``wgmma``, 3 and 4 at those in ``wide``."""
+    return [(2, m) for m in wgmma] + [(v, m) for v in WIDE for m in wide]
 
 
 def _wgmma_runs() -> bool:
@@ -274,9 +285,9 @@ def _wgmma_runs() -> bool:
 @requires_cuda
 @pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("m", WGMMA_TOKENS)
+@pytest.mark.parametrize("variant, m", _variant_tokens(WGMMA_TOKENS, [1, 3, 5, 8, 9, 16]))
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}g{s[2]}")
-def test_wgmma_matches_reference(shape, m, dtype, bias):
+def test_variant_matches_reference(shape, variant, m, dtype, bias):
     from fastllm.ops import cuda_quant
 
     k, n, group = shape
@@ -284,59 +295,66 @@ def test_wgmma_matches_reference(shape, m, dtype, bias):
     b = b if bias else None
     x = _x((m, k), dtype)
     poison_cuda_allocator()
-    _check(cuda_quant._int4_fused(x, q, s, z, group, b, _variant=2), x, q, s, z, group, b)
+    _check(cuda_quant._int4_fused(x, q, s, z, group, b, _variant=variant), x, q, s, z, group, b)
 
 
 @requires_cuda
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("m", [9, 16, 17, 33, 48, 49, 64])
+@pytest.mark.parametrize("variant, m", _variant_tokens([9, 16, 17, 33, 48, 49, 64], [1, 4, 7, 8, 9, 12, 15, 16]))
 @pytest.mark.parametrize("group", [32, 64, 128])
-def test_wgmma_every_group_size(group, m, dtype):
-    """Every group size on every padded token count (16, 32, 48, 64) and its edges."""
+def test_variant_every_group_size(group, variant, m, dtype):
+    """Every group size (g = 128 scales once per k-block on the wide tiles, the
+    others per pair) on every padded token count of the wgmma kernel (16, 32,
+    48, 64) and its edges, and on token counts that leave the x rows of a
+    thread of the wide tiles partly copied (rows r and r + 4, or r + 8 at M > 8,
+    of its compact x copies)."""
     from fastllm.ops import cuda_quant
 
     q, s, z, b = _weights(1536, 520, group, dtype)
     x = _x((m, 1536), dtype)
     poison_cuda_allocator()
-    _check(cuda_quant._int4_fused(x, q, s, z, group, b, _variant=2), x, q, s, z, group, b)
-    _check(cuda_quant._int4_fused(x, q, s, z, group, _variant=2), x, q, s, z, group, None)
+    _check(cuda_quant._int4_fused(x, q, s, z, group, b, _variant=variant), x, q, s, z, group, b)
+    _check(cuda_quant._int4_fused(x, q, s, z, group, _variant=variant), x, q, s, z, group, None)
 
 
 @requires_cuda
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("splits", [1, 2, 3, 7, 16])
-@pytest.mark.parametrize("m", [9, 33, 64])
-def test_wgmma_split_k(m, splits, dtype):
-    """Forced split counts (uneven K shares; 16 on 32 K tiles), into poisoned
-    workspaces and outputs, with and without a bias."""
+@pytest.mark.parametrize("variant, m", _variant_tokens([9, 33, 64], [1, 8, 16]))
+def test_variant_split_k(variant, m, splits, dtype):
+    """Forced split counts (uneven K shares; 16 on the 32 K tiles of the wgmma
+    kernel, clamped to the 8 K tiles of 512 of the wide M <= 8 tile), into
+    poisoned workspaces and outputs, with and without a bias."""
     from fastllm.ops import cuda_quant
 
     q, s, z, b = _weights(4096, 1000, 128, dtype)
     x = _x((m, 4096), dtype)
     poison_cuda_allocator()
-    _check(cuda_quant._int4_fused(x, q, s, z, 128, b, splits=splits, _variant=2), x, q, s, z, 128, b)
+    _check(cuda_quant._int4_fused(x, q, s, z, 128, b, splits=splits, _variant=variant), x, q, s, z, 128, b)
     poison_cuda_allocator()
-    _check(cuda_quant._int4_fused(x, q, s, z, 128, None, splits=splits, _variant=2), x, q, s, z, 128, None)
+    _check(cuda_quant._int4_fused(x, q, s, z, 128, None, splits=splits, _variant=variant), x, q, s, z, 128, None)
 
 
 @requires_cuda
-@pytest.mark.parametrize("k", [32, 96, 160, 288])
-@pytest.mark.parametrize("m", [12, 40])
-def test_wgmma_k_not_a_multiple_of_the_tile(k, m):
-    """K only a multiple of the group: a partial last K tile (zero-filled x and weights, zero scales)."""
+@pytest.mark.parametrize("k", [32, 96, 160, 288, 544, 1056])
+@pytest.mark.parametrize("variant, m", _variant_tokens([12, 40], [1, 6, 13]))
+def test_variant_k_not_a_multiple_of_the_tile(k, variant, m):
+    """K only a multiple of the group: a partial last K tile (zero-filled x and
+    weights, zero scales), k-blocks of a warp group past K, partial 128-column
+    k-blocks."""
     from fastllm.ops import cuda_quant
 
     for dtype in DTYPES:
         q, s, z, b = _weights(k, 70, 32, dtype)
         x = _x((m, k), dtype)
-        _check(cuda_quant._int4_fused(x, q, s, z, 32, b, _variant=2), x, q, s, z, 32, b)
+        _check(cuda_quant._int4_fused(x, q, s, z, 32, b, _variant=variant), x, q, s, z, 32, b)
 
 
 @requires_cuda
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("m", [16, 33])
+@pytest.mark.parametrize("variant, m", _variant_tokens([16, 33], [3, 11]))
 @pytest.mark.parametrize("group", [32, 128])
-def test_wgmma_zeros_past_15(group, m, dtype):
+def test_variant_zeros_past_15(group, variant, m, dtype):
     """Zeros up to 127 (the format's range): the magic-number subtraction stays exact."""
     from fastllm.ops import cuda_quant
 
@@ -345,20 +363,21 @@ def test_wgmma_zeros_past_15(group, m, dtype):
     z = torch.randint(14, 17, (200, 1536 // group), generator=g, device="cuda").to(torch.uint8)
     z[::7] = 127
     x = _x((m, 1536), dtype)
-    _check(cuda_quant._int4_fused(x, q, s, z, group, b, _variant=2), x, q, s, z, group, b)
+    _check(cuda_quant._int4_fused(x, q, s, z, group, b, _variant=variant), x, q, s, z, group, b)
 
 
 @requires_cuda
-@pytest.mark.parametrize("m", [1, 5, 8, 65, 100])
-def test_wgmma_variant_outside_its_tokens_is_the_default(m):
-    """Below 9 and above 64 tokens variant 2 is variant 0, bit for bit (plan and kernel)."""
+@pytest.mark.parametrize("variant, m", _variant_tokens([1, 5, 8, 65, 100], [17, 33, 65]))
+def test_variant_outside_its_tokens_is_variant_0(variant, m):
+    """Below 9 and above 64 tokens variant 2 is variant 0, bit for bit (plan
+    and kernel); so are 3 and 4 above 16."""
     from fastllm.ops import cuda_quant
 
     q, s, z, b = _weights(2048, 777, 64, torch.bfloat16)
     x = _x((m, 2048), torch.bfloat16)
     for splits in (0, 1, 3):
         want = cuda_quant._int4_fused(x, q, s, z, 64, b, splits=splits, _variant=0)
-        got = cuda_quant._int4_fused(x, q, s, z, 64, b, splits=splits, _variant=2)
+        got = cuda_quant._int4_fused(x, q, s, z, 64, b, splits=splits, _variant=variant)
         assert torch.equal(got, want), splits
 
 
@@ -420,115 +439,6 @@ def test_wgmma_is_the_default_from_17_tokens(monkeypatch):
         backend.reset_settings()
         ops.int4_linear(_x((m, 512), torch.bfloat16), q, s, z, 128)
         assert variants[-1] == want, (setting, m)
-
-
-# --------------------------------------------------------------------------- #
-# Variants 3 and 4 (int4_linear_wide, opt-in, not yet run on a GPU): the wide
-# tiles, twice variant 0's warps per SM: at M <= 8 32 weight rows and 4 warp
-# groups along K per CTA (K tiles of 512), at M 9..16 64 rows, 16 per warp, and
-# 2 warp groups; one (3) or two (4) mma chains per warp. Another summation
-# order than variant 0's, so held to the reference; above 16 tokens they are
-# variant 0.
-# --------------------------------------------------------------------------- #
-WIDE = [3, 4]
-
-
-@requires_cuda
-@pytest.mark.parametrize("variant", WIDE)
-@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("m", [1, 3, 5, 8, 9, 16])
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}g{s[2]}")
-def test_wide_matches_reference(shape, m, dtype, bias, variant):
-    from fastllm.ops import cuda_quant
-
-    k, n, group = shape
-    q, s, z, b = _weights(k, n, group, dtype)
-    b = b if bias else None
-    x = _x((m, k), dtype)
-    poison_cuda_allocator()
-    _check(cuda_quant._int4_fused(x, q, s, z, group, b, _variant=variant), x, q, s, z, group, b)
-
-
-@requires_cuda
-@pytest.mark.parametrize("variant", WIDE)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("m", [1, 4, 7, 8, 9, 12, 15, 16])
-@pytest.mark.parametrize("group", [32, 64, 128])
-def test_wide_every_group_size(group, m, dtype, variant):
-    """Every group size (g = 128 scales once per k-block, the others per pair)
-    and token counts that leave the x rows of a thread partly copied (rows r and
-    r + 4, or r + 8 at M > 8, of the compact x copies)."""
-    from fastllm.ops import cuda_quant
-
-    q, s, z, b = _weights(1536, 520, group, dtype)
-    x = _x((m, 1536), dtype)
-    poison_cuda_allocator()
-    _check(cuda_quant._int4_fused(x, q, s, z, group, b, _variant=variant), x, q, s, z, group, b)
-    _check(cuda_quant._int4_fused(x, q, s, z, group, _variant=variant), x, q, s, z, group, None)
-
-
-@requires_cuda
-@pytest.mark.parametrize("variant", WIDE)
-@pytest.mark.parametrize("splits", [1, 2, 3, 7, 16])
-@pytest.mark.parametrize("m", [1, 8, 16])
-def test_wide_split_k(m, splits, variant):
-    """Forced split counts (uneven K shares; 16 is clamped to the 8 K tiles of
-    512 at M <= 8), into poisoned workspaces and outputs."""
-    from fastllm.ops import cuda_quant
-
-    q, s, z, b = _weights(4096, 1000, 128, torch.bfloat16)
-    x = _x((m, 4096), torch.bfloat16)
-    poison_cuda_allocator()
-    _check(cuda_quant._int4_fused(x, q, s, z, 128, b, splits=splits, _variant=variant), x, q, s, z, 128, b)
-    poison_cuda_allocator()
-    _check(cuda_quant._int4_fused(x, q, s, z, 128, None, splits=splits, _variant=variant), x, q, s, z, 128, None)
-
-
-@requires_cuda
-@pytest.mark.parametrize("variant", WIDE)
-@pytest.mark.parametrize("k", [32, 96, 160, 288, 544, 1056])
-def test_wide_k_not_a_multiple_of_the_tile(k, variant):
-    """K only a multiple of the group: partial 512-column K tiles, k-blocks of
-    a warp group past K, partial 128-column k-blocks."""
-    from fastllm.ops import cuda_quant
-
-    for m in (1, 6, 13):
-        for dtype in DTYPES:
-            q, s, z, b = _weights(k, 70, 32, dtype)
-            x = _x((m, k), dtype)
-            _check(cuda_quant._int4_fused(x, q, s, z, 32, b, _variant=variant), x, q, s, z, 32, b)
-
-
-@requires_cuda
-@pytest.mark.parametrize("variant", WIDE)
-@pytest.mark.parametrize("group", [32, 128])
-def test_wide_zeros_past_15(group, variant):
-    from fastllm.ops import cuda_quant
-
-    q, s, _, b = _weights(1536, 200, group, torch.float16)
-    g = torch.Generator(device="cuda").manual_seed(5)
-    z = torch.randint(14, 17, (200, 1536 // group), generator=g, device="cuda").to(torch.uint8)
-    z[::7] = 127
-    for dtype in DTYPES:
-        for m in (3, 11):
-            x = _x((m, 1536), dtype)
-            _check(cuda_quant._int4_fused(x, q, s.to(dtype), z, group, b.to(dtype), _variant=variant),
-                   x, q, s.to(dtype), z, group, b.to(dtype))
-
-
-@requires_cuda
-@pytest.mark.parametrize("variant", WIDE)
-def test_wide_variant_above_16_tokens_is_variant_0(variant):
-    """Above 16 tokens variants 3 and 4 are variant 0, bit for bit (plan and kernel)."""
-    from fastllm.ops import cuda_quant
-
-    q, s, z, b = _weights(2048, 777, 64, torch.bfloat16)
-    for m in (17, 33, 65):
-        x = _x((m, 2048), torch.bfloat16)
-        for splits in (0, 1, 3):
-            want = cuda_quant._int4_fused(x, q, s, z, 64, b, splits=splits, _variant=0)
-            assert torch.equal(cuda_quant._int4_fused(x, q, s, z, 64, b, splits=splits, _variant=variant), want)
 
 
 @requires_cuda
