@@ -417,11 +417,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           u64 total = gm;
 #pragma unroll
           for (int o = 16; o > 0; o >>= 1) total += __shfl_xor_sync(kFull, total, o);
-          // top-p's boundary at fp32 resolution of top_p: see variant 0.
-          const double edge = 0.5 * (static_cast<double>(tp) + static_cast<double>(nextafterf(tp, 0.f)));
-          const double want = ceil(edge * static_cast<double>(total));
-          tgt = want >= static_cast<double>(total) ? total : static_cast<u64>(want);
-          if (tgt < 1) tgt = 1;
+          tgt = top_p_target(tp, total);
         }
         uint32_t ic = gc;
         u64 im = gm;
