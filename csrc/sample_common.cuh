@@ -86,10 +86,9 @@ struct ScanScratch {
   u64 m[kWarps + 1];
 };
 
-// Inclusive scan of (c, m) over the block in thread order; totals to *tc, *tm.
-// Every thread of the block must call it.
-__device__ __forceinline__ void block_scan(uint32_t& c, u64& m, ScanScratch& s, uint32_t& tc, u64& tm) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+// Inclusive scan over the warp's lanes in lane order.
+__device__ __forceinline__ void warp_scan(uint32_t& c, u64& m) {
+  const int lane = threadIdx.x & 31;
 #pragma unroll
   for (int o = 1; o < 32; o <<= 1) {
     const uint32_t c2 = __shfl_up_sync(kFull, c, o);
@@ -99,6 +98,13 @@ __device__ __forceinline__ void block_scan(uint32_t& c, u64& m, ScanScratch& s, 
       m += m2;
     }
   }
+}
+
+// Inclusive scan of (c, m) over the block in thread order; totals to *tc, *tm.
+// Every thread of the block must call it.
+__device__ __forceinline__ void block_scan(uint32_t& c, u64& m, ScanScratch& s, uint32_t& tc, u64& tm) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  warp_scan(c, m);
   if (lane == 31) {
     s.c[warp] = c;
     s.m[warp] = m;
@@ -109,6 +115,8 @@ __device__ __forceinline__ void block_scan(uint32_t& c, u64& m, ScanScratch& s, 
     const u64 m0 = s.m[lane];
     uint32_t wc = c0;
     u64 wm = m0;
+    // warp_scan's loop, written out: calling it here changes variant 0's SASS
+    // (GPU-verified), which a change without a GPU keeps as it is.
 #pragma unroll
     for (int o = 1; o < 32; o <<= 1) {
       const uint32_t c2 = __shfl_up_sync(kFull, wc, o);

@@ -117,20 +117,6 @@ struct alignas(16) SampleSharedV1 {  // 16: zeroed with uint4 stores
 
 static_assert(sizeof(uint4) * kThreads == sizeof(uint32_t) * 4 * kBins, "one uint4 per thread zeroes a buffer");
 
-// Inclusive scan over the warp's lanes in lane order.
-__device__ __forceinline__ void warp_scan(uint32_t& c, u64& m) {
-  const int lane = threadIdx.x & 31;
-#pragma unroll
-  for (int o = 1; o < 32; o <<= 1) {
-    const uint32_t c2 = __shfl_up_sync(kFull, c, o);
-    const u64 m2 = __shfl_up_sync(kFull, m, o);
-    if (lane >= o) {
-      c += c2;
-      m += m2;
-    }
-  }
-}
-
 // Bin b's mass from a histogram buffer (4 arrays of kBins words).
 __device__ __forceinline__ u64 bin_mass(const uint32_t* h, int b, bool split) {
   return split ? static_cast<u64>(h[kBins + b]) + (static_cast<u64>(h[2 * kBins + b]) << 16) +
