@@ -156,13 +156,21 @@ class ToolParser:
         raise NotImplementedError
 
     def content_end(self, text: str) -> int:
+        return self.stream_end(text)[0]
+
+    def stream_end(self, text: str) -> tuple[int, str | None]:
+        """``(content_end(text), settled)``: settled is "held" once nothing
+        after the end can be content (a call has begun), "content" once all
+        that follows will be, None while it depends on what comes. A marker
+        parser's end only grows and any later marker begins at or after it, so
+        a streamer can pass just the text not yet sent."""
         pos = text.find(self.start)
         if pos >= 0:
-            return pos
+            return pos, "held"
         for k in range(min(len(self.start) - 1, len(text)), 0, -1):  # a tail that may begin the marker
             if self.start.startswith(text[-k:]):
-                return len(text) - k
-        return len(text)
+                return len(text) - k, None
+        return len(text), None
 
 
 class HermesParser(ToolParser):
@@ -196,11 +204,13 @@ class Llama3JsonParser(ToolParser):
             return text, []
         return None, calls
 
-    def content_end(self, text: str) -> int:
+    def stream_end(self, text: str) -> tuple[int, str | None]:
         head = text.lstrip()
-        if not head or self.start.startswith(head) or head.startswith((self.start, "{")):
-            return 0  # may still be, or is, a call: hold it all
-        return len(text)
+        if head.startswith((self.start, "{")):
+            return 0, "held"  # a call: hold it all
+        if not head or self.start.startswith(head):
+            return 0, None  # may still become one
+        return len(text), "content"
 
 
 class MistralParser(ToolParser):
@@ -298,9 +308,13 @@ class ToolPlan:
 
     def content_end(self, text: str) -> int:
         """How much of a partial output is surely content."""
+        return self.stream_end(text)[0]
+
+    def stream_end(self, text: str) -> tuple[int, str | None]:
+        """``ToolParser.stream_end`` under this plan's tool_choice."""
         if self.mode == "auto":
-            return self.parser.content_end(text)
-        return 0 if self.mode in ("required", "function") else len(text)
+            return self.parser.stream_end(text)
+        return (0, "held") if self.mode in ("required", "function") else (len(text), "content")
 
     def streamer(self) -> "ToolStreamer":
         return ToolStreamer(self)
@@ -357,20 +371,40 @@ class ToolStreamer:
     """Splits a streamed output into content to send as it comes and tool
     calls at the end. ``feed(piece)`` returns the content that is final now;
     ``finish()`` returns ``(the rest of the content, calls)``. The pieces of
-    content together equal ``ToolPlan.extract``'s content."""
+    content together equal ``ToolPlan.extract``'s content. Each piece costs
+    time in its own length and the unsent tail's, not the whole output's
+    (``ToolParser.stream_end``)."""
 
     def __init__(self, plan: ToolPlan):
-        self.plan, self.text, self.sent = plan, "", 0
+        self.plan, self.sent = plan, 0
+        self._pieces: list[str] = []
+        self._unsent = ""  # the text after the sent content, while it is not settled
+        self._settled: str | None = None  # "content" / "held": the rest needs no more looking at
+
+    @property
+    def text(self) -> str:
+        """The output so far."""
+        if len(self._pieces) > 1:
+            self._pieces = ["".join(self._pieces)]
+        return self._pieces[0] if self._pieces else ""
 
     def feed(self, piece: str) -> str:
-        self.text += piece
-        end = max(self.plan.content_end(self.text), self.sent)
-        out, self.sent = self.text[self.sent : end], end
+        self._pieces.append(piece)
+        if self._settled == "held":
+            return ""
+        if self._settled == "content":
+            self.sent += len(piece)
+            return piece
+        self._unsent += piece
+        end, self._settled = self.plan.stream_end(self._unsent)
+        out, self._unsent = self._unsent[:end], self._unsent[end:]
+        self.sent += end
         return out
 
     def finish(self) -> tuple[str, list[ToolCall]]:
-        content, calls = self.plan.extract(self.text)
+        text = self.text
+        content, calls = self.plan.extract(text)
         content = content or ""
-        if not content.startswith(self.text[: self.sent]):
+        if not content.startswith(text[: self.sent]):
             raise RuntimeError("tool streaming sent content that the final parse does not keep")
         return content[self.sent :], calls

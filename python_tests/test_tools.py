@@ -76,6 +76,28 @@ def test_streaming_sends_content_before_a_call_as_it_comes():
     assert st.feed("  ") == "" and st.feed("Hi") == "  Hi" and st.feed(" {") == " {"  # not a call: all content
 
 
+@pytest.mark.parametrize("parser", ["hermes", "llama3_json", "mistral"])
+def test_streamer_sends_what_the_whole_text_allows(parser):
+    """The streamer looks only at the text it has not sent (so a long output
+    costs linear time); after every piece it has still sent exactly the
+    content that ``content_end`` of the whole output so far allows."""
+    plan = _plan(parser)
+    start = plan.parser.start
+    bits = ["a", " ", "\n", "{", "}", '"', start, start[:3], start[:-1], start[1:], "<", "[", "x y"]
+    rng = random.Random(1)
+    for _ in range(200):
+        pieces = ["".join(rng.choice(bits) for _ in range(rng.randint(1, 3))) for _ in range(rng.randint(1, 12))]
+        st, text, sent = plan.streamer(), "", 0
+        for piece in pieces:
+            out = st.feed(piece)
+            text += piece
+            end = max(sent, plan.content_end(text))
+            assert out == text[sent:end] and st.sent == end and st.text == text
+            sent = end
+        rest, _ = st.finish()
+        assert text[:sent] + rest == (plan.extract(text)[0] or "")
+
+
 def test_mistral_ids_and_single_call():
     _, calls = _plan("mistral").extract('[TOOL_CALLS] [{"name": "get_time", "arguments": {}}]')
     assert len(calls[0].id) == 9 and calls[0].id.isalnum()  # Mistral's templates want 9-character ids
