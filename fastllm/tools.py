@@ -129,6 +129,26 @@ def _json_values(text: str) -> list[Any] | None:
         values.append(value)
 
 
+def _array_head(text: str) -> list[Any]:
+    """The complete elements at the start of a JSON array that ``text``
+    opens but does not close (an output cut short), in order."""
+    decoder, items = json.JSONDecoder(), []
+    pos = len(text) - len(text.lstrip())
+    if not text.startswith("[", pos):
+        return items
+    pos += 1
+    while True:
+        try:
+            value, pos = decoder.raw_decode(text, len(text) - len(text[pos:].lstrip()))
+        except json.JSONDecodeError:
+            return items
+        items.append(value)
+        rest = text[pos:].lstrip()
+        if not rest.startswith(","):
+            return items
+        pos = len(text) - len(rest) + 1
+
+
 # ------------------------------------------------------------------ parsers
 class ToolParser:
     """Finds tool calls in a model's output.
@@ -302,6 +322,8 @@ class ToolPlan:
             return (None, [ToolCall(self.function, text)]) if _arguments_text(text) is not None else (text, [])
         if self.mode == "required":
             values = _json_values(text)
+            if values is None:  # cut short (max_tokens): the calls written in full before the cut
+                values = [_array_head(text)]
             calls = [_call(v, "parameters") for v in values[0]] if values and isinstance(values[0], list) else []
             return (None, calls) if calls and None not in calls and len(values) == 1 else (text, [])
         return text, []
@@ -321,10 +343,12 @@ class ToolPlan:
 
 
 def plan_tools(tools: Any, tool_choice: Any = None, template: str | None = None, tool_parser: str = "auto",
-               has_structured_output: bool = False, parallel_tool_calls: bool = True) -> ToolPlan | None:
+               has_structured_output: bool = False, parallel_tool_calls: bool = True,
+               parser_option: str = "tool_parser") -> ToolPlan | None:
     """The ToolPlan of a request (None without tools); bad values are ValueErrors.
     template: the chat template the tools render with ("auto" reads the
-    parser from it)."""
+    parser from it). parser_option: how the caller names ``tool_parser`` in
+    the error that asks for one (the server: its command-line flag)."""
     if tools is None or (isinstance(tools, (list, tuple)) and not tools):
         if tool_choice not in (None, "none", "auto"):
             raise ValueError(f"tool_choice={tool_choice!r} needs tools")
@@ -341,7 +365,8 @@ def plan_tools(tools: Any, tool_choice: Any = None, template: str | None = None,
         name = detect_parser(template) if tool_parser == "auto" else tool_parser
         if name is None:
             raise ValueError("tool_choice 'auto' needs to know the model's tool-call format, and the chat template "
-                             f"shows none fastllm knows; name one with tool_parser ({', '.join(sorted(PARSERS))}), "
+                             f"shows none fastllm knows; name one with {parser_option} "
+                             f"({', '.join(sorted(PARSERS))}), "
                              "or use tool_choice 'required' or a named function (constrained output)")
         parser = PARSERS[name]()
     if not isinstance(parallel_tool_calls, bool):

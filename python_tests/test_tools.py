@@ -98,6 +98,23 @@ def test_streamer_sends_what_the_whole_text_allows(parser):
         assert text[:sent] + rest == (plan.extract(text)[0] or "")
 
 
+def test_required_calls_cut_short_keep_the_whole_ones():
+    """tool_choice "required" constrains the output to an array of calls; one
+    cut by max_tokens keeps the calls written in full (streamed too)."""
+    plan = plan_tools(TOOLS, "required")
+    whole = '[{"name": "get_time", "parameters": {}}, {"name": "get_weather", "parameters": {"city": "Verona"}}'
+    for text, want in [(whole + ', {"name": "get_wea', [("get_time", {}), ("get_weather", {"city": "Verona"})]),
+                       (whole + "]", [("get_time", {}), ("get_weather", {"city": "Verona"})]),
+                       ('[{"name": "get_time", "parameters": {}} , ', [("get_time", {})])]:
+        content, calls = plan.extract(text)
+        assert content is None and _calls(calls) == want
+        st = plan.streamer()
+        assert st.feed(text[:9]) == "" and st.feed(text[9:]) == ""
+        assert st.finish()[0] == "" and _calls(st.finish()[1]) == want
+    cut = '[{"name": "get_weather", "parameters": {"ci'
+    assert plan.extract(cut) == (cut, [])  # no whole call: the text stays content
+
+
 def test_mistral_ids_and_single_call():
     _, calls = _plan("mistral").extract('[TOOL_CALLS] [{"name": "get_time", "arguments": {}}]')
     assert len(calls[0].id) == 9 and calls[0].id.isalnum()  # Mistral's templates want 9-character ids
@@ -191,6 +208,7 @@ def _fits(calls: list[ToolCall]) -> bool:
 
 def test_chat_required_and_named_calls_fit_the_tools(model):
     pytest.importorskip("llguidance")
+    salvaged = False
     for seed in range(3):
         out = model.chat(ASK, tools=TOOLS, tool_choice="required", parallel_tool_calls=False, max_new_tokens=60,
                          temperature=1.0, seed=seed)
@@ -198,8 +216,13 @@ def test_chat_required_and_named_calls_fit_the_tools(model):
         many = model.chat(ASK, tools=TOOLS, tool_choice="required", max_new_tokens=60, temperature=1.0, seed=seed)
         if many.finish_reason == "stop":
             assert many.tool_calls and many.text == "" and _fits(many.tool_calls)
-        else:  # cut before the array closed: no calls, the raw text is the content
-            assert many.tool_calls == [] and many.text.startswith('[{"name": "get_')
+        elif many.tool_calls:  # cut before the array closed: the calls written in full before the cut
+            assert many.finish_reason == "length" and many.text == "" and _fits(many.tool_calls)
+        else:  # cut inside the first call: the raw text is the content
+            assert many.text.startswith('[{"name": "get_')
+        cut = many.finish_reason != "stop" and many.tool_calls
+        salvaged = salvaged or cut
+    assert salvaged  # a seed above ran out of tokens after a whole call (60 tokens, the model keeps adding calls)
     out = model.chat(ASK, tools=TOOLS, tool_choice={"type": "function", "function": {"name": "get_weather"}},
                      max_new_tokens=40, temperature=0)
     assert [c.name for c in out.tool_calls] == ["get_weather"] and _fits(out.tool_calls)
