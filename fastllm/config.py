@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 MAX_LOGPROBS = 20  # most alternatives per generated token (OpenAI's top_logprobs limit)
+MAX_SEED = 2**62 - 1  # sampling.derive_seed works modulo 2**62
 
 
 @dataclass
@@ -36,7 +37,9 @@ class GenerationConfig:
     stop: strings that end generation; the returned text stops before them.
     stop_token_ids: token ids that end generation (besides the model's EOS).
     ignore_eos: keep generating past EOS tokens.
-    seed: makes sampling reproducible; None draws one from torch's global RNG.
+    seed: makes sampling reproducible, an int in [0, 2**62) (the range a
+    row's seed is derived in, so that no two seeds draw alike); None draws
+    one from torch's global RNG.
     logprobs: None (off) or k in [0, MAX_LOGPROBS]: return each generated
     token's log-probability and the k most likely alternatives
     (``GenerationOutput.logprobs``). They are the model's raw next-token
@@ -124,7 +127,7 @@ class GenerationConfig:
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if self.seed is not None:
-            _check_int("seed", self.seed, lo=0)
+            _check_int("seed", self.seed, lo=0, hi=MAX_SEED)
         if self.structured_output is not None:
             from fastllm.structured import as_structured_output
 
