@@ -251,6 +251,16 @@ BAD = [
     ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "hi"}]}, 400, "wizard"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400, "text"),
     ("/v1/chat/completions", {"messages": CHAT, "model": "gpt-4o"}, 404, "gpt-4o"),
+    # strict types, as OpenAI: no strings for numbers or booleans, no booleans for numbers
+    ("/v1/completions", {"prompt": "x", "max_tokens": True}, 400, "max_tokens"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": "3"}, 400, "max_tokens"),
+    ("/v1/completions", {"prompt": "x", "n": "2"}, 400, "n"),
+    ("/v1/completions", {"prompt": "x", "temperature": "0.5"}, 400, "temperature"),
+    ("/v1/completions", {"prompt": "x", "echo": "yes"}, 400, "echo"),
+    ("/v1/completions", {"prompt": [1.0, 2.0]}, 400, "prompt"),
+    ("/v1/chat/completions", {"messages": CHAT, "ignore_eos": 1}, 400, "ignore_eos"),
+    ("/v1/chat/completions", {"messages": CHAT, "logprobs": "true"}, 400, "logprobs"),
+    ("/v1/completions", {"prompt": "x", "seed": 2**62}, 400, "seed"),
 ]
 
 
@@ -266,6 +276,44 @@ def test_bad_requests_get_openai_errors(client, path, body, status, fragment, st
     assert set(err) == {"message", "type", "param", "code"} and fragment in err["message"]
     if status == 404:
         assert err["code"] == "model_not_found"
+
+
+def test_null_fields_take_their_defaults(client, model):
+    """OpenAI's optional fields are "type or null"; clients send null for unset."""
+    nulls = {k: None for k in ("n", "stream", "echo", "ignore_eos", "skip_special_tokens", "stream_options", "seed",
+                               "stop", "logprobs", "top_k", "logit_bias")}
+    got = post(client, "/v1/completions", {"prompt": "ROMEO:", **GREEDY, **nulls})
+    assert [c["text"] for c in got["choices"]] == [want(model, "ROMEO:", **GREEDY).text]
+    chat_nulls = {k: None for k in ("n", "stream", "parallel_tool_calls", "add_generation_prompt", "logprobs",
+                                    "top_logprobs", "tools", "tool_choice", "max_completion_tokens")}
+    got = post(client, "/v1/chat/completions", {"messages": CHAT, **GREEDY, **chat_nulls})
+    assert got["choices"][0]["message"]["content"] == model.chat(CHAT, max_new_tokens=12, temperature=0).text
+    r = client.post("/v1/completions", json={"prompt": "x", "stream": "yes"})  # (the bad-request table sets stream)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "stream"
+
+
+@pytest.mark.parametrize("path,body,param,code", [
+    ("/v1/chat/completions", {"messages": CHAT, "logit_bias": {"5": 150}}, "logit_bias", None),
+    ("/v1/chat/completions", {"messages": CHAT, "max_completion_tokens": 0}, "max_completion_tokens", None),
+    ("/v1/chat/completions", {"messages": CHAT, "max_tokens": 0}, "max_tokens", None),
+    ("/v1/completions", {"prompt": "ROMEO " * 600}, "prompt", "context_length_exceeded"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "ROMEO " * 600}]}, "messages",
+     "context_length_exceeded"),
+])
+def test_errors_name_the_field_the_client_sent(client, path, body, param, code):
+    for stream in (False, True):
+        r = client.post(path, json={**body, "stream": stream})
+        err = r.json()["error"]
+        assert r.status_code == 400 and err["param"] == param and err["code"] == code, err
+        assert param in err["message"] or code
+
+
+def test_http_details(client):
+    r = client.post("/health")
+    assert r.status_code == 405 and r.headers["allow"] == "GET" and "error" in r.json()
+    first = client.get("/v1/models").json()["data"][0]["created"]
+    time.sleep(1.1)
+    assert client.get("/v1/models").json()["data"][0]["created"] == first  # the server's start, not the request's
 
 
 def test_malformed_json_and_unknown_route(client):

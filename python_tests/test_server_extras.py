@@ -39,7 +39,8 @@ def _ok(r) -> dict:
 def test_api_key_guards_every_route_but_health_metrics_version(model):
     body = {"prompt": "ROMEO:", "max_tokens": 4, "temperature": 0}
     with TestClient(create_app(model, api_key=KEY, max_num_seqs=2)) as c:
-        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY},
+                        {"Authorization": f"Basic {KEY}"}, {"Authorization": f"Bearer {KEY}x"}):
             r = c.post("/v1/completions", json=body, headers=headers)
             assert r.status_code == 401
             assert r.json()["error"]["code"] == "invalid_api_key"
@@ -47,6 +48,8 @@ def test_api_key_guards_every_route_but_health_metrics_version(model):
         assert c.post("/tokenize", json={"prompt": "x"}).status_code == 401
         got = _ok(c.post("/v1/completions", json=body, headers=AUTH))
         assert got["choices"][0]["text"] == model.generate("ROMEO:", max_new_tokens=4, temperature=0).text
+        assert _ok(c.post("/v1/completions", json=body, headers={"Authorization": f"bearer {KEY}"})) \
+            ["choices"] == got["choices"]  # the scheme's case does not matter (RFC 9110)
         streamed = c.post("/v1/completions", json={**body, "stream": True}, headers=AUTH)
         assert streamed.status_code == 200 and streamed.text.endswith("data: [DONE]\n\n")
         for path in ("/health", "/version"):

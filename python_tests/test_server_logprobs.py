@@ -52,12 +52,29 @@ def generate(model, prompt, k: int, **params):
     return model.generate(prompt, logprobs=k, **params)
 
 
-def assert_legacy(model, lp: dict, out, k: int) -> None:
+def assert_offsets(model, lp: dict, text: str, start: int = 0) -> None:
+    """text_offset: each token's string lies at its offset in ``text`` (the
+    prompt + completion), the first at ``start``, and the next token follows
+    it; a special token the text leaves out takes no characters. Tokens past
+    the text's end (reported beyond a stop string) and U+FFFD pieces of a
+    character are only counted on."""
+    offsets, tokens = lp["text_offset"], lp["tokens"]
+    special = {name(model, t) for t in model.tokenizer.all_special_ids}
+    assert offsets[0] == start
+    for off, token, nxt in zip(offsets, tokens, [*offsets[1:], None]):
+        width = len(token) if token not in special or text.startswith(token, off) else 0
+        if width and off + width <= len(text) and "\ufffd" not in token:
+            assert text.startswith(token, off), (off, token, text)
+        if nxt is not None:
+            assert nxt - off == width, (off, token, nxt)
+
+
+def assert_legacy(model, lp: dict, out, k: int, prompt: str = "ROMEO:") -> None:
     """completions' logprobs object against a GenerationOutput."""
     names = [name(model, t) for t in out.token_ids]
     assert lp["tokens"] == names
     assert lp["token_logprobs"] == pytest.approx([x.logprob for x in out.logprobs], abs=1e-5)
-    assert lp["text_offset"] == [sum(len(n) for n in names[:i]) for i in range(len(names))]
+    assert_offsets(model, lp, prompt + out.text, len(prompt))  # counted from the prompt's start, as OpenAI does
     for top, x in zip(lp["top_logprobs"], out.logprobs):
         want = {name(model, t): v for t, v in reversed(x.top)}  # first of equal names wins
         want.setdefault(name(model, x.token_id), x.logprob)
@@ -128,8 +145,10 @@ def assert_echoed(model, lp: dict, out, k: int) -> None:
     scored = [*out.prompt_logprobs[1:], *out.logprobs]
     names = [name(model, t) for t in ids]
     assert lp["tokens"] == names
-    assert lp["text_offset"] == [sum(len(n) for n in names[:i]) for i in range(len(names))]
-    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    text = model.tokenizer.decode(out.prompt_token_ids) + out.text
+    assert_offsets(model, lp, text)
+    if out.prompt_token_ids[0] in model.tokenizer.all_special_ids:  # the added BOS is not in the echoed text
+        assert lp["text_offset"][:2] == [0, 0] and not text.startswith(names[0])
     assert lp["token_logprobs"][1:] == pytest.approx([x.logprob for x in scored], abs=1e-5)
     for top, x in zip(lp["top_logprobs"][1:], scored, strict=True):
         want = {name(model, t): v for t, v in reversed(x.top)}

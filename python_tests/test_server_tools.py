@@ -198,6 +198,7 @@ def test_tool_call_parser_of_the_app():
     with TestClient(create_app(shipped, max_num_seqs=2)) as c:
         err = chat(c, {"max_tokens": 2}, status=400)["error"]
         assert err["param"] == "tool_choice" and "tool-call format" in err["message"]
+        assert "--tool-call-parser" in err["message"]  # the server's own option, not the Python keyword
     with TestClient(create_app(shipped, max_num_seqs=2, tool_call_parser="hermes")) as c:
         (choice,) = chat(c, {"max_tokens": 2, "ignore_eos": True})["choices"]
         assert choice["finish_reason"] == "length" and "tool_calls" not in choice["message"]

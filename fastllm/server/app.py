@@ -35,8 +35,8 @@ def default_served_name(model: Any) -> str:
     return Path(model.path).name if getattr(model, "path", None) else "fastllm"
 
 
-def _error_response(e: OpenAIError) -> JSONResponse:
-    return JSONResponse(e.body(), status_code=e.status)
+def _error_response(e: OpenAIError, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status, headers=headers)
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
@@ -66,7 +66,8 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = "not_found" if exc.status_code == 404 else None
-        return _error_response(OpenAIError(exc.status_code, str(exc.detail), param=None, code=code))
+        error = OpenAIError(exc.status_code, str(exc.detail), param=None, code=code)
+        return _error_response(error, getattr(exc, "headers", None))  # e.g. a 405's Allow
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception) -> JSONResponse:
@@ -79,17 +80,17 @@ PUBLIC_PATHS = ("/health", "/metrics", "/version")  # answered without the API k
 
 class _RequireApiKey:
     """ASGI middleware: every HTTP route but PUBLIC_PATHS needs
-    ``Authorization: Bearer <api_key>`` (compared in constant time); others get
-    OpenAI's 401. Pure ASGI, so streaming and disconnect detection pass through
-    untouched."""
+    ``Authorization: Bearer <api_key>`` (the scheme in any case, as RFC 9110
+    has it; the key compared in constant time); others get OpenAI's 401. Pure
+    ASGI, so streaming and disconnect detection pass through untouched."""
 
     def __init__(self, app: Any, api_key: str):
-        self.app, self.expected = app, f"Bearer {api_key}".encode()
+        self.app, self.expected = app, api_key.encode()
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] == "http" and scope["path"] not in PUBLIC_PATHS:
-            given = dict(scope.get("headers") or []).get(b"authorization", b"")
-            if not secrets.compare_digest(given, self.expected):
+            scheme, _, given = dict(scope.get("headers") or []).get(b"authorization", b"").partition(b" ")
+            if not (scheme.lower() == b"bearer" and secrets.compare_digest(given.strip(), self.expected)):
                 error = OpenAIError(401, "Incorrect API key provided; send it as 'Authorization: Bearer <key>'.",
                                     code="invalid_api_key")
                 await _error_response(error)(scope, receive, send)
@@ -139,8 +140,10 @@ def create_app(model: Any, served_model_name: str | None = None, max_num_seqs: i
         return JSONResponse({"status": "ok" if ok else "engine not running",
                              "num_unfinished_requests": engine.num_unfinished}, status_code=200 if ok else 503)
 
+    started = now()
+
     def card() -> ModelCard:
-        return ModelCard(id=name, created=now(), max_model_len=model.config.max_position_embeddings)
+        return ModelCard(id=name, created=started, max_model_len=model.config.max_position_embeddings)
 
     @app.get("/v1/models")
     async def list_models() -> JSONResponse:

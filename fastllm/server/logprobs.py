@@ -17,8 +17,12 @@ tokens included). ``bytes`` is what the token adds to the text's UTF-8
 (``Tokenizer.token_bytes``): the encoding of that string, except for a token
 holding part of a multi-byte character, whose string is U+FFFD (as OpenAI's
 ``token`` field) and whose ``bytes`` are its raw bytes, so that the bytes of
-consecutive tokens join into the text's. ``text_offset`` counts the characters
-of the preceding token strings.
+consecutive tokens join into the text's. ``text_offset`` is where each token
+begins in the prompt + completion text (OpenAI's rule: the first generated
+token's offset is the prompt's length, with or without ``echo``), counting the
+characters of the preceding token strings; a special token takes none where
+the text leaves it out (the BOS a tokenizer adds to a text prompt; with
+``skip_special_tokens``, one in the output).
 """
 
 from __future__ import annotations
@@ -73,6 +77,9 @@ class TokenNames:
             self._cache[token_id] = name
         return name
 
+    def is_special(self, token_id: int) -> bool:
+        return self.tokenizer is not None and token_id in self.tokenizer.all_special_ids
+
     def bytes(self, token_id: int) -> list[int]:
         raw = self._bytes.get(token_id)
         if raw is None:
@@ -94,26 +101,37 @@ def prompt_entries(prompt_ids: Sequence[int], prompt_lps: Sequence[TokenLogprob 
     return [pid if lp is None else lp for pid, lp in zip(prompt_ids, prompt_lps, strict=True)]
 
 
-def completion_logprobs(lps: Sequence[TokenLogprob | int], names: TokenNames,
-                        offset: int = 0) -> tuple[CompletionLogprobs, int]:
+def completion_logprobs(lps: Sequence[TokenLogprob | int], names: TokenNames, offset: int = 0,
+                        text: str | None = None, skip_special_tokens: bool = True) -> tuple[CompletionLogprobs, int]:
     """The legacy object for ``lps`` whose first token starts at character
     ``offset``; returns it and the offset after the last token. An int entry
     is a token with no logprob (the prompt's first, under echo): its
-    token_logprobs and top_logprobs entries are None."""
+    token_logprobs and top_logprobs entries are None. A special token's
+    width: with ``text`` (what the tokens spell, from ``offset`` on), its
+    string's length where the text has it there, else 0; without, 0 when
+    ``skip_special_tokens`` (the text leaves it out)."""
     tokens, values, tops, offsets = [], [], [], []
+    start = offset
     for lp in lps:
+        token_id = lp if isinstance(lp, int) else lp.token_id
+        name = names(token_id)
         if isinstance(lp, int):
-            name, value, top = names(lp), None, None
+            value, top = None, None
         else:
-            name, value, top = names(lp.token_id), _clamp(lp.logprob), {}
-            for token_id, v in lp.top:
-                top.setdefault(names(token_id), _clamp(v))
+            value, top = _clamp(lp.logprob), {}
+            for alt, v in lp.top:
+                top.setdefault(names(alt), _clamp(v))
             top.setdefault(name, value)
         tokens.append(name)
         values.append(value)
         tops.append(top)
         offsets.append(offset)
-        offset += len(name)
+        if not names.is_special(token_id):
+            offset += len(name)
+        elif text is not None:
+            offset += len(name) if text.startswith(name, offset - start) else 0
+        elif not skip_special_tokens:
+            offset += len(name)
     return CompletionLogprobs(tokens=tokens, token_logprobs=values, top_logprobs=tops, text_offset=offsets), offset
 
 

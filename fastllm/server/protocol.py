@@ -10,11 +10,12 @@ change the result (``UNSUPPORTED``) and ignored when they would not (``user``,
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
 from typing import Any, Callable, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, model_serializer
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, model_serializer, model_validator
 
 from fastllm.config import MAX_LOGPROBS, GenerationConfig
 from fastllm.server.logprobs import ChatLogprobs, CompletionLogprobs
@@ -39,33 +40,47 @@ def bad_request(message: str, param: str | None = None) -> OpenAIError:
 
 
 # ------------------------------------------------------------------ requests
-class StreamOptions(BaseModel):
-    include_usage: bool = False
+class _Request(BaseModel):
+    """A request body. Types are strict (``"stream": "yes"``, ``"n": "2"`` or
+    ``"max_tokens": true`` are 400s, as OpenAI answers; an int is a float),
+    and ``null`` for a declared field means its default: OpenAI documents
+    its optional fields as "type or null" and clients send them so."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_default(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if v is not None or k not in cls.model_fields}
+        return data
 
 
-class _SamplingRequest(BaseModel):
+class StreamOptions(_Request):
+    include_usage: StrictBool = False
+
+
+class _SamplingRequest(_Request):
     """Fields shared by completions and chat completions."""
 
     model_config = ConfigDict(extra="allow")
 
     model: Optional[str] = None  # None: the served model
-    max_tokens: Optional[int] = None
-    min_tokens: Optional[int] = None  # vLLM's: EOS and stop_token_ids banned until this many tokens
-    temperature: Optional[float] = None
-    top_p: Optional[float] = None
-    top_k: Optional[int] = None  # -1 or 0: off (vLLM's convention)
-    min_p: Optional[float] = None
-    repetition_penalty: Optional[float] = None
-    frequency_penalty: Optional[float] = None
-    presence_penalty: Optional[float] = None
-    logit_bias: Optional[dict[str, float]] = None  # token id (a string in JSON) -> bias in [-100, 100]
+    max_tokens: Optional[StrictInt] = None
+    min_tokens: Optional[StrictInt] = None  # vLLM's: EOS and stop_token_ids banned until this many tokens
+    temperature: Optional[StrictFloat] = None
+    top_p: Optional[StrictFloat] = None
+    top_k: Optional[StrictInt] = None  # -1 or 0: off (vLLM's convention)
+    min_p: Optional[StrictFloat] = None
+    repetition_penalty: Optional[StrictFloat] = None
+    frequency_penalty: Optional[StrictFloat] = None
+    presence_penalty: Optional[StrictFloat] = None
+    logit_bias: Optional[dict[str, StrictFloat]] = None  # token id (a string in JSON) -> bias in [-100, 100]
     stop: Optional[Union[str, list[str]]] = None
-    stop_token_ids: Optional[list[int]] = None
-    ignore_eos: bool = False
-    skip_special_tokens: bool = True  # vLLM's
-    seed: Optional[int] = None
-    n: int = Field(1, ge=1, le=MAX_N)
-    stream: bool = False
+    stop_token_ids: Optional[list[StrictInt]] = None
+    ignore_eos: StrictBool = False
+    skip_special_tokens: StrictBool = True  # vLLM's
+    seed: Optional[StrictInt] = None
+    n: StrictInt = Field(1, ge=1, le=MAX_N)
+    stream: StrictBool = False
     stream_options: Optional[StreamOptions] = None
 
     @property
@@ -74,12 +89,12 @@ class _SamplingRequest(BaseModel):
 
 
 class CompletionRequest(_SamplingRequest):
-    prompt: Union[str, list[str], list[int], list[list[int]]]
-    echo: bool = False
+    prompt: Union[str, list[str], list[StrictInt], list[list[StrictInt]]]
+    echo: StrictBool = False
     logprobs: Optional[StrictInt] = None  # k alternatives per token, legacy format
 
 
-class ChatMessage(BaseModel):
+class ChatMessage(_Request):
     model_config = ConfigDict(extra="allow")
 
     role: str
@@ -128,17 +143,17 @@ def _template_call(call: dict[str, Any], where: str) -> dict[str, Any]:
 
 class ChatCompletionRequest(_SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: Optional[int] = None
-    add_generation_prompt: bool = True
+    max_completion_tokens: Optional[StrictInt] = None
+    add_generation_prompt: StrictBool = True
     chat_template_kwargs: Optional[dict[str, Any]] = None  # vLLM's: extra chat template variables
-    logprobs: Optional[bool] = None
+    logprobs: Optional[StrictBool] = None
     top_logprobs: Optional[StrictInt] = None  # needs logprobs=true
     tools: Optional[list[Any]] = None
     tool_choice: Optional[Union[str, dict[str, Any]]] = None  # default: "auto" with tools, else "none"
     parallel_tool_calls: StrictBool = True
 
 
-class TokenizeRequest(BaseModel):
+class TokenizeRequest(_Request):
     """vLLM's ``/tokenize``: a ``prompt`` or chat ``messages`` (exactly one)."""
 
     model_config = ConfigDict(extra="forbid")
@@ -146,13 +161,13 @@ class TokenizeRequest(BaseModel):
     model: Optional[str] = None
     prompt: Optional[str] = None
     messages: Optional[list[ChatMessage]] = Field(None, min_length=1)
-    add_special_tokens: Optional[bool] = None  # default: True for a prompt, False for messages (as vLLM)
-    add_generation_prompt: bool = True
+    add_special_tokens: Optional[StrictBool] = None  # default: True for a prompt, False for messages (as vLLM)
+    add_generation_prompt: StrictBool = True
     chat_template_kwargs: Optional[dict[str, Any]] = None
-    return_token_strs: bool = False
+    return_token_strs: StrictBool = False
 
 
-class DetokenizeRequest(BaseModel):
+class DetokenizeRequest(_Request):
     model_config = ConfigDict(extra="forbid")
 
     model: Optional[str] = None
@@ -197,14 +212,17 @@ def check_unsupported(req: BaseModel) -> list[str]:
     return ignored
 
 
-# Engine names -> the OpenAI names a client sent, for error messages.
-_OPENAI_NAMES = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens"}
+# Engine names -> the OpenAI names a client sent, for error messages (and
+# max_new_tokens -> the name its request used).
+_OPENAI_NAMES = {"min_new_tokens": "min_tokens"}
 
 
 def generation_params(req: _SamplingRequest, max_tokens: int | None, vocab_size: int,
-                      defaults: GenerationConfig) -> dict[str, Any]:
+                      defaults: GenerationConfig, max_tokens_name: str = "max_tokens") -> dict[str, Any]:
     """The ``LLMEngine.add_request`` keywords for ``req``, validated against
-    ``defaults`` (the model's generation config); a bad value is a 400."""
+    ``defaults`` (the model's generation config); a bad value is a 400 that
+    names the field as the client sent it (``max_tokens_name``: the field
+    ``max_tokens`` came from)."""
     params: dict[str, Any] = {}
     if max_tokens is not None:
         params["max_new_tokens"] = max_tokens
@@ -242,10 +260,10 @@ def generation_params(req: _SamplingRequest, max_tokens: int | None, vocab_size:
         defaults.replace(**params).validate(vocab_size)
     except (ValueError, TypeError) as e:
         message = str(e)
-        for ours, theirs in _OPENAI_NAMES.items():
+        for ours, theirs in {"max_new_tokens": max_tokens_name, **_OPENAI_NAMES}.items():
             message = message.replace(ours, theirs)
-        param = message.split(" ", 1)[0]
-        raise bad_request(message, param if param.isidentifier() else None) from e
+        param = re.match(r"[A-Za-z_]\w*", message)  # "logit_bias[5] must be ...": logit_bias
+        raise bad_request(message, param[0] if param else None) from e
     return params
 
 

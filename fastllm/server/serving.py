@@ -30,7 +30,9 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
 
 from fastllm.server.async_engine import AsyncEngine, EngineError, EngineStopped, GenerationStream
-from fastllm.server.logprobs import TokenNames, chat_logprobs, completion_logprobs, prompt_entries
+from fastllm.server.logprobs import (
+    CompletionLogprobs, TokenNames, chat_logprobs, completion_logprobs, prompt_entries,
+)
 from fastllm.server.protocol import (
     ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse,
     ChatMessage, ChatMessageOut, CompletionChoice, CompletionChunk, CompletionRequest, CompletionResponse, DeltaMessage,
@@ -43,11 +45,16 @@ log = logging.getLogger("fastllm.server")
 T = TypeVar("T")
 
 
-def engine_error(e: Exception) -> OpenAIError:
-    """The OpenAI error for an exception out of the engine."""
+def engine_error(e: Exception, prompt_param: str = "prompt") -> OpenAIError:
+    """The OpenAI error for an exception out of the engine (``prompt_param``:
+    the request field that holds the prompt). A prompt that does not fit the
+    context gets OpenAI's code ``context_length_exceeded``."""
     if isinstance(e, (ValueError, TypeError)):  # add_request refused it: the prompt or a parameter
         message = str(e)
-        return bad_request(message, "prompt" if message.startswith(("prompt", "token ids", "each prompt")) else None)
+        if not message.startswith(("prompt", "token ids", "each prompt")):
+            return bad_request(message)
+        code = "context_length_exceeded" if "context" in message else None
+        return OpenAIError(400, message, param=prompt_param, code=code)
     if isinstance(e, EngineStopped):
         return OpenAIError(503, str(e), "server_error", code="engine_stopped")
     if isinstance(e, EngineError):
@@ -114,18 +121,21 @@ class OpenAIServing:
             raise bad_request(str(e), "messages") from e
         return self.model.tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
-    def _check(self, req: CompletionRequest | ChatCompletionRequest, max_tokens: int | None) -> dict[str, Any]:
+    def _check(self, req: CompletionRequest | ChatCompletionRequest, max_tokens: int | None,
+               max_tokens_name: str = "max_tokens") -> dict[str, Any]:
         self.check_model(req.model)
         ignored = check_unsupported(req)
         if ignored:
             log.info("ignoring request fields fastllm does not use: %s", ", ".join(sorted(ignored)))
-        return generation_params(req, max_tokens, self.model.config.vocab_size, self.model.generation_config)
+        return generation_params(req, max_tokens, self.model.config.vocab_size, self.model.generation_config,
+                                 max_tokens_name)
 
-    async def _submit(self, prompts: list[Any], params: dict[str, Any]) -> GenerationStream:
+    async def _submit(self, prompts: list[Any], params: dict[str, Any], prompt_param: str = "prompt"
+                      ) -> GenerationStream:
         try:
             return await self.engine.submit(prompts, params)
         except Exception as e:  # noqa: BLE001
-            raise engine_error(e) from e
+            raise engine_error(e, prompt_param) from e
 
     @staticmethod
     async def _collect(stream: GenerationStream) -> dict[int, Any]:
@@ -187,23 +197,26 @@ class OpenAIServing:
         params = self._check(req, req.max_tokens)
         prompts = _prompt_list(req.prompt)
         n = req.n
-        echo = [self._echo_text(prompts[i // n]) if req.echo else "" for i in range(len(prompts) * n)]
+        want_lp = params.get("logprobs") is not None
+        scored = want_lp and req.echo  # the echoed prompt comes with its tokens' logprobs
+        # each choice's prompt text: echoed, and where logprobs' text_offset of the output begins
+        texts = [self._prompt_text(p, req.echo) if req.echo or want_lp else "" for p in prompts for _ in range(n)]
+        echo = texts if req.echo else [""] * len(texts)
         stream = await self._submit([p for p in prompts for _ in range(n)], params)
         rid, created = new_id("cmpl"), now()
         chunk = self._chunker(CompletionChunk, rid, created, req.include_usage)
+        skip = req.skip_special_tokens
 
-        want_lp = params.get("logprobs") is not None
-        scored = want_lp and req.echo  # the echoed prompt comes with its tokens' logprobs
         if req.stream:
             head = [] if scored else [chunk([CompletionChoice(index=i, text=t, logprobs=None, finish_reason=None)])
                                       for i, t in enumerate(echo) if t]
-            pending, offsets = _Pending(), dict.fromkeys(range(len(echo)), 0)
+            pending, offsets = _Pending(), {i: len(t) for i, t in enumerate(texts)}
 
             def chunks(index: int, out: Any) -> list[str]:
                 events = []
                 if scored and out.prompt_logprobs is not None:  # the choice's first output: echo its prompt
-                    lp, offsets[index] = completion_logprobs(
-                        prompt_entries(out.prompt_token_ids, out.prompt_logprobs), self.names)
+                    lp, _ = completion_logprobs(prompt_entries(out.prompt_token_ids, out.prompt_logprobs),
+                                                self.names, text=echo[index])
                     events.append(chunk([CompletionChoice(index=index, text=echo[index], logprobs=lp,
                                                           finish_reason=None)]))
                 pending.add(index, out)
@@ -212,7 +225,8 @@ class OpenAIServing:
                     return events
                 lp = None
                 if want_lp:
-                    lp, offsets[index] = completion_logprobs(pending.take(index), self.names, offsets[index])
+                    lp, offsets[index] = completion_logprobs(pending.take(index), self.names, offsets[index],
+                                                             skip_special_tokens=skip)
                 events.append(chunk([CompletionChoice(index=index, text=out.text, logprobs=lp, finish_reason=reason)]))
                 return events
 
@@ -223,24 +237,34 @@ class OpenAIServing:
         if isinstance(finals, Response):
             return finals
         choices = [CompletionChoice(index=i, text=echo[i] + (o.text or ""), finish_reason=o.finish_reason,
-                                    logprobs=self._completion_logprobs(o, scored) if want_lp else None)
+                                    logprobs=self._completion_logprobs(o, texts[i], scored, skip) if want_lp else None)
                    for i, o in sorted(finals.items())]
         usage = self._usage({i: len(o.prompt_token_ids) for i, o in finals.items()},
                             sum(len(o.token_ids) for o in finals.values()), n)
         body = CompletionResponse(id=rid, created=created, model=self.name, choices=choices, usage=usage)
         return JSONResponse(body.model_dump())
 
-    def _completion_logprobs(self, out: Any, scored: bool) -> Any:
+    def _completion_logprobs(self, out: Any, prompt_text: str, scored: bool, skip_special_tokens: bool) -> Any:
         """A finished choice's legacy logprobs: its echoed prompt's tokens
-        first when ``scored``, then the generated ones."""
-        entries = prompt_entries(out.prompt_token_ids, out.prompt_logprobs) if scored else []
-        return completion_logprobs([*entries, *out.logprobs], self.names)[0]
+        first when ``scored``, then the generated ones, from the prompt's end."""
+        generated, _ = completion_logprobs(out.logprobs, self.names, len(prompt_text),
+                                           skip_special_tokens=skip_special_tokens)
+        if not scored:
+            return generated
+        echoed, _ = completion_logprobs(prompt_entries(out.prompt_token_ids, out.prompt_logprobs), self.names,
+                                        text=prompt_text)
+        return CompletionLogprobs(**{k: getattr(echoed, k) + getattr(generated, k)
+                                     for k in CompletionLogprobs.model_fields})
 
-    def _echo_text(self, prompt: str | list[int]) -> str:
+    def _prompt_text(self, prompt: str | list[int], required: bool) -> str:
+        """A prompt as text (token ids decoded); "" for token ids without a
+        tokenizer unless ``required`` (echo)."""
         if isinstance(prompt, str):
             return prompt
         if self.model.tokenizer is None:
-            raise bad_request("echo of a token-id prompt needs a tokenizer", "echo")
+            if required:
+                raise bad_request("echo of a token-id prompt needs a tokenizer", "echo")
+            return ""
         return self.model.tokenizer.decode(prompt)
 
     # ------------------------------------------------------------------ chat
@@ -249,7 +273,8 @@ class OpenAIServing:
         generation parameters to ``params``."""
         try:
             plan = plan_tools(req.tools, req.tool_choice, self.model.tokenizer.template_for(req.tools),
-                              self.tool_parser, "structured_output" in params, req.parallel_tool_calls)
+                              self.tool_parser, "structured_output" in params, req.parallel_tool_calls,
+                              "the server's --tool-call-parser")
         except (ValueError, TypeError) as e:
             message = str(e)
             raise bad_request(message, "tool_choice" if "tool_choice" in message else "tools") from e
@@ -258,13 +283,14 @@ class OpenAIServing:
         return plan
 
     async def chat(self, req: ChatCompletionRequest, raw: Request) -> Response:
-        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        params = self._check(req, max_tokens)
+        by_new_name = req.max_completion_tokens is not None
+        max_tokens = req.max_completion_tokens if by_new_name else req.max_tokens
+        params = self._check(req, max_tokens, "max_completion_tokens" if by_new_name else "max_tokens")
         plan = self.tool_plan(req, params)
         ids = self.chat_prompt(req.messages, req.add_generation_prompt, req.chat_template_kwargs,
                                tools=plan.tools if plan is not None else None)
         n, want_lp = req.n, params.get("logprobs") is not None
-        stream = await self._submit([ids] * n, params)
+        stream = await self._submit([ids] * n, params, "messages")
         rid, created = new_id("chatcmpl"), now()
         chunk = self._chunker(ChatCompletionChunk, rid, created, req.include_usage)
 
