@@ -132,17 +132,17 @@ class Model:
         if cuda_graphs and dev.type != "cuda":
             raise ValueError(f"cuda_graphs=True needs a CUDA device, the model goes to {dev}")
         cfg = ModelConfig.from_file(path / "config.json")
-        dt = parse_dtype(dtype) or default_dtype(dev, cfg.torch_dtype)
-        network = load_network(path, dev, dt, progress, QuantizationConfig.parse(quantization), cfg)
+        defaults, eos = GenerationConfig.from_model_dir(path), eos_ids_from_model_dir(path)  # checked before the weights
         tokenizer = None
         if (path / "tokenizer.json").is_file():
             from fastllm.tokenizer import Tokenizer
 
             tokenizer = Tokenizer.from_pretrained(path)
-        eos = eos_ids_from_model_dir(path)
+        dt = parse_dtype(dtype) or default_dtype(dev, cfg.torch_dtype)
+        network = load_network(path, dev, dt, progress, QuantizationConfig.parse(quantization), cfg)
         if not eos and tokenizer is not None and tokenizer.eos_token_id is not None:
             eos = [tokenizer.eos_token_id]
-        return cls(network, tokenizer, GenerationConfig.from_model_dir(path), eos, path, cuda_graphs)
+        return cls(network, tokenizer, defaults, eos, path, cuda_graphs)
 
     def save_pretrained(self, path: str | Path) -> None:
         """Write a Hugging Face directory: config.json (with ``quantization_config``
@@ -249,7 +249,7 @@ class Model:
         Each piece is whole characters; together they equal ``generate(...).text``.
         Text only: ``logprobs`` is accepted but not reported (use generate or LLMEngine).
         draft_model, num_speculative_tokens: as for ``generate``."""
-        self._require_tokenizer("stream")
+        self._require_tokenizer("streaming text")
         prompts, batched = self._prompts(prompt)
         if batched:
             raise ValueError("stream takes one prompt; use generate for a batch")
@@ -374,12 +374,17 @@ class Model:
             cfg = cfg.replace(structured_output=as_structured_output(cfg.structured_output))
         cfg.validate(self.config.vocab_size)
         if cfg.stop and self.tokenizer is None:
-            raise ValueError("stop strings need a tokenizer; this checkpoint has no tokenizer.json")
+            raise ValueError(f"stop strings need a tokenizer, but {self._no_tokenizer()}")
         return cfg
 
     def _require_tokenizer(self, what: str) -> None:
         if self.tokenizer is None:
-            raise ValueError(f"{what} needs a tokenizer, but this checkpoint has no tokenizer.json")
+            raise ValueError(f"{what} needs a tokenizer, but {self._no_tokenizer()}")
+
+    def _no_tokenizer(self) -> str:
+        where = f"the checkpoint {self.path}" if self.path is not None else "this model"
+        return (f"{where} has no tokenizer.json: copy tokenizer.json and tokenizer_config.json from the model's "
+                "original directory into it, or give token ids")
 
     def _prompts(self, prompt: Any) -> tuple[list[list[int]], bool]:
         """Normalise a prompt or batch into token id lists; validate them."""

@@ -105,6 +105,8 @@ class GenerationConfig:
         """Raise ValueError/TypeError naming the first parameter out of range."""
         _check_int("max_new_tokens", self.max_new_tokens, lo=1)
         _check_int("min_new_tokens", self.min_new_tokens, lo=0)
+        if self.min_new_tokens > self.max_new_tokens:
+            raise ValueError(f"min_new_tokens ({self.min_new_tokens}) must be <= max_new_tokens ({self.max_new_tokens})")
         _check_float("temperature", self.temperature, lo=0.0)
         _check_int("top_k", self.top_k, lo=0)
         _check_float("top_p", self.top_p, lo=0.0, hi=1.0, lo_open=True)
@@ -139,14 +141,23 @@ class GenerationConfig:
 
     @classmethod
     def from_model_dir(cls, path: str | Path) -> "GenerationConfig":
-        """Defaults from ``generation_config.json`` (sampling only if do_sample)."""
+        """Defaults from ``generation_config.json`` (sampling only if do_sample;
+        ``max_length``, a total length, is not read: generation stops at the
+        context's end anyway). A value out of range is an error naming the
+        file, at load time."""
         file = Path(path) / "generation_config.json"
         if not file.is_file():
             return cls()
+        raw = read_json_object(file)
         try:
-            raw = json.loads(file.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{file} is not valid JSON: {e}") from e
+            cfg = cls._from_hf(raw)
+            cfg.validate()
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"{file}: {e}") from e
+        return cfg
+
+    @classmethod
+    def _from_hf(cls, raw: dict[str, Any]) -> "GenerationConfig":
         cfg = cls()
         if raw.get("max_new_tokens"):
             cfg.max_new_tokens = int(raw["max_new_tokens"])
@@ -162,17 +173,29 @@ class GenerationConfig:
         return cfg
 
 
+def read_json_object(file: Path) -> dict[str, Any]:
+    """A JSON file that must hold an object; a ValueError naming it otherwise."""
+    try:
+        raw = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{file} is not valid JSON: {e}") from e
+    if not isinstance(raw, dict):
+        raise ValueError(f"{file} must hold a JSON object")
+    return raw
+
+
 def eos_ids_from_model_dir(path: str | Path) -> list[int]:
     """EOS ids from generation_config.json, else config.json (int or list)."""
     for name in ("generation_config.json", "config.json"):
         file = Path(path) / name
         if file.is_file():
-            try:
-                eos = json.loads(file.read_text(encoding="utf-8")).get("eos_token_id")
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise ValueError(f"{file} is not valid JSON: {e}") from e
-            if eos is not None:
-                return [eos] if isinstance(eos, int) else [int(e) for e in eos]
+            eos = read_json_object(file).get("eos_token_id")
+            if eos is None:
+                continue
+            ids = [eos] if isinstance(eos, int) else eos
+            if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+                raise ValueError(f"{file}: eos_token_id must be an int or a list of ints, got {eos!r}")
+            return list(ids)
     return []
 
 

@@ -201,7 +201,8 @@ def test_chat(model):
         (dict(stop=[3]), ValueError, "stop"),
         (dict(stop_token_ids=[10**6]), ValueError, "stop_token_ids"),
         (dict(seed=-1), ValueError, "seed"),
-        (dict(seed=2**62), ValueError, "seed"),  # seeds are derived modulo 2**62: no two alike
+        (dict(seed=2**62), ValueError, "seed"),
+        (dict(min_new_tokens=9, max_new_tokens=8), ValueError, r"min_new_tokens \(9\) must be <= max_new_tokens"),  # seeds are derived modulo 2**62: no two alike
         (dict(ignore_eos="yes"), TypeError, "ignore_eos"),
         (dict(skip_special_tokens=0), TypeError, "skip_special_tokens"),
         (dict(tempreature=0.5), TypeError, "unknown generation parameter"),

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -51,8 +54,15 @@ def test_corrupt_config(copy):
 
 
 def test_unknown_architecture(copy):
+    ids = torch.tensor([[3, 4, 5]])
+    want = Model.from_pretrained(copy, device="cpu").forward(ids)
+    _edit_config(copy, architectures=None)  # the class comes from model_type, as transformers' auto classes do
+    assert torch.equal(Model.from_pretrained(copy, device="cpu").forward(ids), want)
     _edit_config(copy, architectures=["GPT2LMHeadModel"], model_type="gpt2")
     with pytest.raises(ValueError, match="unsupported architecture.*GPT2LMHeadModel"):
+        Model.from_pretrained(copy)
+    _edit_config(copy, architectures=None)
+    with pytest.raises(ValueError, match="unsupported model_type 'gpt2' .config.json names no architectures"):
         Model.from_pretrained(copy)
 
 
@@ -79,12 +89,21 @@ def test_no_weights(copy):
         Model.from_pretrained(copy)
 
 
-def test_pickle_checkpoint_refused(copy):
+@pytest.mark.parametrize("name, how", [("pytorch_model.bin", "save_pretrained"), ("model.pt", "save_file")])
+def test_pickle_checkpoint_refused_with_a_command_that_converts_it(copy, name, how):
     sd = load_file(copy / "model.safetensors")
     (copy / "model.safetensors").unlink()
-    torch.save(sd, copy / "pytorch_model.bin")
-    with pytest.raises(ValueError, match="pickle.*save_pretrained"):
+    torch.save(sd, copy / name)
+    with pytest.raises(ValueError, match=f"(?s)pickle.*{how}") as info:
         Model.from_pretrained(copy)
+    command = str(info.value).split("\n")[1].strip()
+    assert command.startswith("python -c ")
+    subprocess.run([sys.executable, "-c", shlex.split(command)[2]], check=True, capture_output=True)
+    ids = torch.tensor([[3, 4, 5]])
+    converted = Model.from_pretrained(copy, device="cpu").forward(ids)
+    (copy / name).unlink()
+    save_file(sd, copy / "model.safetensors")
+    assert torch.equal(converted, Model.from_pretrained(copy, device="cpu").forward(ids))
 
 
 def test_corrupt_safetensors(copy):
@@ -122,6 +141,48 @@ def test_missing_shard(copy):
     shards[-1].unlink()
     with pytest.raises(FileNotFoundError, match="shards"):
         Model.from_pretrained(copy / "sharded")
+
+
+@pytest.mark.parametrize("content, match", [
+    ({"do_sample": True, "top_p": 1.5}, "top_p"),
+    ({"max_new_tokens": -3}, "max_new_tokens"),
+    ({"do_sample": True, "temperature": "hot"}, "could not convert|temperature"),
+    ([1, 2], "JSON object"),
+])
+def test_bad_generation_config_is_refused_at_load(copy, content, match):
+    """The file's defaults are checked when the model loads, and the error
+    names the file (not the first generate call, as if the caller erred)."""
+    (copy / "generation_config.json").write_text(json.dumps(content))
+    with pytest.raises(ValueError, match=match) as info:
+        Model.from_pretrained(copy, device="cpu")
+    assert "generation_config.json" in str(info.value)
+
+
+def test_text_without_a_tokenizer_says_what_to_copy(good):
+    model = Model.from_pretrained(good, device="cpu")  # token ids work without one
+    assert len(model.generate([3, 4, 5], max_new_tokens=2, ignore_eos=True).token_ids) == 2
+    for call in (lambda: model.generate("x"), lambda: list(model.stream([3, 4])),
+                 lambda: model.generate([3, 4], stop=["a"])):
+        with pytest.raises(ValueError, match=f"{good} has no tokenizer.json: copy tokenizer.json"):
+            call()
+
+
+def test_save_over_a_sharded_checkpoint_replaces_it(copy, tmp_path):
+    """save_pretrained into a directory holding a sharded checkpoint removes
+    its index and shards (the loader prefers the index: the old weights
+    would come back)."""
+    from transformers import AutoModelForCausalLM
+
+    target = tmp_path / "target"
+    AutoModelForCausalLM.from_pretrained(copy).save_pretrained(target, max_shard_size="40KB")
+    assert (target / "model.safetensors.index.json").is_file()
+    model = Model.from_pretrained(copy, device="cpu")
+    with torch.no_grad():
+        model.network.lm_head.weight.mul_(2)  # differs from the checkpoint
+    model.save_pretrained(target)
+    assert not (target / "model.safetensors.index.json").exists() and not list(target.glob("model-*.safetensors"))
+    ids = torch.tensor([[3, 4, 5, 6]])
+    assert torch.equal(Model.from_pretrained(target, device="cpu").forward(ids), model.forward(ids))
 
 
 @pytest.mark.parametrize("kwargs, err", [

@@ -255,6 +255,27 @@ def test_rope_scaling_matches_transformers(tmp_path, rope):
     _matches_transformers(hf, model, seq=90, prompt=50, new=20)
 
 
+@pytest.mark.parametrize("scaling", [{"rope_type": "linear", "factor": 4.0}, {"type": "linear", "factor": 2.0}])
+def test_rope_scaling_beside_rope_parameters_wins(tmp_path, scaling):
+    """A config holding both takes rope_scaling whole, as transformers does
+    (its theta from the top level, else 10000)."""
+    import transformers as tf
+
+    hf = _save(tmp_path, tf.LlamaConfig(**_common(num_hidden_layers=2)), tf.LlamaForCausalLM)
+    path = tmp_path / "config.json"
+    raw = json.loads(path.read_text())
+    raw.update(rope_parameters={"rope_theta": 500000.0, "rope_type": "default"}, rope_scaling=scaling)
+    path.write_text(json.dumps(raw))
+    hf = tf.LlamaForCausalLM.from_pretrained(str(tmp_path)).eval()
+    model = Model.from_pretrained(tmp_path, device="cpu")
+    assert (model.config.rope.type, model.config.rope.factor) == ("linear", scaling["factor"])
+    _matches_transformers(hf, model)
+    raw["rope_scaling"] = {"rope_type": "dynamic", "factor": 2.0}  # refused, not hidden behind rope_parameters
+    path.write_text(json.dumps(raw))
+    with pytest.raises(ValueError, match="unsupported rope type"):
+        Model.from_pretrained(tmp_path, device="cpu")
+
+
 @pytest.mark.parametrize("rope, match", [
     ({"rope_type": "dynamic", "factor": 2.0}, "unsupported rope type"),
     ({"rope_type": "yarn", "factor": -1.0, "original_max_position_embeddings": 32}, "factor"),

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from fastllm.config import read_json_object
 
 SUPPORTED_ARCHITECTURES = (
     "LlamaForCausalLM",
@@ -19,6 +20,10 @@ SUPPORTED_ARCHITECTURES = (
     "Qwen3MoeForCausalLM",
     "Qwen2MoeForCausalLM",
 )
+# A config without "architectures" names its class by model_type (transformers' auto mapping).
+_BY_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                  "mixtral": "MixtralForCausalLM", "qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
+                  "qwen2_moe": "Qwen2MoeForCausalLM"}
 _QWEN = ("Qwen2ForCausalLM", "Qwen3ForCausalLM", "Qwen3MoeForCausalLM", "Qwen2MoeForCausalLM")
 _MOE = ("MixtralForCausalLM", "Qwen3MoeForCausalLM", "Qwen2MoeForCausalLM")
 _QWEN2 = ("Qwen2ForCausalLM", "Qwen2MoeForCausalLM")  # q/k/v biases, none on o_proj
@@ -116,12 +121,14 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> "ModelConfig":
         archs = raw.get("architectures") or []
-        arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
+        if archs:
+            arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
+            what = f"architecture {archs!r}"
+        else:
+            arch = _BY_MODEL_TYPE.get(raw.get("model_type"))
+            what = f"model_type {raw.get('model_type')!r} (config.json names no architectures)"
         if arch is None:
-            raise ValueError(
-                f"unsupported architecture {archs or raw.get('model_type')!r}; "
-                f"fastllm runs {', '.join(SUPPORTED_ARCHITECTURES)}"
-            )
+            raise ValueError(f"unsupported {what}; fastllm runs {', '.join(SUPPORTED_ARCHITECTURES)}")
         act = raw.get("hidden_act", raw.get("hidden_activation", "silu"))
         if act != "silu":
             raise ValueError(f"unsupported hidden_act {act!r}; only 'silu' is implemented")
@@ -179,13 +186,7 @@ class ModelConfig:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"no config.json in {path.parent} (expected a Hugging Face model directory)")
-        try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{path} is not valid JSON: {e}") from e
-        if not isinstance(raw, dict):
-            raise ValueError(f"{path} must hold a JSON object")
-        return cls.from_dict(raw)
+        return cls.from_dict(read_json_object(path))
 
 
 def _parse_sliding(arch: str, raw: dict[str, Any], num_layers: int) -> tuple[int | None, tuple[int, ...] | None]:
@@ -285,9 +286,8 @@ def _config_dtype(raw: dict[str, Any]) -> torch.dtype | None:
 
 def _parse_rope(raw: dict[str, Any]) -> RopeConfig:
     # transformers >= 5 writes rope_parameters; older configs rope_theta + rope_scaling.
-    params = dict(raw.get("rope_parameters") or {})
-    scaling = raw.get("rope_scaling") or {}
-    merged = {**scaling, **params}
+    # With both, transformers takes rope_scaling whole (convert_rope_params_to_dict).
+    merged = dict(raw.get("rope_scaling") or raw.get("rope_parameters") or {})
     theta = float(merged.get("rope_theta", raw.get("rope_theta", 10000.0)))
     rtype = merged.get("rope_type", merged.get("type", "default")) or "default"
     if rtype not in ("default", "linear", "llama3", "yarn"):

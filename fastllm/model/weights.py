@@ -51,13 +51,21 @@ def checkpoint_files(path: Path) -> list[Path]:
         return files
     pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
     if pickles:
-        raise ValueError(
-            f"{path} holds only pickle checkpoints ({', '.join(pickles)}); fastllm loads safetensors "
-            "only, because unpickling can run arbitrary code. Convert once, where you trust the file:\n"
-            "  python -c \"from transformers import AutoModelForCausalLM as M; "
-            f"M.from_pretrained('{path}').save_pretrained('{path}-safetensors')\""
-        )
+        raise ValueError(f"{path} holds only pickle checkpoints ({', '.join(pickles)}); fastllm loads safetensors "
+                         "only, because unpickling can run arbitrary code. Convert once, where you trust the file:\n"
+                         + _conversion_hint(path, pickles))
     raise FileNotFoundError(f"no model weights (*.safetensors) in {path}")
+
+
+def _conversion_hint(path: Path, pickles: list[str]) -> str:
+    """The command that writes model.safetensors beside the pickles, in the
+    same directory (the tokenizer and generation files stay with it)."""
+    if any(name.startswith("pytorch_model") for name in pickles):  # transformers' own format
+        return ("  python -c \"from transformers import AutoModelForCausalLM as M; "
+                f"M.from_pretrained('{path}').save_pretrained('{path}')\"")
+    return ("  python -c \"import torch; from safetensors.torch import save_file; "
+            f"save_file(torch.load('{path / pickles[0]}', weights_only=True), '{path / 'model.safetensors'}')\"\n"
+            "(for a file holding a plain state dict under Hugging Face tensor names)")
 
 
 class CheckpointReader:
@@ -267,8 +275,18 @@ def load_weights(
         raise ValueError(f"checkpoint is missing {len(missing)} tensors, e.g. {missing[:5]}")
 
 
+_SHARD = re.compile(r"model-\d+-of-\d+\.safetensors")
+
+
 def save_weights(model: Transformer, path: Path) -> None:
     """Write the network's tensors under their Hugging Face names to
-    ``path/model.safetensors`` (fused projections split back by rows)."""
+    ``path/model.safetensors`` (fused projections split back by rows). A
+    sharded checkpoint already there (``model.safetensors.index.json`` and
+    its ``model-XXXXX-of-YYYYY.safetensors``) is removed, as transformers
+    does: the loader prefers the index and would read the old weights."""
     tensors = {name: view.detach().contiguous().cpu() for name, view in checkpoint_targets(model).items()}
     save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    (path / "model.safetensors.index.json").unlink(missing_ok=True)
+    for old in path.iterdir():
+        if _SHARD.fullmatch(old.name):
+            old.unlink()
