@@ -51,6 +51,9 @@ def _resolve_model_dir(path: str | Path) -> Path:
     p = Path(path)
     if p.is_dir():
         return p
+    if p.is_file():
+        raise ValueError(f"{path} is a file; give the model directory (the one holding config.json) "
+                         "or a shipped model's name")
     shipped = SHIPPED_MODELS_DIR / str(path)
     if len(p.parts) == 1 and (shipped / "config.json").is_file():
         return shipped

@@ -5,12 +5,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import sys
 from typing import Any
 
+from fastllm import __version__
 from fastllm.api import SHIPPED_MODELS_DIR as ASSETS  # noqa: F401 (re-exported)
 from fastllm.api import shipped_model_dirs
+from fastllm.quant import GROUP_SIZES, METHODS, QuantizationConfig
 from fastllm.tools import PARSERS
+
+# The exit status when stdout's reader goes away early (`fastllm generate ... | head -c 20`):
+# 141 = 128 + SIGPIPE, what a shell reports for a tool that SIGPIPE ends (`yes | head`), so
+# `set -o pipefail` scripts and $PIPESTATUS see fastllm as any other Unix tool.
+EXIT_BROKEN_PIPE = 141
 
 
 def default_model_path() -> str | None:
@@ -45,6 +53,32 @@ def _json_object(text: str) -> dict[str, Any]:
     return value
 
 
+def quantization_names() -> tuple[str, ...]:
+    """Every --quantization value fastllm.quant accepts: its methods, and int4 with each group size."""
+    return (*METHODS, *(f"int4-g{g}" for g in GROUP_SIZES))
+
+
+def _quantization(text: str) -> str:
+    """argparse type of --quantization: a name QuantizationConfig.parse accepts (checked before loading)."""
+    try:
+        QuantizationConfig.parse(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"unknown quantization {text!r}; choose one of {', '.join(quantization_names())}") from None
+    return text
+
+
+def _port(text: str) -> int:
+    """argparse type of --port: a TCP port, 0 (any free one) to 65535."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"port must be in 0..65535, got {port}")
+    return port
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", default=None,
                    help="Hugging Face model directory or a shipped model's name (default: the shipped target)")
@@ -53,7 +87,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-speculative-tokens", type=int, default=4, help="draft tokens proposed per round")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--dtype", default=None, help="float32, float16 or bfloat16")
-    p.add_argument("--quantization", "-q", default=None, help="int8, int4, int4-g32 or int4-g64 (at load time)")
+    p.add_argument("--quantization", "-q", type=_quantization, default=None,
+                   help=f"{', '.join(quantization_names())} (at load time; int4 = int4-g{GROUP_SIZES[-1]})")
     p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
                    help="replay decode steps from CUDA graphs (default: on a GPU, for models that can; "
                         "--no-cuda-graphs decodes eagerly)")
@@ -114,6 +149,7 @@ def _sampling_params(args: argparse.Namespace) -> dict[str, Any]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastllm", description="Fast LLM inference on NVIDIA GPUs.")
+    parser.add_argument("--version", action="version", version=f"fastllm {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser("generate", help="complete a prompt, streaming the text")
@@ -133,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server (needs: pip install 'fastllm[server]')")
     _add_model_args(serve)
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    serve.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
+    serve.add_argument("--port", type=_port, default=8000, help="port to listen on (default 8000)")
     serve.add_argument("--served-model-name", default=None,
                        help="the name clients pass as 'model' (default: --model as given, or the shipped name)")
     serve.add_argument("--max-num-seqs", type=int, default=64, help="most requests decoded together")
@@ -262,6 +298,17 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_bindable(host: str, port: int) -> None:
+    """Raise OSError when ``host:port`` cannot be listened on now (in use, or not this machine's
+    address), so that serve fails before loading the model. The socket is made as uvicorn makes its
+    own (SO_REUSEADDR: a port in TIME_WAIT is free) and closed at once; uvicorn binds for real later,
+    and still reports a port taken in between."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import importlib.util
 
@@ -272,6 +319,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 1
     from fastllm.server.app import serve
 
+    try:
+        check_bindable(args.host, args.port)
+    except OSError as e:
+        print(f"fastllm: error: cannot listen on {args.host}:{args.port}: {e.strerror or e}", file=sys.stderr)
+        return 1
     model = _load(args)
     api_key = args.api_key or os.environ.get("FASTLLM_API_KEY") or None
     return serve(model, args.served_model_name or _model_name(args), host=args.host, port=args.port,
@@ -325,12 +377,29 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stdout_closed() -> int:
+    """stdout's reader has gone: point stdout at the null device, so the interpreter's final flush of
+    what is still buffered cannot raise again, and exit quietly (the recipe of Python's signal docs,
+    "Note on SIGPIPE")."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # stdout is no file (captured, say): nothing to redirect
+        pass
+    return EXIT_BROKEN_PIPE
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler = {"generate": cmd_generate, "chat": cmd_chat, "serve": cmd_serve, "bench": cmd_bench,
                "info": cmd_info}[args.command]
     try:
-        return handler(args)
+        status = handler(args)
+        sys.stdout.flush()  # a closed pipe raises here, inside the try, not at the interpreter's exit
+        return status
+    except BrokenPipeError:
+        return _stdout_closed()
     except (ValueError, TypeError, FileNotFoundError) as e:
         print(f"fastllm: error: {e}", file=sys.stderr)
         return 2

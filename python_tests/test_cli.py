@@ -1,18 +1,36 @@
-"""The fastllm command line: generate, chat, info and its error handling."""
+"""The fastllm command line: generate, chat, info and its error handling;
+tools/eval_quality.py's windows and arguments."""
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
+import math
+import os
 import shutil
+import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
+import fastllm
 from checkpoints import make_checkpoint
 from fastllm import Model
-from fastllm.cli import main
+from fastllm.cli import EXIT_BROKEN_PIPE, check_bindable, main
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tools"))
+import eval_quality  # noqa: E402
+import shakespeare_data as sd  # noqa: E402
+
+
+def _python_m_fastllm(*args: str, **kwargs) -> subprocess.Popen:
+    """``python -m fastllm ARGS`` with this checkout's fastllm first on the path."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    return subprocess.Popen([sys.executable, "-m", "fastllm", *args], env=env, text=True, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -80,8 +98,12 @@ def test_generate_quantized(ckpt, capsys):
     assert main(args) == 0
     expected = Model.from_pretrained(ckpt, device="cpu", quantization="int8")
     assert capsys.readouterr().out == expected.generate("ROMEO:", max_new_tokens=5, ignore_eos=True).text + "\n"
-    assert main(args[:-1] + ["int3"]) == 2
-    assert "unknown quantization" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # argparse: before anything loads
+        main(args[:-1] + ["int3"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "unknown quantization 'int3'" in err
+    assert "int8, int4, int4-g32, int4-g64, int4-g128" in err  # every name the loader accepts
+    assert main(args[:-1] + ["int4-g32"]) == 0
 
 
 def test_generate_with_draft_model(ckpt, tmp_path, capsys):
@@ -96,9 +118,13 @@ def test_generate_with_draft_model(ckpt, tmp_path, capsys):
     assert "num_speculative_tokens" in capsys.readouterr().err
 
 
-def test_errors_exit_2(tmp_path, capsys):
+def test_errors_exit_2(ckpt, tmp_path, capsys):
     assert main(["generate", "--model", str(tmp_path / "missing"), "hi"]) == 2
     assert "does not exist" in capsys.readouterr().err
+    assert main(["generate", "--model", str(ckpt / "config.json"), "hi"]) == 2
+    assert "config.json is a file; give the model directory" in capsys.readouterr().err
+    assert main(["generate", "--model", str(ckpt), "--draft-model", str(ckpt / "config.json"), "hi"]) == 2
+    assert "config.json is a file" in capsys.readouterr().err
     assert main(["generate", "--model", str(tmp_path), "hi", "--top-p", "2"]) == 2
 
 
@@ -127,6 +153,45 @@ def test_info_json(capsys):
     assert "enabled_kernels:" in capsys.readouterr().out
 
 
+def test_version(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out == f"fastllm {fastllm.__version__}\n"
+    proc = _python_m_fastllm("--version", stdout=subprocess.PIPE)
+    assert proc.communicate(timeout=300)[0] == f"fastllm {fastllm.__version__}\n" and proc.returncode == 0
+
+
+@pytest.mark.parametrize("args", [["generate"], ["generate", "--no-stream", "--echo"], ["info"]])
+def test_closed_stdout_exits_quietly(ckpt, args):
+    """`fastllm ... | head -c 20`: the reader goes away; no traceback, status 141.
+    The read end is closed before the child writes, so every write of it fails."""
+    if args[0] == "generate":
+        args = [*args, "--model", str(ckpt), "ROMEO:", "--ignore-eos", "--device", "cpu", "--max-new-tokens", "8"]
+    proc = _python_m_fastllm(*args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()
+    err = proc.stderr.read()
+    assert proc.wait(timeout=300) == EXIT_BROKEN_PIPE, err
+    assert "Traceback" not in err and "BrokenPipe" not in err and "Exception ignored" not in err
+
+
+def test_serve_rejects_bad_ports_before_loading(tmp_path, capsys):
+    missing = ["serve", "--model", str(tmp_path / "missing")]  # loading it would fail with "does not exist"
+    for port in ("99999", "-1", "http"):
+        with pytest.raises(SystemExit) as e:
+            main([*missing, "--port", port])
+        assert e.value.code == 2 and "argument --port" in capsys.readouterr().err
+    check_bindable("127.0.0.1", 0)  # a free port passes
+    if any(importlib.util.find_spec(m) is None for m in ("fastapi", "uvicorn")):
+        pytest.skip("the server's dependencies are not installed")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main([*missing, "--port", str(port)]) == 1
+    err = capsys.readouterr().err
+    assert f"cannot listen on 127.0.0.1:{port}" in err and "does not exist" not in err
+
+
 @pytest.mark.skipif(shutil.which("fastllm") is None, reason="console script not installed")
 def test_console_script(ckpt):
     run = subprocess.run(
@@ -137,3 +202,48 @@ def test_console_script(ckpt):
     )
     assert run.returncode == 0, run.stderr
     assert run.stdout.endswith("\n")
+
+
+# --- tools/eval_quality.py (scored with the corpus in test_training_tools.py) -----------------
+
+
+@pytest.fixture(scope="module")
+def small_corpus(tmp_path_factory) -> Path:
+    """The held-out works' names (and one training work) with a little ASCII text each."""
+    out = tmp_path_factory.mktemp("corpus")
+    for i, name in enumerate((*sd.VALIDATION_WORKS, "hamlet")):
+        (out / f"{name}.txt").write_text(f"ROMEO {i}: the king is dead; long live the king.\n" * (3 + i),
+                                         encoding="utf-8")
+    return out
+
+
+def test_eval_quality_bytes_are_the_scored_windows(ckpt, small_corpus):
+    """bits/byte divides by the bytes of the windows scored, not of all the works."""
+    tok = Model.from_pretrained(ckpt, device="cpu").tokenizer
+    every = eval_quality.validation_windows(tok, small_corpus, 16, 0)
+    texts = [sd.read_text(small_corpus / f"{w}.txt") for w in sd.VALIDATION_WORKS]
+    assert every["bytes"] == sd.utf8_bytes(texts)
+    some = eval_quality.validation_windows(tok, small_corpus, 16, 3)
+    targets = [[t for t in row if t != sd.IGNORE_INDEX] for row in some["y"].tolist()]
+    assert some["x"].shape == (3, 16) and some["bytes"] == sum(len(tok.decode(t).encode()) for t in targets)
+    assert some["bytes"] < every["bytes"] / 4
+    report = eval_quality.main(["--model", str(ckpt), "--data", str(small_corpus), "--quantization", "none",
+                                "--seq-len", "16", "--max-windows", "3", "--new-tokens", "2"])
+    result = report["results"][0]
+    assert report["bytes"] == some["bytes"]
+    assert result["bits_per_byte"] == pytest.approx(
+        result["nats_per_token"] * result["tokens"] / math.log(2) / some["bytes"])
+
+
+def test_eval_quality_missing_corpus_is_a_usage_error(ckpt, tmp_path, capsys, monkeypatch):
+    with pytest.raises(SystemExit) as e:
+        eval_quality.main(["--model", str(ckpt), "--data", str(tmp_path / "nowhere")])
+    assert e.value.code == 2 and "pass --data DIR" in capsys.readouterr().err
+    monkeypatch.setenv(sd.ENV_DATA_DIR, str(tmp_path / "nowhere"))  # the default path, missing
+    with pytest.raises(SystemExit) as e:
+        eval_quality.main(["--model", str(ckpt)])
+    assert e.value.code == 2 and "pass --data DIR" in capsys.readouterr().err
+    (tmp_path / "hamlet.txt").write_text("To be.\n", encoding="utf-8")  # no held-out works in it
+    with pytest.raises(SystemExit) as e:
+        eval_quality.main(["--model", str(ckpt), "--data", str(tmp_path)])
+    assert e.value.code == 2 and "pass --data DIR" in capsys.readouterr().err

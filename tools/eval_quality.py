@@ -14,6 +14,9 @@ of ``--seq-len`` tokens (BOS given, every text token predicted exactly once);
     perplexity = exp(nats/token)
     bits/byte  = sum of -ln p / ln 2 / UTF-8 bytes of the works
 
+With ``--max-windows N`` only N evenly spaced windows are scored, and the bytes
+are those of the text their target tokens decode to.
+
 Then greedy continuations of a fixed prompt, for a side-by-side comparison.
 Prints a Markdown table (relative change of perplexity against the first
 setting) and writes the numbers as JSON with ``--json``.
@@ -54,24 +57,49 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--prompt", default=PROMPT)
     p.add_argument("--new-tokens", type=int, default=60)
     p.add_argument("--json", type=Path, default=None)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.data = args.data or sd.default_data_dir()
+    try:  # the corpus is read after the first model loads: check it now
+        sd.split_works(args.data)
+    except (OSError, ValueError) as e:
+        p.error(str(e) if "--data" in str(e) else f"{e}; pass --data DIR (the directory of the Shakespeare works)")
+    return args
+
+
+def decoded_bytes(tokenizer: Any, ids: list[int], start: int, end: int) -> int:
+    """UTF-8 bytes of the text ``ids[start:end]`` add to the decoded ``ids[:start]`` (decoding the
+    prefixes keeps spaces and multi-byte characters at the cut where the whole text has them, so
+    the bytes of consecutive spans add up to those of the whole)."""
+    def size(n: int) -> int:
+        return len(tokenizer.decode(ids[:n]).encode("utf-8")) if n else 0
+
+    return size(end) - size(start)
 
 
 def validation_windows(tokenizer: Any, data_dir: Path, seq_len: int, max_windows: int) -> dict[str, Any]:
-    """Token windows [W, L] of the validation works, their target count and bytes."""
+    """Token windows x, y [W, L] of the validation works (``max_windows`` of them
+    when > 0), the works' names and the UTF-8 bytes of the windows' targets."""
     _, val_paths = sd.split_works(data_dir)
     texts = [sd.read_text(p) for p in val_paths]
     bos, pad = tokenizer.bos_token_id, tokenizer.pad_token_id
     if bos is None:
         raise ValueError("the tokenizer has no BOS token; the score is defined for [BOS] + text")
     pad = bos if pad is None else pad
-    xs, ys = [], []
-    for text in texts:
-        x, y = sd.document_windows([bos, *tokenizer.encode(text, add_special_tokens=False)], seq_len, pad)
+    docs = [tokenizer.encode(text, add_special_tokens=False) for text in texts]
+    xs, ys, spans = [], [], []  # spans: (work, first target token) of every window
+    for d, ids in enumerate(docs):
+        x, y = sd.document_windows([bos, *ids], seq_len, pad)
         xs.append(x)
         ys.append(y)
-    x, y = sd.subset_windows(torch.cat(xs), torch.cat(ys), max_windows)
-    return dict(x=x, y=y, works=[p.stem for p in val_paths], bytes=sd.utf8_bytes(texts))
+        spans += [(d, k * seq_len) for k in range(x.shape[0])]
+    every = torch.arange(len(spans))[:, None]
+    keep = sd.subset_windows(every, every, max_windows)[0][:, 0]  # the windows subset_windows keeps
+    if len(keep) == len(spans):
+        n_bytes = sd.utf8_bytes(texts)  # exactly the works, as train_model.py counts them
+    else:
+        kept = [spans[i] for i in keep.tolist()]
+        n_bytes = sum(decoded_bytes(tokenizer, docs[d], k, k + seq_len) for d, k in kept)
+    return dict(x=torch.cat(xs)[keep], y=torch.cat(ys)[keep], works=[p.stem for p in val_paths], bytes=n_bytes)
 
 
 def score(model: Any, x: torch.Tensor, y: torch.Tensor, batch_size: int, label: str) -> tuple[float, int]:
@@ -88,7 +116,7 @@ def score(model: Any, x: torch.Tensor, y: torch.Tensor, batch_size: int, label: 
 def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     from fastllm import Model
 
-    data_dir = args.data or sd.default_data_dir()
+    data_dir = args.data
     results: list[dict[str, Any]] = []
     windows = None
     for setting in args.quantization:
