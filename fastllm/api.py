@@ -8,6 +8,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Union
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -391,9 +392,12 @@ class Model:
 
     def _prompts(self, prompt: Any) -> tuple[list[list[int]], bool]:
         """Normalise a prompt or batch into token id lists; validate them."""
-        if isinstance(prompt, Tensor):
-            if prompt.dim() not in (1, 2) or prompt.is_floating_point():
-                raise ValueError("a tensor prompt must be 1-D or 2-D integer token ids")
+        if isinstance(prompt, (Tensor, np.ndarray)):
+            integer = (prompt.dtype != torch.bool and not prompt.is_floating_point() and not prompt.is_complex()
+                       if isinstance(prompt, Tensor) else np.issubdtype(prompt.dtype, np.integer))
+            if prompt.ndim not in (1, 2) or not integer:
+                raise ValueError(f"a {type(prompt).__name__} prompt must be 1-D or 2-D integer token ids, "
+                                 f"got {prompt.ndim}-D {prompt.dtype}")
             prompt = prompt.tolist()
         if isinstance(prompt, str):
             items, batched = [prompt], False
@@ -414,8 +418,10 @@ class Model:
                 ids = self.tokenizer.encode(item)
             elif isinstance(item, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in item):
                 ids = list(item)
-            else:
+            elif batched:
                 raise TypeError("each prompt of a batch must be a str or a list of int token ids")
+            else:
+                raise TypeError(f"token ids must be ints, got {[t for t in item if isinstance(t, bool)][:3]}")
             self._check_ids(ids)
             out.append(ids)
         return out, batched

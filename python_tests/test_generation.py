@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -226,11 +227,24 @@ def test_bad_parameters(model, params, err, match):
         (3.5, TypeError, "prompt"),
         (["ok", 3], TypeError, "prompt"),
         (torch.zeros(2, 2), ValueError, "integer"),
+        (torch.ones(3, dtype=torch.bool), ValueError, "integer"),
+        (np.zeros(3), ValueError, "integer"),
+        (np.ones((1, 1, 2), dtype=np.int64), ValueError, "1-D or 2-D"),
+        ([True, 5], TypeError, r"token ids must be ints, got \[True\]"),
     ],
 )
 def test_bad_prompts(model, prompt, err, match):
     with pytest.raises(err, match=match):
         model.generate(prompt, max_new_tokens=2)
+
+
+def test_array_prompts_equal_lists(model):
+    ids = model.tokenizer.encode(PROMPTS[0])
+    want = model.generate(ids, max_new_tokens=4, temperature=0).token_ids
+    for prompt in (np.array(ids), np.array(ids, dtype=np.int32), torch.tensor(ids)):
+        assert model.generate(prompt, max_new_tokens=4, temperature=0).token_ids == want
+    batch = model.generate(np.array([ids, ids]), max_new_tokens=4, temperature=0)
+    assert [o.token_ids for o in batch] == [want, want]
 
 
 def test_stream_rejects_batch_and_chat_rejects_bad_messages(model):
