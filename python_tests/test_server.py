@@ -122,6 +122,10 @@ def test_chat_equals_model_chat(client, model):
     assert deltas[0] == {"role": "assistant", "content": ""} and deltas[-1] == {}
     assert "".join(d.get("content", "") for d in deltas) == out.text
     assert evs[-1]["choices"][0]["finish_reason"] == out.finish_reason
+    # OpenAI's "developer" role is the system role for a template that knows none (the shipped one refuses it)
+    dev = [{**CHAT[0], "role": "developer"}, CHAT[1]]
+    got = post(client, "/tokenize", {"messages": dev})
+    assert got["tokens"] == model.apply_chat_template(CHAT)
 
 
 def test_chat_template_kwargs_reach_the_template(client, model):

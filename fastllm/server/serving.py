@@ -108,13 +108,17 @@ class OpenAIServing:
                     tools: list[dict[str, Any]] | None = None) -> list[int]:
         """The token ids of a conversation rendered with the chat template (as
         Model.apply_chat_template), ``template_kwargs`` as template variables
-        (and ``tools`` as the template's ``tools``)."""
+        (and ``tools`` as the template's ``tools``). OpenAI's ``developer``
+        messages are ``system`` ones for a template that knows no developer role."""
         extra = template_kwargs or {}
         reserved = sorted({"chat_template", "messages", "add_generation_prompt", "tools"} & set(extra))
         if reserved:
             raise bad_request(f"chat_template_kwargs may not set {reserved} (the template, its messages and "
                               "tools are the server's and the request's own fields)", "chat_template_kwargs")
         flat = [m.for_template(i) for i, m in enumerate(messages)]
+        template = self.model.tokenizer.template_for(tools) if self.model.tokenizer is not None else None
+        if template is not None and "developer" not in template:  # OpenAI's newer name for the system role
+            flat = [{**m, "role": "system"} if m["role"] == "developer" else m for m in flat]
         try:
             text = self.model.render_chat(flat, add_generation_prompt, **extra, **({"tools": tools} if tools else {}))
         except (ValueError, TypeError) as e:
