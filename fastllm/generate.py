@@ -222,15 +222,17 @@ class Request:
         if self.matcher is not None:
             self.matcher.consume(token)
         c = self.config
-        if token in c.stop_token_ids or (not c.ignore_eos and token in eos_ids):
+        if not c.ignore_eos and token in eos_ids:
             self._finish("stop")
             return
-        if self.decoder is not None:
+        if self.decoder is not None:  # a stop id's text stays in the output, as vLLM and transformers keep it
             before = self._length
             self._append_text(self.decoder.feed(token))
             if self._cut_at_stop_string(before):
                 return
-        if self.matcher is not None and self.matcher.done:
+        if token in c.stop_token_ids:
+            self._finish("stop")
+        elif self.matcher is not None and self.matcher.done:
             self._finish("stop")  # the grammar is complete
         elif len(self.output_ids) >= self.max_new_tokens:
             self._finish("length")

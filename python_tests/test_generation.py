@@ -44,6 +44,8 @@ def test_stop_token_ids_and_eos(model):
     first = full.index(tok)
     out = model.generate(PROMPTS[1], max_new_tokens=20, stop_token_ids=[tok])
     assert out.token_ids == full[: first + 1] and out.finish_reason == "stop"
+    assert out.text == model.tokenizer.decode(out.token_ids) and out.text.endswith(model.tokenizer.decode([tok]))
+    assert "".join(model.stream(PROMPTS[1], max_new_tokens=20, stop_token_ids=[tok])) == out.text
     saved = model.eos_ids
     try:
         model.eos_ids = frozenset({tok})
