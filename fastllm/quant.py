@@ -56,8 +56,14 @@ class QuantizationConfig:
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"unknown quantization {self.method!r}; choose one of {METHODS}")
+        if isinstance(self.group_size, bool) or not isinstance(self.group_size, int):
+            raise TypeError(f"group_size must be an int, got {self.group_size!r}")
         if self.method == "int4" and self.group_size not in GROUP_SIZES:
             raise ValueError(f"int4 group_size must be one of {GROUP_SIZES}, got {self.group_size}")
+        if self.method == "int8" and self.group_size != 128:  # the field's default: int8 scales whole rows
+            raise ValueError(f"int8 is per output channel and takes no group_size, got {self.group_size}")
+        if not isinstance(self.lm_head, bool):
+            raise TypeError(f"lm_head must be a bool, got {self.lm_head!r}")
         if isinstance(self.skip_modules, str) or not all(isinstance(m, str) for m in self.skip_modules):
             raise ValueError(f"skip_modules must be a sequence of module names, got {self.skip_modules!r}")
         object.__setattr__(self, "skip_modules", tuple(sorted(set(self.skip_modules))))
@@ -73,11 +79,12 @@ class QuantizationConfig:
             return value
         if not isinstance(value, str):
             raise TypeError(f"quantization must be a str or QuantizationConfig, got {type(value).__name__}")
-        method, _, group = value.lower().partition("-g")
-        if group and not group.isdigit():
-            raise ValueError(f"cannot parse quantization {value!r}; use 'int8', 'int4' or 'int4-g64'")
-        if group and method != "int4":
+        method, dash, group = value.lower().partition("-g")
+        if dash and method == "int8":
             raise ValueError(f"a group size only applies to int4, got {value!r}")
+        if dash and group not in {str(g) for g in GROUP_SIZES}:
+            raise ValueError(f"cannot parse quantization {value!r}; the int4 group sizes are "
+                             + ", ".join(f"int4-g{g}" for g in GROUP_SIZES))
         return cls(method, int(group) if group else 128)
 
     def to_json(self) -> dict[str, Any]:
@@ -94,12 +101,13 @@ class QuantizationConfig:
                 f"unsupported quantization_config {raw}; fastllm reads its own '{FORMAT}' format and "
                 "4-bit GPTQ (quant_method 'gptq') and AWQ ('awq', version 'gemm') checkpoints"
             )
-        return cls(
-            raw["method"],
-            int(raw.get("group_size", 128)),
-            bool(raw.get("lm_head", False)),
-            tuple(raw.get("skip_modules", ())),
-        )
+        skip = raw.get("skip_modules", [])
+        try:
+            if not isinstance(skip, list):
+                raise ValueError(f"skip_modules must be a list of module names, got {skip!r}")
+            return cls(raw.get("method"), raw.get("group_size", 128), raw.get("lm_head", False), tuple(skip))
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"config.json: quantization_config: {e}") from e
 
 
 # --------------------------------------------------------------------------- #
@@ -229,13 +237,18 @@ def projection_slots(network: nn.Module, lm_head: bool = False) -> list[tuple[st
     return found
 
 
-def quantizable_linears(network: nn.Module, cfg: QuantizationConfig) -> list[tuple[nn.Module, str]]:
-    """(parent, attribute) of every Linear that ``cfg`` quantizes."""
+def quantized_slots(network: nn.Module, cfg: QuantizationConfig) -> list[tuple[str, nn.Module, str]]:
+    """(path, parent, attribute) of every Linear that ``cfg`` quantizes."""
     slots = projection_slots(network, cfg.lm_head)
     unknown = set(cfg.skip_modules) - {path for path, _, _ in slots}
     if unknown:
         raise ValueError(f"quantization skip_modules names modules this network does not have: {sorted(unknown)}")
-    return [(parent, name) for path, parent, name in slots if path not in cfg.skip_modules]
+    return [slot for slot in slots if slot[0] not in cfg.skip_modules]
+
+
+def quantizable_linears(network: nn.Module, cfg: QuantizationConfig) -> list[tuple[nn.Module, str]]:
+    """(parent, attribute) of every Linear that ``cfg`` quantizes."""
+    return [(parent, name) for _, parent, name in quantized_slots(network, cfg)]
 
 
 def check_quantizable(network: nn.Module, cfg: QuantizationConfig) -> dict[str, int]:
@@ -246,13 +259,14 @@ def check_quantizable(network: nn.Module, cfg: QuantizationConfig) -> dict[str, 
     smaller: dict[str, int] = {}
     if cfg.method != "int4":
         return smaller
-    for parent, name in quantizable_linears(network, cfg):
+    for path, parent, name in quantized_slots(network, cfg):
         k = getattr(parent, name).in_features
         group = effective_group_size(k, cfg.group_size)
         if group is None:
             raise ValueError(
-                f"cannot quantize {type(parent).__name__}.{name} to int4: in_features {k} is not a multiple "
-                f"of any supported group size <= {cfg.group_size} ({GROUP_SIZES})"
+                f"cannot quantize {path} to int4: in_features {k} is not a multiple of any supported group "
+                f"size <= {cfg.group_size} ({GROUP_SIZES}); keep it in 16-bit with "
+                f"QuantizationConfig('int4', {cfg.group_size}, skip_modules=[...]) naming each such layer"
             )
         if group != cfg.group_size:
             smaller[f"{type(parent).__name__}.{name} (in_features {k})"] = group

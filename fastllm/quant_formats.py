@@ -6,6 +6,8 @@ nibble = even input column), ``zeros`` uint8 [N, K/g], ``scales`` [N, K/g],
 formats store the same asymmetric per-group quantization, transposed and
 packed eight 4-bit values to an int32 (value i in bits 4i..4i+3), so the
 conversion is exact: unpack, transpose, repack; the integers do not change.
+The fp16 scales take the model's dtype (exact in fp16 and fp32; bf16 rounds
+them to 8 mantissa bits, a relative error up to 2^-9).
 
 GPTQ (AutoGPTQ / GPTQModel / optimum; ``quant_method: "gptq"``), per layer:
   ``qweight`` int32 [K/8, N]   packed along K: nibble i of word [r, n] is q[k = 8r + i, n]

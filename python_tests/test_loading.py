@@ -158,6 +158,32 @@ def test_bad_generation_config_is_refused_at_load(copy, content, match):
     assert "generation_config.json" in str(info.value)
 
 
+def test_non_finite_quantization_scales_are_refused(copy, tmp_path):
+    Model.from_pretrained(copy, device="cpu", quantization="int8").save_pretrained(tmp_path / "q")
+    sd = load_file(tmp_path / "q" / "model.safetensors")
+    sd["model.layers.0.self_attn.q_proj.scales"][3] = float("inf")
+    save_file(sd, tmp_path / "q" / "model.safetensors")
+    with pytest.raises(ValueError, match="scales .*q_proj.* hold NaN or infinite values"):
+        Model.from_pretrained(tmp_path / "q", device="cpu")
+
+
+@pytest.mark.parametrize("q", ["int8", "int4-g32"])
+def test_own_quantized_weights_without_their_config_get_the_right_hint(copy, tmp_path, q):
+    Model.from_pretrained(copy, device="cpu", quantization=q).save_pretrained(tmp_path / "q")
+    _edit_config(tmp_path / "q", quantization_config=None)  # e.g. the base model's config.json copied over
+    with pytest.raises(ValueError, match="look like fastllm's own quantized weights.*fastllm-v1"):
+        Model.from_pretrained(tmp_path / "q", device="cpu")
+
+
+def test_a_nan_weight_shows_in_the_logits(good):
+    """The reference attention zeroes only rows with no keys: a NaN reaching it
+    (a corrupt weight) stays NaN rather than turning into finite, wrong logits."""
+    model = Model.from_pretrained(good, device="cpu")
+    with torch.no_grad():
+        model.network.layers[0].self_attn.qkv_proj.weight[0, 0] = float("nan")
+    assert torch.isnan(model.forward(torch.tensor([[3, 4, 5]]))).any()
+
+
 def test_text_without_a_tokenizer_says_what_to_copy(good):
     model = Model.from_pretrained(good, device="cpu")  # token ids work without one
     assert len(model.generate([3, 4, 5], max_new_tokens=2, ignore_eos=True).token_ids) == 2

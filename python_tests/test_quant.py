@@ -81,10 +81,33 @@ def test_parse(value, expect):
     assert (cfg.method, cfg.group_size) == expect
 
 
-@pytest.mark.parametrize("value", ["int3", "int4-g100", "int8-g32", "int4-gx", "fp8"])
+@pytest.mark.parametrize("value", ["int3", "int4-g100", "int8-g32", "int4-gx", "fp8", "int8-g", "int4-g", "int4-g064"])
 def test_parse_rejects(value):
     with pytest.raises(ValueError):
         QuantizationConfig.parse(value)
+
+
+@pytest.mark.parametrize("kwargs, err, match", [
+    (dict(method="int8", group_size=7), ValueError, "int8 is per output channel"),
+    (dict(method="int4", group_size=True), TypeError, "group_size must be an int"),
+    (dict(method="int4", lm_head="no"), TypeError, "lm_head must be a bool"),
+    (dict(method="int4", skip_modules="layers.0.mlp.down_proj"), ValueError, "skip_modules"),
+])
+def test_config_rejects(kwargs, err, match):
+    with pytest.raises(err, match=match):
+        QuantizationConfig(**kwargs)
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("group_size", "abc", "group_size must be an int"),
+    ("group_size", None, "group_size must be an int"),
+    ("lm_head", "false", "lm_head must be a bool"),
+    ("skip_modules", "layers.0.mlp.down_proj", "skip_modules must be a list"),
+])
+def test_saved_config_fields_are_checked(field, value, match):
+    raw = {**QuantizationConfig("int4", 64).to_json(), field: value}
+    with pytest.raises(ValueError, match=f"config.json: quantization_config: {match}"):
+        QuantizationConfig.from_json(raw)
 
 
 @pytest.fixture(scope="module", params=["llama", "qwen2", "mixtral", "qwen3_moe", "qwen2_moe"])
@@ -161,6 +184,12 @@ def test_save_and_reload_quantized(ckpt, tmp_path, q):
     assert again.generate("ROMEO:", max_new_tokens=8).token_ids == model.generate("ROMEO:", max_new_tokens=8).token_ids
     with pytest.raises(ValueError, match="already quantized"):
         Model.from_pretrained(tmp_path / "q", device="cpu", quantization="int4-g64" if q == "int8" else "int8")
+    method, group = QuantizationConfig.parse(q).method, QuantizationConfig.parse(q).group_size
+    with pytest.raises(ValueError, match="its lm_head is not quantized"):  # not silently ignored
+        Model.from_pretrained(tmp_path / "q", device="cpu", quantization=QuantizationConfig(method, group, True))
+    with pytest.raises(ValueError, match=r"it keeps no modules in 16-bit"):
+        Model.from_pretrained(tmp_path / "q", device="cpu",
+                              quantization=QuantizationConfig(method, group, skip_modules=["layers.0.mlp.down_proj"]))
     # loading the saved checkpoint as it is, or with the same config, is fine
     Model.from_pretrained(tmp_path / "q", device="cpu", quantization=q)
 
@@ -208,8 +237,13 @@ def test_group_size_falls_back_where_it_does_not_divide(tmp_path):
 
 def test_bad_quantization_requests(tmp_path):
     make_checkpoint(tmp_path / "odd", "llama", tokenizer=False, intermediate_size=80)  # 80: no group of 32 fits
-    with pytest.raises(ValueError, match="in_features 80 is not a multiple of any supported group size"):
+    with pytest.raises(ValueError, match="cannot quantize layers.0.mlp.down_proj to int4: in_features 80 is not a "
+                                         "multiple of any supported group size.*skip_modules"):
         Model.from_pretrained(tmp_path / "odd", device="cpu", quantization="int4-g64")
+    skip = [f"layers.{i}.mlp.down_proj" for i in range(2)]  # as the message says: those layers stay 16-bit
+    model = Model.from_pretrained(tmp_path / "odd", device="cpu", quantization=QuantizationConfig("int4", 64,
+                                                                                              skip_modules=skip))
+    assert model.network.layers[0].mlp.down_proj.weight.dtype == torch.float32
     make_checkpoint(tmp_path, "llama", tokenizer=False)
     with pytest.raises(ValueError, match="unknown quantization"):
         Model.from_pretrained(tmp_path, device="cpu", quantization="int2")

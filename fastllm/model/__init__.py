@@ -35,6 +35,19 @@ def build_network(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, qu
     return net.eval()
 
 
+def _requant_conflict(asked: "QuantizationConfig", saved: "QuantizationConfig") -> str | None:
+    """Why a checkpoint saved quantized as ``saved`` cannot load as ``asked``
+    (None: it can). A request that leaves lm_head / skip_modules at their
+    defaults takes the saved ones."""
+    if asked.method != saved.method or (saved.method == "int4" and asked.group_size != saved.group_size):
+        return "another method or group size"
+    if asked.lm_head and not saved.lm_head:
+        return "its lm_head is not quantized"
+    if asked.skip_modules and asked.skip_modules != saved.skip_modules:
+        return f"it keeps {list(saved.skip_modules) or 'no modules'} in 16-bit"
+    return None
+
+
 def load_network(
     path: str | Path,
     device: torch.device,
@@ -66,12 +79,11 @@ def load_network(
         converter, source = make_converter(external), external.name
     else:
         saved = QuantizationConfig.from_json(raw) if raw else None
-    if saved is not None and quantization is not None and (
-        quantization.method != saved.method or (saved.method == "int4" and quantization.group_size != saved.group_size)
-    ):
+    conflict = _requant_conflict(quantization, saved) if saved is not None and quantization is not None else None
+    if conflict is not None:
         raise ValueError(
             f"{path} is already quantized ({source} {saved.describe()}); it cannot be loaded as "
-            f"{quantization.describe()} (leave quantization unset to load it as it is)"
+            f"{quantization.describe()}: {conflict} (leave quantization unset to load it as it is)"
         )
     net = build_network(cfg, device, dtype, saved)
     load_weights(net, path, progress, converter)

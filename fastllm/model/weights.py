@@ -254,13 +254,22 @@ def load_weights(
             if name.endswith(".zeros") and tensor.numel() and int(tensor.max()) > MAX_INT4_ZERO:
                 raise ValueError(f"{where}: int4 zero points of {name} reach {int(tensor.max())}; at most "
                                  f"{MAX_INT4_ZERO} is supported (4-bit checkpoints use 0..16)")
+            if name.endswith(".scales") and not bool(torch.isfinite(tensor).all()):
+                raise ValueError(f"{where}: the quantization scales {name} hold NaN or infinite values")
             target.copy_(tensor)
             loaded.add(name)
             bar.update(nbytes)
     if unexpected:
         hint = "is config.json right for these weights?"
         packed = any(n.endswith((".qweight", ".qzeros")) for n in unexpected)
-        if packed and getattr(model, "quantization", None) is None:
+        ours = any(n.endswith(".zeros") for n in unexpected) or not any(n.endswith(".qzeros") for n in unexpected)
+        if packed and getattr(model, "quantization", None) is None and ours:
+            hint = (
+                "they look like fastllm's own quantized weights, but config.json has no quantization_config "
+                "(write back the one save_pretrained wrote, e.g. {\"quant_method\": \"fastllm\", \"format\": "
+                "\"fastllm-v1\", \"method\": \"int4\", \"group_size\": 128})"
+            )
+        elif packed and getattr(model, "quantization", None) is None:
             hint = (
                 "they look like GPTQ/AWQ packed weights, but config.json has no quantization_config "
                 "(old AutoGPTQ exports keep it in quantize_config.json: copy it into config.json as "

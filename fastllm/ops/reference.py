@@ -216,6 +216,12 @@ def attention(
     return prefill_attention(q, k_cache, v_cache, meta, scale, sliding_window)
 
 
+def _softmax_rows(scores: Tensor, row_lse: Tensor) -> Tensor:
+    """exp(scores - lse) per row; a row with no keys (lse -inf) is all 0. Only
+    that case: a NaN (from a NaN query or cache) stays NaN, not a silent 0."""
+    return torch.where(torch.isneginf(row_lse)[..., None], 0.0, torch.exp(scores - row_lse[..., None]))
+
+
 def prefill_attention(
     q: Tensor,
     k_cache: Tensor,
@@ -259,7 +265,7 @@ def prefill_attention(
             allowed &= kpos > qpos - sliding_window
         scores = scores.masked_fill(~allowed, float("-inf"))
         row_lse = torch.logsumexp(scores, dim=-1)  # [Hq, qlen]; -inf for a row with no keys
-        probs = torch.exp(scores - row_lse[..., None]).nan_to_num_(0.0)
+        probs = _softmax_rows(scores, row_lse)
         out[start : start + qlen] = torch.matmul(probs, vb).transpose(0, 1).to(q.dtype)
         if lse is not None:
             lse[start : start + qlen] = row_lse.transpose(0, 1)
@@ -299,7 +305,7 @@ def _prefill_on_device_lens(
         allowed &= j > qpos - sliding_window
     scores = scores.masked_fill(~allowed[:, None, None], float("-inf"))
     row_lse = torch.logsumexp(scores, dim=-1)  # [B, Hk, G, W]; -inf for a query with no keys
-    probs = torch.exp(scores - row_lse[..., None]).nan_to_num_(0.0)
+    probs = _softmax_rows(scores, row_lse)
     out[: b * w] = torch.einsum("bhgij,bjhd->bihgd", probs, v).reshape(b * w, hq, d).to(q.dtype)
     if lse is not None:
         lse[: b * w] = row_lse.permute(0, 3, 1, 2).reshape(b * w, hq)
