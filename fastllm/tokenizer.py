@@ -61,7 +61,11 @@ class Tokenizer:
         self._tok = tok
         self.chat_template = chat_template
         self.named_chat_templates = dict(named_chat_templates or {})  # e.g. Hermes 2 Pro's "tool_use"
-        self._clean_up_spaces = bool(config.get("clean_up_tokenization_spaces", False))
+        # transformers (5.x) applies this WordPiece-era cleanup only to non-BPE models (for BPE it
+        # would strip real spaces before punctuation), unless told to anyway
+        self._clean_up_spaces = bool(config.get("clean_up_tokenization_spaces", False)) and (
+            type(tok.model).__name__ != "BPE"
+            or bool(config.get("clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output", False)))
         self.special_tokens: dict[str, str] = {}
         for key in ("bos_token", "eos_token", "pad_token", "unk_token"):
             text = _token_text(config.get(key))

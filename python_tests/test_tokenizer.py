@@ -273,3 +273,57 @@ def test_template_sandbox_and_errors(pair):
         )
     rendered = ours.apply_chat_template(msgs, chat_template="{{ messages | tojson }}|{{ strftime_now('%Y') }}")
     assert rendered.startswith('[{"role": "user", "content": "hi"}]|20')
+
+
+@pytest.mark.parametrize("template, messages, kwargs", [
+    # keys whose value is None are left out, as transformers does (OpenAI clients send tool_calls: None)
+    ("{% for m in messages %}{% if 'tool_calls' in m %}{{ m.tool_calls[0].function.name }}{% else %}"
+     "{{ m.content }}{% endif %}{% endfor %}", [{"role": "assistant", "content": "Hello", "tool_calls": None}], {}),
+    # tools and documents are defined, None when absent
+    ("{% if tools is not none %}TOOLS{% endif %}{% if documents is not none %}DOCS{% endif %}|{{ tools }}",
+     [{"role": "user", "content": "hi"}], {}),
+    ("{% if tools is not none %}{{ tools | length }}{% endif %}", [{"role": "user", "content": "hi"}],
+     {"tools": [{"type": "function", "function": {"name": "f"}}]}),
+    # a message's reasoning under every name templates read
+    ("{% for m in messages %}{{ m.reasoning_content }}/{{ m.thinking }}{% endfor %}",
+     [{"role": "assistant", "content": "x", "reasoning": "R"}], {}),
+    # transformers' generation tag renders its body
+    ("{% for m in messages %}{% generation %}{{ m.content }}{% endgeneration %}{% endfor %}",
+     [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "there"}], {}),
+])
+def test_template_inputs_as_transformers_gives_them(pair, template, messages, kwargs):
+    ours, hf, _ = pair
+    expect = hf.apply_chat_template(messages, chat_template=template, tokenize=False, **kwargs)
+    assert ours.apply_chat_template(messages, chat_template=template, **kwargs) == expect
+
+
+@pytest.mark.parametrize("template, match", [
+    ("{{ 1 / 0 }}", "ZeroDivisionError"),
+    ("{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}", "RecursionError"),
+    ("{{ messages[0].content + none }}", "TypeError"),
+    ("{{ range(10**9) | length }}", "range"),
+    ("{{ ('ab' * 10**9) | length }}", "repetition"),
+    ("{{ [0] * 10**9 }}", "repetition"),
+    ("{{ '%0999999999d' | format(1) }}", "format width"),
+    ("{{ '%.999999999f' % 1.0 }}", "format width"),
+])
+def test_template_failures_are_value_errors(pair, template, match):
+    """Whatever a template does wrong is a ValueError (the server answers 400),
+    and sizes it could blow up are bounded (the sandbox stops them at once)."""
+    ours, _, _ = pair
+    with pytest.raises(ValueError, match=match):
+        ours.apply_chat_template([{"role": "user", "content": "hi"}], chat_template=template)
+
+
+def test_cleanup_of_spaces_is_not_applied_to_bpe(tmp_path):
+    """clean_up_tokenization_spaces is for WordPiece: transformers ignores it for
+    BPE models (it would eat real spaces before punctuation), and so does
+    decode, which then agrees with generated text."""
+    from transformers import AutoTokenizer
+
+    _llama3_tokenizer(tmp_path)
+    cfg = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({**cfg, "clean_up_tokenization_spaces": True}))
+    ours, hf = Tokenizer.from_pretrained(tmp_path), AutoTokenizer.from_pretrained(str(tmp_path))
+    ids = ours.encode("Romeo , is it ?", add_special_tokens=False)
+    assert ours.decode(ids) == hf.decode(ids) == "Romeo , is it ?"
