@@ -55,16 +55,17 @@ def _median(xs: list[float]) -> float | None:
 
 
 def _latency_run(model: Any, prompts: list[list[int]], cfg: Any, draft_model: Any,
-                 k: int) -> tuple[list[Any], float, float, float]:
-    """One run of ``measure_latency``: its requests, and the clock at its
-    start, at its first tokens and at its end."""
+                 k: int) -> tuple[list[Any], float, float, float, int]:
+    """One run of ``measure_latency``: its requests, the clock at its start,
+    at its first tokens and at its end, and how many tokens each request had
+    by the first clock (1, or with a draft a whole first round's)."""
     requests = model._requests(prompts, cfg)
     start = time.perf_counter()
-    first = None
+    first, at_first = None, 0
     for _ in model._run(requests, draft_model, k):
         if first is None:
-            first = time.perf_counter()
-    return requests, start, first, time.perf_counter()
+            first, at_first = time.perf_counter(), min(len(r.output_ids) for r in requests)
+    return requests, start, first, time.perf_counter(), at_first
 
 
 def measure_latency(
@@ -82,7 +83,9 @@ def measure_latency(
 ) -> dict[str, Any]:
     """Latency of one batch (see the module docstring). ``params``: sampling
     parameters (default greedy); prompt_seed: seeds the prompts. Returns medians over the runs: ``ttft_ms``,
-    ``itl_ms`` (None when output_len is 1), ``e2e_s``, ``prefill_tok_s``
+    ``itl_ms`` (the time after the first tokens over the tokens that came
+    after them: with a draft, a first round yields several at once; None when
+    none came after), ``e2e_s``, ``prefill_tok_s``
     (batch x input_len / ttft), ``decode_tok_s`` (batch x decode tokens / decode
     time), with a draft model ``acceptance_rate``, plus the per-run lists and
     the setup."""
@@ -106,13 +109,14 @@ def measure_latency(
                 bar.total += 1
             bar.update(1)
         for _ in range(iters):
-            requests, start, first, end = _latency_run(model, prompts, cfg, draft_model, num_speculative_tokens)
+            requests, start, first, end, at_first = _latency_run(model, prompts, cfg, draft_model,
+                                                                 num_speculative_tokens)
             bar.update(1)
             generated = min(len(r.output_ids) for r in requests)
             ttft.append((first - start) * 1e3)
             e2e.append(end - start)
-            if generated > 1:
-                itl.append((end - first) * 1e3 / (generated - 1))
+            if generated > at_first:  # the tokens that came after the first clock
+                itl.append((end - first) * 1e3 / (generated - at_first))
     t, d = _median(ttft), _median(itl)
     spec = {}
     if draft_model is not None:  # of the last run
@@ -217,7 +221,7 @@ def format_result(result: dict[str, Any]) -> str:
     spec = []
     if "acceptance_rate" in result:
         spec = [f"draft acceptance     {result['acceptance_rate']:10.1%}    "
-                f"({result['num_speculative_tokens']} proposed per round)"]
+                f"(up to {result['num_speculative_tokens']} proposed per round)"]
     if result["mode"] == "latency":
         lines = [
             f"time to first token  {result['ttft_ms']:10.2f} ms   (prefill {result['prefill_tok_s']:,.0f} tok/s)",

@@ -139,7 +139,7 @@ class LLMEngine:
         draft_model, num_speculative_tokens: speculative decoding, as for
         ``Model.generate`` (a smaller Model with the same tokenizer)."""
         for name, v in (("max_num_seqs", max_num_seqs), ("max_num_batched_tokens", max_num_batched_tokens),
-                        ("block_size", block_size)):
+                        ("block_size", block_size), ("num_blocks", 1 if num_blocks is None else num_blocks)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
         model._check_draft(draft_model, num_speculative_tokens)
@@ -171,6 +171,7 @@ class LLMEngine:
                 self.spec_runners = self._spec_runners(max_num_seqs)
         self.waiting: deque[_Seq] = deque()
         self.running: list[_Seq] = []
+        self.failed_request_ids: list[int] = []  # the requests the last failed step dropped
         self._flight: DecodeFlight | None = None  # a decode step launched ahead, not yet read (see step)
         self._flight_seqs: list[_Seq] = []
         self._draws = DrawRing()  # host buffers the steps ahead copy their draws into
@@ -256,7 +257,28 @@ class LLMEngine:
     def step(self) -> list[StepOutput]:
         """Schedule and run one forward pass (two when some sequences
         speculate and others do not); returns the requests that got tokens.
-        In a steady decode the pass after it is already launched on return."""
+        In a steady decode the pass after it is already launched on return.
+        If it raises, the running requests are dropped (their KV state is
+        unknown after a pass that did not finish; none of it reaches the
+        prefix cache): their ids are ``failed_request_ids`` and in a note on
+        the exception; waiting requests stay, and stepping may go on."""
+        try:
+            return self._step()
+        except BaseException as e:
+            self.failed_request_ids = self._drop_running()
+            if self.failed_request_ids and isinstance(e, Exception):
+                e.add_note(f"LLMEngine dropped the requests it was running: {self.failed_request_ids}")
+            raise
+
+    def _drop_running(self) -> list[int]:
+        self._flight, self._flight_seqs = None, []
+        ids = [s.id for s in self.running]
+        for s in self.running:
+            self.blocks.release(s.blocks)
+        self.running = []
+        return ids
+
+    def _step(self) -> list[StepOutput]:
         with torch.inference_mode():
             if self._flight is not None:
                 alive = {id(s) for s in self.running}

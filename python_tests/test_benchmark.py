@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import types
 
 import pytest
 
@@ -48,6 +49,22 @@ def test_latency_with_a_draft_reports_acceptance():
                                   num_speculative_tokens=3, progress=False)
     assert r["num_speculative_tokens"] == 3 and 0.0 <= r["acceptance_rate"] <= 1.0
     assert r["itl_ms"] > 0
+
+
+def test_latency_with_a_draft_counts_the_first_rounds_tokens(model, monkeypatch):
+    """With a draft the first tokens come as a round (here the model drafts for
+    itself: k + 1 tokens at once), so the inter-token latency divides the
+    time after them by the tokens that came later, not by all but one."""
+    ticks = iter(range(1000))  # start 0, first tokens 1, end 2 of each run
+    monkeypatch.setattr(benchmark, "time", types.SimpleNamespace(perf_counter=lambda: float(next(ticks))))
+    r = benchmark.measure_latency(model, input_len=6, output_len=13, iters=1, warmup=0, draft_model=model,
+                                  num_speculative_tokens=3, progress=False)
+    assert r["acceptance_rate"] == 1.0 and r["ttft_ms"] == 1e3
+    assert r["itl_ms"] == pytest.approx(1e3 / (13 - 4))  # 4 tokens by the first clock
+    ticks = iter(range(1000))
+    r = benchmark.measure_latency(model, input_len=6, output_len=4, iters=1, warmup=0, draft_model=model,
+                                  num_speculative_tokens=3, progress=False)
+    assert r["itl_ms"] is None and r["decode_tok_s"] is None  # every token came in the first round
 
 
 def test_engine_bench_with_the_shipped_draft(capsys):

@@ -126,9 +126,42 @@ def test_abort_and_bad_input(model):
         engine.add_request(["a", "b"])
     with pytest.raises(ValueError, match="top_p"):
         engine.add_request("a", top_p=2.0)
-    for bad in (dict(max_num_seqs=0), dict(block_size=0), dict(max_num_batched_tokens=True)):
+    for bad in (dict(max_num_seqs=0), dict(block_size=0), dict(max_num_batched_tokens=True), dict(num_blocks=1.5),
+                dict(num_blocks=True), dict(num_blocks=0)):
         with pytest.raises(ValueError, match="positive int"):
             LLMEngine(model, **bad)
+
+
+@pytest.mark.parametrize("fail_at", [1, 2, 4])  # the first prompt chunk, a later chunk, a decode step
+def test_a_failed_step_drops_the_running_requests(model, monkeypatch, fail_at):
+    """A step that raises leaves the KV state of the sequences it ran unknown:
+    they are dropped (blocks freed, nothing registered in the prefix cache),
+    the waiting ones go on, and the engine still gives Model.generate's tokens."""
+    engine = LLMEngine(model, block_size=4, num_blocks=64, max_num_seqs=1, max_num_batched_tokens=7)
+    params = dict(max_new_tokens=6, ignore_eos=True)
+    first, queued = engine.add_request(PROMPTS[2], **params), engine.add_request(PROMPTS[1], **params)
+    calls, forward = [0], model.network.forward
+
+    def failing(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == fail_at:
+            raise RuntimeError("device error")
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(model.network, "forward", failing)
+    outs = []
+    with pytest.raises(RuntimeError, match="device error") as info:
+        for _ in range(fail_at):
+            outs += engine.step()
+    assert engine.failed_request_ids == [first] and f"[{first}]" in info.value.__notes__[0]
+    assert engine.abort(first) is False  # gone
+    while engine.has_unfinished():
+        outs += engine.step()
+    done = {o.request_id: o.output for o in outs if o.finished}
+    assert set(done) == {queued} and done[queued].token_ids == model.generate(PROMPTS[1], **params).token_ids
+    assert engine.blocks.num_free == 64
+    again = engine.generate([PROMPTS[2]], **params)[0]  # its blocks were not cached half-written
+    assert again.token_ids == model.generate(PROMPTS[2], **params).token_ids
 
 
 def test_block_manager_accounting():
