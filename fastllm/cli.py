@@ -186,14 +186,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(bench)
     bench.add_argument("--input-len", type=int, default=128, help="prompt tokens (random ids)")
     bench.add_argument("--output-len", type=int, default=128, help="generated tokens per sequence (EOS ignored)")
-    bench.add_argument("--batch-size", type=int, default=1, help="sequences generated together (latency mode)")
-    bench.add_argument("--iters", type=int, default=5, help="timed runs (latency mode; the median is reported)")
-    bench.add_argument("--warmup", type=int, default=1, help="untimed runs first (latency mode)")
+    bench.add_argument("--batch-size", type=int, default=None, help="sequences generated together (latency mode; 1)")
+    bench.add_argument("--iters", type=int, default=None, help="timed runs (latency mode; 5; the median is reported)")
+    bench.add_argument("--warmup", type=int, default=None, help="untimed runs first (latency mode; 1)")
     bench.add_argument("--engine", action="store_true",
                        help="throughput mode: --num-prompts requests through the continuous-batching engine")
-    bench.add_argument("--num-prompts", type=int, default=64, help="requests (throughput mode)")
-    bench.add_argument("--max-num-seqs", type=int, default=64, help="engine batch size (throughput mode)")
-    bench.add_argument("--max-num-batched-tokens", type=int, default=4096, help="engine step budget")
+    bench.add_argument("--num-prompts", type=int, default=None, help="requests (throughput mode; 64)")
+    bench.add_argument("--max-num-seqs", type=int, default=None, help="engine batch size (throughput mode; 64)")
+    bench.add_argument("--max-num-batched-tokens", type=int, default=None,
+                       help="engine step budget (throughput mode; 4096)")
     bench.add_argument("--temperature", type=float, default=None, help="default 0 (greedy)")
     bench.add_argument("--top-k", type=int, default=None)
     bench.add_argument("--top-p", type=float, default=None)
@@ -332,9 +333,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
                  max_num_batched_tokens=args.max_num_batched_tokens, **_draft_params(args, model))
 
 
+_BENCH_MODES = {False: {"batch_size": 1, "iters": 5, "warmup": 1},
+                True: {"num_prompts": 64, "max_num_seqs": 64, "max_num_batched_tokens": 4096}}
+
+
+def _bench_mode_args(args: argparse.Namespace) -> None:
+    """Fill the defaults of the chosen mode's flags; a flag of the other mode is an error, not ignored."""
+    for name in _BENCH_MODES[not args.engine]:
+        if getattr(args, name) is not None:
+            flag = "--" + name.replace("_", "-")
+            raise ValueError(f"{flag} applies to {'latency mode (without --engine)' if args.engine else '--engine'}")
+    for name, default in _BENCH_MODES[args.engine].items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from fastllm import benchmark
 
+    _bench_mode_args(args)
     model = _load(args)
     params = {k: getattr(args, k) for k in ("temperature", "top_k", "top_p") if getattr(args, k) is not None}
     params["seed"] = args.seed

@@ -114,3 +114,8 @@ def test_bench_command(ckpt, capsys):
     assert "vocabulary" in capsys.readouterr().err
     assert main(base + ["--input-len", "0"]) == 2
     assert "input_len must be a positive int" in capsys.readouterr().err
+    for flags, match in ((["--engine", "--iters", "3"], "--iters applies to latency mode"),
+                         (["--engine", "--batch-size", "4"], "--batch-size applies to latency mode"),
+                         (["--num-prompts", "3"], "--num-prompts applies to --engine")):
+        assert main(base + flags) == 2  # a flag of the other mode is refused, not ignored
+        assert match in capsys.readouterr().err
