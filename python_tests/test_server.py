@@ -238,6 +238,7 @@ BAD = [
     ("/v1/completions", {"prompt": "x", "prompt_logprobs": 1}, 400, "prompt_logprobs"),
     ("/v1/completions", {"prompt": "x", "top_logprobs": 2}, 400, "top_logprobs"),
     ("/v1/completions", {"prompt": "x", "suffix": "end"}, 400, "suffix"),
+    ("/v1/chat/completions", {"messages": CHAT, "chat_template": "{{ 1 }}"}, 400, "chat_template"),
     ("/v1/chat/completions", {"messages": CHAT, "top_logprobs": 2}, 400, "logprobs=true"),
     ("/v1/chat/completions", {"messages": CHAT, "logprobs": True, "top_logprobs": 21}, 400, "top_logprobs"),
     ("/v1/chat/completions", {"messages": CHAT, "logprobs": True, "top_logprobs": -1}, 400, "top_logprobs"),
@@ -430,7 +431,7 @@ def test_fastllm_serve_subprocess(model):
             except OSError:
                 assert time.monotonic() < deadline, "server did not come up in 60 s"
                 time.sleep(0.2)
-        body = json.dumps({"model": "bard", "prompt": "ROMEO:", **GREEDY}).encode()
+        body = json.dumps({"model": "bard", "prompt": "ROMEO:", **GREEDY, "whatever": 1}).encode()
         keyless = urllib.request.Request(base + "/v1/completions", body, {"Content-Type": "application/json"})
         with pytest.raises(urllib.error.HTTPError) as refused:
             urllib.request.urlopen(keyless, timeout=30)
@@ -461,6 +462,7 @@ def test_fastllm_serve_subprocess(model):
         assert proc.wait(timeout=20) in (0, -signal.SIGTERM)
         log = proc.stdout.read().decode()
         assert "Application shutdown complete" in log and "Traceback" not in log, log
+        assert "fastllm.server: ignoring request fields fastllm does not use: whatever" in log  # logged as said
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -220,7 +220,19 @@ def serve(model: Any, served_model_name: str | None = None, host: str = "127.0.0
     app_kwargs: create_app's (engine arguments, tool_call_parser)."""
     import uvicorn
 
+    _log_like_uvicorn(log_level)
     app = create_app(model, served_model_name, api_key=api_key, **app_kwargs)
     log.info("serving %s as %r", getattr(model, "path", None), app.state.serving.name)
     uvicorn.run(app, host=host, port=port, log_level=log_level)
+
+
+def _log_like_uvicorn(level: str) -> None:
+    """The fastllm loggers (ignored fields, engine failures...) at uvicorn's
+    level, on stderr, unless the application configured them already."""
+    root = logging.getLogger("fastllm")
+    if not root.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s:     %(name)s: %(message)s"))
+        root.addHandler(handler)
+        root.setLevel(level.upper())
     return 0

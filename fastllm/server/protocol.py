@@ -194,6 +194,7 @@ UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
     "include_stop_str_in_output": _neutral(False),
     "prompt_logprobs": _neutral(),
     "truncate_prompt_tokens": _neutral(),
+    "chat_template": _neutral(),  # vLLM's per-request template: the server renders the checkpoint's own only
 }
 
 
