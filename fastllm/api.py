@@ -136,7 +136,10 @@ class Model:
         if cuda_graphs and dev.type != "cuda":
             raise ValueError(f"cuda_graphs=True needs a CUDA device, the model goes to {dev}")
         cfg = ModelConfig.from_file(path / "config.json")
-        defaults, eos = GenerationConfig.from_model_dir(path), eos_ids_from_model_dir(path)  # checked before the weights
+        # checked before the weights: a bad file fails fast
+        defaults, eos = GenerationConfig.from_model_dir(path), eos_ids_from_model_dir(path)
+        if eos is None:
+            eos = cfg.eos_token_ids
         tokenizer = None
         if (path / "tokenizer.json").is_file():
             from fastllm.tokenizer import Tokenizer

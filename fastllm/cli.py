@@ -12,7 +12,7 @@ from typing import Any
 from fastllm import __version__
 from fastllm.api import SHIPPED_MODELS_DIR as ASSETS  # noqa: F401 (re-exported)
 from fastllm.api import shipped_model_dirs
-from fastllm.quant import GROUP_SIZES, METHODS, QuantizationConfig
+from fastllm.quant import GROUP_SIZES, QuantizationConfig, quantization_names
 from fastllm.tools import PARSERS
 
 # The exit status when stdout's reader goes away early (`fastllm generate ... | head -c 20`):
@@ -51,11 +51,6 @@ def _json_object(text: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
     return value
-
-
-def quantization_names() -> tuple[str, ...]:
-    """Every --quantization value fastllm.quant accepts: its methods, and int4 with each group size."""
-    return (*METHODS, *(f"int4-g{g}" for g in GROUP_SIZES))
 
 
 def _quantization(text: str) -> str:

@@ -184,19 +184,20 @@ def read_json_object(file: Path) -> dict[str, Any]:
     return raw
 
 
-def eos_ids_from_model_dir(path: str | Path) -> list[int]:
-    """EOS ids from generation_config.json, else config.json (int or list)."""
-    for name in ("generation_config.json", "config.json"):
-        file = Path(path) / name
-        if file.is_file():
-            eos = read_json_object(file).get("eos_token_id")
-            if eos is None:
-                continue
-            ids = [eos] if isinstance(eos, int) else eos
-            if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
-                raise ValueError(f"{file}: eos_token_id must be an int or a list of ints, got {eos!r}")
-            return list(ids)
-    return []
+def eos_id_list(eos: Any, where: str) -> list[int]:
+    """``eos_token_id`` as a list of ids (an int, a list of ints or None)."""
+    ids = [] if eos is None else [eos] if isinstance(eos, int) else eos
+    if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        raise ValueError(f"{where}: eos_token_id must be an int or a list of ints, got {eos!r}")
+    return list(ids)
+
+
+def eos_ids_from_model_dir(path: str | Path) -> list[int] | None:
+    """EOS ids from generation_config.json (None when it names none: then
+    config.json's, ``ModelConfig.eos_token_ids``, apply)."""
+    file = Path(path) / "generation_config.json"
+    eos = read_json_object(file).get("eos_token_id") if file.is_file() else None
+    return None if eos is None else eos_id_list(eos, str(file))
 
 
 @dataclass

@@ -42,6 +42,11 @@ METHODS = ("int8", "int4")
 FORMAT = "fastllm-v1"
 
 
+def quantization_names() -> tuple[str, ...]:
+    """Every name ``QuantizationConfig.parse`` takes: the methods, and int4 with each group size."""
+    return (*METHODS, *(f"int4-g{g}" for g in GROUP_SIZES))
+
+
 @dataclass(frozen=True)
 class QuantizationConfig:
     """What to quantize and how; stored in config.json as ``quantization_config``."""
@@ -83,8 +88,7 @@ class QuantizationConfig:
         if dash and method == "int8":
             raise ValueError(f"a group size only applies to int4, got {value!r}")
         if dash and group not in {str(g) for g in GROUP_SIZES}:
-            raise ValueError(f"cannot parse quantization {value!r}; the int4 group sizes are "
-                             + ", ".join(f"int4-g{g}" for g in GROUP_SIZES))
+            raise ValueError(f"cannot parse quantization {value!r}; choose one of {', '.join(quantization_names())}")
         return cls(method, int(group) if group else 128)
 
     def to_json(self) -> dict[str, Any]:

@@ -9,7 +9,6 @@ jinja2's ImmutableSandboxedEnvironment, with the helpers transformers provides.
 from __future__ import annotations
 
 import functools
-import json
 import os
 import re
 from collections.abc import Sequence
@@ -18,6 +17,8 @@ from typing import Any
 
 from tokenizers import Tokenizer as _HFTokenizer
 from tokenizers import decoders
+
+from fastllm.config import read_json_object
 
 # Tokens of prompt context an incremental decoder starts from (as vLLM does):
 # enough for a sentencepiece leading space or a multi-byte character.
@@ -37,13 +38,6 @@ def _byte_level_alphabet() -> dict[str, int]:
 
 
 _BYTE_OF = _byte_level_alphabet()
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from e
 
 
 def _token_text(value: Any) -> str | None:
@@ -100,10 +94,7 @@ class Tokenizer:
         config: dict[str, Any] = {}
         for name in ("special_tokens_map.json", "tokenizer_config.json"):
             if (path / name).is_file():
-                data = _read_json(path / name)
-                if not isinstance(data, dict):
-                    raise ValueError(f"{path / name} must hold a JSON object")
-                config.update(data)
+                config.update(read_json_object(path / name))
         named = _find_chat_templates(path, config)
         default = named.pop("default", None) or next(iter(named.values()), None)
         return cls(tok, config, default, named)
@@ -252,7 +243,7 @@ def _find_chat_templates(path: Path, config: dict[str, Any]) -> dict[str, str]:
         return {"default": (path / "chat_template.jinja").read_text(encoding="utf-8")}
     template = config.get("chat_template")
     if template is None and (path / "chat_template.json").is_file():
-        template = _read_json(path / "chat_template.json").get("chat_template")
+        template = read_json_object(path / "chat_template.json").get("chat_template")
     if isinstance(template, list):  # named templates, e.g. "default" and "tool_use"
         return {t["name"]: t["template"] for t in template
                 if isinstance(t, dict) and isinstance(t.get("name"), str) and isinstance(t.get("template"), str)}

@@ -184,6 +184,15 @@ def test_a_nan_weight_shows_in_the_logits(good):
     assert torch.isnan(model.forward(torch.tensor([[3, 4, 5]]))).any()
 
 
+@pytest.mark.parametrize("file", ["config.json", "generation_config.json"])
+def test_bad_eos_token_id_is_refused_naming_its_file(copy, file):
+    path = copy / file
+    raw = json.loads(path.read_text()) if path.is_file() else {}
+    path.write_text(json.dumps({**raw, "eos_token_id": "</s>"}))
+    with pytest.raises(ValueError, match=f"{file}: eos_token_id must be an int or a list of ints"):
+        Model.from_pretrained(copy, device="cpu")
+
+
 def test_text_without_a_tokenizer_says_what_to_copy(good):
     model = Model.from_pretrained(good, device="cpu")  # token ids work without one
     assert len(model.generate([3, 4, 5], max_new_tokens=2, ignore_eos=True).token_ids) == 2

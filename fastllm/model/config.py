@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from fastllm.config import read_json_object
+from fastllm.config import eos_id_list, read_json_object
 
 SUPPORTED_ARCHITECTURES = (
     "LlamaForCausalLM",
@@ -150,8 +150,7 @@ class ModelConfig:
         num_layers = int(need("num_hidden_layers"))
         sliding, sliding_layers = _parse_sliding(arch, raw, num_layers)
         inter = int(need("intermediate_size"))
-        eos = raw.get("eos_token_id")
-        eos_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+        eos_ids = eos_id_list(raw.get("eos_token_id"), "config.json")
         return cls(
             architecture=arch,
             vocab_size=int(need("vocab_size")),
